@@ -1,0 +1,60 @@
+# hvm — build guest firmware, run the default VM, run the tests.
+PYTHON ?= python3
+FW := firmware
+FWB := $(FW)/build
+FLAT16 := hello ticker
+FLAT32 := hello32 triple
+FLAT64 := hello64
+FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf
+STAMP := .venv-installed
+
+.PHONY: all firmware install run test test-fast bench clean
+
+all: firmware
+
+firmware: $(FW_BINS)
+
+$(FWB):
+	mkdir -p $@
+
+# Flat binaries: assembled as ELF, linked at their load address, stripped to raw bytes.
+$(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT16))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc | $(FWB)
+	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/$*.o $<
+	ld -m elf_i386 -Ttext=0x7c00 -e _start -o $@ $(FWB)/$*.o
+# modes switches to 64-bit code, so it is assembled as an x86-64 object (.code16/.code32 inside).
+$(FWB)/modes.elf: $(FW)/modes.S $(FW)/uart.inc | $(FWB)
+	$(CC) -c -x assembler-with-cpp -m64 -I$(FW) -o $(FWB)/modes.o $<
+	ld -m elf_x86_64 -Ttext=0x7c00 -e _start -o $@ $(FWB)/modes.o
+$(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT32))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc | $(FWB)
+	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/$*.o $<
+	ld -m elf_i386 -Ttext=0x100000 -e _start -o $@ $(FWB)/$*.o
+$(FWB)/hello64.elf: $(FW)/hello64.S $(FW)/uart.inc | $(FWB)
+	$(CC) -c -x assembler-with-cpp -m64 -I$(FW) -o $(FWB)/hello64.o $<
+	ld -m elf_x86_64 -Ttext=0x100000 -e _start -o $@ $(FWB)/hello64.o
+$(FWB)/%.bin: $(FWB)/%.elf
+	objcopy -O binary -j .text $< $@
+
+# The multiboot kernel stays an ELF32, as QEMU's -kernel takes it.
+$(FWB)/mbtest.elf: $(FW)/mbtest.S $(FW)/uart.inc | $(FWB)
+	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/mbtest.o $<
+	ld -m elf_i386 -Ttext=0x200000 -e _start -o $@ $(FWB)/mbtest.o
+
+# Install hvm (editable, with its compiled cffi module) and the test tools, once.
+$(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_build.py
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# The main job: build everything and boot the default VM, its serial console on this terminal.
+run: install firmware
+	hvm run configs/hello.yaml
+
+test: install firmware
+	$(PYTHON) -m pytest -q
+
+test-fast: install firmware
+	$(PYTHON) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(FWB) build *.egg-info hvm/kvm/_kvm_cffi*.so hvm/kvm/_kvm_cffi.c $(STAMP)

@@ -1,0 +1,162 @@
+"""Multiboot (v1) loader, as QEMU's `-kernel` boots a multiboot kernel.
+
+Spec: https://www.gnu.org/software/grub/manual/multiboot/multiboot.html. The kernel's PT_LOAD segments
+(or, with header flag 16, the a.out-kludge addresses) are loaded at their physical addresses, modules
+(-initrd) follow page-aligned, and the CPU starts in flat 32-bit protected mode with
+EAX = 0x2BADB002 and EBX = the multiboot information structure.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from hvm.boot.cpu_modes import GDT_ADDR as LOW_TABLES_START, protected_mode_state
+from hvm.boot.elf import EM_386, is_elf, parse_elf
+from hvm.boot.errors import BootError
+from hvm.boot.state import BootState
+from hvm.memory import GuestMemory
+
+HEADER_MAGIC = 0x1BADB002
+BOOTLOADER_MAGIC = 0x2BADB002
+HEADER_SEARCH = 8192
+HF_PAGE_ALIGN = 1 << 0
+HF_MEMORY_INFO = 1 << 1
+HF_VIDEO_MODE = 1 << 2
+HF_AOUT_KLUDGE = 1 << 16
+
+MBI_MEMORY = 1 << 0
+MBI_CMDLINE = 1 << 2
+MBI_MODS = 1 << 3
+MBI_MMAP = 1 << 6
+MBI_LOADER_NAME = 1 << 9
+
+# Where the boot information goes: low memory above the VMM's own tables, below the EBDA.
+MBI_ADDR = 0x8000
+MMAP_ADDR = 0x8100
+MODS_ADDR = 0x8800
+STRINGS_ADDR = 0x9000
+STRINGS_END = 0x9FC00
+LOADER_NAME = b"hvm\0"
+
+
+@dataclass(frozen=True)
+class MultibootHeader:
+    offset: int
+    flags: int
+    header_addr: int = 0
+    load_addr: int = 0
+    load_end_addr: int = 0
+    bss_end_addr: int = 0
+    entry_addr: int = 0
+
+
+def find_header(data: bytes) -> MultibootHeader | None:
+    for off in range(0, min(len(data), HEADER_SEARCH) - 11, 4):
+        magic, flags, checksum = struct.unpack_from("<III", data, off)
+        if magic == HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            if flags & HF_AOUT_KLUDGE:
+                if off + 32 > len(data):
+                    return None
+                return MultibootHeader(off, flags, *struct.unpack_from("<5I", data, off + 12))
+            return MultibootHeader(off, flags)
+    return None
+
+
+def is_multiboot(data: bytes) -> bool:
+    return find_header(data) is not None
+
+
+@dataclass(frozen=True)
+class Module:
+    path: Path
+    args: str = ""
+
+
+def load_multiboot(mem: GuestMemory, kernel: Path, cmdline: str = "", modules: tuple[Module, ...] = ()) -> BootState:
+    data = kernel.read_bytes()
+    name = str(kernel)
+    header = find_header(data)
+    if header is None:
+        raise BootError(f"{name}: no multiboot header in the first {HEADER_SEARCH} bytes")
+    if header.flags & 0xFFFC & ~HF_VIDEO_MODE & 0xFFFF:
+        raise BootError(f"{name}: multiboot header asks for unsupported features (flags {header.flags:#x})")
+
+    pieces: list[tuple[int, bytes, int]] = []  # (paddr, bytes, memsz)
+    if header.flags & HF_AOUT_KLUDGE:
+        h = header
+        file_start = h.offset - (h.header_addr - h.load_addr)
+        load_end = h.load_end_addr or (h.load_addr + len(data) - file_start)
+        if file_start < 0 or load_end < h.load_addr:
+            raise BootError(f"{name}: inconsistent multiboot a.out addresses")
+        image = data[file_start:file_start + (load_end - h.load_addr)]
+        memsz = max(h.bss_end_addr, load_end) - h.load_addr
+        pieces.append((h.load_addr, image, memsz))
+        entry = h.entry_addr
+    else:
+        if not is_elf(data):
+            raise BootError(f"{name}: multiboot kernel is neither ELF nor marked with a.out load addresses")
+        elf = parse_elf(data, name)
+        if elf.bits != 32 or elf.machine != EM_386:
+            raise BootError(f"{name}: a multiboot ELF must be 32-bit i386 (this one is {elf.bits}-bit); "
+                            "a 64-bit kernel needs a 32-bit multiboot entry, as with QEMU")
+        for seg in elf.segments:
+            pieces.append((seg.paddr, data[seg.offset:seg.offset + seg.filesz], seg.memsz))
+        entry = elf.entry
+
+    top = 0
+    for paddr, image, memsz in pieces:
+        if paddr < STRINGS_END and paddr + memsz > LOW_TABLES_START:
+            raise BootError(f"{name}: segment at {paddr:#x} overlaps low memory hvm uses for boot "
+                            f"information ({LOW_TABLES_START:#x}..{STRINGS_END:#x})")
+        if not mem.contains(paddr, max(memsz, 1)):
+            raise BootError(f"{name}: segment {paddr:#x}..{paddr + memsz:#x} does not fit in guest memory "
+                            f"({mem.size >> 20} MiB)")
+        mem.write(paddr, image)
+        if memsz > len(image):
+            mem.fill(paddr + len(image), memsz - len(image))
+        top = max(top, paddr + memsz)
+
+    # Modules go after the kernel, each page-aligned.
+    strings = bytearray()
+
+    def add_string(s: str | bytes) -> int:
+        raw = (s.encode() if isinstance(s, str) else s).rstrip(b"\0") + b"\0"
+        addr = STRINGS_ADDR + len(strings)
+        strings.extend(raw)
+        if STRINGS_ADDR + len(strings) > STRINGS_END:
+            raise BootError(f"{name}: command line and module names do not fit below {STRINGS_END:#x}")
+        return addr
+
+    mod_entries = bytearray()
+    addr = (top + 0xFFF) & ~0xFFF
+    for mod in modules:
+        blob = mod.path.read_bytes()
+        if not mem.contains(addr, max(len(blob), 1)):
+            raise BootError(f"{mod.path}: module of {len(blob)} bytes does not fit in guest memory after the kernel "
+                            f"(at {addr:#x}; guest has {mem.size >> 20} MiB)")
+        mem.write(addr, blob)
+        label = str(mod.path) + (" " + mod.args if mod.args else "")
+        mod_entries += struct.pack("<4I", addr, addr + len(blob), add_string(label), 0)
+        addr = (addr + len(blob) + 0xFFF) & ~0xFFF
+
+    cmd_addr = add_string(cmdline)
+    loader_addr = add_string(LOADER_NAME)
+
+    mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in mem.e820())
+    low_end = mem.regions[0].end
+    mem_lower = 0x9FC00 // 1024
+    mem_upper = (low_end - 0x100000) // 1024
+    flags = MBI_MEMORY | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_LOADER_NAME
+    mbi = struct.pack("<12I", flags, mem_lower, mem_upper, 0, cmd_addr, len(modules), MODS_ADDR,
+                      0, 0, 0, 0, len(mmap)) + struct.pack("<5I", MMAP_ADDR, 0, 0, 0, loader_addr)
+    mem.write(MBI_ADDR, mbi.ljust(MMAP_ADDR - MBI_ADDR, b"\0"))
+    mem.write(MMAP_ADDR, mmap)
+    mem.write(MODS_ADDR, bytes(mod_entries))
+    mem.write(STRINGS_ADDR, bytes(strings))
+
+    state = protected_mode_state(mem, entry)
+    state.regs.update({"rax": BOOTLOADER_MAGIC, "rbx": MBI_ADDR})
+    state.description = (f"multiboot kernel {kernel.name}: entry {entry:#x}, {len(pieces)} segment(s) up to "
+                         f"{top:#x}, {len(modules)} module(s), cmdline {cmdline!r}")
+    return state

@@ -1,0 +1,127 @@
+"""hvm command line: `hvm run CONFIG.yaml [flags]` and friends. Flags override the YAML file,
+QEMU-style (--kernel, --append, --initrd, --memory, --vcpus, --timeout, --serial)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hvm.boot import BootError
+from hvm.config import ConfigError, load_config, load_yaml, merge, parse_spec
+from hvm.kvm import KvmError
+from hvm.machine import EXIT_CONFIG, EXIT_HOST, Machine
+from hvm.mmio import BusError
+
+log = logging.getLogger("hvm")
+
+
+def _add_run_parser(sub) -> None:
+    p = sub.add_parser("run", help="boot a VM described by a YAML file and/or flags",
+                       description="Boot a VM. Flags override the YAML file's fields.")
+    p.add_argument("config", nargs="?", type=Path, help="YAML VM description (see docs/config.md)")
+    p.add_argument("--kernel", help="multiboot ELF kernel to boot (replaces the config's boot section)")
+    p.add_argument("--append", help="kernel command line")
+    p.add_argument("--initrd", action="append", help="initrd / multiboot module (repeatable)")
+    p.add_argument("-m", "--memory", help="guest RAM, e.g. 256M, 1G (default 128M)")
+    p.add_argument("--vcpus", "--smp", type=int, help="number of vCPUs")
+    p.add_argument("--timeout", type=float, help="watchdog: stop the guest after SECONDS (exit status 124)")
+    p.add_argument("--serial", help="serial console output: stdio, none or file:PATH")
+    p.add_argument("--stats", action="store_true", help="print exit counters when the VM ends")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hvm", description="A small virtual machine monitor on Linux KVM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    over: dict = {}
+    if args.memory is not None:
+        over["memory"] = args.memory
+    if args.vcpus is not None:
+        over["vcpus"] = args.vcpus
+    if args.timeout is not None:
+        over["timeout"] = args.timeout
+    if args.serial is not None:
+        over["devices"] = {"serial": {"output": args.serial}}
+    return over
+
+
+def spec_from_args(args: argparse.Namespace):
+    over = overrides_from_args(args)
+    if args.config is not None:
+        data = load_yaml(args.config)
+        source, base = str(args.config), args.config.resolve().parent
+    else:
+        if args.kernel is None:
+            raise ConfigError("command line", "", "give a config file or --kernel")
+        data, source, base = {}, "command line", Path.cwd()
+    data = merge(data, over)
+    if args.kernel is not None:
+        # --kernel replaces the whole boot section, resolved against the current directory as QEMU does.
+        data["boot"] = {"kernel": str(Path(args.kernel).resolve())}
+        if args.initrd:
+            data["boot"]["initrd"] = [str(Path(p).resolve()) for p in args.initrd]
+    elif args.initrd:
+        data.setdefault("boot", {})
+        if isinstance(data["boot"], dict):
+            data["boot"] = dict(data["boot"], initrd=[str(Path(p).resolve()) for p in args.initrd])
+    if args.append is not None:
+        data.setdefault("boot", {})
+        if isinstance(data["boot"], dict):
+            data["boot"] = dict(data["boot"], cmdline=args.append)
+    return parse_spec(data, source, base)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        spec = spec_from_args(args)
+    except ConfigError as e:
+        print(f"hvm: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        machine = Machine(spec)
+    except (ConfigError, BootError, BusError) as e:
+        print(f"hvm: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KvmError as e:
+        print(f"hvm: {e}", file=sys.stderr)
+        return EXIT_HOST
+    except OSError as e:
+        print(f"hvm: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    with machine:
+        try:
+            result = machine.run()
+        except KeyboardInterrupt:
+            result = machine.stop(130, "interrupted (Ctrl-C)")
+    if result.reason in ("crash", "timeout") or result.status == 130:
+        print(f"\nhvm: {result.message}", file=sys.stderr)
+    else:
+        log.info("%s (exit status %d)", result.message, result.status)
+    if args.stats:
+        print(machine.stats().format(), file=sys.stderr)
+        print(f"run time: {result.seconds * 1000:.1f} ms", file=sys.stderr)
+    return result.status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * getattr(args, "verbose", 0)
+    logging.basicConfig(level=max(level, logging.DEBUG), format="hvm: %(message)s", stream=sys.stderr)
+    if args.command == "run":
+        return cmd_run(args)
+    parser.error(f"unknown command {args.command}")
+    return EXIT_CONFIG
+
+
+def entry_point() -> None:
+    status = main()
+    sys.stdout.flush()
+    sys.exit(status)

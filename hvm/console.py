@@ -1,0 +1,183 @@
+"""The host end of the serial console: where guest output goes, where guest input comes from,
+and a searchable history that scripts can wait on."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import select
+import sys
+import termios
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+HISTORY_LIMIT = 16 << 20  # bytes of console output kept for wait_for()
+CTRL_A = 0x01
+
+
+class Console:
+    """Guest serial output -> sink + history; host input -> `feed` callback (the UART)."""
+
+    def __init__(self, output: str = "stdio", input: str = "none"):
+        self.output = output
+        self.input = input
+        self.history = bytearray()
+        self._trimmed = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._out_fd: int | None = None
+        self._own_out_fd = False
+        if output == "stdio":
+            self._out_fd = sys.stdout.fileno() if _has_fileno(sys.stdout) else None
+            if self._out_fd is None:
+                self._out_fd = -1  # no real stdout (e.g. under pytest capture): write through sys.stdout
+        elif output.startswith("file:"):
+            path = output[5:]
+            try:
+                self._out_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise OSError(e.errno, f"serial output file {path}: {e.strerror}") from None
+            self._own_out_fd = True
+        self._input_thread: threading.Thread | None = None
+        self._saved_tty: list | None = None
+        self.on_quit: Callable[[], None] | None = None
+
+    # --- output --------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        fd = self._out_fd
+        if fd is not None:
+            if fd >= 0:
+                try:
+                    os.write(fd, data)
+                except OSError:
+                    pass  # a closed terminal must not crash the guest
+            else:
+                sys.stdout.write(data.decode("latin-1"))
+                sys.stdout.flush()
+        with self._cond:
+            self.history += data
+            if len(self.history) > HISTORY_LIMIT:
+                cut = len(self.history) - HISTORY_LIMIT
+                del self.history[:cut]
+                self._trimmed += cut
+            self._cond.notify_all()
+
+    def text(self) -> str:
+        return self.history.decode("utf-8", "replace")
+
+    def wait_for(self, pattern: bytes | str | re.Pattern, timeout: float, start: int = 0,
+                 stopped: Callable[[], bool] | None = None) -> re.Match | None:
+        """Block until `pattern` appears in the output (from byte `start` on), the timeout passes,
+        or `stopped()` says the guest is gone. Returns the match, or None."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = regex.search(self.history, max(0, start - self._trimmed))
+                if m:
+                    return m
+                left = deadline - time.monotonic()
+                if left <= 0 or (stopped is not None and stopped()) or self._closed:
+                    return None
+                self._cond.wait(min(left, 0.1))
+
+    # --- input ---------------------------------------------------------------------------------
+    def start_input(self, feed: Callable[[bytes], None]) -> None:
+        source = self.input
+        if source == "none":
+            return
+        if source.startswith("file:"):
+            with open(source[5:], "rb") as f:
+                feed(f.read())
+            return
+        # stdin
+        fd = sys.stdin.fileno() if _has_fileno(sys.stdin) else None
+        if fd is None:
+            return
+        if os.isatty(fd):
+            self._enter_raw_mode(fd)
+        self._input_thread = threading.Thread(target=self._pump, args=(fd, feed), name="console-input", daemon=True)
+        self._input_thread.start()
+
+    def _pump(self, fd: int, feed: Callable[[bytes], None]) -> None:
+        escape = False
+        tty = self._saved_tty is not None
+        while not self._closed:
+            try:
+                ready, _, _ = select.select([fd], [], [], 0.2)
+            except (OSError, ValueError):
+                return
+            if not ready:
+                continue
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return  # EOF: the guest simply gets no more input
+            if not tty:
+                feed(data)
+                continue
+            # QEMU's escape: Ctrl-A x quits, Ctrl-A Ctrl-A sends a literal Ctrl-A.
+            out = bytearray()
+            for b in data:
+                if escape:
+                    escape = False
+                    if b in (ord("x"), ord("X")):
+                        if out:
+                            feed(bytes(out))
+                        if self.on_quit:
+                            self.on_quit()
+                        return
+                    out.append(b)
+                elif b == CTRL_A:
+                    escape = True
+                else:
+                    out.append(b)
+            if out:
+                feed(bytes(out))
+
+    def _enter_raw_mode(self, fd: int) -> None:
+        try:
+            saved = termios.tcgetattr(fd)
+        except termios.error:
+            return
+        mode = termios.tcgetattr(fd)
+        # Keystrokes go to the guest as typed (Ctrl-C included); output processing stays on.
+        mode[0] &= ~(termios.ICRNL | termios.IXON | termios.INLCR | termios.IGNCR)
+        mode[3] &= ~(termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN)
+        mode[6][termios.VMIN] = 1
+        mode[6][termios.VTIME] = 0
+        termios.tcsetattr(fd, termios.TCSANOW, mode)
+        self._saved_tty = [fd, saved]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._saved_tty is not None:
+            fd, saved = self._saved_tty
+            try:
+                termios.tcsetattr(fd, termios.TCSANOW, saved)
+            except termios.error:
+                pass
+            self._saved_tty = None
+        if self._input_thread is not None:
+            self._input_thread.join(1.0)
+            self._input_thread = None
+        if self._own_out_fd and self._out_fd is not None:
+            os.close(self._out_fd)
+        self._out_fd = None
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False

@@ -1,0 +1,75 @@
+"""Vm: one KVM virtual machine fd (memory slots, irqchip, PIT, IRQ lines, vCPUs)."""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from hvm.kvm import ioctls
+from hvm.kvm._ffi import ffi
+from hvm.kvm.system import ioctl_ptr, ioctl_val
+
+if TYPE_CHECKING:
+    from hvm.kvm.system import Kvm
+    from hvm.kvm.vcpu import Vcpu
+
+# Where QEMU puts the three pages KVM needs for real-mode emulation on Intel (just below the BIOS).
+DEFAULT_IDENTITY_MAP_ADDR = 0xFEFFC000
+DEFAULT_TSS_ADDR = 0xFEFFD000
+KVM_PIT_SPEAKER_DUMMY = 1
+
+
+class Vm:
+    def __init__(self, kvm: "Kvm", fd: int):
+        self.kvm = kvm
+        self.fd = fd
+        self.has_irqchip = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl_val(self.fd, ioctls.KVM_CHECK_EXTENSION, cap)
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, size: int, host_addr: int, flags: int = 0) -> None:
+        region = ffi.new(
+            "struct kvm_userspace_memory_region *",
+            {"slot": slot, "flags": flags, "guest_phys_addr": guest_phys_addr, "memory_size": size,
+             "userspace_addr": host_addr},
+        )
+        ioctl_ptr(self.fd, ioctls.KVM_SET_USER_MEMORY_REGION, region)
+
+    def set_tss_address(self, addr: int = DEFAULT_TSS_ADDR) -> None:
+        ioctl_val(self.fd, ioctls.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_address(self, addr: int = DEFAULT_IDENTITY_MAP_ADDR) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("unsigned long long *", addr))
+
+    def create_irqchip(self) -> None:
+        """In-kernel PIC, IOAPIC and one LAPIC per vCPU (create before the vCPUs)."""
+        ioctl_val(self.fd, ioctls.KVM_CREATE_IRQCHIP)
+        self.has_irqchip = True
+
+    def create_pit2(self) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_CREATE_PIT2, ffi.new("struct kvm_pit_config *", {"flags": KVM_PIT_SPEAKER_DUMMY}))
+
+    def set_irq_line(self, irq: int, level: int) -> None:
+        # A fresh struct per call: device threads (vCPUs, console input) may raise lines concurrently.
+        ioctl_ptr(self.fd, ioctls.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
+
+    def create_vcpu(self, index: int) -> "Vcpu":
+        from hvm.kvm.vcpu import Vcpu
+
+        fd = ioctl_val(self.fd, ioctls.KVM_CREATE_VCPU, index)
+        try:
+            return Vcpu(self, fd, index, self.kvm.vcpu_mmap_size())
+        except BaseException:
+            os.close(fd)
+            raise

@@ -1,0 +1,346 @@
+"""Machine: builds a VM from a VmSpec (KVM objects, memory, loader, buses, devices, vCPU threads)
+and owns its lifecycle: start, pause, resume, stop, wait, close.
+
+Exit status, as QEMU with isa-debug-exit: a guest write of V to the debug-exit port ends the VM
+with (V << 1) | 1; all vCPUs halted (or an ACPI-style poweroff) ends it with 0; the watchdog with 124;
+a guest crash with 4 and a report.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvm.boot import BootError, BootState, Module, is_multiboot, load_flat, load_multiboot
+from hvm.config import FlatBoot, KernelBoot, VmSpec
+from hvm.console import Console
+from hvm.kvm import Kvm, KvmError, install_kick_handler
+from hvm.kvm import constants as kc
+from hvm.memory import GuestMemory
+from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
+from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_CRASH = 4
+EXIT_HOST = 6
+EXIT_TIMEOUT = 124
+
+
+@dataclass
+class RunResult:
+    status: int                 # process exit status hvm uses
+    reason: str                 # "debug-exit", "halt", "poweroff", "reset", "timeout", "crash", "stopped"
+    message: str = ""
+    crash: CrashReport | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class ExitStats:
+    by_reason: dict[str, int] = field(default_factory=dict)
+    by_port: dict[int, int] = field(default_factory=dict)
+    by_device: dict[str, int] = field(default_factory=dict)
+    by_mmio: dict[int, int] = field(default_factory=dict)
+    unhandled_ports: dict[int, int] = field(default_factory=dict)
+    unhandled_mmio: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def format(self) -> str:
+        lines = [f"exits: {self.total} total"]
+        for name, n in sorted(self.by_reason.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {name:<16} {n:>10}")
+        if self.by_port:
+            lines.append("by port:")
+            for port, n in sorted(self.by_port.items()):
+                lines.append(f"  {port:#06x}           {n:>10}")
+        if self.by_device:
+            lines.append("by device:")
+            for name, n in sorted(self.by_device.items(), key=lambda kv: -kv[1]):
+                lines.append(f"  {name:<16} {n:>10}")
+        if self.unhandled_ports:
+            lines.append("ports with no device:")
+            for port, n in sorted(self.unhandled_ports.items()):
+                lines.append(f"  {port:#06x}           {n:>10}")
+        if self.unhandled_mmio:
+            lines.append("MMIO with no device:")
+            for addr, n in sorted(self.unhandled_mmio.items()):
+                lines.append(f"  {addr:#012x}     {n:>10}")
+        return "\n".join(lines)
+
+
+class Machine:
+    """One VM. Construct, then `run()` (start + wait), or drive it: start/pause/resume/stop/wait.
+    Always close() it (or use `with`), which releases every fd and mapping."""
+
+    def __init__(self, spec: VmSpec, console: Console | None = None):
+        self.spec = spec
+        self.stopping = False
+        self.state = "created"
+        self.result: RunResult | None = None
+        self.kvm: Kvm | None = None
+        self.vm = None
+        self.memory: GuestMemory | None = None
+        self.vcpus = []
+        self.threads: list[VcpuThread] = []
+        self.pio = PioBus()
+        self.mmio = MmioBus()
+        self.uart: SerialUart | None = None
+        self.boot_state: BootState | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._pause_cond = threading.Condition()
+        self._paused = False
+        self._parked = 0
+        self._halted = 0
+        self._timer: threading.Timer | None = None
+        self._started_at = 0.0
+        if console is None:
+            serial = spec.serial
+            if serial is None:
+                console = Console("none", "none")
+            else:
+                inp = serial.input
+                if inp == "auto":
+                    inp = "stdin" if serial.output == "stdio" else "none"
+                console = Console(serial.output, inp)
+        self.console = console
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- construction ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        spec = self.spec
+        install_kick_handler()
+        self.kvm = Kvm()
+        self.vm = vm = self.kvm.create_vm()
+        vm.set_identity_map_address()
+        vm.set_tss_address()
+        if spec.irqchip:
+            vm.create_irqchip()
+            vm.create_pit2()
+        self.memory = mem = GuestMemory(spec.memory)
+        for slot, region in enumerate(mem.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+
+        self.boot_state = self._load(mem)
+        log.info("%s", self.boot_state.description)
+
+        irq_setter = vm.set_irq_line if spec.irqchip else None
+        if spec.serial is not None:
+            self.uart = SerialUart(self.console.write, IrqLine(spec.serial.irq, irq_setter), name="com1")
+            self.pio.register(spec.serial.port, 8, self.uart)
+        if spec.debug_exit is not None:
+            self.pio.register(spec.debug_exit.port, spec.debug_exit.size, DebugExit(self._debug_exit))
+
+        supported = self.kvm.supported_cpuid()
+        for index in range(spec.vcpus):
+            vcpu = vm.create_vcpu(index)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
+            if index == 0:
+                apply_boot_state(vcpu, self.boot_state)
+            # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
+        self.threads = [VcpuThread(v, self) for v in self.vcpus]
+
+    def _load(self, mem: GuestMemory) -> BootState:
+        boot = self.spec.boot
+        if isinstance(boot, FlatBoot):
+            return load_flat(mem, boot.image, boot.load, boot.entry, boot.mode)
+        assert isinstance(boot, KernelBoot)
+        head = _read_head(boot.kernel)
+        if is_multiboot(head):
+            modules = tuple(Module(p) for p in boot.initrd)
+            return load_multiboot(mem, boot.kernel, boot.cmdline, modules)
+        if len(head) > 0x206 and head[0x202:0x206] == b"HdrS":
+            raise BootError(f"{boot.kernel}: a Linux bzImage; hvm boots multiboot kernels and flat images "
+                            "(Linux boot protocol support is not built yet)")
+        if head[:4] == b"\x7fELF":
+            raise BootError(f"{boot.kernel}: an ELF file without a multiboot header (hvm boots multiboot ELF "
+                            "kernels; use boot.image for a flat binary)")
+        raise BootError(f"{boot.kernel}: not a kernel hvm can boot (no multiboot header, not ELF, not a bzImage)")
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.state != "created":
+            raise RuntimeError(f"cannot start a VM that is {self.state}")
+        self.state = "running"
+        self._started_at = time.monotonic()
+        if self.uart is not None:
+            self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
+            self.console.start_input(self.uart.feed)
+        if self.spec.timeout:
+            self._timer = threading.Timer(self.spec.timeout, self._watchdog)
+            self._timer.daemon = True
+            self._timer.start()
+        for t in self.threads:
+            t.start()
+
+    def wait(self, timeout: float | None = None) -> RunResult | None:
+        """Wait until the VM ends (or `timeout` seconds pass: then None). Joins the vCPU threads."""
+        if not self._done.wait(timeout):
+            return None
+        for t in self.threads:
+            t.join(5.0)
+            if t.is_alive():
+                log.error("vCPU thread %s did not stop", t.name)
+        self.state = "stopped"
+        return self.result
+
+    def run(self) -> RunResult:
+        self.start()
+        result = self.wait()
+        assert result is not None
+        return result
+
+    def stop(self, status: int = EXIT_OK, message: str = "stopped by request") -> RunResult:
+        self._finish(status, "stopped", message)
+        result = self.wait()
+        assert result is not None
+        return result
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop all vCPUs at an instruction boundary; they stay stopped until resume()."""
+        if self.state != "running":
+            raise RuntimeError(f"cannot pause a VM that is {self.state}")
+        with self._pause_cond:
+            self._paused = True
+        live = [t for t in self.threads if t.is_alive() and not t.halted]
+        for t in live:
+            t.kick()
+        deadline = time.monotonic() + timeout
+        with self._pause_cond:
+            while self._parked < len(live) and not self.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("vCPUs did not pause in time")
+                self._pause_cond.wait(left)
+        self.state = "paused"
+
+    def resume(self) -> None:
+        if self.state != "paused":
+            raise RuntimeError(f"cannot resume a VM that is {self.state}")
+        with self._pause_cond:
+            self._paused = False
+            self._pause_cond.notify_all()
+        self.state = "running"
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("running", "paused") and not self._done.is_set()
+
+    def wait_for_console(self, pattern, timeout: float = 10.0, start: int = 0):
+        """Wait until the guest's serial output matches `pattern` (bytes, str or compiled regex)."""
+        return self.console.wait_for(pattern, timeout, start, stopped=self._done.is_set)
+
+    # --- called from vCPU threads and devices -----------------------------------------------------
+    def wait_while_paused(self, index: int) -> None:
+        with self._pause_cond:
+            if not self._paused:
+                return
+            self._parked += 1
+            self._pause_cond.notify_all()
+            while self._paused and not self.stopping:
+                self._pause_cond.wait()
+            self._parked -= 1
+
+    def vcpu_halted(self, index: int) -> None:
+        with self._lock:
+            self._halted += 1
+            everyone = self._halted == len(self.threads)
+        log.info("vCPU %d halted", index)
+        if everyone:
+            self._finish(EXIT_OK, "halt", "all vCPUs halted")
+
+    def vcpu_crashed(self, report: CrashReport) -> None:
+        self._finish(EXIT_CRASH, "crash", report.format(), report)
+
+    def system_event(self, index: int, kind: int) -> None:
+        if kind == kc.SYSTEM_EVENT_SHUTDOWN:
+            self._finish(EXIT_OK, "poweroff", "guest powered off")
+        elif kind == kc.SYSTEM_EVENT_RESET:
+            self._finish(EXIT_OK, "reset", "guest requested a reset (hvm does not reboot)")
+        else:
+            self._finish(EXIT_CRASH, "crash", f"guest reported a crash (system event {kind})")
+
+    def _debug_exit(self, status: int) -> None:
+        self._finish(status, "debug-exit", f"guest wrote to the debug-exit port: status {status}")
+
+    def _watchdog(self) -> None:
+        self._finish(EXIT_TIMEOUT, "timeout", f"timeout: the guest was still running after {self.spec.timeout:g} s")
+
+    def _finish(self, status: int, reason: str, message: str, crash: CrashReport | None = None) -> None:
+        with self._lock:
+            if self.result is not None:
+                return  # the first reason to stop wins
+            self.result = RunResult(status, reason, message, crash, time.monotonic() - self._started_at)
+            self.stopping = True
+        with self._pause_cond:
+            self._pause_cond.notify_all()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.kick()
+        self._done.set()
+
+    # --- results ---------------------------------------------------------------------------------
+    def stats(self) -> ExitStats:
+        by_reason: dict[str, int] = {}
+        for t in self.threads:
+            for reason, n in enumerate(t.exit_counts):
+                if n:
+                    name = kc.EXIT_REASON_NAMES.get(reason, str(reason))
+                    by_reason[name] = by_reason.get(name, 0) + n
+        by_device = self.pio.counts_by_device()
+        for name, n in self.mmio.counts_by_device().items():
+            by_device[name] = by_device.get(name, 0) + n
+        return ExitStats(by_reason, dict(self.pio.counts), by_device, dict(self.mmio.counts),
+                         dict(self.pio.unhandled), dict(self.mmio.unhandled))
+
+    # --- teardown --------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.threads and any(t.is_alive() for t in self.threads):
+            self._finish(EXIT_OK, "stopped", "closed")
+            self.wait(5.0)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+        self.console.close()
+        if self.state != "created":
+            self.state = "stopped"
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_head(path: Path, n: int = 16384) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+__all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_HOST", "EXIT_OK", "EXIT_TIMEOUT", "ExitStats", "Machine",
+           "RunResult", "BootError", "KvmError"]

@@ -1,0 +1,115 @@
+"""Guest physical memory: anonymous host mappings, addressed by guest-physical address.
+
+Knows nothing of KVM: the Machine registers each region's host address with the VM.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+from dataclasses import dataclass
+
+MiB = 1 << 20
+GiB = 1 << 30
+# RAM above this is moved to 4 GiB, leaving the 32-bit PCI/MMIO hole (LAPIC, IOAPIC, devices) empty,
+# as on a PC (QEMU's pc machine uses the same 3 GiB split point for large guests).
+PCI_HOLE_START = 3 * GiB
+PCI_HOLE_END = 4 * GiB
+
+
+class GuestMemoryError(Exception):
+    """An access fell outside guest RAM."""
+
+
+@dataclass
+class MemoryRegion:
+    gpa: int
+    size: int
+    mapping: mmap.mmap
+    host_addr: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """(gpa, size) pairs for `size` bytes of RAM with the PCI hole left free."""
+    low = min(size, PCI_HOLE_START)
+    layout = [(0, low)]
+    if size > low:
+        layout.append((PCI_HOLE_END, size - low))
+    return layout
+
+
+class GuestMemory:
+    """RAM of one guest. Use as a context manager; close() unmaps every region."""
+
+    def __init__(self, size: int):
+        if size <= 0 or size % 4096:
+            raise ValueError(f"guest memory size must be a positive multiple of 4 KiB, not {size}")
+        self.size = size
+        self.regions: list[MemoryRegion] = []
+        try:
+            for gpa, length in ram_layout(size):
+                mapping = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+                anchor = ctypes.c_char.from_buffer(mapping)
+                host_addr = ctypes.addressof(anchor)
+                del anchor  # drop the buffer export so the mapping can be closed later
+                self.regions.append(MemoryRegion(gpa, length, mapping, host_addr))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.mapping.close()
+        self.regions = []
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _locate(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
+        for region in self.regions:
+            if region.gpa <= gpa and gpa + length <= region.end:
+                return region, gpa - region.gpa
+        raise GuestMemoryError(f"guest access {gpa:#x}..{gpa + length:#x} is outside guest RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        region, off = self._locate(gpa, length)
+        return region.mapping[off:off + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        region, off = self._locate(gpa, len(data))
+        region.mapping[off:off + len(data)] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        region, off = self._locate(gpa, length)
+        region.mapping[off:off + length] = bytes([byte]) * length
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 4), "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(4, "little"))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(8, "little"))
+
+    def e820(self) -> list[tuple[int, int, int]]:
+        """(base, length, type) entries as a PC firmware reports them: 1 = usable, 2 = reserved.
+        The legacy area 640 KiB..1 MiB (EBDA, VGA, BIOS) is reserved, as on a PC."""
+        entries: list[tuple[int, int, int]] = []
+        for region in self.regions:
+            if region.gpa == 0 and region.size > 0x100000:
+                entries.append((0, 0x9FC00, 1))
+                entries.append((0x9FC00, 0x100000 - 0x9FC00, 2))
+                entries.append((0x100000, region.size - 0x100000, 1))
+            else:
+                entries.append((region.gpa, region.size, 1))
+        return entries

@@ -1,0 +1,249 @@
+"""A 16550A UART (COM1-style): all eight registers, DLAB divisor latch, 16-byte FIFOs, loopback,
+and a level-triggered interrupt. Transmission is instantaneous: a byte written to THR goes straight
+to the output sink, so THR/TSR are always empty again when the guest next looks.
+
+Modelled on the National Semiconductor PC16550D data sheet; the same behaviour QEMU's serial.c and
+rust-vmm's vm-superio give Linux's 8250 driver.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Callable
+
+from hvm.mmio.device import IrqLine
+
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+FIFO_SIZE = 16
+
+# register offsets
+RBR_THR_DLL = 0
+IER_DLM = 1
+IIR_FCR = 2
+LCR = 3
+MCR = 4
+LSR = 5
+MSR = 6
+SCR = 7
+
+IER_RDI = 0x01   # received data available
+IER_THRI = 0x02  # transmitter holding register empty
+IER_RLSI = 0x04  # receiver line status
+IER_MSI = 0x08   # modem status
+
+IIR_NO_INT = 0x01
+IIR_MSI = 0x00
+IIR_THRI = 0x02
+IIR_RDI = 0x04
+IIR_RLSI = 0x06
+IIR_CTI = 0x0C
+IIR_FIFO_ENABLED = 0xC0
+
+FCR_ENABLE = 0x01
+FCR_CLEAR_RX = 0x02
+FCR_CLEAR_TX = 0x04
+
+LCR_DLAB = 0x80
+
+MCR_DTR = 0x01
+MCR_RTS = 0x02
+MCR_OUT1 = 0x04
+MCR_OUT2 = 0x08
+MCR_LOOP = 0x10
+
+LSR_DR = 0x01
+LSR_OE = 0x02
+LSR_BI = 0x10
+LSR_THRE = 0x20
+LSR_TEMT = 0x40
+
+MSR_DCTS = 0x01
+MSR_DDSR = 0x02
+MSR_TERI = 0x04
+MSR_DDCD = 0x08
+MSR_CTS = 0x10
+MSR_DSR = 0x20
+MSR_RI = 0x40
+MSR_DCD = 0x80
+MSR_DELTA = 0x0F
+# Outside loopback the other end is always there: carrier, data set ready and clear to send.
+MSR_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
+
+RX_TRIGGER_LEVELS = (1, 4, 8, 14)
+
+
+class SerialUart:
+    """16550A UART. `output(bytes)` receives what the guest transmits; `feed(bytes)` queues input."""
+
+    name = "uart16550"
+
+    def __init__(self, output: Callable[[bytes], None] | None = None, irq: IrqLine | None = None,
+                 name: str = "uart16550"):
+        self.name = name
+        self._output = output
+        self.irq = irq or IrqLine(COM1_IRQ)
+        self._lock = threading.Lock()
+        self.ier = 0
+        self.lcr = 0x03  # 8N1 as left by a PC BIOS
+        self.mcr = MCR_OUT2
+        self.lsr = LSR_THRE | LSR_TEMT
+        self.msr = MSR_CONNECTED
+        self.scr = 0
+        self.fcr = 0
+        self.divisor = 12  # 9600 baud from the 1.8432 MHz clock
+        self.rx_fifo: deque[int] = deque()
+        self._pending_input: deque[int] = deque()  # host input not yet in the FIFO: never dropped
+        self._thr_interrupt = False
+        self.tx_bytes = 0
+        self.rx_bytes = 0
+
+    # --- host side -----------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Queue bytes from the host (stdin, a pipe, a test) for the guest to receive."""
+        with self._lock:
+            self._pending_input.extend(data)
+            self._refill_rx()
+            self._update_irq()
+
+    @property
+    def input_pending(self) -> int:
+        return len(self._pending_input) + len(self.rx_fifo)
+
+    def _fifo_capacity(self) -> int:
+        return FIFO_SIZE if self.fcr & FCR_ENABLE else 1
+
+    def _refill_rx(self) -> None:
+        if self.mcr & MCR_LOOP:
+            return  # in loopback the receiver is disconnected from the line
+        cap = self._fifo_capacity()
+        while self._pending_input and len(self.rx_fifo) < cap:
+            self.rx_fifo.append(self._pending_input.popleft())
+        if self.rx_fifo:
+            self.lsr |= LSR_DR
+
+    def _receive(self, byte: int) -> None:
+        """A byte arriving at the receiver (loopback path)."""
+        if len(self.rx_fifo) >= self._fifo_capacity():
+            self.lsr |= LSR_OE
+        else:
+            self.rx_fifo.append(byte)
+        self.lsr |= LSR_DR
+
+    # --- interrupt logic ------------------------------------------------------------------------
+    def _iir(self) -> int:
+        """The highest-priority pending interrupt, as IIR encodes it."""
+        fifo_bits = IIR_FIFO_ENABLED if self.fcr & FCR_ENABLE else 0
+        if self.ier & IER_RLSI and self.lsr & (LSR_OE | LSR_BI):
+            return IIR_RLSI | fifo_bits
+        if self.ier & IER_RDI and self.rx_fifo:
+            if self.fcr & FCR_ENABLE and len(self.rx_fifo) < RX_TRIGGER_LEVELS[self.fcr >> 6]:
+                # Below the trigger level the real chip raises a character timeout after 4 character
+                # times; with no line timing to model, it is reported at once.
+                return IIR_CTI | fifo_bits
+            return IIR_RDI | fifo_bits
+        if self.ier & IER_THRI and self._thr_interrupt:
+            return IIR_THRI | fifo_bits
+        if self.ier & IER_MSI and self.msr & MSR_DELTA:
+            return IIR_MSI | fifo_bits
+        return IIR_NO_INT | fifo_bits
+
+    def _update_irq(self) -> None:
+        # OUT2 gates the interrupt onto the ISA bus on a PC; Linux sets it before enabling interrupts.
+        pending = not (self._iir() & IIR_NO_INT)
+        self.irq.set_level(pending and bool(self.mcr & MCR_OUT2))
+
+    # --- guest side ----------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        with self._lock:
+            value = self._read(offset)
+            self._update_irq()
+            return value
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            self._write(offset, value & 0xFF)
+            self._update_irq()
+
+    def _read(self, offset: int) -> int:
+        dlab = self.lcr & LCR_DLAB
+        if offset == RBR_THR_DLL:
+            if dlab:
+                return self.divisor & 0xFF
+            byte = 0
+            if self.rx_fifo:
+                byte = self.rx_fifo.popleft()
+                self.rx_bytes += 1
+            self._refill_rx()
+            if not self.rx_fifo:
+                self.lsr &= ~LSR_DR
+            return byte
+        if offset == IER_DLM:
+            return (self.divisor >> 8) & 0xFF if dlab else self.ier
+        if offset == IIR_FCR:
+            iir = self._iir()
+            if iir & 0x0F == IIR_THRI:
+                self._thr_interrupt = False  # reading IIR clears a THRE interrupt it reports
+            return iir
+        if offset == LCR:
+            return self.lcr
+        if offset == MCR:
+            return self.mcr
+        if offset == LSR:
+            value = self.lsr
+            self.lsr &= ~(LSR_OE | LSR_BI)  # error bits clear on read
+            return value
+        if offset == MSR:
+            if self.mcr & MCR_LOOP:
+                # Loopback wires the modem outputs back to the inputs: RTS->CTS, DTR->DSR, OUT1->RI, OUT2->DCD.
+                value = ((self.mcr & MCR_RTS) << 3 | (self.mcr & MCR_DTR) << 5
+                         | (self.mcr & MCR_OUT1) << 4 | (self.mcr & MCR_OUT2) << 4)
+                return value | (self.msr & MSR_DELTA)
+            value = self.msr
+            self.msr &= ~MSR_DELTA
+            return value
+        return self.scr  # SCR
+
+    def _write(self, offset: int, value: int) -> None:
+        dlab = self.lcr & LCR_DLAB
+        if offset == RBR_THR_DLL:
+            if dlab:
+                self.divisor = (self.divisor & 0xFF00) | value
+                return
+            self.tx_bytes += 1
+            if self.mcr & MCR_LOOP:
+                self._receive(value)
+            elif self._output is not None:
+                self._output(bytes((value,)))
+            # Sent at once: the holding register is empty again and says so.
+            self.lsr |= LSR_THRE | LSR_TEMT
+            self._thr_interrupt = True
+        elif offset == IER_DLM:
+            if dlab:
+                self.divisor = (self.divisor & 0x00FF) | (value << 8)
+                return
+            was = self.ier
+            self.ier = value & 0x0F
+            if self.ier & IER_THRI and not was & IER_THRI and self.lsr & LSR_THRE:
+                self._thr_interrupt = True  # enabling THRI with THR empty raises it (as the 16550 does)
+        elif offset == IIR_FCR:
+            if (value ^ self.fcr) & FCR_ENABLE:
+                self.rx_fifo.clear()  # changing FIFO mode resets both FIFOs
+            if value & FCR_CLEAR_RX:
+                self.rx_fifo.clear()
+                self.lsr &= ~LSR_DR
+            self.fcr = value & (FCR_ENABLE | 0xC0)
+            self._refill_rx()
+        elif offset == LCR:
+            self.lcr = value
+        elif offset == MCR:
+            was_loop = self.mcr & MCR_LOOP
+            self.mcr = value & 0x1F
+            if was_loop and not self.mcr & MCR_LOOP:
+                self._refill_rx()
+        elif offset == LSR:
+            pass  # read-only (factory test only)
+        elif offset == MSR:
+            pass  # read-only
+        else:
+            self.scr = value

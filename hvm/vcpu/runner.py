@@ -1,0 +1,244 @@
+"""One thread per vCPU: the KVM_RUN loop and its dispatch table (kvmtool's kvm-cpu.c, in Python).
+
+The hot path is: KVM_RUN (GIL released by cffi) -> read exit_reason from the mmapped kvm_run ->
+index the dispatch table -> one handler -> bus -> device. Handlers read kvm_run through a
+memoryview with precompiled struct formats; nothing is looked up twice.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from typing import Callable, Protocol
+
+from hvm.kvm import Vcpu, ffi
+from hvm.kvm import constants as k
+from hvm.kvm._ffi import API_MODE, lib
+from hvm.kvm.ioctls import KVM_RUN
+from hvm.mmio.bus import MmioBus, PioBus
+from hvm.vcpu.report import CrashReport
+
+log = logging.getLogger(__name__)
+
+# kvm_run layout (checked against <linux/kvm.h> by the cffi build): the exit union starts at 32.
+_REASON_OFFSET = 8
+_IO = struct.Struct("<BBHIQ")       # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<QQIB")      # phys_addr, data[8] (as u64), len, is_write
+_EXIT_UNION = 32
+_UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+LAST_EXITS = 16
+
+
+class VmControl(Protocol):
+    """What a vCPU thread needs from the machine that owns it."""
+
+    stopping: bool
+    pio: PioBus
+    mmio: MmioBus
+
+    def vcpu_halted(self, index: int) -> None: ...
+
+    def vcpu_crashed(self, report: CrashReport) -> None: ...
+
+    def system_event(self, index: int, kind: int) -> None: ...
+
+    def wait_while_paused(self, index: int) -> None: ...
+
+
+class VcpuThread(threading.Thread):
+    def __init__(self, vcpu: Vcpu, machine: VmControl):
+        super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
+        self.vcpu = vcpu
+        self.index = vcpu.index
+        self.machine = machine
+        self.exit_counts = [0] * k.NUM_EXIT_REASONS
+        self.last_exits: deque[tuple] = deque(maxlen=LAST_EXITS)
+        self.halted = False
+        self.observer: Callable[[tuple], None] | None = None  # called with each exit record when set
+        self._view = vcpu.run_view
+        # One table keyed by exit reason; anything not listed is an unexpected exit.
+        self.dispatch: list[Callable[[], bool]] = [self._exit_unexpected] * k.NUM_EXIT_REASONS
+        self.dispatch[k.EXIT_IO] = self._exit_io
+        self.dispatch[k.EXIT_MMIO] = self._exit_mmio
+        self.dispatch[k.EXIT_HLT] = self._exit_hlt
+        self.dispatch[k.EXIT_SHUTDOWN] = self._exit_shutdown
+        self.dispatch[k.EXIT_FAIL_ENTRY] = self._exit_fail_entry
+        self.dispatch[k.EXIT_INTERNAL_ERROR] = self._exit_internal_error
+        self.dispatch[k.EXIT_SYSTEM_EVENT] = self._exit_system_event
+        self.dispatch[k.EXIT_IRQ_WINDOW_OPEN] = self._exit_ignored
+        self.dispatch[k.EXIT_INTR] = self._exit_ignored
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a bug in the VMM or a device: report it like a crash, never hang
+            log.exception("vCPU %d: VMM error", self.index)
+            self.machine.vcpu_crashed(self.crash_report("VMM error", f"{type(e).__name__}: {e}"))
+
+    def _loop(self) -> None:
+        fd = self.vcpu.fd
+        if API_MODE:
+            ioctl, arg = lib.hvm_ioctl_int, 0
+        else:
+            ioctl, arg = lib.ioctl, ffi.NULL
+        reason_of = _UINT[4].unpack_from
+        view = self._view
+        dispatch = self.dispatch
+        counts = self.exit_counts
+        machine = self.machine
+        while not machine.stopping:
+            if ioctl(fd, KVM_RUN, arg) < 0:
+                err = ffi.errno
+                if err != errno.EINTR and err != errno.EAGAIN:
+                    raise OSError(err, f"KVM_RUN: {errno.errorcode.get(err, err)}")
+                self._kicked()
+                continue
+            reason = reason_of(view, _REASON_OFFSET)[0]
+            counts[reason] += 1
+            if dispatch[reason]():
+                return  # the handler ended this vCPU (halt, crash, shutdown)
+
+    def _kicked(self) -> None:
+        """KVM_RUN returned EINTR: someone wants this thread (stop, pause). Clear the request flag."""
+        self.vcpu.run_struct.immediate_exit = 0
+        if not self.machine.stopping:
+            self.machine.wait_while_paused(self.index)
+
+    def kick(self) -> None:
+        """Make KVM_RUN return soon: set immediate_exit (covers the window before the next KVM_RUN)
+        and signal the thread (interrupts a KVM_RUN in progress)."""
+        import signal
+
+        from hvm.kvm import KICK_SIGNAL
+
+        run = self.vcpu.run_struct
+        if run is not None:
+            run.immediate_exit = 1
+        if self.ident is not None and self.is_alive():
+            try:
+                signal.pthread_kill(self.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    # --- handlers: return True to end this vCPU's loop ----------------------------------------------
+    def _exit_io(self) -> bool:
+        view = self._view
+        direction, size, port, count, offset = _IO.unpack_from(view, _EXIT_UNION)
+        fmt = _UINT[size]
+        pio = self.machine.pio
+        if direction == k.EXIT_IO_OUT:
+            if count == 1:
+                value = fmt.unpack_from(view, offset)[0]
+                pio.write(port, size, value)
+            else:  # string I/O (rep outs): count elements back to back
+                for i in range(count):
+                    value = fmt.unpack_from(view, offset + i * size)[0]
+                    pio.write(port, size, value)
+        else:
+            for i in range(count):
+                value = pio.read(port, size)
+                fmt.pack_into(view, offset + i * size, value)
+        self.last_exits.append((k.EXIT_IO, port, direction, size, count, value if count == 1 else None))
+        if self.observer is not None:
+            self.observer((time.monotonic_ns(), self.index, "io", port, direction, size, count,
+                           bytes(view[offset:offset + size * count])))
+        return False
+
+    def _exit_mmio(self) -> bool:
+        view = self._view
+        addr, data, length, is_write = _MMIO.unpack_from(view, _EXIT_UNION)
+        mmio = self.machine.mmio
+        if is_write:
+            value = data & ((1 << (8 * length)) - 1)
+            mmio.write(addr, length, value)
+        else:
+            value = mmio.read(addr, length) & ((1 << (8 * length)) - 1)
+            view[_EXIT_UNION + 8:_EXIT_UNION + 8 + length] = value.to_bytes(length, "little")
+        self.last_exits.append((k.EXIT_MMIO, addr, is_write, length, 1, value))
+        if self.observer is not None:
+            self.observer((time.monotonic_ns(), self.index, "mmio", addr, is_write, length, 1,
+                           value.to_bytes(length, "little")))
+        return False
+
+    def _exit_hlt(self) -> bool:
+        # Only seen without an in-kernel irqchip: nothing can ever interrupt this vCPU again.
+        self.last_exits.append((k.EXIT_HLT,))
+        self.halted = True
+        self.machine.vcpu_halted(self.index)
+        return True
+
+    def _exit_ignored(self) -> bool:
+        return False
+
+    def _exit_shutdown(self) -> bool:
+        self.machine.vcpu_crashed(self.crash_report(
+            "SHUTDOWN (triple fault)", "the guest took an exception while delivering a double fault; "
+            "a real PC would reset here"))
+        return True
+
+    def _exit_fail_entry(self) -> bool:
+        fe = self.vcpu.run_struct.fail_entry
+        self.machine.vcpu_crashed(self.crash_report(
+            "FAIL_ENTRY", f"hardware entry failure reason {fe.hardware_entry_failure_reason:#x} on host CPU {fe.cpu}"
+            " (invalid guest state)"))
+        return True
+
+    def _exit_internal_error(self) -> bool:
+        ie = self.vcpu.run_struct.internal
+        sub = ie.suberror
+        detail = f"suberror {sub}: {k.INTERNAL_ERROR_NAMES.get(sub, 'unknown')}"
+        if sub == k.INTERNAL_ERROR_EMULATION and ie.ndata >= 2:
+            # struct emulation_failure overlay: flags in data[0], insn_size + bytes from data[1]
+            raw = ffi.buffer(ffi.addressof(ie, "data"), 8 * ie.ndata)[:]
+            if ie.data[0] & 1:
+                n = raw[8]
+                detail += f"; instruction bytes: {raw[9:9 + n].hex(' ')}"
+        elif ie.ndata:
+            detail += "; data: " + " ".join(f"{ie.data[i]:#x}" for i in range(min(ie.ndata, 16)))
+        self.machine.vcpu_crashed(self.crash_report("INTERNAL_ERROR", detail))
+        return True
+
+    def _exit_system_event(self) -> bool:
+        kind = self.vcpu.run_struct.system_event.type
+        self.machine.system_event(self.index, kind)
+        return True
+
+    def _exit_unexpected(self) -> bool:
+        reason = _UINT[4].unpack_from(self._view, _REASON_OFFSET)[0]
+        self.machine.vcpu_crashed(self.crash_report(
+            f"unexpected exit {k.EXIT_REASON_NAMES.get(reason, reason)}", "hvm has no handler for this exit"))
+        return True
+
+    # --- reporting --------------------------------------------------------------------------------
+    def describe_last_exits(self) -> list[str]:
+        out = []
+        for e in self.last_exits:
+            if e[0] == k.EXIT_IO:
+                _, port, direction, size, count, value = e
+                what = "out" if direction == k.EXIT_IO_OUT else "in"
+                val = f" value={value:#x}" if value is not None else ""
+                out.append(f"IO {what} port={port:#06x} size={size} count={count}{val}")
+            elif e[0] == k.EXIT_MMIO:
+                _, addr, is_write, size, _count, value = e
+                out.append(f"MMIO {'write' if is_write else 'read'} addr={addr:#x} size={size} value={value:#x}")
+            else:
+                out.append(k.EXIT_REASON_NAMES.get(e[0], str(e[0])))
+        return out
+
+    def crash_report(self, reason: str, detail: str = "") -> CrashReport:
+        report = CrashReport(vcpu=self.index, reason=reason, detail=detail, last_exits=self.describe_last_exits())
+        try:
+            r = self.vcpu.get_regs()
+            report.regs = {n: getattr(r, n) for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8",
+                                                      "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")}
+            s = self.vcpu.get_sregs()
+            report.sregs = {"cs": s.cs.selector, "cs.base": s.cs.base, "ss": s.ss.selector, "cr0": s.cr0,
+                            "cr2": s.cr2, "cr3": s.cr3, "cr4": s.cr4, "efer": s.efer,
+                            "idt.base": s.idt.base, "idt.limit": s.idt.limit}
+        except OSError as e:
+            report.detail += f" (registers unavailable: {e})"
+        return report
