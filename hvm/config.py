@@ -148,7 +148,7 @@ class _Fields:
             raise self.error(key, f"expected a file path, got {_kind(v)}")
         p = Path(v).expanduser()
         if not p.is_absolute():
-            p = base / p
+            p = (base / p).resolve()
         if must_exist:
             if not p.exists():
                 raise self.error(key, f"file not found: {p}")

@@ -95,6 +95,9 @@ class SerialUart:
         self.rx_fifo: deque[int] = deque()
         self._pending_input: deque[int] = deque()  # host input not yet in the FIFO: never dropped
         self._thr_interrupt = False
+        # Host input is held back until the guest first looks at the receiver (reads RBR/LSR/IIR or
+        # enables the receive interrupt), so the FIFO reset every driver does at init cannot eat it.
+        self._rx_active = False
         self.tx_bytes = 0
         self.rx_bytes = 0
 
@@ -114,7 +117,7 @@ class SerialUart:
         return FIFO_SIZE if self.fcr & FCR_ENABLE else 1
 
     def _refill_rx(self) -> None:
-        if self.mcr & MCR_LOOP:
+        if self.mcr & MCR_LOOP or not self._rx_active:
             return  # in loopback the receiver is disconnected from the line
         cap = self._fifo_capacity()
         while self._pending_input and len(self.rx_fifo) < cap:
@@ -167,6 +170,9 @@ class SerialUart:
 
     def _read(self, offset: int) -> int:
         dlab = self.lcr & LCR_DLAB
+        if not self._rx_active and not dlab and offset in (RBR_THR_DLL, IIR_FCR, LSR):
+            self._rx_active = True
+            self._refill_rx()
         if offset == RBR_THR_DLL:
             if dlab:
                 return self.divisor & 0xFF
@@ -224,6 +230,9 @@ class SerialUart:
                 return
             was = self.ier
             self.ier = value & 0x0F
+            if self.ier & IER_RDI and not self._rx_active:
+                self._rx_active = True
+                self._refill_rx()
             if self.ier & IER_THRI and not was & IER_THRI and self.lsr & LSR_THRE:
                 self._thr_interrupt = True  # enabling THRI with THR empty raises it (as the 16550 does)
         elif offset == IIR_FCR:

@@ -1,0 +1,130 @@
+"""The Python API: create, start, pause, resume, stop, wait on console output; every fd released."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from conftest import CONFIGS, FIRMWARE
+from hvm import Machine, load_config
+from hvm.config import FlatBoot, KernelBoot, SerialSpec, VmSpec
+from hvm.console import Console
+
+
+def ticker_spec(timeout: float = 20) -> VmSpec:
+    return VmSpec(name="ticker", boot=FlatBoot(FIRMWARE / "ticker.bin", 0x7C00, 0x7C00, "real"),
+                  memory=4 << 20, timeout=timeout, irqchip=False)
+
+
+def quiet() -> Console:
+    return Console("none", "none")
+
+
+def test_run_and_read_the_console():
+    with Machine(load_config(CONFIGS / "hello.yaml"), console=quiet()) as vm:
+        result = vm.run()
+        assert (result.status, result.reason) == (0, "halt")
+        assert vm.console.text() == "Hello from real mode!\n"
+        assert vm.stats().by_reason == {"IO": 49, "HLT": 1}
+
+
+def test_pause_resume_stop():
+    with Machine(ticker_spec(), console=quiet()) as vm:
+        vm.start()
+        assert vm.wait_for_console(b"tick\ntick\n", timeout=10)
+        vm.pause()
+        assert vm.state == "paused"
+        time.sleep(0.05)  # let any output already in flight land
+        frozen = bytes(vm.console.history)
+        time.sleep(0.5)
+        assert bytes(vm.console.history) == frozen      # a paused guest prints nothing
+        vm.resume()
+        assert vm.state == "running"
+        assert vm.wait_for_console(b"tick\n", timeout=10, start=len(frozen))
+        result = vm.stop()
+        assert (result.status, result.reason) == (0, "stopped")
+        assert vm.state == "stopped"
+        assert not any(t.is_alive() for t in vm.threads)
+
+
+def test_wait_for_console_gives_up_when_the_guest_ends():
+    with Machine(load_config(CONFIGS / "hello.yaml"), console=quiet()) as vm:
+        vm.start()
+        t0 = time.monotonic()
+        assert vm.wait_for_console("never printed", timeout=10) is None
+        assert time.monotonic() - t0 < 5
+        assert vm.wait(10).reason == "halt"
+
+
+def test_watchdog_from_the_api():
+    with Machine(ticker_spec(timeout=0.3), console=quiet()) as vm:
+        result = vm.run()
+        assert (result.status, result.reason) == (124, "timeout")
+
+
+def test_feed_input_from_python():
+    spec = VmSpec(name="echo", boot=FlatBoot(FIRMWARE / "echo.bin", 0x7C00, 0x7C00, "real"), memory=4 << 20,
+                  timeout=20, irqchip=False, serial=SerialSpec("none", "none"))
+    with Machine(spec, console=quiet()) as vm:
+        vm.start()
+        vm.uart.feed(b"abc")
+        assert vm.wait_for_console(b"ABC", timeout=10)
+        vm.uart.feed(b"xq")
+        result = vm.wait(10)
+        assert result.reason == "halt"
+        assert vm.console.text() == "ABCX" + "bye\n"
+
+
+def test_stdin_pipe_reaches_the_guest(hvm, tmp_path):
+    cfg = tmp_path / "echo.yaml"
+    cfg.write_text(f"boot: {{image: {FIRMWARE / 'echo.bin'}}}\nmemory: 4M\ntimeout: 10\n")
+    r = hvm("run", str(cfg), input=b"hello, world\nq")
+    assert (r.status, r.out) == (0, "HELLO, WORLD\nbye\n")
+
+
+def test_two_vcpus_with_the_in_kernel_irqchip():
+    # The AP waits for INIT/SIPI in the kernel; the BSP runs the multiboot test to its debug exit.
+    spec = VmSpec(name="smp", boot=KernelBoot(FIRMWARE / "mbtest.elf", (), "exit=5"), memory=32 << 20, vcpus=2,
+                  timeout=20, irqchip=True)
+    with Machine(spec, console=quiet()) as vm:
+        result = vm.run()
+        assert (result.status, result.reason) == (11, "debug-exit")
+        assert len(vm.threads) == 2
+        assert "exiting through port 0xf4" in vm.console.text()
+
+
+def test_lifecycle_errors():
+    with Machine(ticker_spec(), console=quiet()) as vm:
+        with pytest.raises(RuntimeError, match="cannot resume a VM that is created"):
+            vm.resume()
+        vm.start()
+        with pytest.raises(RuntimeError, match="cannot start a VM that is running"):
+            vm.start()
+        vm.stop()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_fd_leaks_after_200_create_destroy_cycles():
+    spec = load_config(CONFIGS / "hello.yaml")
+    Machine(spec, console=quiet()).close()  # warm-up: one-time imports and signal handler
+    before = fd_count()
+    for i in range(200):
+        with Machine(spec, console=quiet()) as vm:
+            if i % 10 == 0:  # every tenth one also boots and runs to its halt
+                assert vm.run().status == 0
+    assert fd_count() == before
+
+
+def test_no_fd_leaks_when_construction_fails(tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\x90" * (5 << 20))
+    spec = VmSpec(name="x", boot=FlatBoot(big, 0x100000, 0x100000, "protected"), memory=4 << 20, irqchip=False)
+    before = fd_count()
+    for _ in range(20):
+        with pytest.raises(Exception, match="do not fit in guest memory"):
+            Machine(spec, console=quiet())
+    assert fd_count() == before
