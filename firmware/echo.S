@@ -4,12 +4,7 @@
         .code16
         .globl _start
 _start:
-        cli
-        xor %ax, %ax
-        mov %ax, %ds
-        mov %ax, %ss
-        mov $0x7000, %sp
-        UART_INIT
+        REAL_MODE_START
 1:      mov $COM1_LSR, %dx
 2:      in %dx, %al
         test $1, %al            /* LSR.DR: a byte is waiting */

@@ -5,12 +5,7 @@
         .code16
         .globl _start
 _start:
-        cli
-        xor %ax, %ax
-        mov %ax, %ds
-        mov %ax, %ss
-        mov $0x7000, %sp
-        UART_INIT
+        REAL_MODE_START
         mov $msg, %si
         call puts
         cli

@@ -10,13 +10,7 @@
         .code16
         .globl _start
 _start:
-        cli
-        xor %ax, %ax
-        mov %ax, %ds
-        mov %ax, %es
-        mov %ax, %ss
-        mov $0x7000, %sp
-        UART_INIT
+        REAL_MODE_START
         mov $msg_real, %si
         call puts16
         lgdtl gdt_desc

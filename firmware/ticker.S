@@ -4,12 +4,7 @@
         .code16
         .globl _start
 _start:
-        cli
-        xor %ax, %ax
-        mov %ax, %ds
-        mov %ax, %ss
-        mov $0x7000, %sp
-        UART_INIT
+        REAL_MODE_START
 1:      mov $msg, %si
         call puts
         mov $20000, %ecx
