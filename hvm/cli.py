@@ -11,7 +11,7 @@ from pathlib import Path
 from hvm.boot import BootError
 from hvm.config import ConfigError, load_config, load_yaml, merge, parse_spec
 from hvm.kvm import KvmError
-from hvm.machine import EXIT_CONFIG, EXIT_HOST, Machine
+from hvm.machine import EXIT_CONFIG, EXIT_HOST, EXIT_INTERNAL, Machine
 from hvm.mmio import BusError
 
 log = logging.getLogger("hvm")
@@ -28,15 +28,46 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--vcpus", "--smp", type=int, help="number of vCPUs")
     p.add_argument("--timeout", type=float, help="watchdog: stop the guest after SECONDS (exit status 124)")
     p.add_argument("--serial", help="serial console output: stdio, none or file:PATH")
+    p.add_argument("--machine", choices=("pc", "none"), help="pc: irqchip, PIT, ACPI, fw_cfg; none: bare")
+    p.add_argument("--device", action="append", default=[], metavar="NAME[,OPTS]",
+                   help="add a device: pc-testdev, isa-debug-exit[,iobase=0xf4,iosize=4]")
+    p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--stats", action="store_true", help="print exit counters when the VM ends")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+
+
+def _add_kut_parser(sub) -> None:
+    p = sub.add_parser("kut", help="run kvm-unit-tests guests as upstream's runner runs them under QEMU",
+                       description="Run the entries of DIR/unittests.cfg whose binaries are in DIR.")
+    p.add_argument("directory", type=Path, help="folder with unittests.cfg and the *.flat binaries")
+    p.add_argument("names", nargs="*", help="only these entries")
+    p.add_argument("-g", "--group", action="append", help="only entries in this group")
+    p.add_argument("--timeout", type=float, help="override every entry's timeout (seconds)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="print the output of failing entries")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hvm", description="A small virtual machine monitor on Linux KVM.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    _add_kut_parser(sub)
     return parser
+
+
+def _device_overrides(devices: list[str]) -> dict:
+    """--device flags (QEMU's -device syntax for the devices hvm has) -> the YAML devices mapping."""
+    out: dict = {}
+    for spec in devices:
+        name, _, opts = spec.partition(",")
+        options = dict(o.partition("=")[::2] for o in opts.split(",") if o)
+        if name == "pc-testdev":
+            out["testdev"] = True
+        elif name == "isa-debug-exit":
+            out["debug_exit"] = {"port": options.get("iobase", "0xf4"), "size": options.get("iosize", "4")}
+        else:
+            raise ConfigError("command line", "--device", f"{name!r} is not a device hvm has "
+                              "(pc-testdev, isa-debug-exit)")
+    return out
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -47,8 +78,15 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         over["vcpus"] = args.vcpus
     if args.timeout is not None:
         over["timeout"] = args.timeout
+    if args.machine is not None:
+        over["machine"] = args.machine
+    if args.no_pit:
+        over["pit"] = False
+    devices = _device_overrides(args.device)
     if args.serial is not None:
-        over["devices"] = {"serial": {"output": args.serial}}
+        devices["serial"] = {"output": args.serial}
+    if devices:
+        over["devices"] = devices
     return over
 
 
@@ -110,15 +148,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.status
 
 
+def cmd_kut(args: argparse.Namespace) -> int:
+    from hvm.kut import run_all
+
+    if not (args.directory / "unittests.cfg").is_file():
+        print(f"hvm: {args.directory}: no unittests.cfg there", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        results = run_all(args.directory, args.names, args.group, args.timeout, verbose=bool(args.verbose))
+    except ValueError as e:
+        print(f"hvm: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 1 if any(r.status == "FAIL" for r in results) else 0
+
+
+COMMANDS = {"run": cmd_run, "kut": cmd_kut}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * getattr(args, "verbose", 0)
-    logging.basicConfig(level=max(level, logging.DEBUG), format="hvm: %(message)s", stream=sys.stderr)
-    if args.command == "run":
-        return cmd_run(args)
-    parser.error(f"unknown command {args.command}")
-    return EXIT_CONFIG
+    verbose = getattr(args, "verbose", 0)
+    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), format="hvm: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except Exception as e:  # a bug in hvm: one line, the traceback only when asked for
+        if verbose:
+            log.exception("internal error")
+        print(f"hvm: internal error: {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def entry_point() -> None:

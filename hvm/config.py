@@ -64,7 +64,10 @@ class VmSpec:
     memory: int = DEFAULT_MEMORY
     vcpus: int = 1
     timeout: float | None = None
+    machine: str = "none"           # "pc": irqchip, PIT, ACPI tables, PM timer, fw_cfg; "none": bare
     irqchip: bool = True
+    pit: bool = True
+    testdev: bool = False           # QEMU's pc-testdev (ports 0xe0, 0x2000+), for kvm-unit-tests
     serial: SerialSpec | None = field(default_factory=SerialSpec)
     debug_exit: DebugExitSpec | None = field(default_factory=DebugExitSpec)
     source: str = "command line"
@@ -173,9 +176,10 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
-TOP_KEYS = ("name", "memory", "vcpus", "timeout", "irqchip", "boot", "devices")
+TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices")
+MACHINES = ("auto", "pc", "none")
 BOOT_KEYS = ("image", "load", "entry", "mode", "kernel", "initrd", "cmdline")
-DEVICE_KEYS = ("serial", "debug_exit")
+DEVICE_KEYS = ("serial", "debug_exit", "testdev")
 SERIAL_KEYS = ("output", "input", "port", "irq")
 DEBUG_EXIT_KEYS = ("port", "size")
 
@@ -265,19 +269,17 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     else:
         raise boot_f.error("image", "missing: give boot.image (a flat binary) or boot.kernel (a multiboot ELF)")
 
-    irqchip_raw = top.get("irqchip", "auto")
-    if irqchip_raw in ("auto", None):
-        # A PC has interrupt controllers; a bare flat program gets none unless it has several vCPUs,
-        # so its HLT exits to hvm and an orderly halt ends the VM.
-        irqchip = isinstance(boot, KernelBoot) or vcpus > 1
-    elif isinstance(irqchip_raw, bool):
-        irqchip = irqchip_raw
-    elif irqchip_raw in ("on", "off"):
-        irqchip = irqchip_raw == "on"
-    else:
-        raise top.error("irqchip", f"expected auto, on or off, got {_kind(irqchip_raw)}")
+    machine = top.str("machine", "auto", MACHINES)
+    if machine == "auto":
+        # A kernel gets a PC (as QEMU's -kernel does); a flat image gets a bare machine, so that its
+        # `cli; hlt` reaches hvm and ends the VM, unless it has several vCPUs to start.
+        machine = "pc" if isinstance(boot, KernelBoot) or vcpus > 1 else "none"
+    irqchip = _on_off(top, "irqchip", machine == "pc")
     if vcpus > 1 and not irqchip:
         raise top.error("irqchip", f"{vcpus} vCPUs need the in-kernel irqchip (to start the other CPUs)")
+    pit = _on_off(top, "pit", irqchip)
+    if pit and not irqchip:
+        raise top.error("pit", "the in-kernel PIT needs the in-kernel irqchip")
 
     devices = _Fields(source, top.get("devices"), "devices", DEVICE_KEYS)
     serial: SerialSpec | None = SerialSpec()
@@ -308,8 +310,23 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
                 raise df.error("size", f"{size} is not 1, 2 or 4")
             debug_exit = DebugExitSpec(df.int("port", 0xF4, 0, 0xFFFF - size + 1), size)
 
-    return VmSpec(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, irqchip=irqchip,
-                  serial=serial, debug_exit=debug_exit, source=source)
+    testdev = devices.get("testdev", False)
+    if not isinstance(testdev, bool):
+        raise devices.error("testdev", f"expected true or false, got {_kind(testdev)}")
+
+    return VmSpec(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
+                  irqchip=irqchip, pit=pit, testdev=testdev, serial=serial, debug_exit=debug_exit, source=source)
+
+
+def _on_off(fields: _Fields, key: str, default: bool) -> bool:
+    raw = fields.get(key, "auto")
+    if raw in ("auto", None):
+        return default
+    if isinstance(raw, bool):
+        return raw
+    if raw in ("on", "off"):
+        return raw == "on"
+    raise fields.error(key, f"expected auto, on or off, got {_kind(raw)}")
 
 
 def _sink(fields: _Fields, key: str, value: str) -> str:

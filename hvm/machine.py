@@ -19,7 +19,14 @@ from hvm.console import Console
 from hvm.kvm import Kvm, KvmError, install_kick_handler
 from hvm.kvm import constants as kc
 from hvm.memory import GuestMemory
+from hvm.boot import bios
+from hvm.boot.acpi import write_acpi_tables
+from hvm.boot.bios import write_real_mode_ivt
 from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
+from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
+from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
+from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, TESTDEV_PORT, PcTestDev,
+                              TestDevIrq)
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
 
 log = logging.getLogger(__name__)
@@ -29,6 +36,7 @@ EXIT_CONFIG = 2
 EXIT_CRASH = 4
 EXIT_HOST = 6
 EXIT_TIMEOUT = 124
+EXIT_INTERNAL = 70  # a bug in hvm itself (EX_SOFTWARE)
 
 
 @dataclass
@@ -128,7 +136,8 @@ class Machine:
         vm.set_tss_address()
         if spec.irqchip:
             vm.create_irqchip()
-            vm.create_pit2()
+            if spec.pit:
+                vm.create_pit2()
         self.memory = mem = GuestMemory(spec.memory)
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
@@ -142,6 +151,14 @@ class Machine:
             self.pio.register(spec.serial.port, 8, self.uart)
         if spec.debug_exit is not None:
             self.pio.register(spec.debug_exit.port, spec.debug_exit.size, DebugExit(self._debug_exit))
+        if spec.machine == "pc":
+            self._bios_state(mem)
+            self.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
+            self.pio.register(PM_BASE, PM_LEN, AcpiPm(self._acpi_poweroff))
+            write_acpi_tables(mem, spec.vcpus, PM_BASE)
+        if spec.testdev:
+            self.pio.register(TESTDEV_PORT, TESTDEV_LEN, PcTestDev())
+            self.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, TestDevIrq(irq_setter))
 
         supported = self.kvm.supported_cpuid()
         for index in range(spec.vcpus):
@@ -152,6 +169,31 @@ class Machine:
                 apply_boot_state(vcpu, self.boot_state)
             # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
         self.threads = [VcpuThread(v, self) for v in self.vcpus]
+
+    def _bios_state(self, mem: GuestMemory) -> None:
+        """Leave the machine as a PC BIOS would before jumping to a kernel (see hvm/boot/bios.py)."""
+        write_real_mode_ivt(mem)
+        if not self.spec.irqchip:
+            return
+        for chip, base, imr in ((0, bios.PIC_MASTER_BASE, bios.PIC_MASTER_IMR),
+                                (1, bios.PIC_SLAVE_BASE, bios.PIC_SLAVE_IMR)):
+            state = self.vm.get_pic(chip)
+            pic = state.chip.pic
+            pic.irq_base = base
+            pic.imr = imr
+            pic.init4 = 1
+            pic.init_state = 0
+            self.vm.set_pic(state)
+        if self.spec.pit:
+            pit = self.vm.get_pit2()
+            ch0 = pit.channels[0]
+            ch0.count = bios.PIT_BIOS_COUNT
+            ch0.mode = bios.PIT_MODE_RATE_GENERATOR
+            ch0.rw_mode = 3       # low byte then high byte
+            ch0.read_state = 3
+            ch0.write_state = 3
+            ch0.gate = 1
+            self.vm.set_pit2(pit)
 
     def _load(self, mem: GuestMemory) -> BootState:
         boot = self.spec.boot
@@ -272,6 +314,9 @@ class Machine:
             self._finish(EXIT_OK, "reset", "guest requested a reset (hvm does not reboot)")
         else:
             self._finish(EXIT_CRASH, "crash", f"guest reported a crash (system event {kind})")
+
+    def _acpi_poweroff(self) -> None:
+        self._finish(EXIT_OK, "poweroff", "guest powered off (ACPI S5)")
 
     def _debug_exit(self, status: int) -> None:
         self._finish(status, "debug-exit", f"guest wrote to the debug-exit port: status {status}")

@@ -11,7 +11,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvm.boot.cpu_modes import GDT_ADDR as LOW_TABLES_START, protected_mode_state
+from hvm.boot.cpu_modes import GDT_ADDR as LOW_TABLES_START
+from hvm.boot.cpu_modes import protected_mode_state
 from hvm.boot.elf import EM_386, is_elf, parse_elf
 from hvm.boot.errors import BootError
 from hvm.boot.state import BootState
@@ -31,12 +32,11 @@ MBI_MODS = 1 << 3
 MBI_MMAP = 1 << 6
 MBI_LOADER_NAME = 1 << 9
 
-# Where the boot information goes: low memory above the VMM's own tables, below the EBDA.
-MBI_ADDR = 0x8000
-MMAP_ADDR = 0x8100
-MODS_ADDR = 0x8800
-STRINGS_ADDR = 0x9000
-STRINGS_END = 0x9FC00
+# The boot information goes after the kernel and its modules, as QEMU places it: kernels may load
+# anywhere above the GDT hvm keeps at 0x500 (kvm-unit-tests' realmode test loads at 0x8000).
+INFO_SIZE = 0x80
+LOW_TABLES_END = LOW_TABLES_START + 0x100
+MAX_MMAP = 0x400
 LOADER_NAME = b"hvm\0"
 
 
@@ -106,9 +106,9 @@ def load_multiboot(mem: GuestMemory, kernel: Path, cmdline: str = "", modules: t
 
     top = 0
     for paddr, image, memsz in pieces:
-        if paddr < STRINGS_END and paddr + memsz > LOW_TABLES_START:
-            raise BootError(f"{name}: segment at {paddr:#x} overlaps low memory hvm uses for boot "
-                            f"information ({LOW_TABLES_START:#x}..{STRINGS_END:#x})")
+        if paddr < LOW_TABLES_END and paddr + memsz > LOW_TABLES_START:
+            raise BootError(f"{name}: segment at {paddr:#x} overlaps the GDT hvm keeps at "
+                            f"{LOW_TABLES_START:#x}..{LOW_TABLES_END:#x}")
         if not mem.contains(paddr, max(memsz, 1)):
             raise BootError(f"{name}: segment {paddr:#x}..{paddr + memsz:#x} does not fit in guest memory "
                             f"({mem.size >> 20} MiB)")
@@ -117,46 +117,55 @@ def load_multiboot(mem: GuestMemory, kernel: Path, cmdline: str = "", modules: t
             mem.fill(paddr + len(image), memsz - len(image))
         top = max(top, paddr + memsz)
 
-    # Modules go after the kernel, each page-aligned.
-    strings = bytearray()
-
-    def add_string(s: str | bytes) -> int:
-        raw = (s.encode() if isinstance(s, str) else s).rstrip(b"\0") + b"\0"
-        addr = STRINGS_ADDR + len(strings)
-        strings.extend(raw)
-        if STRINGS_ADDR + len(strings) > STRINGS_END:
-            raise BootError(f"{name}: command line and module names do not fit below {STRINGS_END:#x}")
-        return addr
-
-    mod_entries = bytearray()
+    # Modules go after the kernel, each page-aligned; then the info block, memory map, module list, strings.
     addr = (top + 0xFFF) & ~0xFFF
+    mod_entries = bytearray()
+    strings = bytearray()
+    placed: list[tuple[int, int, str]] = []
     for mod in modules:
         blob = mod.path.read_bytes()
         if not mem.contains(addr, max(len(blob), 1)):
             raise BootError(f"{mod.path}: module of {len(blob)} bytes does not fit in guest memory after the kernel "
                             f"(at {addr:#x}; guest has {mem.size >> 20} MiB)")
         mem.write(addr, blob)
-        label = str(mod.path) + (" " + mod.args if mod.args else "")
-        mod_entries += struct.pack("<4I", addr, addr + len(blob), add_string(label), 0)
+        placed.append((addr, addr + len(blob), str(mod.path) + (" " + mod.args if mod.args else "")))
         addr = (addr + len(blob) + 0xFFF) & ~0xFFF
 
-    cmd_addr = add_string(cmdline)
+    mbi_addr = addr
+    mmap_addr = mbi_addr + INFO_SIZE
+    mods_addr = mmap_addr + MAX_MMAP
+    strings_addr = mods_addr + 16 * len(modules)
+
+    def add_string(s: str | bytes) -> int:
+        raw = (s.encode() if isinstance(s, str) else s).rstrip(b"\0") + b"\0"
+        at = strings_addr + len(strings)
+        strings.extend(raw)
+        return at
+
+    for start, end, label in placed:
+        mod_entries += struct.pack("<4I", start, end, add_string(label), 0)
+    # As GRUB and QEMU do, the command line starts with the kernel's file name (guests such as
+    # kvm-unit-tests take it as argv[0]).
+    cmd_addr = add_string(f"{kernel} {cmdline}" if cmdline else str(kernel))
     loader_addr = add_string(LOADER_NAME)
+    if not mem.contains(mbi_addr, strings_addr + len(strings) - mbi_addr):
+        raise BootError(f"{name}: no room for the multiboot information after the kernel and modules "
+                        f"(guest has {mem.size >> 20} MiB)")
 
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in mem.e820())
     low_end = mem.regions[0].end
     mem_lower = 0x9FC00 // 1024
     mem_upper = (low_end - 0x100000) // 1024
     flags = MBI_MEMORY | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_LOADER_NAME
-    mbi = struct.pack("<12I", flags, mem_lower, mem_upper, 0, cmd_addr, len(modules), MODS_ADDR,
-                      0, 0, 0, 0, len(mmap)) + struct.pack("<5I", MMAP_ADDR, 0, 0, 0, loader_addr)
-    mem.write(MBI_ADDR, mbi.ljust(MMAP_ADDR - MBI_ADDR, b"\0"))
-    mem.write(MMAP_ADDR, mmap)
-    mem.write(MODS_ADDR, bytes(mod_entries))
-    mem.write(STRINGS_ADDR, bytes(strings))
+    mbi = struct.pack("<12I", flags, mem_lower, mem_upper, 0, cmd_addr, len(modules), mods_addr,
+                      0, 0, 0, 0, len(mmap)) + struct.pack("<5I", mmap_addr, 0, 0, 0, loader_addr)
+    mem.write(mbi_addr, mbi.ljust(INFO_SIZE, b"\0"))
+    mem.write(mmap_addr, mmap.ljust(MAX_MMAP, b"\0"))
+    mem.write(mods_addr, bytes(mod_entries))
+    mem.write(strings_addr, bytes(strings))
 
     state = protected_mode_state(mem, entry)
-    state.regs.update({"rax": BOOTLOADER_MAGIC, "rbx": MBI_ADDR})
+    state.regs.update({"rax": BOOTLOADER_MAGIC, "rbx": mbi_addr})
     state.description = (f"multiboot kernel {kernel.name}: entry {entry:#x}, {len(pieces)} segment(s) up to "
                          f"{top:#x}, {len(modules)} module(s), cmdline {cmdline!r}")
     return state

@@ -106,6 +106,68 @@ struct kvm_irq_level {
     unsigned int level;
 };
 
+struct kvm_pic_state {
+    unsigned char last_irr;
+    unsigned char irr;
+    unsigned char imr;
+    unsigned char isr;
+    unsigned char priority_add;
+    unsigned char irq_base;
+    unsigned char read_reg_select;
+    unsigned char poll;
+    unsigned char special_mask;
+    unsigned char init_state;
+    unsigned char auto_eoi;
+    unsigned char rotate_on_auto_eoi;
+    unsigned char special_fully_nested_mode;
+    unsigned char init4;
+    unsigned char elcr;
+    unsigned char elcr_mask;
+};
+
+struct kvm_ioapic_state {
+    unsigned long long base_address;
+    unsigned int ioregsel;
+    unsigned int id;
+    unsigned int irr;
+    unsigned int pad;
+    union {
+        unsigned long long bits;
+    } redirtbl[24];
+};
+
+struct kvm_irqchip {
+    unsigned int chip_id;
+    unsigned int pad;
+    union {
+        char dummy[512];
+        struct kvm_pic_state pic;
+        struct kvm_ioapic_state ioapic;
+    } chip;
+};
+
+struct kvm_pit_channel_state {
+    unsigned int count;
+    unsigned short latched_count;
+    unsigned char count_latched;
+    unsigned char status_latched;
+    unsigned char status;
+    unsigned char read_state;
+    unsigned char write_state;
+    unsigned char write_latch;
+    unsigned char rw_mode;
+    unsigned char mode;
+    unsigned char bcd;
+    unsigned char gate;
+    long long count_load_time;
+};
+
+struct kvm_pit_state2 {
+    struct kvm_pit_channel_state channels[3];
+    unsigned int flags;
+    unsigned int reserved[9];
+};
+
 struct kvm_mp_state {
     unsigned int mp_state;
 };

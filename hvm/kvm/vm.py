@@ -60,6 +60,23 @@ class Vm:
     def create_pit2(self) -> None:
         ioctl_ptr(self.fd, ioctls.KVM_CREATE_PIT2, ffi.new("struct kvm_pit_config *", {"flags": KVM_PIT_SPEAKER_DUMMY}))
 
+    def get_pic(self, chip: int):
+        """State of the in-kernel 8259 PIC: chip 0 = master, 1 = slave (a struct kvm_pic_state)."""
+        irqchip = ffi.new("struct kvm_irqchip *", {"chip_id": chip})
+        ioctl_ptr(self.fd, ioctls.KVM_GET_IRQCHIP, irqchip)
+        return irqchip
+
+    def set_pic(self, irqchip) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_SET_IRQCHIP, irqchip)
+
+    def get_pit2(self):
+        state = ffi.new("struct kvm_pit_state2 *")
+        ioctl_ptr(self.fd, ioctls.KVM_GET_PIT2, state)
+        return state
+
+    def set_pit2(self, state) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_SET_PIT2, state)
+
     def set_irq_line(self, irq: int, level: int) -> None:
         # A fresh struct per call: device threads (vCPUs, console input) may raise lines concurrently.
         ioctl_ptr(self.fd, ioctls.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
