@@ -34,6 +34,7 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--stats", action="store_true", help="print exit counters when the VM ends")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log only errors (no unhandled-access warnings)")
 
 
 def _add_kut_parser(sub) -> None:
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", 0)
-    logging.basicConfig(level=max(logging.WARNING - 10 * verbose, logging.DEBUG), format="hvm: %(message)s",
-                        stream=sys.stderr)
+    level = logging.ERROR if getattr(args, "quiet", False) else max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="hvm: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except Exception as e:  # a bug in hvm: one line, the traceback only when asked for

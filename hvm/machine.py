@@ -26,7 +26,7 @@ from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
 from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
 from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, TESTDEV_PORT, PcTestDev,
-                              TestDevIrq)
+                              PcTestDevIrq)
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Machine:
             write_acpi_tables(mem, spec.vcpus, PM_BASE)
         if spec.testdev:
             self.pio.register(TESTDEV_PORT, TESTDEV_LEN, PcTestDev())
-            self.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, TestDevIrq(irq_setter))
+            self.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, PcTestDevIrq(irq_setter))
 
         supported = self.kvm.supported_cpuid()
         for index in range(spec.vcpus):

@@ -37,7 +37,7 @@ def test_multiboot_kernel_like_qemu(hvm):
     r = hvm("run", "--kernel", MBTEST, "--append", "exit=7 hello world", "--memory", "32M", "--timeout", "10")
     assert r.out == ("multiboot: magic ok\n"
                      "mem_upper: 0x00007c00 KiB\n"          # (32 MiB - 1 MiB) / 1 KiB
-                     "cmdline: exit=7 hello world\n"
+                     f"cmdline: {MBTEST} exit=7 hello world\n"  # the kernel's name first, as GRUB and QEMU
                      "mmap entries: 0x00000003\n"           # usable low, reserved 640K-1M, usable high
                      "mmio read with no device: 0xffffffff\n"
                      "port read with no device: 0x000000ff\n"
@@ -116,4 +116,4 @@ def test_flags_override_config(hvm):
     r = hvm("run", str(CONFIGS / "multiboot.yaml"), "--append", "exit=3", "--memory", "16M")
     assert r.status == 7
     assert "mem_upper: 0x00003c00 KiB\n" in r.out
-    assert "cmdline: exit=3\n" in r.out
+    assert f"cmdline: {MBTEST} exit=3\n" in r.out

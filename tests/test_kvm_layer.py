@@ -17,7 +17,8 @@ def test_ioctl_numbers_match_linux_headers(tmp_path):
     names = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_SREGS",
              "KVM_SET_USER_MEMORY_REGION", "KVM_GET_SUPPORTED_CPUID", "KVM_SET_CPUID2", "KVM_SET_MSRS",
              "KVM_IRQ_LINE", "KVM_CREATE_PIT2", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_GET_VCPU_EVENTS",
-             "KVM_GET_MP_STATE", "KVM_SET_FPU"]
+             "KVM_GET_MP_STATE", "KVM_SET_FPU", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
+             "KVM_GET_PIT2", "KVM_SET_PIT2"]
     src = tmp_path / "n.c"
     src.write_text("#include <stdio.h>\n#include <linux/kvm.h>\nint main(void){\n" + "".join(
         f'printf("%lu\\n", (unsigned long){n});\n' for n in names) + "return 0;}\n")

@@ -32,7 +32,7 @@ def test_multiboot_info(mem, tmp_path):
     flags, mem_lower, mem_upper, _bd, cmdline, mods_count, mods_addr = struct.unpack_from("<7I", mem.read(mbi, 28))
     assert flags & 0x24D == 0x24D                      # memory, cmdline, mods, mmap, loader name
     assert (mem_lower, mem_upper) == (639, (64 << 20) // 1024 - 1024)
-    assert cstring(mem, cmdline) == b"exit=3 x"
+    assert cstring(mem, cmdline) == f"{FIRMWARE / 'mbtest.elf'} exit=3 x".encode()
     assert mods_count == 1
     start, end, name, _ = struct.unpack("<4I", mem.read(mods_addr, 16))
     assert mem.read(start, end - start) == b"KEY=value\n"

@@ -28,7 +28,7 @@ class PcTestDev:
             self.data = (self.data & ~mask) | ((value << (8 * offset)) & mask)
 
 
-class TestDevIrq:
+class PcTestDevIrq:
     """Port 0x2000 + n sets interrupt line n to the written value (0 or not 0)."""
 
     name = "pc-testdev-irq"

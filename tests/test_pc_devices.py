@@ -1,0 +1,115 @@
+"""PC platform pieces on their own: fw_cfg, ACPI PM registers, pc-testdev, ACPI tables, BIOS IVT."""
+from __future__ import annotations
+
+import struct
+
+from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
+from hvm.boot.bios import BIOS_SEGMENT, write_real_mode_ivt
+from hvm.memory import GuestMemory
+from hvm.mmio.acpi_pm import PM1_CNT, PM_TMR, AcpiPm
+from hvm.mmio.fw_cfg import FW_CFG_NB_CPUS, FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE, FwCfg
+from hvm.mmio.testdev import PcTestDev, PcTestDevIrq
+
+
+def fw_read(dev: FwCfg, item: int, n: int) -> bytes:
+    dev.write(0, 2, item)
+    return bytes(dev.read(1, 1) for _ in range(n))
+
+
+def test_fw_cfg_items_read_bytewise():
+    dev = FwCfg.for_machine(256 << 20, 3)
+    assert fw_read(dev, FW_CFG_SIGNATURE, 4) == b"QEMU"
+    assert fw_read(dev, FW_CFG_NB_CPUS, 2) == b"\x03\x00"
+    assert fw_read(dev, FW_CFG_RAM_SIZE, 8) == struct.pack("<Q", 256 << 20)
+    assert fw_read(dev, 0x11, 8) == bytes(8)            # unknown item: zeros, as QEMU
+    dev.write(0, 2, FW_CFG_NB_CPUS)
+    assert dev.read(1, 2) == 3                           # a wide read gives consecutive bytes
+
+
+def test_pm_timer_counts_at_3_58_mhz():
+    now = [1_000_000_000]
+    pm = AcpiPm(clock_ns=lambda: now[0])
+    assert pm.read(PM_TMR, 4) == 0
+    now[0] += 1_000_000_000                              # one second later
+    assert pm.read(PM_TMR, 4) == 3579545
+    now[0] += 4_000_000_000                              # wraps at 24 bits
+    assert pm.read(PM_TMR, 4) == (5 * 3579545) & 0xFFFFFF
+
+
+def test_pm1_control_s5_powers_off():
+    calls = []
+    pm = AcpiPm(on_poweroff=lambda: calls.append("off"))
+    assert pm.read(PM1_CNT, 2) & 1                       # SCI_EN: always in ACPI mode
+    pm.write(PM1_CNT, 2, (1 << 10) | (1 << 13))          # S1 sleep: not a poweroff
+    assert calls == []
+    pm.write(PM1_CNT, 2, (5 << 10) | (1 << 13))          # SLP_TYP=5 (\_S5), SLP_EN
+    assert calls == ["off"]
+
+
+def test_testdev_scratch_and_irq_lines():
+    dev = PcTestDev()
+    dev.write(0, 4, 0xDEADBEEF)
+    assert (dev.read(0, 4), dev.read(0, 1), dev.read(2, 2)) == (0xDEADBEEF, 0xEF, 0xDEAD)
+    dev.write(0, 1, 0x11)
+    assert dev.read(0, 4) == 0xDEADBE11
+    lines = []
+    irq = PcTestDevIrq(lambda n, level: lines.append((n, level)))
+    irq.write(11, 4, 1)
+    irq.write(11, 4, 0)
+    assert lines == [(11, 1), (11, 0)]
+
+
+def find_table(mem: GuestMemory, sig: bytes) -> int | None:
+    """Search as kvm-unit-tests' lib/acpi.c does: RSDP on a 16-byte boundary in 0xE0000..0xFFFFF."""
+    for addr in range(0xE0000, 0x100000, 16):
+        if mem.read(addr, 8) == b"RSD PTR ":
+            break
+    else:
+        return None
+    assert sum(mem.read(addr, 20)) & 0xFF == 0
+    rsdt = struct.unpack("<I", mem.read(addr + 16, 4))[0]
+    length = struct.unpack("<I", mem.read(rsdt + 4, 4))[0]
+    assert mem.read(rsdt, 4) == b"RSDT" and sum(mem.read(rsdt, length)) & 0xFF == 0
+    for i in range((length - 36) // 4):
+        t = struct.unpack("<I", mem.read(rsdt + 36 + 4 * i, 4))[0]
+        if mem.read(t, 4) == sig:
+            tlen = struct.unpack("<I", mem.read(t + 4, 4))[0]
+            assert sum(mem.read(t, tlen)) & 0xFF == 0, f"{sig} checksum"
+            return t
+    return None
+
+
+def test_acpi_tables_are_found_and_consistent():
+    with GuestMemory(16 << 20) as mem:
+        placed = write_acpi_tables(mem, cpus=2, pm_base=0x600)
+        assert placed["RSDP"] == ACPI_BASE
+        fadt = find_table(mem, b"FACP")
+        assert fadt is not None and struct.unpack("<I", mem.read(fadt + 4, 4))[0] == 116
+        pm_tmr_blk, = struct.unpack("<I", mem.read(fadt + 76, 4))
+        pm1a_cnt, = struct.unpack("<I", mem.read(fadt + 64, 4))
+        assert (pm_tmr_blk, pm1a_cnt) == (0x608, 0x604)
+        dsdt, = struct.unpack("<I", mem.read(fadt + 40, 4))
+        assert mem.read(dsdt, 4) == b"DSDT" and b"_S5_" in mem.read(dsdt, 64)
+        madt = find_table(mem, b"APIC")
+        body = mem.read(madt + 44, struct.unpack("<I", mem.read(madt + 4, 4))[0] - 44)
+        lapics, off = [], 0
+        while off < len(body):
+            kind, length = body[off], body[off + 1]
+            if kind == 0:
+                lapics.append(body[off + 3])
+            off += length
+        assert lapics == [0, 1]
+        assert find_table(mem, b"XSDT") is None
+
+
+def test_bios_ivt_points_every_vector_at_a_stub():
+    with GuestMemory(4 << 20) as mem:
+        write_real_mode_ivt(mem)
+        ivt = struct.unpack("<512H", mem.read(0, 1024))
+        for vector in range(256):
+            off, seg = ivt[2 * vector], ivt[2 * vector + 1]
+            assert seg == BIOS_SEGMENT
+            stub = mem.read(seg * 16 + off, 16)
+            assert 0xCF in stub[:9]                      # every stub ends in IRET
+        timer = mem.read(BIOS_SEGMENT * 16 + ivt[2 * 8], 7)
+        assert timer == bytes([0x50, 0xB0, 0x20, 0xE6, 0x20, 0x58, 0xCF])   # EOI to the master PIC
