@@ -26,6 +26,8 @@ class Console:
         self.input = input
         self.history = bytearray()
         self._trimmed = 0
+        # (monotonic time, offset just past the newline) of each line: when each line was complete.
+        self.line_times: list[tuple[float, int]] = []
         self._cond = threading.Condition()
         self._closed = False
         self._out_fd: int | None = None
@@ -59,11 +61,24 @@ class Console:
                 sys.stdout.flush()
         with self._cond:
             self.history += data
+            if b"\n" in data:
+                self.line_times.append((time.monotonic(), self._trimmed + len(self.history)))
             if len(self.history) > HISTORY_LIMIT:
                 cut = len(self.history) - HISTORY_LIMIT
                 del self.history[:cut]
                 self._trimmed += cut
             self._cond.notify_all()
+
+    def time_of(self, pattern: bytes) -> float | None:
+        """When the first line containing `pattern` was complete (monotonic seconds), or None."""
+        pos = self.history.find(pattern)
+        if pos < 0:
+            return None
+        end = self._trimmed + pos + len(pattern)
+        for t, offset in self.line_times:
+            if offset >= end:
+                return t
+        return time.monotonic() if self.line_times else None
 
     def text(self) -> str:
         return self.history.decode("utf-8", "replace")

@@ -16,15 +16,20 @@ from pathlib import Path
 from hvm.boot import BootError, BootState, Module, is_multiboot, load_flat, load_multiboot
 from hvm.config import FlatBoot, KernelBoot, VmSpec
 from hvm.console import Console
+from hvm.host import detect as detect_host
+from hvm.host import hide_features
 from hvm.kvm import Kvm, KvmError, install_kick_handler
 from hvm.kvm import constants as kc
 from hvm.memory import GuestMemory
 from hvm.boot import bios
-from hvm.boot.acpi import write_acpi_tables
+from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
+from hvm.boot.linux import kernel_kind, load_linux
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
 from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
+from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
+from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
 from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, TESTDEV_PORT, PcTestDev,
                               PcTestDevIrq)
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
@@ -37,6 +42,10 @@ EXIT_CRASH = 4
 EXIT_HOST = 6
 EXIT_TIMEOUT = 124
 EXIT_INTERNAL = 70  # a bug in hvm itself (EX_SOFTWARE)
+
+# Console lines whose first appearance --stats reports, in the spirit of Firecracker's boot timer:
+# the last one is the kernel handing over to user space.
+BOOT_MILESTONES = ("Linux version", "Freeing SMP alternatives", "Freeing unused kernel", "Run /init as init process")
 
 
 @dataclass
@@ -56,6 +65,8 @@ class ExitStats:
     by_mmio: dict[int, int] = field(default_factory=dict)
     unhandled_ports: dict[int, int] = field(default_factory=dict)
     unhandled_mmio: dict[int, int] = field(default_factory=dict)
+    completed: dict[str, int] = field(default_factory=dict)       # emulation failures hvm finished
+    milestones: dict[str, float] = field(default_factory=dict)    # console line -> ms since start
 
     @property
     def total(self) -> int:
@@ -73,6 +84,14 @@ class ExitStats:
             lines.append("by device:")
             for name, n in sorted(self.by_device.items(), key=lambda kv: -kv[1]):
                 lines.append(f"  {name:<16} {n:>10}")
+        if self.completed:
+            lines.append("emulation failures completed by hvm:")
+            for name, n in sorted(self.completed.items()):
+                lines.append(f"  {name:<16} {n:>10}")
+        if self.milestones:
+            lines.append("boot milestones (ms since start):")
+            for name, ms in self.milestones.items():
+                lines.append(f"  {ms:>10.1f}  {name}")
         if self.unhandled_ports:
             lines.append("ports with no device:")
             for port, n in sorted(self.unhandled_ports.items()):
@@ -102,6 +121,8 @@ class Machine:
         self.mmio = MmioBus()
         self.uart: SerialUart | None = None
         self.boot_state: BootState | None = None
+        self.host = detect_host()
+        self.is_linux = False
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._pause_cond = threading.Condition()
@@ -142,6 +163,8 @@ class Machine:
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
 
+        if self.spec.machine == "pc":
+            write_acpi_tables(mem, spec.vcpus, PM_BASE)
         self.boot_state = self._load(mem)
         log.info("%s", self.boot_state.description)
 
@@ -155,12 +178,15 @@ class Machine:
             self._bios_state(mem)
             self.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
             self.pio.register(PM_BASE, PM_LEN, AcpiPm(self._acpi_poweroff))
-            write_acpi_tables(mem, spec.vcpus, PM_BASE)
+            self.pio.register(RTC_PORT, RTC_LEN, Rtc())
+            kbc = I8042(self._cpu_reset)
+            self.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
+            self.pio.register(I8042_CMD_PORT, 1, kbc.port(I8042_CMD_PORT))
         if spec.testdev:
             self.pio.register(TESTDEV_PORT, TESTDEV_LEN, PcTestDev())
             self.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, PcTestDevIrq(irq_setter))
 
-        supported = self.kvm.supported_cpuid()
+        supported = hide_features(self.kvm.supported_cpuid(), self.host.hidden_features)
         for index in range(spec.vcpus):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(vcpu)
@@ -201,16 +227,29 @@ class Machine:
             return load_flat(mem, boot.image, boot.load, boot.entry, boot.mode)
         assert isinstance(boot, KernelBoot)
         head = _read_head(boot.kernel)
+        # The order QEMU's -kernel uses: a multiboot header wins, then a Linux setup header, then ELF.
         if is_multiboot(head):
             modules = tuple(Module(p) for p in boot.initrd)
             return load_multiboot(mem, boot.kernel, boot.cmdline, modules)
-        if len(head) > 0x206 and head[0x202:0x206] == b"HdrS":
-            raise BootError(f"{boot.kernel}: a Linux bzImage; hvm boots multiboot kernels and flat images "
-                            "(Linux boot protocol support is not built yet)")
-        if head[:4] == b"\x7fELF":
-            raise BootError(f"{boot.kernel}: an ELF file without a multiboot header (hvm boots multiboot ELF "
-                            "kernels; use boot.image for a flat binary)")
-        raise BootError(f"{boot.kernel}: not a kernel hvm can boot (no multiboot header, not ELF, not a bzImage)")
+        kind = kernel_kind(head)
+        if kind == "elf" and not (len(head) > 4 and head[4] == 2):
+            raise BootError(f"{boot.kernel}: a 32-bit ELF file without a multiboot header (hvm boots multiboot "
+                            "ELF kernels and 64-bit vmlinux; use boot.image for a flat binary)")
+        if kind is None:
+            raise BootError(f"{boot.kernel}: not a kernel hvm can boot (no multiboot header, not ELF, "
+                            "not a bzImage)")
+        if len(boot.initrd) > 1:
+            raise BootError(f"{boot.kernel}: a Linux kernel takes one initrd, not {len(boot.initrd)}")
+        cmdline = boot.cmdline
+        if self.host.linux_cmdline:
+            missing = [o for o in self.host.linux_cmdline if o.split("=")[0] + "=" not in cmdline
+                       and o not in cmdline.split()]
+            if missing:
+                cmdline = (cmdline + " " + " ".join(missing)).strip()
+                log.warning("%s host: added to the kernel command line: %s", self.host.backend, " ".join(missing))
+        self.is_linux = True
+        return load_linux(mem, boot.kernel, cmdline, boot.initrd[0] if boot.initrd else None,
+                          acpi_rsdp=ACPI_BASE if self.spec.machine == "pc" else 0)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -315,6 +354,9 @@ class Machine:
         else:
             self._finish(EXIT_CRASH, "crash", f"guest reported a crash (system event {kind})")
 
+    def _cpu_reset(self) -> None:
+        self._finish(EXIT_OK, "reset", "guest reset the machine (i8042); hvm does not reboot")
+
     def _acpi_poweroff(self) -> None:
         self._finish(EXIT_OK, "poweroff", "guest powered off (ACPI S5)")
 
@@ -348,8 +390,17 @@ class Machine:
         by_device = self.pio.counts_by_device()
         for name, n in self.mmio.counts_by_device().items():
             by_device[name] = by_device.get(name, 0) + n
+        completed: dict[str, int] = {}
+        for t in self.threads:
+            for name, n in t.completed.items():
+                completed[name] = completed.get(name, 0) + n
+        milestones = {}
+        for text in BOOT_MILESTONES:
+            t = self.console.time_of(text.encode())
+            if t is not None and self._started_at:
+                milestones[text] = (t - self._started_at) * 1000
         return ExitStats(by_reason, dict(self.pio.counts), by_device, dict(self.mmio.counts),
-                         dict(self.pio.unhandled), dict(self.mmio.unhandled))
+                         dict(self.pio.unhandled), dict(self.mmio.unhandled), completed, milestones)
 
     # --- teardown --------------------------------------------------------------------------------
     def close(self) -> None:

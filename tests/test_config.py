@@ -80,7 +80,7 @@ def test_kernel_not_an_elf(hvm, tmp_path):
 def test_elf_without_multiboot_header(hvm, tmp_path):
     # hello32.elf is a genuine ELF with no multiboot header
     assert_config_error(hvm("run", "--kernel", str(FIRMWARE / "hello32.elf"), "--timeout", "5"),
-                        "hello32.elf: an ELF file without a multiboot header")
+                        "hello32.elf: a 32-bit ELF file without a multiboot header")
 
 
 def test_missing_boot_section(hvm, tmp_path):

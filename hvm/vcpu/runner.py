@@ -57,6 +57,8 @@ class VcpuThread(threading.Thread):
         self.exit_counts = [0] * k.NUM_EXIT_REASONS
         self.last_exits: deque[tuple] = deque(maxlen=LAST_EXITS)
         self.halted = False
+        # Emulation failures hvm completed itself, by instruction (see _complete_emulation).
+        self.completed: dict[str, int] = {}
         self.observer: Callable[[tuple], None] | None = None  # called with each exit record when set
         self._view = vcpu.run_view
         # One table keyed by exit reason; anything not listed is an unexpected exit.
@@ -195,11 +197,36 @@ class VcpuThread(threading.Thread):
             # struct emulation_failure overlay: flags in data[0], insn_size + bytes from data[1]
             raw = ffi.buffer(ffi.addressof(ie, "data"), 8 * ie.ndata)[:]
             if ie.data[0] & 1:
-                n = raw[8]
-                detail += f"; instruction bytes: {raw[9:9 + n].hex(' ')}"
+                insn = raw[9:9 + raw[8]]
+                if self._complete_emulation(insn):
+                    return False
+                detail += f"; instruction bytes: {insn.hex(' ')}"
         elif ie.ndata:
             detail += "; data: " + " ".join(f"{ie.data[i]:#x}" for i in range(min(ie.ndata, 16)))
         self.machine.vcpu_crashed(self.crash_report("INTERNAL_ERROR", detail))
+        return True
+
+    def _complete_emulation(self, insn: bytes) -> bool:
+        """Finish, as the CPU would, an instruction whose behaviour is fully defined but which the
+        host's instruction emulator gave up on (seen on the kvm_pvm backend). Returns True if done."""
+        if insn[:1] == b"\xcc":          # INT3: a trap; #BP is delivered with RIP after the instruction
+            name, length, vector = "int3", 1, 3
+        elif insn[:1] == b"\x9b":        # FWAIT: no x87 exception can be pending here -> a no-op
+            name, length, vector = "fwait", 1, None
+        else:
+            return False
+        regs = self.vcpu.get_regs()
+        regs.rip += length
+        self.vcpu.set_regs(regs)
+        if vector is not None:
+            events = self.vcpu.get_vcpu_events()
+            events.exception.injected = 1
+            events.exception.nr = vector
+            events.exception.has_error_code = 0
+            events.exception.error_code = 0
+            events.flags = 0
+            self.vcpu.set_vcpu_events(events)
+        self.completed[name] = self.completed.get(name, 0) + 1
         return True
 
     def _exit_system_event(self) -> bool:

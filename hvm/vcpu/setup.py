@@ -22,6 +22,28 @@ def cpuid_for_vcpu(supported: list[dict[str, int]], index: int) -> list[dict[str
     return entries
 
 
+# MSRs every VMM initialises before the first entry (the set Firecracker and QEMU write).
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SYSCALL_MASK = 0xC0000084
+MSR_KERNEL_GS_BASE = 0xC0000102
+MSR_IA32_TSC = 0x10
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MISC_ENABLE_FAST_STRING = 1
+MTRR_ENABLE_WB_DEFAULT = (1 << 11) | 6
+
+BOOT_MSRS = {
+    MSR_IA32_SYSENTER_CS: 0, MSR_IA32_SYSENTER_ESP: 0, MSR_IA32_SYSENTER_EIP: 0,
+    MSR_STAR: 0, MSR_CSTAR: 0, MSR_KERNEL_GS_BASE: 0, MSR_SYSCALL_MASK: 0, MSR_LSTAR: 0,
+    MSR_IA32_TSC: 0, MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING, MSR_MTRR_DEF_TYPE: MTRR_ENABLE_WB_DEFAULT,
+}
+
+
 def _set_segment(kseg, seg: Segment) -> None:
     kseg.base = seg.base
     kseg.limit = seg.limit
@@ -57,6 +79,8 @@ def apply_boot_state(vcpu: Vcpu, state: BootState) -> None:
     regs.rip = state.rip
     regs.rflags = state.rflags
     vcpu.set_regs(regs)
+
+    vcpu.set_msrs(BOOT_MSRS)
 
     # x87 and SSE control words at their reset values, as Firecracker and QEMU set them.
     fpu = vcpu.get_fpu()

@@ -1,0 +1,80 @@
+"""What this host's KVM can do, as far as a VMM must adapt to it.
+
+On the kvm_pvm backend (no VT-x/AMD-V: guest CPL0 code is emulated instruction by instruction),
+some instructions cannot be emulated (XSAVE family, CMPXCHG16B, ...): hvm hides them from the guest's
+CPUID, adds kernel command-line options that cut emulated work, and completes a few emulation
+failures itself (INT3, FWAIT). `hvm doctor` measures the rest with probe guests.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+# (leaf, subleaf or None, register, bit, name): CPU features this backend's emulator cannot run, or that
+# make Linux take paths through instructions it cannot run.
+PVM_HIDDEN_FEATURES = [
+    (1, None, "ecx", 13, "cx16"), (1, None, "ecx", 26, "xsave"), (1, None, "ecx", 27, "osxsave"),
+    (1, None, "ecx", 28, "avx"), (1, None, "ecx", 12, "fma"), (1, None, "ecx", 29, "f16c"),
+    (1, None, "ecx", 9, "ssse3"), (1, None, "ecx", 19, "sse4_1"), (1, None, "ecx", 20, "sse4_2"),
+    (1, None, "ecx", 1, "pclmulqdq"), (1, None, "ecx", 25, "aes"), (1, None, "ecx", 22, "movbe"),
+    (1, None, "ecx", 23, "popcnt"), (1, None, "ecx", 17, "pcid"), (1, None, "ecx", 30, "rdrand"),
+    (7, 0, "ebx", 0, "fsgsbase"), (7, 0, "ebx", 5, "avx2"), (7, 0, "ebx", 7, "smep"),
+    (7, 0, "ebx", 10, "invpcid"), (7, 0, "ebx", 20, "smap"), (7, 0, "ebx", 29, "sha_ni"),
+    (7, 0, "ebx", 16, "avx512f"), (7, 0, "ebx", 18, "rdseed"), (7, 0, "ecx", 22, "rdpid"),
+    (0x80000001, None, "edx", 27, "rdtscp"),
+]
+
+# Options that cut emulated work for Linux on this backend (measured: soft-lockup backtraces,
+# crypto self-tests and memory zeroing dominate an emulated boot).
+PVM_LINUX_CMDLINE = ["nowatchdog", "nosoftlockup", "mitigations=off", "init_on_alloc=0", "cryptomgr.notests",
+                     "tsc=reliable", "clearcpuid=xsave,cx16"]
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    backend: str                       # "kvm_pvm", "vmx", "svm" or "unknown"
+    cpl0_emulated: bool
+    hidden_features: list = field(default_factory=list)
+    linux_cmdline: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        if self.backend == "kvm_pvm":
+            return "KVM backend kvm_pvm (no VT-x/AMD-V): guest kernel code is emulated"
+        return f"KVM backend {self.backend}: hardware-assisted"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def detect() -> HostProfile:
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE)
+    flags = _cpu_flags()
+    if "vmx" in flags:
+        return HostProfile("vmx", False)
+    if "svm" in flags:
+        return HostProfile("svm", False)
+    return HostProfile("unknown", False)
+
+
+def hide_features(entries: list[dict[str, int]], hidden) -> list[dict[str, int]]:
+    """Clear the given CPUID feature bits in KVM_GET_SUPPORTED_CPUID-style entries."""
+    out = []
+    for e in entries:
+        e = dict(e)
+        for leaf, sub, reg, bit, _name in hidden:
+            if e["function"] == leaf and (sub is None or e["index"] == sub):
+                e[reg] &= ~(1 << bit)
+        if e["function"] == 0xD and hidden and any(n == "xsave" for *_, n in hidden):
+            for reg in ("eax", "ebx", "ecx", "edx"):
+                e[reg] = 0  # no XSAVE state components either
+        out.append(e)
+    return out

@@ -1,0 +1,94 @@
+"""Just enough of the i8042 keyboard controller for what operating systems ask of it on a PC without a
+keyboard: the status and command ports (0x60 data, 0x64 status/command), the controller self-test and
+command byte, and the CPU reset line (command 0xFE), which Linux's `reboot` uses."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+I8042_DATA_PORT = 0x60
+I8042_CMD_PORT = 0x64
+
+STATUS_OBF = 0x01      # output buffer full: data for the CPU at 0x60
+STATUS_SYS = 0x04      # system flag: self-test passed
+STATUS_CMD = 0x08      # last write was a command
+
+CMD_READ_CTR = 0x20
+CMD_WRITE_CTR = 0x60
+CMD_DISABLE_AUX = 0xA7
+CMD_ENABLE_AUX = 0xA8
+CMD_TEST_AUX = 0xA9
+CMD_SELF_TEST = 0xAA
+CMD_TEST_KBD = 0xAB
+CMD_DISABLE_KBD = 0xAD
+CMD_ENABLE_KBD = 0xAE
+CMD_READ_OUTPUT = 0xD0
+CMD_WRITE_OUTPUT = 0xD1
+CMD_PULSE_RESET = 0xFE
+
+
+class I8042:
+    """Register it twice on the PIO bus: at 0x60 (length 1) and 0x64 (length 1); offsets differ by port."""
+
+    name = "i8042"
+
+    def __init__(self, on_reset: Callable[[], None] | None = None):
+        self._on_reset = on_reset
+        self.ctr = 0x61              # keyboard interrupt on, translation, system flag
+        self.status = STATUS_SYS
+        self.out: deque[int] = deque()
+        self._pending_write: int | None = None
+
+    def port(self, which: int) -> "_Port":
+        return _Port(self, which)
+
+    def _push(self, byte: int) -> None:
+        self.out.append(byte)
+
+    def read_data(self) -> int:
+        return self.out.popleft() if self.out else 0
+
+    def read_status(self) -> int:
+        return self.status | (STATUS_OBF if self.out else 0)
+
+    def write_data(self, value: int) -> None:
+        self.status &= ~STATUS_CMD
+        cmd, self._pending_write = self._pending_write, None
+        if cmd == CMD_WRITE_CTR:
+            self.ctr = value
+        elif cmd == CMD_WRITE_OUTPUT:
+            if not value & 1 and self._on_reset:  # bit 0 low = CPU reset
+                self._on_reset()
+        # A byte for the (absent) keyboard itself: nobody answers, as with no keyboard plugged in.
+
+    def write_command(self, value: int) -> None:
+        self.status |= STATUS_CMD
+        if value == CMD_READ_CTR:
+            self._push(self.ctr)
+        elif value in (CMD_WRITE_CTR, CMD_WRITE_OUTPUT):
+            self._pending_write = value
+        elif value == CMD_SELF_TEST:
+            self._push(0x55)
+        elif value in (CMD_TEST_KBD, CMD_TEST_AUX):
+            self._push(0x00)
+        elif value == CMD_READ_OUTPUT:
+            self._push(0x01)  # reset line high (not in reset), A20 as the machine has it
+        elif value == CMD_PULSE_RESET:
+            if self._on_reset:
+                self._on_reset()
+
+
+class _Port:
+    def __init__(self, chip: I8042, which: int):
+        self.chip = chip
+        self.which = which
+        self.name = chip.name
+
+    def read(self, offset: int, size: int) -> int:
+        return self.chip.read_data() if self.which == I8042_DATA_PORT else self.chip.read_status()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if self.which == I8042_DATA_PORT:
+            self.chip.write_data(value & 0xFF)
+        else:
+            self.chip.write_command(value & 0xFF)

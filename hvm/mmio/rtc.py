@@ -1,0 +1,78 @@
+"""MC146818 RTC / CMOS at ports 0x70 (index, bit 7 = NMI mask) and 0x71 (data), with the host's
+real time (UTC), BCD and 24-hour mode as a PC BIOS leaves it. The clock is read, not set: guest
+writes to the time registers are kept as an offset from host time."""
+from __future__ import annotations
+
+import calendar
+import time
+from typing import Callable
+
+RTC_PORT = 0x70
+RTC_LEN = 2
+REG_SECONDS, REG_MINUTES, REG_HOURS = 0x00, 0x02, 0x04
+REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR = 0x06, 0x07, 0x08, 0x09
+REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
+REG_CENTURY = 0x32
+B_24H = 0x02
+B_BINARY = 0x04
+
+
+def _bcd(v: int) -> int:
+    return (v // 10) << 4 | (v % 10)
+
+
+def _from_bcd(v: int) -> int:
+    return (v >> 4) * 10 + (v & 0xF)
+
+
+class Rtc:
+    name = "rtc"
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self.index = 0
+        self.cmos = bytearray(128)
+        self.cmos[REG_A] = 0x26      # 32.768 kHz time base, 1024 Hz periodic rate; UIP clear
+        self.cmos[REG_B] = B_24H     # BCD, 24-hour, no interrupts
+        self.cmos[REG_D] = 0x80      # battery good: RAM and time valid
+        self.offset = 0.0            # seconds the guest set the clock away from host time
+
+    def _time_field(self, reg: int) -> int:
+        t = time.gmtime(self._clock() + self.offset)
+        values = {REG_SECONDS: t.tm_sec, REG_MINUTES: t.tm_min, REG_HOURS: t.tm_hour,
+                  REG_WEEKDAY: (t.tm_wday + 1) % 7 + 1, REG_DAY: t.tm_mday, REG_MONTH: t.tm_mon,
+                  REG_YEAR: t.tm_year % 100, REG_CENTURY: t.tm_year // 100}
+        v = values[reg]
+        return v if self.cmos[REG_B] & B_BINARY else _bcd(v)
+
+    def read(self, offset: int, size: int) -> int:
+        if offset == 0:
+            return 0xFF  # the index port is write-only
+        reg = self.index
+        if reg in (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR, REG_CENTURY):
+            return self._time_field(reg)
+        if reg == REG_C:
+            value, self.cmos[REG_C] = self.cmos[REG_C], 0  # interrupt flags clear on read
+            return value
+        return self.cmos[reg]
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0:
+            self.index = value & 0x7F
+            return
+        reg = self.index
+        if reg in (REG_C, REG_D):
+            return  # read-only
+        if reg in (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_DAY, REG_MONTH, REG_YEAR):
+            # Setting the clock: keep it as an offset from host time.
+            v = value if self.cmos[REG_B] & B_BINARY else _from_bcd(value)
+            now = time.gmtime(self._clock() + self.offset)
+            fields = [now.tm_year, now.tm_mon, now.tm_mday, now.tm_hour, now.tm_min, now.tm_sec]
+            pos = {REG_YEAR: 0, REG_MONTH: 1, REG_DAY: 2, REG_HOURS: 3, REG_MINUTES: 4, REG_SECONDS: 5}[reg]
+            fields[pos] = (now.tm_year // 100) * 100 + v if reg == REG_YEAR else v
+            try:
+                self.offset = calendar.timegm(tuple(fields) + (0, 0, 0)) - self._clock()
+            except (ValueError, OverflowError):
+                pass
+            return
+        self.cmos[reg] = value & 0xFF
