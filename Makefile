@@ -4,7 +4,7 @@ FW := firmware
 FWB := $(FW)/build
 FLAT16 := hello ticker echo
 FLAT32 := hello32 triple
-FLAT64 := hello64
+FLAT64 := hello64 probe
 FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf
 STAMP := .venv-installed
 
@@ -28,9 +28,9 @@ $(FWB)/modes.elf: $(FW)/modes.S $(FW)/uart.inc | $(FWB)
 $(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT32))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/$*.o $<
 	ld -m elf_i386 -Ttext=0x100000 -e _start -o $@ $(FWB)/$*.o
-$(FWB)/hello64.elf: $(FW)/hello64.S $(FW)/uart.inc | $(FWB)
-	$(CC) -c -x assembler-with-cpp -m64 -I$(FW) -o $(FWB)/hello64.o $<
-	ld -m elf_x86_64 -Ttext=0x100000 -e _start -o $@ $(FWB)/hello64.o
+$(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT64))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc | $(FWB)
+	$(CC) -c -x assembler-with-cpp -m64 -I$(FW) -o $(FWB)/$*.o $<
+	ld -m elf_x86_64 -Ttext=0x100000 -e _start -o $@ $(FWB)/$*.o
 $(FWB)/%.bin: $(FWB)/%.elf
 	objcopy -O binary -j .text $< $@
 

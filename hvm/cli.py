@@ -52,7 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     _add_kut_parser(sub)
+    d = sub.add_parser("doctor", help="measure what this host's KVM can do (about a second)")
+    d.add_argument("--json", action="store_true", help="also print the results as JSON")
     return parser
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from hvm.doctor import PROBE_IMAGE, diagnose
+
+    if not PROBE_IMAGE.is_file():
+        print(f"hvm: {PROBE_IMAGE} is missing: run `make firmware`", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        results = diagnose()
+    except KvmError as e:
+        print(f"hvm: {e}", file=sys.stderr)
+        return EXIT_HOST
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
 
 
 def _device_overrides(devices: list[str]) -> dict:
@@ -163,7 +183,7 @@ def cmd_kut(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 
-COMMANDS = {"run": cmd_run, "kut": cmd_kut}
+COMMANDS = {"run": cmd_run, "kut": cmd_kut, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

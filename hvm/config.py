@@ -34,6 +34,7 @@ class FlatBoot:
     load: int
     entry: int
     mode: str
+    regs: tuple[tuple[str, int], ...] = ()   # initial general-purpose registers, e.g. (("rdi", 1),)
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,9 @@ def _kind(v: Any) -> str:
 
 TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices")
 MACHINES = ("auto", "pc", "none")
-BOOT_KEYS = ("image", "load", "entry", "mode", "kernel", "initrd", "cmdline")
+BOOT_KEYS = ("image", "load", "entry", "mode", "regs", "kernel", "initrd", "cmdline")
+GP_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+           "r15")
 DEVICE_KEYS = ("serial", "debug_exit", "testdev")
 SERIAL_KEYS = ("output", "input", "port", "irq")
 DEBUG_EXIT_KEYS = ("port", "size")
@@ -238,7 +241,7 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if boot_f.has("kernel") and boot_f.has("image"):
         raise boot_f.error("kernel", "give either boot.kernel or boot.image, not both")
     if boot_f.has("kernel"):
-        for key in ("load", "entry", "mode"):
+        for key in ("load", "entry", "mode", "regs"):
             if boot_f.has(key):
                 raise boot_f.error(key, "only applies to a flat boot.image")
         kernel = boot_f.path_("kernel", base)
@@ -265,7 +268,9 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
         if mode == "real" and load + image.stat().st_size > 0xA0000:
             raise boot_f.error("load", f"a real-mode image must fit below 640 KiB ({load:#x} + "
                                f"{image.stat().st_size} bytes does not)")
-        boot = FlatBoot(image, load, entry, mode)
+        regs_f = _Fields(source, boot_f.get("regs"), "boot.regs", GP_REGS)
+        regs = tuple((r, regs_f.int(r, 0, 0, (1 << 64) - 1)) for r in GP_REGS if regs_f.has(r))
+        boot = FlatBoot(image, load, entry, mode, regs)
     else:
         raise boot_f.error("image", "missing: give boot.image (a flat binary) or boot.kernel (a multiboot ELF)")
 

@@ -17,7 +17,7 @@ from hvm.boot import BootError, BootState, Module, is_multiboot, load_flat, load
 from hvm.config import FlatBoot, KernelBoot, VmSpec
 from hvm.console import Console
 from hvm.host import detect as detect_host
-from hvm.host import hide_features
+from hvm.host import HostProfile, hide_features
 from hvm.kvm import Kvm, KvmError, install_kick_handler
 from hvm.kvm import constants as kc
 from hvm.memory import GuestMemory
@@ -107,8 +107,11 @@ class Machine:
     """One VM. Construct, then `run()` (start + wait), or drive it: start/pause/resume/stop/wait.
     Always close() it (or use `with`), which releases every fd and mapping."""
 
-    def __init__(self, spec: VmSpec, console: Console | None = None):
+    def __init__(self, spec: VmSpec, console: Console | None = None, adapt_to_host: bool = True):
+        """adapt_to_host=False runs the guest on the backend as it is: no CPUID features hidden, no kernel
+        command-line additions, no emulation failures completed (what `hvm doctor` needs to measure)."""
         self.spec = spec
+        self.adapt_to_host = adapt_to_host
         self.stopping = False
         self.state = "created"
         self.result: RunResult | None = None
@@ -121,7 +124,7 @@ class Machine:
         self.mmio = MmioBus()
         self.uart: SerialUart | None = None
         self.boot_state: BootState | None = None
-        self.host = detect_host()
+        self.host = detect_host() if adapt_to_host else HostProfile("as-is", False)
         self.is_linux = False
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -194,7 +197,7 @@ class Machine:
             if index == 0:
                 apply_boot_state(vcpu, self.boot_state)
             # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
-        self.threads = [VcpuThread(v, self) for v in self.vcpus]
+        self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host) for v in self.vcpus]
 
     def _bios_state(self, mem: GuestMemory) -> None:
         """Leave the machine as a PC BIOS would before jumping to a kernel (see hvm/boot/bios.py)."""
@@ -224,7 +227,9 @@ class Machine:
     def _load(self, mem: GuestMemory) -> BootState:
         boot = self.spec.boot
         if isinstance(boot, FlatBoot):
-            return load_flat(mem, boot.image, boot.load, boot.entry, boot.mode)
+            state = load_flat(mem, boot.image, boot.load, boot.entry, boot.mode)
+            state.regs.update(dict(boot.regs))
+            return state
         assert isinstance(boot, KernelBoot)
         head = _read_head(boot.kernel)
         # The order QEMU's -kernel uses: a multiboot header wins, then a Linux setup header, then ELF.

@@ -49,7 +49,7 @@ class VmControl(Protocol):
 
 
 class VcpuThread(threading.Thread):
-    def __init__(self, vcpu: Vcpu, machine: VmControl):
+    def __init__(self, vcpu: Vcpu, machine: VmControl, complete_emulation: bool = True):
         super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
         self.vcpu = vcpu
         self.index = vcpu.index
@@ -59,6 +59,7 @@ class VcpuThread(threading.Thread):
         self.halted = False
         # Emulation failures hvm completed itself, by instruction (see _complete_emulation).
         self.completed: dict[str, int] = {}
+        self.complete_emulation = complete_emulation
         self.observer: Callable[[tuple], None] | None = None  # called with each exit record when set
         self._view = vcpu.run_view
         # One table keyed by exit reason; anything not listed is an unexpected exit.
@@ -198,7 +199,7 @@ class VcpuThread(threading.Thread):
             raw = ffi.buffer(ffi.addressof(ie, "data"), 8 * ie.ndata)[:]
             if ie.data[0] & 1:
                 insn = raw[9:9 + raw[8]]
-                if self._complete_emulation(insn):
+                if self.complete_emulation and self._complete_emulation(insn):
                     return False
                 detail += f"; instruction bytes: {insn.hex(' ')}"
         elif ie.ndata:

@@ -1,0 +1,267 @@
+/* probe: tiny measurements for `hvm doctor`. A flat 64-bit image (boot mode: long, load 0x100000).
+ * hvm passes the probe number in RDI and an iteration count in RSI. Results are 32-bit writes to
+ * port 0x80 (the POST port): 1 = loop starts, 2 = loop ends, (TAG << 8) | CS for "handler TAG ran
+ * with this CS" (the low two bits of CS are the privilege level it ran at). Every probe ends by
+ * writing 0 to the debug-exit port 0xf4.
+ *   0 pio      RSI port writes                      5 sysenter from CPL3
+ *   1 cpl0     RSI loop iterations at CPL0          6 lock cmpxchg16b at CPL0
+ *   2 cpl3     RSI loop iterations at CPL3          7 xsave/xrstor at CPL0
+ *   3 syscall  from CPL3                            8 int3 at CPL0 (64-bit mode)
+ *   4 int 0x80 from CPL3                            9 fwait at CPL0
+ * Tags: 'S' syscall entry, 'I' int 0x80 gate, 'E' sysenter entry, 'U' #UD, 'G' #GP, 'P' #PF,
+ * 'B' #BP, 'K' the instruction under test completed. */
+        .set REPORT, 0x80
+        .set DEBUG_EXIT, 0xf4
+        .set KCODE, 0x08
+        .set KDATA, 0x10
+        .set UDATA, 0x20
+        .set UCODE, 0x28
+        .set TSSSEL, 0x30
+        .set HVM_PML4, 0x1000
+        .set HVM_PDPT, 0x2000
+        .set HVM_PD, 0x3000
+
+        .code64
+        .globl _start
+_start:
+        mov $kstack_top, %rsp
+        mov %rdi, %r12                  /* probe number */
+        mov %rsi, %r13                  /* iterations */
+        lgdt gdt_desc(%rip)
+        pushq $KCODE
+        lea 1f(%rip), %rax
+        push %rax
+        lretq
+1:      mov $KDATA, %ax
+        mov %ax, %ds
+        mov %ax, %es
+        mov %ax, %ss
+        /* TSS: RSP0 = kernel stack, descriptor base patched in */
+        lea tss(%rip), %rax
+        lea kstack_top(%rip), %rbx
+        mov %rbx, 4(%rax)
+        mov %ax, gdt_tss + 2(%rip)
+        shr $16, %rax
+        mov %al, gdt_tss + 4(%rip)
+        mov %ah, gdt_tss + 7(%rip)
+        shr $16, %rax
+        mov %eax, gdt_tss + 8(%rip)
+        mov $TSSSEL, %ax
+        ltr %ax
+        /* IDT: every vector to `unexpected`, then the ones we watch */
+        lea idt(%rip), %rdi
+        lea unexpected(%rip), %rsi
+        mov $256, %ecx
+2:      call set_gate
+        add $16, %rdi
+        loop 2b
+        mov $6, %eax;    lea h_ud(%rip), %rsi;   call gate_n
+        mov $13, %eax;   lea h_gp(%rip), %rsi;   call gate_n
+        mov $14, %eax;   lea h_pf(%rip), %rsi;   call gate_n
+        mov $3, %eax;    lea h_bp(%rip), %rsi;   call gate_n
+        mov $0x80, %eax; lea h_int80(%rip), %rsi; call gate_n
+        orb $0x60, idt + 0x80 * 16 + 5(%rip)     /* int 0x80 gate: DPL 3 */
+        lidt idt_desc(%rip)
+        /* let CPL3 touch the first 2 MiB: set U/S in hvm's identity map */
+        orq $4, HVM_PML4
+        orq $4, HVM_PDPT
+        orq $4, HVM_PD
+        mov %cr3, %rax
+        mov %rax, %cr3
+
+        lea table(%rip), %rax
+        cmp $9, %r12
+        ja done
+        jmp *(%rax,%r12,8)
+
+p_pio:  mov %r13, %rcx
+1:      out %al, $REPORT
+        dec %rcx
+        jnz 1b
+        jmp done
+
+p_cpl0: mov $1, %eax
+        out %eax, $REPORT
+        mov %r13, %rcx
+1:      dec %rcx
+        jnz 1b
+        mov $2, %eax
+        out %eax, $REPORT
+        jmp done
+
+p_cpl3: lea u_loop(%rip), %rax
+        jmp to_user
+u_loop: mov $1, %eax
+        out %eax, $REPORT               /* IOPL 3: port I/O is allowed at CPL3 */
+        mov %r13, %rcx
+1:      dec %rcx
+        jnz 1b
+        mov $2, %eax
+        out %eax, $REPORT
+        jmp done
+
+p_syscall:
+        mov $0xc0000080, %ecx           /* EFER.SCE */
+        rdmsr
+        or $1, %eax
+        wrmsr
+        mov $0xc0000081, %ecx           /* STAR: kernel CS 0x08, user base 0x18 */
+        xor %eax, %eax
+        mov $0x00180008, %edx
+        wrmsr
+        mov $0xc0000082, %ecx           /* LSTAR */
+        lea h_syscall(%rip), %rax
+        mov %rax, %rdx
+        shr $32, %rdx
+        wrmsr
+        lea u_syscall(%rip), %rax
+        jmp to_user
+u_syscall:
+        syscall
+        jmp done
+
+p_int80:
+        lea u_int80(%rip), %rax
+        jmp to_user
+u_int80:
+        int $0x80
+        jmp done
+
+p_sysenter:
+        mov $0x174, %ecx                /* SYSENTER_CS */
+        mov $KCODE, %eax
+        xor %edx, %edx
+        wrmsr
+        mov $0x175, %ecx                /* SYSENTER_ESP */
+        lea kstack_top(%rip), %rax
+        xor %edx, %edx
+        wrmsr
+        mov $0x176, %ecx                /* SYSENTER_EIP */
+        lea h_sysenter(%rip), %rax
+        mov %rax, %rdx
+        shr $32, %rdx
+        wrmsr
+        lea u_sysenter(%rip), %rax
+        jmp to_user
+u_sysenter:
+        sysenter
+        jmp done
+
+p_cx16: xor %eax, %eax
+        xor %edx, %edx
+        xor %ebx, %ebx
+        xor %ecx, %ecx
+        lea cx16buf(%rip), %rdi
+        lock cmpxchg16b (%rdi)
+        jmp completed
+
+p_xsave:
+        mov %cr4, %rax
+        or $(1 << 18), %rax             /* CR4.OSXSAVE */
+        mov %rax, %cr4
+        xor %ecx, %ecx
+        mov $3, %eax                    /* XCR0 = x87 | SSE */
+        xor %edx, %edx
+        xsetbv
+        lea xsavebuf(%rip), %rdi
+        mov $3, %eax
+        xor %edx, %edx
+        xsave (%rdi)
+        xrstor (%rdi)
+        jmp completed
+
+p_int3: int3
+        jmp completed                   /* reached only if #BP returned here */
+
+p_fwait:
+        fwait
+        jmp completed
+
+completed:
+        mov %cs, %eax
+        or $('K' << 8), %eax
+        out %eax, $REPORT
+done:   xor %eax, %eax
+        out %eax, $DEBUG_EXIT
+        cli
+        hlt
+        jmp done
+
+/* iretq to CPL3 at RAX with IOPL 3 */
+to_user:
+        pushq $(UDATA | 3)
+        lea ustack_top(%rip), %rbx
+        push %rbx
+        pushq $0x3002                   /* IF=0, IOPL=3 */
+        pushq $(UCODE | 3)
+        push %rax
+        iretq
+
+.macro HANDLER name, tag
+\name:
+        mov %cs, %eax
+        or $(\tag << 8), %eax
+        out %eax, $REPORT
+        jmp done
+.endm
+        HANDLER h_syscall, 'S'
+        HANDLER h_int80, 'I'
+        HANDLER h_sysenter, 'E'
+        HANDLER h_ud, 'U'
+        HANDLER h_gp, 'G'
+        HANDLER h_pf, 'P'
+        HANDLER unexpected, 'X'
+h_bp:   mov %cs, %eax
+        or $('B' << 8), %eax
+        out %eax, $REPORT
+        iretq                           /* back after the int3: the 'K' report follows */
+
+/* interrupt gate for vector EAX -> handler RSI */
+gate_n: lea idt(%rip), %rdi
+        shl $4, %rax
+        add %rax, %rdi
+/* 64-bit interrupt gate at RDI -> handler RSI, DPL 0 */
+set_gate:
+        mov %rsi, %rax
+        mov %ax, (%rdi)
+        movw $KCODE, 2(%rdi)
+        movw $0x8e00, 4(%rdi)
+        shr $16, %rax
+        mov %ax, 6(%rdi)
+        shr $16, %rax
+        mov %eax, 8(%rdi)
+        movl $0, 12(%rdi)
+        ret
+
+        .p2align 3
+table:  .quad p_pio, p_cpl0, p_cpl3, p_syscall, p_int80, p_sysenter, p_cx16, p_xsave, p_int3, p_fwait
+
+        .p2align 3
+gdt:    .quad 0
+        .quad 0x00af9a000000ffff        /* 0x08 kernel code, 64-bit */
+        .quad 0x00cf92000000ffff        /* 0x10 kernel data */
+        .quad 0x00cffa000000ffff        /* 0x18 user code, 32-bit (SYSRET compat slot) */
+        .quad 0x00cff2000000ffff        /* 0x20 user data */
+        .quad 0x00affa000000ffff        /* 0x28 user code, 64-bit */
+gdt_tss:
+        .quad 0x0000890000000067        /* 0x30 TSS, base patched at run time */
+        .quad 0
+gdt_end:
+gdt_desc:
+        .word gdt_end - gdt - 1
+        .quad gdt
+idt_desc:
+        .word 256 * 16 - 1
+        .quad idt
+
+        .p2align 4
+cx16buf: .quad 0, 0
+        .p2align 6
+xsavebuf: .skip 1024
+tss:    .skip 104
+        .p2align 12
+idt:    .skip 4096
+        .skip 4096
+kstack_top:
+        .skip 4096
+ustack_top:
