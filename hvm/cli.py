@@ -13,6 +13,8 @@ from hvm.config import ConfigError, load_config, load_yaml, merge, parse_spec
 from hvm.kvm import KvmError
 from hvm.machine import EXIT_CONFIG, EXIT_HOST, EXIT_INTERNAL, Machine
 from hvm.mmio import BusError
+from hvm.trace.filter import FilterError, parse_filter
+from hvm.trace.tracer import TraceConfig
 
 log = logging.getLogger("hvm")
 
@@ -33,6 +35,10 @@ def _add_run_parser(sub) -> None:
                    help="add a device: pc-testdev, isa-debug-exit[,iobase=0xf4,iosize=4]")
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--stats", action="store_true", help="print exit counters when the VM ends")
+    p.add_argument("--trace", type=Path, metavar="FILE", help="record every VM exit as JSON lines in FILE")
+    p.add_argument("--trace-filter", metavar="EXPR", help="only exits matching e.g. 'reason=io,port=0x3f8'")
+    p.add_argument("--trace-ring", type=int, metavar="N", help="keep only the last N exits; write them at the end")
+    p.add_argument("--trace-rip", action="store_true", help="record RIP per exit (one KVM_GET_REGS each)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors (no unhandled-access warnings)")
 
@@ -47,11 +53,25 @@ def _add_kut_parser(sub) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="print the output of failing entries")
 
 
+def _add_trace_parser(sub) -> None:
+    p = sub.add_parser("trace", help="read a trace written by `hvm run --trace FILE`")
+    tsub = p.add_subparsers(dest="trace_command", required=True)
+    s = tsub.add_parser("summary", help="counts, shares and handling times by reason, port, MMIO, device")
+    s.add_argument("file", type=Path)
+    pf = tsub.add_parser("perfetto", help="Chrome trace-event JSON for Perfetto / chrome://tracing")
+    pf.add_argument("file", type=Path)
+    pf.add_argument("-o", "--output", type=Path, required=True)
+    pl = tsub.add_parser("plot", help="PNG: exit rate over time by reason, handling-time histogram")
+    pl.add_argument("file", type=Path)
+    pl.add_argument("-o", "--output", type=Path, required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hvm", description="A small virtual machine monitor on Linux KVM.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     _add_kut_parser(sub)
+    _add_trace_parser(sub)
     d = sub.add_parser("doctor", help="measure what this host's KVM can do (about a second)")
     d.add_argument("--json", action="store_true", help="also print the results as JSON")
     return parser
@@ -143,8 +163,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    trace = None
+    if args.trace or args.trace_ring:
+        if args.trace_ring is not None and args.trace_ring <= 0:
+            print("hvm: --trace-ring: N must be a positive number of exits", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.trace_filter:
+            try:
+                parse_filter(args.trace_filter)
+            except FilterError as e:
+                print(f"hvm: {e}", file=sys.stderr)
+                return EXIT_CONFIG
+        trace = TraceConfig(path=args.trace, filter=args.trace_filter, ring=args.trace_ring, rip=args.trace_rip)
     try:
-        machine = Machine(spec)
+        machine = Machine(spec, trace=trace)
     except (ConfigError, BootError, BusError) as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -169,6 +201,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.status
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        print(f"hvm: {args.file}: no such trace file", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.trace_command == "summary":
+        from hvm.trace.summary import format_summary, iter_lines, summarize
+
+        print(format_summary(summarize(iter_lines(args.file))))
+    elif args.trace_command == "perfetto":
+        from hvm.trace.perfetto import convert
+
+        with open(args.output, "w") as out:
+            n = convert(args.file, out)
+        print(f"{n} exit slices written to {args.output} (open it in https://ui.perfetto.dev)", file=sys.stderr)
+    else:
+        from hvm.trace.plot import plot
+
+        try:
+            plot(args.file, args.output)
+        except ValueError as e:
+            print(f"hvm: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        except ImportError:
+            print("hvm: trace plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return EXIT_CONFIG
+    return 0
+
+
 def cmd_kut(args: argparse.Namespace) -> int:
     from hvm.kut import run_all
 
@@ -183,7 +243,7 @@ def cmd_kut(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 
-COMMANDS = {"run": cmd_run, "kut": cmd_kut, "doctor": cmd_doctor}
+COMMANDS = {"run": cmd_run, "kut": cmd_kut, "doctor": cmd_doctor, "trace": cmd_trace}
 
 
 def main(argv: list[str] | None = None) -> int:

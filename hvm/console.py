@@ -28,7 +28,8 @@ class Console:
         self._trimmed = 0
         # (monotonic time, offset just past the newline) of each line: when each line was complete.
         self.line_times: list[tuple[float, int]] = []
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # a plain lock: write() is on the exit hot path
+        self._waiters = 0
         self._closed = False
         self._out_fd: int | None = None
         self._own_out_fd = False
@@ -67,7 +68,8 @@ class Console:
                 cut = len(self.history) - HISTORY_LIMIT
                 del self.history[:cut]
                 self._trimmed += cut
-            self._cond.notify_all()
+            if self._waiters:
+                self._cond.notify_all()
 
     def time_of(self, pattern: bytes) -> float | None:
         """When the first line containing `pattern` was complete (monotonic seconds), or None."""
@@ -99,7 +101,11 @@ class Console:
                 left = deadline - time.monotonic()
                 if left <= 0 or (stopped is not None and stopped()) or self._closed:
                     return None
-                self._cond.wait(min(left, 0.1))
+                self._waiters += 1
+                try:
+                    self._cond.wait(min(left, 0.1))
+                finally:
+                    self._waiters -= 1
 
     # --- input ---------------------------------------------------------------------------------
     def start_input(self, feed: Callable[[bytes], None]) -> None:

@@ -13,6 +13,7 @@ from hvm.host import HostProfile, detect
 from hvm.kvm import Kvm
 from hvm.kvm import constants as kc
 from hvm.machine import Machine
+from hvm.trace.tracer import TraceConfig
 
 PROBE_IMAGE = Path(__file__).resolve().parent.parent / "firmware" / "build" / "probe.bin"
 PROBES = {"pio": 0, "cpl0": 1, "cpl3": 2, "syscall": 3, "int80": 4, "sysenter": 5, "cmpxchg16b": 6,
@@ -35,15 +36,11 @@ def run_probe(name: str, iterations: int = 0, timeout: float = 10.0, image: Path
     spec = VmSpec(name=f"probe-{name}", boot=FlatBoot(image, 0x100000, 0x100000, "long",
                                                        (("rdi", PROBES[name]), ("rsi", iterations))),
                   memory=8 << 20, timeout=timeout, machine="none", irqchip=False, pit=False, serial=None)
-    with Machine(spec, console=Console("none", "none"), adapt_to_host=adapt_to_host) as vm:
+    trace = TraceConfig(filter=f"port={REPORT_PORT},dir=out", memory=True)
+    with Machine(spec, console=Console("none", "none"), adapt_to_host=adapt_to_host, trace=trace) as vm:
         run = ProbeRun("")
-
-        def observe(rec):
-            if rec[2] == "io" and rec[3] == REPORT_PORT and rec[4] == kc.EXIT_IO_OUT:
-                run.reports.append((rec[0], int.from_bytes(rec[7], "little")))
-
-        vm.threads[0].observer = observe
         result = vm.run()
+        run.reports = [(e.t_ns, e.value) for e in vm.exits()]
         run.reason = result.reason
         run.exits = vm.stats().total
         if result.crash is not None:

@@ -32,6 +32,7 @@ from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
 from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
 from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, TESTDEV_PORT, PcTestDev,
                               PcTestDevIrq)
+from hvm.trace.tracer import TraceConfig, Tracer
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
 
 log = logging.getLogger(__name__)
@@ -107,11 +108,14 @@ class Machine:
     """One VM. Construct, then `run()` (start + wait), or drive it: start/pause/resume/stop/wait.
     Always close() it (or use `with`), which releases every fd and mapping."""
 
-    def __init__(self, spec: VmSpec, console: Console | None = None, adapt_to_host: bool = True):
+    def __init__(self, spec: VmSpec, console: Console | None = None, adapt_to_host: bool = True,
+                 trace: TraceConfig | None = None):
         """adapt_to_host=False runs the guest on the backend as it is: no CPUID features hidden, no kernel
         command-line additions, no emulation failures completed (what `hvm doctor` needs to measure)."""
         self.spec = spec
         self.adapt_to_host = adapt_to_host
+        self.trace_config = trace
+        self.tracer: Tracer | None = None
         self.stopping = False
         self.state = "created"
         self.result: RunResult | None = None
@@ -198,6 +202,16 @@ class Machine:
                 apply_boot_state(vcpu, self.boot_state)
             # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
         self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host) for v in self.vcpus]
+        if self.trace_config is not None:
+            self.tracer = Tracer(self.trace_config, self._device_at)
+            for t in self.threads:
+                t.trace_sink = self.tracer.append
+                t.trace_rip = self.trace_config.rip
+
+    def _device_at(self, reason: int, where: int) -> str | None:
+        bus = self.pio if reason == kc.EXIT_IO else self.mmio
+        r = bus.find(where)
+        return r.device.name if r else None
 
     def _bios_state(self, mem: GuestMemory) -> None:
         """Leave the machine as a PC BIOS would before jumping to a kernel (see hvm/boot/bios.py)."""
@@ -262,6 +276,9 @@ class Machine:
             raise RuntimeError(f"cannot start a VM that is {self.state}")
         self.state = "running"
         self._started_at = time.monotonic()
+        t0 = time.monotonic_ns()
+        for t in self.threads:
+            t.t0_ns = t0
         if self.uart is not None:
             self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
             self.console.start_input(self.uart.feed)
@@ -280,6 +297,8 @@ class Machine:
             t.join(5.0)
             if t.is_alive():
                 log.error("vCPU thread %s did not stop", t.name)
+        if self.tracer is not None:
+            self.tracer.close()  # everything recorded up to the last exit is out, crash or not
         self.state = "stopped"
         return self.result
 
@@ -324,6 +343,18 @@ class Machine:
     @property
     def running(self) -> bool:
         return self.state in ("running", "paused") and not self._done.is_set()
+
+    def exits(self):
+        """The recorded exits (ExitRecord), when the VM was made with TraceConfig(memory=True)."""
+        if self.tracer is None or not self.trace_config.memory:
+            raise RuntimeError("exit records are kept only with trace=TraceConfig(memory=True)")
+        return iter(self.tracer.records)
+
+    def on_exit(self, callback) -> None:
+        """Call `callback(ExitRecord)` for every recorded exit (on the trace thread, shortly after the exit)."""
+        if self.tracer is None:
+            raise RuntimeError("exit callbacks need tracing: Machine(..., trace=TraceConfig())")
+        self.tracer.callbacks.append(callback)
 
     def wait_for_console(self, pattern, timeout: float = 10.0, start: int = 0):
         """Wait until the guest's serial output matches `pattern` (bytes, str or compiled regex)."""
@@ -427,6 +458,8 @@ class Machine:
         if self.kvm is not None:
             self.kvm.close()
             self.kvm = None
+        if self.tracer is not None:
+            self.tracer.close()
         self.console.close()
         if self.state != "created":
             self.state = "stopped"

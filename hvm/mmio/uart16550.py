@@ -152,6 +152,8 @@ class SerialUart:
         return IIR_NO_INT | fifo_bits
 
     def _update_irq(self) -> None:
+        if not self.ier and not self.irq.level:
+            return  # interrupts off and the line already low: the common case for polling drivers
         # OUT2 gates the interrupt onto the ISA bus on a PC; Linux sets it before enabling interrupts.
         pending = not (self._iir() & IIR_NO_INT)
         self.irq.set_level(pending and bool(self.mcr & MCR_OUT2))

@@ -60,7 +60,11 @@ class VcpuThread(threading.Thread):
         # Emulation failures hvm completed itself, by instruction (see _complete_emulation).
         self.completed: dict[str, int] = {}
         self.complete_emulation = complete_emulation
-        self.observer: Callable[[tuple], None] | None = None  # called with each exit record when set
+        # Tracing: when set, the traced loop hands one raw record per exit to trace_sink (a deque append);
+        # see hvm/trace/record.py for the tuple's layout. t0_ns is the VM's start time.
+        self.trace_sink: Callable[[tuple], None] | None = None
+        self.trace_rip = False
+        self.t0_ns = 0
         self._view = vcpu.run_view
         # One table keyed by exit reason; anything not listed is an unexpected exit.
         self.dispatch: list[Callable[[], bool]] = [self._exit_unexpected] * k.NUM_EXIT_REASONS
@@ -77,7 +81,10 @@ class VcpuThread(threading.Thread):
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            self._loop()
+            if self.trace_sink is not None:
+                self._loop_traced()
+            else:
+                self._loop()
         except Exception as e:  # a bug in the VMM or a device: report it like a crash, never hang
             log.exception("vCPU %d: VMM error", self.index)
             self.machine.vcpu_crashed(self.crash_report("VMM error", f"{type(e).__name__}: {e}"))
@@ -104,6 +111,59 @@ class VcpuThread(threading.Thread):
             counts[reason] += 1
             if dispatch[reason]():
                 return  # the handler ended this vCPU (halt, crash, shutdown)
+
+    def _loop_traced(self) -> None:
+        """The same loop, recording each exit after its handler ran (so IN/MMIO-read data is the value the
+        guest got). Kept separate so that the untraced loop pays nothing for tracing."""
+        fd = self.vcpu.fd
+        if API_MODE:
+            ioctl, arg = lib.hvm_ioctl_int, 0
+        else:
+            ioctl, arg = lib.ioctl, ffi.NULL
+        reason_of = _UINT[4].unpack_from
+        io_of = _IO.unpack_from
+        mmio_of = _MMIO.unpack_from
+        view = self._view
+        dispatch = self.dispatch
+        counts = self.exit_counts
+        machine = self.machine
+        sink = self.trace_sink
+        clock = time.monotonic_ns
+        t0 = self.t0_ns
+        index = self.index
+        want_rip = self.trace_rip
+        get_regs = self.vcpu.get_regs
+        EXIT_IO, EXIT_MMIO, EXIT_INTERNAL = k.EXIT_IO, k.EXIT_MMIO, k.EXIT_INTERNAL_ERROR
+        while not machine.stopping:
+            if ioctl(fd, KVM_RUN, arg) < 0:
+                err = ffi.errno
+                if err != errno.EINTR and err != errno.EAGAIN:
+                    raise OSError(err, f"KVM_RUN: {errno.errorcode.get(err, err)}")
+                self._kicked()
+                continue
+            t = clock()
+            reason = reason_of(view, _REASON_OFFSET)[0]
+            counts[reason] += 1
+            rip = get_regs().rip if want_rip else None
+            if reason == EXIT_IO:
+                direction, size, port, count, offset = io_of(view, _EXIT_UNION)
+                end = dispatch[reason]()
+                rec = (t - t0, index, reason, port, size, direction, count, bytes(view[offset:offset + size * count]),
+                       clock() - t, rip)
+            elif reason == EXIT_MMIO:
+                addr, _data, length, is_write = mmio_of(view, _EXIT_UNION)
+                end = dispatch[reason]()
+                rec = (t - t0, index, reason, addr, length, is_write, 1,
+                       bytes(view[_EXIT_UNION + 8:_EXIT_UNION + 8 + length]), clock() - t, rip)
+            else:
+                extra = rip
+                if reason == EXIT_INTERNAL and not want_rip:
+                    extra = _UINT[4].unpack_from(view, _EXIT_UNION)[0]
+                end = dispatch[reason]()
+                rec = (t - t0, index, reason, None, 0, 0, 0, b"", clock() - t, extra)
+            sink(rec)
+            if end:
+                return
 
     def _kicked(self) -> None:
         """KVM_RUN returned EINTR: someone wants this thread (stop, pause). Clear the request flag."""
@@ -146,9 +206,6 @@ class VcpuThread(threading.Thread):
                 value = pio.read(port, size)
                 fmt.pack_into(view, offset + i * size, value)
         self.last_exits.append((k.EXIT_IO, port, direction, size, count, value if count == 1 else None))
-        if self.observer is not None:
-            self.observer((time.monotonic_ns(), self.index, "io", port, direction, size, count,
-                           bytes(view[offset:offset + size * count])))
         return False
 
     def _exit_mmio(self) -> bool:
@@ -162,9 +219,6 @@ class VcpuThread(threading.Thread):
             value = mmio.read(addr, length) & ((1 << (8 * length)) - 1)
             view[_EXIT_UNION + 8:_EXIT_UNION + 8 + length] = value.to_bytes(length, "little")
         self.last_exits.append((k.EXIT_MMIO, addr, is_write, length, 1, value))
-        if self.observer is not None:
-            self.observer((time.monotonic_ns(), self.index, "mmio", addr, is_write, length, 1,
-                           value.to_bytes(length, "little")))
         return False
 
     def _exit_hlt(self) -> bool:
