@@ -191,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = machine.run()
         except KeyboardInterrupt:
             result = machine.stop(130, "interrupted (Ctrl-C)")
-    if result.reason in ("crash", "timeout") or result.status == 130:
+    if result.reason in ("crash", "timeout", "panic") or result.status == 130:
         print(f"\nhvm: {result.message}", file=sys.stderr)
     else:
         log.info("%s (exit status %d)", result.message, result.status)

@@ -380,18 +380,35 @@ class Machine:
             self._finish(EXIT_OK, "halt", "all vCPUs halted")
 
     def vcpu_crashed(self, report: CrashReport) -> None:
-        self._finish(EXIT_CRASH, "crash", report.format(), report)
+        panic = self._panic_report() if report.reason.startswith("SHUTDOWN") else None
+        if panic:  # a panicked kernel rebooting by triple fault: the panic is the news
+            self._finish(EXIT_CRASH, "panic", panic, report)
+        else:
+            self._finish(EXIT_CRASH, "crash", report.format(), report)
 
     def system_event(self, index: int, kind: int) -> None:
         if kind == kc.SYSTEM_EVENT_SHUTDOWN:
             self._finish(EXIT_OK, "poweroff", "guest powered off")
         elif kind == kc.SYSTEM_EVENT_RESET:
-            self._finish(EXIT_OK, "reset", "guest requested a reset (hvm does not reboot)")
+            self._cpu_reset()
         else:
             self._finish(EXIT_CRASH, "crash", f"guest reported a crash (system event {kind})")
 
+    def _panic_report(self) -> str | None:
+        """If the guest kernel panicked (and is now resetting or faulting), the last console lines."""
+        tail = bytes(self.console.history[-8192:])
+        at = tail.rfind(b"Kernel panic - not syncing")
+        if at < 0:
+            return None
+        lines = tail.decode("utf-8", "replace").splitlines()
+        return "guest kernel panicked; last console lines:\n" + "\n".join("  " + ln for ln in lines[-12:])
+
     def _cpu_reset(self) -> None:
-        self._finish(EXIT_OK, "reset", "guest reset the machine (i8042); hvm does not reboot")
+        panic = self._panic_report()
+        if panic:
+            self._finish(EXIT_CRASH, "panic", panic)
+        else:
+            self._finish(EXIT_OK, "reset", "guest reset the machine (i8042); hvm does not reboot")
 
     def _acpi_poweroff(self) -> None:
         self._finish(EXIT_OK, "poweroff", "guest powered off (ACPI S5)")
