@@ -8,6 +8,7 @@
  *   2 cpl3     RSI loop iterations at CPL3          7 xsave/xrstor at CPL0
  *   3 syscall  from CPL3                            8 int3 at CPL0 (64-bit mode)
  *   4 int 0x80 from CPL3                            9 fwait at CPL0
+ *                                                  10 cpuid: reports leaf 1 ECX, then leaf 7.0 EBX
  * Tags: 'S' syscall entry, 'I' int 0x80 gate, 'E' sysenter entry, 'U' #UD, 'G' #GP, 'P' #PF,
  * 'B' #BP, 'K' the instruction under test completed. */
         .set REPORT, 0x80
@@ -70,7 +71,7 @@ _start:
         mov %rax, %cr3
 
         lea table(%rip), %rax
-        cmp $9, %r12
+        cmp $10, %r12
         ja done
         jmp *(%rax,%r12,8)
 
@@ -177,6 +178,19 @@ p_fwait:
         fwait
         jmp completed
 
+p_cpuid:
+        mov $1, %eax
+        xor %ecx, %ecx
+        cpuid
+        mov %ecx, %eax
+        out %eax, $REPORT
+        mov $7, %eax
+        xor %ecx, %ecx
+        cpuid
+        mov %ebx, %eax
+        out %eax, $REPORT
+        jmp done
+
 completed:
         mov %cs, %eax
         or $('K' << 8), %eax
@@ -234,7 +248,7 @@ set_gate:
         ret
 
         .p2align 3
-table:  .quad p_pio, p_cpl0, p_cpl3, p_syscall, p_int80, p_sysenter, p_cx16, p_xsave, p_int3, p_fwait
+table:  .quad p_pio, p_cpl0, p_cpl3, p_syscall, p_int80, p_sysenter, p_cx16, p_xsave, p_int3, p_fwait, p_cpuid
 
         .p2align 3
 gdt:    .quad 0

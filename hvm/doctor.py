@@ -17,7 +17,7 @@ from hvm.trace.tracer import TraceConfig
 
 PROBE_IMAGE = Path(__file__).resolve().parent.parent / "firmware" / "build" / "probe.bin"
 PROBES = {"pio": 0, "cpl0": 1, "cpl3": 2, "syscall": 3, "int80": 4, "sysenter": 5, "cmpxchg16b": 6,
-          "xsave": 7, "int3": 8, "fwait": 9}
+          "xsave": 7, "int3": 8, "fwait": 9, "cpuid": 10}
 REPORT_PORT = 0x80
 CAPS = ("IRQCHIP", "USER_MEMORY", "SET_TSS_ADDR", "PIT2", "IMMEDIATE_EXIT", "IRQFD", "IOEVENTFD", "READONLY_MEM",
         "INTERNAL_ERROR_DATA", "VCPU_EVENTS", "MP_STATE")
@@ -140,6 +140,18 @@ def diagnose(out=print) -> dict:
         out(f"  {label:<19} {text}{note}")
     results["instructions"] = insns
 
+    # Does the guest see the CPUID hvm gives it? Compare what a guest reads with hvm's hiding on.
+    if host.hidden_features:
+        seen = run_probe("cpuid", adapt_to_host=True).reports
+        leaf1_ecx, leaf7_ebx = seen[0][1], seen[1][1]
+        visible = [n for leaf, sub, reg, bit, n in host.hidden_features
+                   if (leaf, reg) == (1, "ecx") and leaf1_ecx >> bit & 1 or (leaf, reg) == (7, "ebx") and leaf7_ebx >> bit & 1]
+        results["cpuid_hiding_ineffective"] = visible
+        if visible:
+            out(f"  CPUID hiding        partly ignored by this backend: the guest still sees {', '.join(visible)}")
+        else:
+            out("  CPUID hiding        effective: the guest sees the CPUID hvm sets")
+
     out("")
     if not any(entries.values()):
         out("  => Linux boots here up to starting /init, but user space cannot enter the kernel: the first system")
@@ -149,6 +161,6 @@ def diagnose(out=print) -> dict:
     if host.linux_cmdline:
         out(f"  => hvm run adds to Linux command lines: {' '.join(host.linux_cmdline)}")
     if host.hidden_features:
-        out(f"  => hvm hides these CPUID features from guests: {', '.join(n for *_, n in host.hidden_features)}")
+        out(f"  => hvm asks KVM to hide these CPUID features: {', '.join(n for *_, n in host.hidden_features)}")
     results["elapsed_s"] = time.monotonic() - t0
     return results
