@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -186,12 +187,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    with machine:
-        try:
-            result = machine.run()
-        except KeyboardInterrupt:
-            result = machine.stop(130, "interrupted (Ctrl-C)")
-    if result.reason in ("crash", "timeout", "panic") or result.status == 130:
+    def terminate(signo, frame):  # unwind through `with machine` so the terminal is restored and fds closed
+        machine.request_stop(128 + signo, f"terminated by signal {signo}")
+
+    previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with machine:
+            try:
+                result = machine.run()
+            except KeyboardInterrupt:
+                result = machine.stop(130, "interrupted (Ctrl-C)")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if result.reason in ("crash", "timeout", "panic") or result.status >= 128:
         print(f"\nhvm: {result.message}", file=sys.stderr)
     else:
         log.info("%s (exit status %d)", result.message, result.status)

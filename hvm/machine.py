@@ -308,6 +308,10 @@ class Machine:
         assert result is not None
         return result
 
+    def request_stop(self, status: int = EXIT_OK, message: str = "stopped by request") -> None:
+        """Ask the VM to stop without waiting (safe from signal handlers and other threads)."""
+        self._finish(status, "stopped", message)
+
     def stop(self, status: int = EXIT_OK, message: str = "stopped by request") -> RunResult:
         self._finish(status, "stopped", message)
         result = self.wait()

@@ -117,3 +117,25 @@ def test_flags_override_config(hvm):
     assert r.status == 7
     assert "mem_upper: 0x00003c00 KiB\n" in r.out
     assert f"cmdline: {MBTEST} exit=3\n" in r.out
+
+
+def test_sigterm_stops_the_vm_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_yaml(tmp_path, f"boot: {{image: {FIRMWARE / 'ticker.bin'}}}\nmemory: 4M\ntimeout: 20\n")
+    proc = subprocess.Popen([sys.executable, "-m", "hvm", "run", str(cfg)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(5) == b"tick\n"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert "terminated by signal 15" in proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -128,3 +128,46 @@ def test_no_fd_leaks_when_construction_fails(tmp_path):
         with pytest.raises(Exception, match="do not fit in guest memory"):
             Machine(spec, console=quiet())
     assert fd_count() == before
+
+
+def test_terminal_raw_mode_ctrl_a_x_and_restore(tmp_path):
+    """On a terminal, keys go to the guest unprocessed, Ctrl-A x quits as in QEMU, and the terminal
+    settings are restored afterwards."""
+    import pty
+    import select
+    import subprocess
+    import sys
+    import termios
+
+    cfg = tmp_path / "echo.yaml"
+    cfg.write_text(f"boot: {{image: {FIRMWARE / 'echo.bin'}}}\nmemory: 4M\ntimeout: 20\n")
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([sys.executable, "-m", "hvm", "run", str(cfg)], stdin=slave, stdout=slave,
+                            stderr=subprocess.PIPE)
+    out = b""
+
+    def read_until(pattern: bytes, limit: float = 10) -> None:
+        nonlocal out
+        import time
+        deadline = time.monotonic() + limit
+        while pattern not in out and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                out += os.read(master, 1024)
+
+    try:
+        import time
+        time.sleep(1.0)                       # let hvm put the terminal in raw mode
+        os.write(master, b"hi")
+        read_until(b"HI")
+        assert b"HI" in out                   # no local echo ("hi"), the guest's upper-case echo
+        assert b"hi" not in out
+        os.write(master, b"\x01x")            # Ctrl-A x
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert termios.tcgetattr(slave) == before
+    os.close(master)
+    os.close(slave)
