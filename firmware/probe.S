@@ -81,7 +81,9 @@ p_pio:  mov %r13, %rcx
         jnz 1b
         jmp done
 
-p_cpl0: mov $1, %eax
+/* report 1, spin R13 iterations of dec+jnz, report 2, finish */
+.macro TIMED_LOOP
+        mov $1, %eax
         out %eax, $REPORT
         mov %r13, %rcx
 1:      dec %rcx
@@ -89,17 +91,13 @@ p_cpl0: mov $1, %eax
         mov $2, %eax
         out %eax, $REPORT
         jmp done
+.endm
+
+p_cpl0: TIMED_LOOP
 
 p_cpl3: lea u_loop(%rip), %rax
         jmp to_user
-u_loop: mov $1, %eax
-        out %eax, $REPORT               /* IOPL 3: port I/O is allowed at CPL3 */
-        mov %r13, %rcx
-1:      dec %rcx
-        jnz 1b
-        mov $2, %eax
-        out %eax, $REPORT
-        jmp done
+u_loop: TIMED_LOOP                      /* IOPL 3: port I/O is allowed at CPL3 */
 
 p_syscall:
         mov $0xc0000080, %ecx           /* EFER.SCE */

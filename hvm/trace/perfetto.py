@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TextIO
 
+from hvm.trace.record import iter_dicts
+
 PID = 1
 
 
@@ -24,21 +26,16 @@ def convert(src: Path, out: TextIO) -> int:
     out.write(json.dumps({"name": "process_name", "ph": "M", "pid": PID, "tid": 0, "args": {"name": "hvm guest"}}))
     vcpus: set[int] = set()
     n = 0
-    with open(src) as f:
-        for line in f:
-            try:
-                d = json.loads(line)
-            except ValueError:
-                continue
-            v = d["vcpu"]
-            if v not in vcpus:
-                vcpus.add(v)
-                out.write(",\n" + json.dumps({"name": "thread_name", "ph": "M", "pid": PID, "tid": v,
-                                             "args": {"name": f"vCPU {v}"}}))
-            args = {k: d[k] for k in ("port", "addr", "size", "count", "data", "device", "rip", "suberror") if k in d}
-            ev = {"name": _name(d), "cat": d["reason"], "ph": "X", "ts": d["t"] / 1000,
-                  "dur": max(d.get("handle_ns", 0), 1) / 1000, "pid": PID, "tid": v, "args": args}
-            out.write(",\n" + json.dumps(ev, separators=(",", ":")))
-            n += 1
+    for d in iter_dicts(src):
+        v = d["vcpu"]
+        if v not in vcpus:
+            vcpus.add(v)
+            out.write(",\n" + json.dumps({"name": "thread_name", "ph": "M", "pid": PID, "tid": v,
+                                         "args": {"name": f"vCPU {v}"}}))
+        args = {k: d[k] for k in ("port", "addr", "size", "count", "data", "device", "rip", "suberror") if k in d}
+        ev = {"name": _name(d), "cat": d["reason"], "ph": "X", "ts": d["t"] / 1000,
+              "dur": max(d.get("handle_ns", 0), 1) / 1000, "pid": PID, "tid": v, "args": args}
+        out.write(",\n" + json.dumps(ev, separators=(",", ":")))
+        n += 1
     out.write("\n]}\n")
     return n

@@ -1,9 +1,10 @@
 """`hvm trace plot`: exit rate over time, stacked by reason, and a histogram of handling time."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from hvm.trace.record import iter_dicts
 
 
 def plot(src: Path, dest: Path, bins: int = 100) -> None:
@@ -14,28 +15,19 @@ def plot(src: Path, dest: Path, bins: int = 100) -> None:
 
     # Stream once: per reason, counts per time bin (bin width fixed after a first pass for the span).
     first = last = None
-    with open(src) as f:
-        for line in f:
-            try:
-                t = json.loads(line)["t"]
-            except (ValueError, KeyError):
-                continue
-            first = t if first is None else min(first, t)
-            last = t if last is None else max(last, t)
+    for d in iter_dicts(src):
+        t = d["t"]
+        first = t if first is None else min(first, t)
+        last = t if last is None else max(last, t)
     if first is None:
         raise ValueError(f"{src}: no exit records")
     width = max((last - first) / bins, 1)
     rates: dict[str, list[int]] = {}
     hist_bins = [0] * 64
-    with open(src) as f:
-        for line in f:
-            try:
-                d = json.loads(line)
-            except ValueError:
-                continue
-            i = min(int((d["t"] - first) / width), bins - 1)
-            rates.setdefault(d["reason"], [0] * bins)[i] += 1
-            hist_bins[min(int(math.log2(d.get("handle_ns", 0) + 1) * 2), 63)] += 1
+    for d in iter_dicts(src):
+        i = min(int((d["t"] - first) / width), bins - 1)
+        rates.setdefault(d["reason"], [0] * bins)[i] += 1
+        hist_bins[min(int(math.log2(d.get("handle_ns", 0) + 1) * 2), 63)] += 1
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8))
     xs = [(first + (i + 0.5) * width - first) / 1e9 for i in range(bins)]

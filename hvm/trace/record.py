@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from hvm.kvm import constants as kc
 
@@ -91,6 +91,16 @@ def encode_record(r: ExitRecord) -> str:
     if r.suberror is not None:
         d["suberror"] = r.suberror
     return json.dumps(d, separators=(",", ":")) + "\n"
+
+
+def iter_dicts(path) -> Iterator[dict]:
+    """Stream a JSON-lines trace as dicts, skipping lines that do not parse (e.g. cut short by a kill)."""
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
 
 
 def decode_line(line: str) -> ExitRecord:

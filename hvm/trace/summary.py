@@ -83,6 +83,7 @@ def iter_lines(path: Path) -> Iterator[str]:
 
 
 def summarize(lines: Iterable[str]) -> Summary:
+    """Lines of a trace (any iterable, e.g. an open file) -> Summary, in one streaming pass."""
     s = Summary()
     for line in lines:
         if not line.strip():

@@ -32,6 +32,13 @@ _UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"),
 LAST_EXITS = 16
 
 
+def _kvm_run_call():
+    """The cheapest way to issue KVM_RUN: the compiled integer-argument wrapper, or libc's ioctl in ABI mode."""
+    if API_MODE:
+        return lib.hvm_ioctl_int, 0
+    return lib.ioctl, ffi.NULL
+
+
 class VmControl(Protocol):
     """What a vCPU thread needs from the machine that owns it."""
 
@@ -91,10 +98,7 @@ class VcpuThread(threading.Thread):
 
     def _loop(self) -> None:
         fd = self.vcpu.fd
-        if API_MODE:
-            ioctl, arg = lib.hvm_ioctl_int, 0
-        else:
-            ioctl, arg = lib.ioctl, ffi.NULL
+        ioctl, arg = _kvm_run_call()
         reason_of = _UINT[4].unpack_from
         view = self._view
         dispatch = self.dispatch
@@ -102,10 +106,7 @@ class VcpuThread(threading.Thread):
         machine = self.machine
         while not machine.stopping:
             if ioctl(fd, KVM_RUN, arg) < 0:
-                err = ffi.errno
-                if err != errno.EINTR and err != errno.EAGAIN:
-                    raise OSError(err, f"KVM_RUN: {errno.errorcode.get(err, err)}")
-                self._kicked()
+                self._run_failed(ffi.errno)
                 continue
             reason = reason_of(view, _REASON_OFFSET)[0]
             counts[reason] += 1
@@ -116,10 +117,7 @@ class VcpuThread(threading.Thread):
         """The same loop, recording each exit after its handler ran (so IN/MMIO-read data is the value the
         guest got). Kept separate so that the untraced loop pays nothing for tracing."""
         fd = self.vcpu.fd
-        if API_MODE:
-            ioctl, arg = lib.hvm_ioctl_int, 0
-        else:
-            ioctl, arg = lib.ioctl, ffi.NULL
+        ioctl, arg = _kvm_run_call()
         reason_of = _UINT[4].unpack_from
         io_of = _IO.unpack_from
         mmio_of = _MMIO.unpack_from
@@ -136,10 +134,7 @@ class VcpuThread(threading.Thread):
         EXIT_IO, EXIT_MMIO, EXIT_INTERNAL = k.EXIT_IO, k.EXIT_MMIO, k.EXIT_INTERNAL_ERROR
         while not machine.stopping:
             if ioctl(fd, KVM_RUN, arg) < 0:
-                err = ffi.errno
-                if err != errno.EINTR and err != errno.EAGAIN:
-                    raise OSError(err, f"KVM_RUN: {errno.errorcode.get(err, err)}")
-                self._kicked()
+                self._run_failed(ffi.errno)
                 continue
             t = clock()
             reason = reason_of(view, _REASON_OFFSET)[0]
@@ -164,6 +159,12 @@ class VcpuThread(threading.Thread):
             sink(rec)
             if end:
                 return
+
+    def _run_failed(self, err: int) -> None:
+        """KVM_RUN returned -1: EINTR/EAGAIN is a kick (stop, pause); anything else is fatal."""
+        if err != errno.EINTR and err != errno.EAGAIN:
+            raise OSError(err, f"KVM_RUN: {errno.errorcode.get(err, err)}")
+        self._kicked()
 
     def _kicked(self) -> None:
         """KVM_RUN returned EINTR: someone wants this thread (stop, pause). Clear the request flag."""
