@@ -13,7 +13,8 @@ from hvm.memory import GuestMemory
 
 
 def bzimage(version=0x020F, relocatable=1, xloadflags=1, loadflags=1, setup_sects=4, payload=b"\x90" * 4096,
-            cmdline_size=255, initrd_max=0x37FFFFFF, magic=b"HdrS", boot_flag=0xAA55, init_size=0x10000) -> bytes:
+            cmdline_size=255, initrd_max=0x37FFFFFF, magic=b"HdrS", boot_flag=0xAA55, init_size=0x10000,
+            code32_start=0x100000) -> bytes:
     setup = bytearray((setup_sects + 1) * 512)
     setup[0x1F1] = setup_sects
     struct.pack_into("<H", setup, 0x1FE, boot_flag)
@@ -21,6 +22,7 @@ def bzimage(version=0x020F, relocatable=1, xloadflags=1, loadflags=1, setup_sect
     setup[0x202:0x206] = magic
     struct.pack_into("<H", setup, 0x206, version)
     setup[0x211] = loadflags
+    struct.pack_into("<I", setup, 0x214, code32_start)
     struct.pack_into("<I", setup, 0x22C, initrd_max)
     struct.pack_into("<I", setup, 0x230, 0x200000)
     setup[0x234] = relocatable
@@ -62,6 +64,11 @@ def test_bzimage_boot_params(mem, tmp_path):
     assert mem.read(0x100000, 16) == b"\x90" * 16                            # payload at 1 MiB
 
 
+def test_non_relocatable_kernel_at_its_default_address(mem, tmp_path):
+    state = load_linux(mem, kernel_file(tmp_path, bzimage(relocatable=0)))
+    assert state.rip == 0x100200
+
+
 def test_initrd_stays_below_initrd_addr_max(mem, tmp_path):
     initrd = kernel_file(tmp_path, b"x" * 8192, "initrd")
     load_linux(mem, kernel_file(tmp_path, bzimage(initrd_max=0x01FFFFFF)), "", initrd)
@@ -73,7 +80,8 @@ def test_initrd_stays_below_initrd_addr_max(mem, tmp_path):
     ({"magic": b"XXXX"}, "not a Linux kernel (neither a bzImage nor an ELF vmlinux)"),
     ({"boot_flag": 0x1234}, "not a bzImage (boot flag at 0x1fe is not 0xaa55)"),
     ({"version": 0x0205}, "boot protocol 2.05 is too old (hvm needs 2.06 or later for a 64-bit entry)"),
-    ({"relocatable": 0}, "kernel is not relocatable"),
+    ({"relocatable": 0, "code32_start": 0x1000000},
+     "kernel is not relocatable and must be loaded at 0x1000000; hvm loads kernels at 0x100000"),
     ({"xloadflags": 0}, "kernel has no 64-bit entry point (XLF_KERNEL_64 not set)"),
     ({"loadflags": 0}, "a zImage (loaded low); hvm boots bzImages"),
     ({"init_size": 100 << 20}, "kernel needs 100 MiB from 1 MiB on; guest memory is 64 MiB"),

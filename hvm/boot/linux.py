@@ -38,6 +38,7 @@ OFF_HEADER = 0x202
 OFF_VERSION = 0x206
 OFF_TYPE_OF_LOADER = 0x210
 OFF_LOADFLAGS = 0x211
+OFF_CODE32_START = 0x214
 OFF_RAMDISK_IMAGE = 0x218
 OFF_RAMDISK_SIZE = 0x21C
 OFF_HEAP_END_PTR = 0x224
@@ -106,8 +107,12 @@ def parse_setup_header(data: bytes, name: str) -> SetupHeader:
         raise BootError(f"{name}: a zImage (loaded low); hvm boots bzImages")
     if not hdr.xloadflags & XLF_KERNEL_64:
         raise BootError(f"{name}: kernel has no 64-bit entry point (XLF_KERNEL_64 not set)")
-    if not hdr.relocatable:
-        raise BootError(f"{name}: kernel is not relocatable")
+    code32_start = struct.unpack_from("<I", data, OFF_CODE32_START)[0]
+    if not hdr.relocatable and code32_start != KERNEL_LOAD:
+        # hvm always loads the protected-mode kernel at 1 MiB, where a non-relocatable kernel
+        # expects it unless its code32_start says otherwise.
+        raise BootError(f"{name}: kernel is not relocatable and must be loaded at {code32_start:#x}; "
+                        f"hvm loads kernels at {KERNEL_LOAD:#x}")
     if (setup_sects + 1) * 512 >= len(data):
         raise BootError(f"{name}: setup ({setup_sects} sectors) is larger than the file")
     return hdr
