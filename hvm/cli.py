@@ -202,6 +202,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(s, handler)
     if result.reason in ("crash", "timeout", "panic") or result.status >= 128:
         print(f"\nhvm: {result.message}", file=sys.stderr)
+    if (result.reason == "panic" and machine.host.backend == "kvm_pvm"
+            and b"Run /init as init process" in machine.console.history):
+        print("hvm: Linux reached user space; on this host (kvm_pvm) user space cannot make system calls, "
+              "so /init dies at its first one — run `hvm doctor` for the details", file=sys.stderr)
     else:
         log.info("%s (exit status %d)", result.message, result.status)
     if args.stats:
