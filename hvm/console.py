@@ -60,15 +60,18 @@ class Console:
             else:
                 sys.stdout.write(data.decode("latin-1"))
                 sys.stdout.flush()
-        with self._cond:
-            self.history += data
-            if b"\n" in data:
-                self.line_times.append((time.monotonic(), self._trimmed + len(self.history)))
-            if len(self.history) > HISTORY_LIMIT:
-                cut = len(self.history) - HISTORY_LIMIT
-                del self.history[:cut]
-                self._trimmed += cut
-            if self._waiters:
+        # The vCPU thread is the only writer; readers take the lock. bytearray += is atomic under the
+        # GIL, so the lock is only needed to trim the history or to wake a waiter.
+        history = self.history
+        history += data
+        if b"\n" in data:
+            self.line_times.append((time.monotonic(), self._trimmed + len(history)))
+        if len(history) > HISTORY_LIMIT or self._waiters:
+            with self._cond:
+                if len(history) > HISTORY_LIMIT:
+                    cut = len(history) - HISTORY_LIMIT
+                    del history[:cut]
+                    self._trimmed += cut
                 self._cond.notify_all()
 
     def time_of(self, pattern: bytes) -> float | None:

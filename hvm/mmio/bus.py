@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections import Counter
 from dataclasses import dataclass
 
 from hvm.mmio.device import Device
@@ -38,9 +37,7 @@ class _Bus:
     def __init__(self) -> None:
         self.ranges: list[BusRange] = []
         self._bases: list[int] = []
-        # Exit counters for --stats: accesses per address (port or MMIO address), handled and not.
-        self.counts: dict[int, int] = {}
-        self.unhandled: Counter[int] = Counter()
+        self._logged: set[int] = set()
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0:
@@ -62,83 +59,108 @@ class _Bus:
                 return r
         return None
 
+    def _hit_counts(self) -> dict[int, int]:
+        raise NotImplementedError
+
+    @property
+    def counts(self) -> dict[int, int]:
+        """Accesses per address that a device handled (for --stats)."""
+        return {a: n for a, n in self._hit_counts().items() if self.find(a) is not None}
+
+    @property
+    def unhandled(self) -> dict[int, int]:
+        """Accesses per address that no device claimed."""
+        return {a: n for a, n in self._hit_counts().items() if self.find(a) is None}
+
     def counts_by_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for addr, n in self.counts.items():
-            r = self.find(addr)
-            name = r.device.name if r else "?"
+            name = self.find(addr).device.name
             out[name] = out.get(name, 0) + n
         return out
 
-    def _miss(self, addr: int, size: int, is_write: bool, value: int = 0) -> None:
-        self.unhandled[addr] += 1
-        if self.unhandled[addr] == 1:
-            if is_write:
-                log.warning("%s write of %#x (%d bytes) to %#0*x: no device there, dropped",
-                            self.kind, value, size, self.width, addr)
-            else:
-                log.warning("%s read (%d bytes) from %#0*x: no device there, reads as all ones",
-                            self.kind, size, self.width, addr)
+    # An address nobody claims is served by these two, so the hot path has no branch for it.
+    def _miss_read(self, addr: int, size: int) -> int:
+        if addr not in self._logged:
+            self._logged.add(addr)
+            log.warning("%s read (%d bytes) from %#0*x: no device there, reads as all ones",
+                        self.kind, size, self.width, addr)
+        return (1 << (8 * size)) - 1
+
+    def _miss_write(self, addr: int, size: int, value: int) -> None:
+        if addr not in self._logged:
+            self._logged.add(addr)
+            log.warning("%s write of %#x (%d bytes) to %#0*x: no device there, dropped",
+                        self.kind, value, size, self.width, addr)
 
 
 class PioBus(_Bus):
-    """x86 port I/O space (64 K ports). Lookups go through a per-port table: one dict get per exit."""
+    """x86 port I/O space (64 K ports). Each port has a slot in a table of (read, write, offset) and a
+    hit counter: one list index and one increment per exit, whether a device is there or not."""
 
     kind = "port"
     width = 6
 
     def __init__(self) -> None:
         super().__init__()
-        self._ports: dict[int, tuple[Device, int]] = {}
+        self._hits = [0] * 0x10000
+        self._table: list[tuple] = [(self._miss_read, self._miss_write, port) for port in range(0x10000)]
 
     def register(self, base: int, length: int, device: Device) -> None:
         if base < 0 or base + length > 0x10000:
             raise BusError(f"port range {base:#x}+{length} of {device.name} is outside 0..0xffff")
         super().register(base, length, device)
         for port in range(base, base + length):
-            self._ports[port] = (device, base)
+            self._table[port] = (device.read, device.write, port - base)
+
+    def _hit_counts(self) -> dict[int, int]:
+        return {port: n for port, n in enumerate(self._hits) if n}
 
     def read(self, port: int, size: int) -> int:
-        entry = self._ports.get(port)
-        if entry is None:
-            self._miss(port, size, False)
-            return (1 << (8 * size)) - 1
-        counts = self.counts
-        counts[port] = counts.get(port, 0) + 1
-        device, base = entry
-        return device.read(port - base, size)
+        read, _, offset = self._table[port]
+        self._hits[port] += 1
+        return read(offset, size)
 
     def write(self, port: int, size: int, value: int) -> None:
-        entry = self._ports.get(port)
-        if entry is None:
-            self._miss(port, size, True, value)
-            return
-        counts = self.counts
-        counts[port] = counts.get(port, 0) + 1
-        device, base = entry
-        device.write(port - base, size, value)
+        _, write, offset = self._table[port]
+        self._hits[port] += 1
+        write(offset, size, value)
 
 
 class MmioBus(_Bus):
-    """Guest-physical MMIO space: sorted ranges, found by bisection."""
+    """Guest-physical MMIO space: sorted ranges found by bisection, each address's route cached."""
 
     kind = "mmio"
     width = 10
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._hits: dict[int, int] = {}
+        self._routes: dict[int, tuple] = {}
+
+    def register(self, base: int, length: int, device: Device) -> None:
+        super().register(base, length, device)
+        self._routes.clear()
+
+    def _route(self, addr: int) -> tuple:
+        route = self._routes.get(addr)
+        if route is None:
+            r = self.find(addr)
+            route = (r.device.read, r.device.write, addr - r.base) if r else (self._miss_read, self._miss_write, addr)
+            self._routes[addr] = route
+        return route
+
+    def _hit_counts(self) -> dict[int, int]:
+        return dict(self._hits)
+
     def read(self, addr: int, size: int) -> int:
-        r = self.find(addr)
-        if r is None:
-            self._miss(addr, size, False)
-            return (1 << (8 * size)) - 1
-        counts = self.counts
-        counts[addr] = counts.get(addr, 0) + 1
-        return r.device.read(addr - r.base, size)
+        read, _, offset = self._route(addr)
+        hits = self._hits
+        hits[addr] = hits.get(addr, 0) + 1
+        return read(offset, size)
 
     def write(self, addr: int, size: int, value: int) -> None:
-        r = self.find(addr)
-        if r is None:
-            self._miss(addr, size, True, value)
-            return
-        counts = self.counts
-        counts[addr] = counts.get(addr, 0) + 1
-        r.device.write(addr - r.base, size, value)
+        _, write, offset = self._route(addr)
+        hits = self._hits
+        hits[addr] = hits.get(addr, 0) + 1
+        write(offset, size, value)

@@ -71,6 +71,7 @@ MSR_DELTA = 0x0F
 MSR_CONNECTED = MSR_DCD | MSR_DSR | MSR_CTS
 
 RX_TRIGGER_LEVELS = (1, 4, 8, 14)
+_BYTE = [bytes((i,)) for i in range(256)]  # preallocated one-byte objects for the transmit path
 
 
 class SerialUart:
@@ -161,12 +162,27 @@ class SerialUart:
     # --- guest side ----------------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
         with self._lock:
+            if offset == LSR and self._rx_active:
+                # The hot path of a polling driver: LSR before every byte.
+                value = self.lsr
+                self.lsr &= ~(LSR_OE | LSR_BI)
+                return value
             value = self._read(offset)
             self._update_irq()
             return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
+            if offset == RBR_THR_DLL and not (self.lcr & LCR_DLAB or self.mcr & MCR_LOOP):
+                # The hot path: one byte to transmit.
+                self.tx_bytes += 1
+                if self._output is not None:
+                    self._output(_BYTE[value & 0xFF])
+                self.lsr |= LSR_THRE | LSR_TEMT
+                self._thr_interrupt = True
+                if self.ier or self.irq.level:
+                    self._update_irq()
+                return
             self._write(offset, value & 0xFF)
             self._update_irq()
 
