@@ -13,7 +13,7 @@ LX_G := guest/linux
 LX_JOBS ?= 2
 LX_PYTHON := $(or $(PYTHON),python3)
 # Host tools the kernel build needs, apt-get installed when missing.
-LX_HOST_PKGS := gcc make binutils flex bison bc libelf-dev xz-utils python3
+LX_HOST_PKGS := gcc make binutils flex bison bc libelf-dev xz-utils lz4 python3
 
 LX_SRC_PKG := linux-source-6.12
 LX_SRC := $(LX)/src/$(LX_SRC_PKG)
