@@ -59,3 +59,4 @@ test-fast: install firmware
 clean:
 	rm -rf $(FWB) build *.egg-info hvm/kvm/_kvm_cffi*.so hvm/kvm/_kvm_cffi.c $(STAMP)
 include mk/linux.mk
+include mk/bench.mk

@@ -1,0 +1,160 @@
+"""Exit round trips: the same guest loop (firmware/bench_*.S) under hvm's run loop and devices and
+under bench/cref.c, a minimal C VMM. Figure: exits per second over the whole loop, from the first
+KVM_RUN to the debug-exit write (iterations + 1 exits)."""
+from __future__ import annotations
+
+import json
+import statistics
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import CREF, FIRMWARE, ROOT, BenchError, Figure, Row, run_measured
+
+HEADER_JMP = 0xEB          # every bench_* image starts with a short jmp over its header
+ITERATIONS_OFFSET = 4      # u32
+ARG_OFFSET = 8             # u16 port (bench_pio) or u32 address (bench_mmio)
+DEFAULT_ITERATIONS = 1000  # what the image carries before patching: a check that the layout is the expected one
+RUN_TIMEOUT = 30.0         # seconds, outer bound of one run (the VMMs' own watchdogs are at 20 s)
+GUEST_TIMEOUT = 20
+
+
+@dataclass(frozen=True)
+class ExitLoop:
+    key: str
+    title: str
+    image: str                 # firmware/build/<image>.bin
+    mode: str                  # real | protected
+    load: int
+    kind: str                  # io | mmio | hlt: which exit the loop takes
+    arg: int | None = None     # port or MMIO address, patched at ARG_OFFSET
+    arg_size: int = 2
+    hlt_continue: bool = False
+    claimed: bool = False      # a device of hvm's owns the port/address (checked from hvm's exit statistics)
+    note: str = ""
+
+
+LOOPS = (
+    ExitLoop("exit.pio", "Port-I/O exit round trip: real-mode `out %al,(%dx)` to port 0x80, no device there",
+             "bench_pio", "real", 0x7C00, "io", 0x80,
+             note="hvm: run loop + PioBus miss path"),
+    ExitLoop("exit.pio_dev", "Port-I/O exit round trip to a device: `out` to port 0x3ff, COM1's scratch register",
+             "bench_pio", "real", 0x7C00, "io", 0x3FF, claimed=True,
+             note="hvm: PioBus -> SerialUart.write; C: one-byte register"),
+    ExitLoop("exit.mmio", "MMIO exit round trip: protected-mode 4-byte store to 0xd0000000, no device there",
+             "bench_mmio", "protected", 0x100000, "mmio", 0xD0000000, arg_size=4,
+             note="hvm: run loop + MmioBus miss path"),
+    ExitLoop("exit.hlt", "HLT exit round trip (no irqchip): `hlt` in a loop",
+             "bench_hlt", "real", 0x7C00, "hlt", hlt_continue=True,
+             note="hvm ends the VM at the first HLT, so its HLT entry in the vCPU's dispatch table is "
+                  "replaced by a no-op for this run: hvm's bare run-loop floor"),
+)
+
+
+def patch_image(loop: ExitLoop, iterations: int, workdir: Path) -> Path:
+    src = FIRMWARE / f"{loop.image}.bin"
+    data = bytearray(src.read_bytes())
+    if data[0] != HEADER_JMP or struct.unpack_from("<I", data, ITERATIONS_OFFSET)[0] != DEFAULT_ITERATIONS:
+        raise BenchError(f"{src}: not the expected bench image layout (jmp, then iterations at +4)")
+    if iterations < 1:
+        raise BenchError("iterations must be >= 1")
+    struct.pack_into("<I", data, ITERATIONS_OFFSET, iterations)
+    if loop.arg is not None:
+        struct.pack_into("<H" if loop.arg_size == 2 else "<I", data, ARG_OFFSET, loop.arg)
+    out = workdir / f"{loop.key}-{iterations}.bin"
+    out.write_bytes(bytes(data))
+    return out
+
+
+def write_yaml(loop: ExitLoop, image: Path, workdir: Path) -> Path:
+    """The hvm VM: a bare machine (no irqchip, so HLT reaches hvm), the UART present but silent."""
+    path = workdir / f"{loop.key}.yaml"
+    path.write_text(
+        f"name: {loop.key.replace('.', '-')}\n"
+        "memory: 16M\n"
+        f"timeout: {GUEST_TIMEOUT}\n"
+        "machine: none\n"
+        f"boot: {{image: '{image}', load: {loop.load:#x}, mode: {loop.mode}}}\n"
+        "devices: {serial: {output: none, input: none}, debug_exit: {port: 0xf4, size: 4}}\n")
+    return path
+
+
+def _parse(res, who: str, loop: ExitLoop, iterations: int) -> dict:
+    if res.timed_out:
+        raise BenchError(f"{who} {loop.key}: no end after {RUN_TIMEOUT:g} s")
+    try:
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"{who} {loop.key}: status {res.status}, no result; stderr: {res.stderr.strip()[-300:]}")
+    if out.get("end") != "debug-exit":
+        raise BenchError(f"{who} {loop.key}: ended by {out.get('end')!r}, not the debug-exit write")
+    exits = out["exits"]
+    want = iterations + 1   # the loop, then the debug-exit OUT
+    if exits["total"] != want or exits[loop.kind] != (iterations + 1 if loop.kind == "io" else iterations):
+        raise BenchError(f"{who} {loop.key}: {exits} exits, expected {iterations} {loop.kind} + 1 debug-exit")
+    return out
+
+
+def run_cref(loop: ExitLoop, image: Path, iterations: int) -> dict:
+    argv = [str(CREF), "-m", loop.mode, "-l", hex(loop.load), "-M", "16", "-t", str(GUEST_TIMEOUT), str(image)]
+    return _parse(run_measured(argv, RUN_TIMEOUT), "cref", loop, iterations)
+
+
+def run_hvm(loop: ExitLoop, yaml_path: Path, iterations: int) -> dict:
+    argv = [sys.executable, "-m", "bench.hvm_worker", "--yaml", str(yaml_path)]
+    if loop.hlt_continue:
+        argv.append("--hlt-continue")
+    out = _parse(run_measured(argv, RUN_TIMEOUT, cwd=ROOT), "hvm", loop, iterations)
+    want = 0 if loop.claimed or loop.kind == "hlt" else iterations
+    if out["unclaimed"] != want:
+        raise BenchError(f"hvm {loop.key}: {out['unclaimed']} accesses no device claimed, expected {want}")
+    return out
+
+
+def bench_exits(iterations: int, reps: int, warmup: bool, workdir: Path, log) -> tuple[list[Row], dict]:
+    if not CREF.is_file():
+        raise BenchError(f"{CREF} is not built (make bench builds it)")
+    rows, raw = [], {}
+    for loop in LOOPS:
+        title_ref = "C reference VMM (bench/cref.c)"
+        try:
+            image = patch_image(loop, iterations, workdir)
+            yaml_path = write_yaml(loop, image, workdir)
+            if warmup:
+                run_cref(loop, image, iterations)
+                run_hvm(loop, yaml_path, iterations)
+            hvm_fig, ref_fig = Figure("exits/s"), Figure("exits/s")
+            hvm_cpu, ref_cpu = Figure("exits/s"), Figure("exits/s")     # exits per CPU second
+            runs = {"hvm": [], "cref": []}
+            for i in range(reps):
+                # alternate the order, so that a drift in the host's speed hits both sides alike
+                order = ("cref", "hvm") if i % 2 == 0 else ("hvm", "cref")
+                for who in order:
+                    out = run_cref(loop, image, iterations) if who == "cref" else run_hvm(loop, yaml_path, iterations)
+                    runs[who].append(out)
+                    wall, cpu = (ref_fig, ref_cpu) if who == "cref" else (hvm_fig, hvm_cpu)
+                    wall.samples.append(out["exits"]["total"] / out["seconds"])
+                    cpu.samples.append(out["exits"]["total"] / out["cpu_seconds"])
+            # runs i of both sides are neighbours in time: their ratio cancels most of the host's drift
+            paired = statistics.median(h / c for h, c in zip(hvm_fig.samples, ref_fig.samples))
+            per_exit_us = 1e6 / hvm_fig.median - 1e6 / ref_fig.median
+            cpu_ratio = hvm_cpu.median / ref_cpu.median
+            cpu_us = 1e6 / hvm_cpu.median - 1e6 / ref_cpu.median
+            log(f"  {loop.key}: hvm {hvm_fig.median:,.0f} exits/s, C {ref_fig.median:,.0f} exits/s, "
+                f"paired ratio {paired:.2f}, per CPU second {cpu_ratio:.2f}")
+            rows.append(Row(loop.key, loop.title, title_ref, hvm_fig, ref_fig, "hvm/C exits/s, goal ≥ 0.90",
+                            f"median of paired runs {paired:.2f}; per exit, hvm − C = {per_exit_us:+.1f} µs; "
+                            f"by CPU time (robust to a busy host): {cpu_ratio:.2f}, hvm − C = {cpu_us:+.1f} µs "
+                            f"of CPU per exit; " + loop.note))
+            raw[loop.key] = {"iterations": iterations, "reps": reps, "image": str(image), "mode": loop.mode,
+                             "paired_ratio_median": paired, "extra_us_per_exit": per_exit_us,
+                             "cpu_ratio": cpu_ratio, "extra_cpu_us_per_exit": cpu_us,
+                             "hvm": hvm_fig.to_json(), "cref": ref_fig.to_json(),
+                             "hvm_per_cpu_second": hvm_cpu.to_json(), "cref_per_cpu_second": ref_cpu.to_json(),
+                             "runs": runs}
+        except BenchError as e:
+            log(f"  {loop.key}: {e}")
+            rows.append(Row(loop.key, loop.title, title_ref, status="error", note=str(e)))
+            raw[loop.key] = {"error": str(e)}
+    return rows, raw
