@@ -61,13 +61,15 @@ def make_machine(image: Path):
     return Machine(load_config(yaml_path), console=Console("none", "none"))
 
 
-def on_thread(fn):
+def on_thread(fn, timeout: float = 30.0):
+    """Run a vCPU loop on a thread of its own, as hvm does; a daemon, so that a loop that never ends
+    (a guest gone wrong) cannot keep the process alive after the timeout."""
     out = []
-    t = threading.Thread(target=lambda: out.append(fn()), name="vcpu0")
+    t = threading.Thread(target=lambda: out.append(fn()), name="vcpu0", daemon=True)
     t.start()
-    t.join(30)
+    t.join(timeout)
     if not out:
-        raise RuntimeError("loop did not finish")
+        raise RuntimeError(f"the loop did not finish within {timeout:g} s")
     return out[0]
 
 
