@@ -42,6 +42,7 @@ $(FWB)/mbtest.elf: $(FW)/mbtest.S $(FW)/uart.inc | $(FWB)
 # Install hvm (editable, with its compiled cffi module) and the test tools, once.
 $(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_build.py
 	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m compileall -q hvm   # start-up: no compiling hvm's sources at every run (PYTHONDONTWRITEBYTECODE)
 	touch $@
 
 install: $(STAMP)

@@ -1,6 +1,6 @@
 """Linux guests: a minimal 6.12 kernel (vmlinux and bzImage) and Debian's stock cloud kernel, built or
 fetched by `make linux` from Debian packages. All slow: a Linux boot takes about a minute on the kvm_pvm
-host (every guest kernel instruction is emulated there) and the stock kernel 10-15 minutes.
+host (every guest kernel instruction is emulated there) and the stock kernel 13-22 minutes (measured: "Run /init" after 1296 s with the machine busy).
 
 What is asserted depends on what the host can do, as `hvm doctor` measures it: on kvm_pvm (where these
 tests were checked) user space cannot make system calls, so the proof of reaching user space is the
@@ -80,5 +80,5 @@ def test_minimal_bzimage_boots_through_the_boot_protocol(assets):
 
 def test_stock_debian_kernel_reaches_user_space(assets):
     r = run_hvm("run", "--kernel", str(LINUX / "vmlinuz-cloud"), "--initrd", str(LINUX / "initramfs-ud2.cpio"),
-                "--append", BASE_CMDLINE, "--memory", "512M", "--timeout", "1500", "--stats", timeout=1600)
+                "--append", BASE_CMDLINE, "--memory", "512M", "--timeout", "2400", "--stats", timeout=2500)
     assert_reached_ud2_init(r)

@@ -6,6 +6,7 @@ logged once per address, and the VM keeps running (as on real hardware, and as Q
 """
 from __future__ import annotations
 
+import array
 import bisect
 import logging
 from dataclasses import dataclass
@@ -95,8 +96,9 @@ class _Bus:
 
 
 class PioBus(_Bus):
-    """x86 port I/O space (64 K ports). Each port has a slot in a table of (read, write, offset) and a
-    hit counter: one list index and one increment per exit, whether a device is there or not."""
+    """x86 port I/O space (64 K ports). Per port: one (read, write) pair -- by default the shared miss
+    handlers -- an offset and a hit counter, in flat sequences: two list indexes and one increment per
+    exit, whether a device is there or not. (About 1.5 MiB and a millisecond to build.)"""
 
     kind = "port"
     width = 6
@@ -104,27 +106,28 @@ class PioBus(_Bus):
     def __init__(self) -> None:
         super().__init__()
         self._hits = [0] * 0x10000
-        self._table: list[tuple] = [(self._miss_read, self._miss_write, port) for port in range(0x10000)]
+        self._handlers: list[tuple] = [(self._miss_read, self._miss_write)] * 0x10000
+        self._offsets = array.array("l", range(0x10000))   # a miss handler gets the port itself
 
     def register(self, base: int, length: int, device: Device) -> None:
         if base < 0 or base + length > 0x10000:
             raise BusError(f"port range {base:#x}+{length} of {device.name} is outside 0..0xffff")
         super().register(base, length, device)
+        pair = (device.read, device.write)
         for port in range(base, base + length):
-            self._table[port] = (device.read, device.write, port - base)
+            self._handlers[port] = pair
+            self._offsets[port] = port - base
 
     def _hit_counts(self) -> dict[int, int]:
         return {port: n for port, n in enumerate(self._hits) if n}
 
     def read(self, port: int, size: int) -> int:
-        read, _, offset = self._table[port]
         self._hits[port] += 1
-        return read(offset, size)
+        return self._handlers[port][0](self._offsets[port], size)
 
     def write(self, port: int, size: int, value: int) -> None:
-        _, write, offset = self._table[port]
         self._hits[port] += 1
-        write(offset, size, value)
+        self._handlers[port][1](self._offsets[port], size, value)
 
 
 class MmioBus(_Bus):
