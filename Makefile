@@ -51,7 +51,9 @@ install: $(STAMP)
 run: install firmware
 	hvm run configs/hello.yaml
 
-test: install firmware
+# Everything, slow tests included: they build their own Linux guests (`make linux`, from Debian packages)
+# and compare with QEMU (Debian's qemu-system-x86, installed here when missing).
+test: install firmware bench-qemu
 	$(PYTHON) -m pytest -q
 
 test-fast: install firmware
