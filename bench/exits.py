@@ -101,10 +101,12 @@ def run_cref(loop: ExitLoop, image: Path, iterations: int) -> dict:
     return _parse(run_measured(argv, RUN_TIMEOUT), "cref", loop, iterations)
 
 
-def run_hvm(loop: ExitLoop, yaml_path: Path, iterations: int) -> dict:
+def run_hvm(loop: ExitLoop, yaml_path: Path, iterations: int, trace: Path | None = None) -> dict:
     argv = [sys.executable, "-m", "bench.hvm_worker", "--yaml", str(yaml_path)]
     if loop.hlt_continue:
         argv.append("--hlt-continue")
+    if trace is not None:
+        argv += ["--trace", str(trace)]
     out = _parse(run_measured(argv, RUN_TIMEOUT, cwd=ROOT), "hvm", loop, iterations)
     want = 0 if loop.claimed or loop.kind == "hlt" else iterations
     if out["unclaimed"] != want:
@@ -157,4 +159,34 @@ def bench_exits(iterations: int, reps: int, warmup: bool, workdir: Path, log) ->
             log(f"  {loop.key}: {e}")
             rows.append(Row(loop.key, loop.title, title_ref, status="error", note=str(e)))
             raw[loop.key] = {"error": str(e)}
+    rows.append(bench_tracing(iterations, reps, workdir, log, raw))
     return rows, raw
+
+
+def bench_tracing(iterations: int, reps: int, workdir: Path, log, raw: dict) -> Row:
+    """Does tracing distort what it measures? The UART-register loop under hvm, with tracing off
+    (exit counters only, always on) and with every exit written as JSON lines, alternated."""
+    loop = next(lp for lp in LOOPS if lp.key == "exit.pio_dev")
+    title = "Exit tracing overhead: the UART-register loop, every exit to JSON lines (--trace)"
+    try:
+        image = patch_image(loop, iterations, workdir)
+        yaml_path = write_yaml(loop, image, workdir)
+        trace = workdir / "trace.jsonl"
+        traced, untraced = Figure("exits/s"), Figure("exits/s")
+        for i in range(reps):
+            for with_trace in ((False, True) if i % 2 == 0 else (True, False)):
+                out = run_hvm(loop, yaml_path, iterations, trace if with_trace else None)
+                (traced if with_trace else untraced).samples.append(out["exits"]["total"] / out["seconds"])
+                if with_trace:
+                    lines = sum(1 for _ in open(trace))
+                    if lines != out["exits"]["total"]:
+                        raise BenchError(f"trace has {lines} records for {out['exits']['total']} exits")
+        ratio = traced.median / untraced.median
+        log(f"  trace.jsonl: traced {traced.median:,.0f} exits/s, untraced {untraced.median:,.0f}, {ratio:.2f}")
+        raw["trace.jsonl"] = {"traced": traced.to_json(), "untraced": untraced.to_json(), "ratio": ratio}
+        return Row("trace.jsonl", title, "hvm with tracing off (counters only)", traced, untraced,
+                   "traced/untraced exits/s, goal ≥ 0.85",
+                   "every exit recorded and checked (lines = exits); writer thread, batched writes")
+    except BenchError as e:
+        raw["trace.jsonl"] = {"error": str(e)}
+        return Row("trace.jsonl", title, "hvm with tracing off", status="error", note=str(e))

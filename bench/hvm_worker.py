@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.hvm_worker")
     ap.add_argument("--yaml", required=True)
     ap.add_argument("--hlt-continue", action="store_true")
+    ap.add_argument("--trace", metavar="FILE", help="record every exit as JSON lines (hvm run --trace)")
     args = ap.parse_args(argv)
 
     t_import = time.perf_counter()
@@ -32,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)   # one "no device there" warning per address: not wanted here
     spec = load_config(args.yaml)
     t_build = time.perf_counter()
-    with Machine(spec, console=Console("none", "none")) as vm:
+    from hvm.trace import TraceConfig
+
+    trace = TraceConfig(path=args.trace) if args.trace else None
+    with Machine(spec, console=Console("none", "none"), trace=trace) as vm:
         t_built = time.perf_counter()
         if args.hlt_continue:
             for t in vm.threads:
