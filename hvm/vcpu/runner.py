@@ -29,6 +29,9 @@ _IO = struct.Struct("<BBHIQ")       # direction, size, port, count, data_offset
 _MMIO = struct.Struct("<QQIB")      # phys_addr, data[8] (as u64), len, is_write
 _EXIT_UNION = 32
 _UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
+_UINT_BY_SIZE = [None, _UINT[1], _UINT[2], None, _UINT[4], None, None, None, _UINT[8]]
+_IO_OF = _IO.unpack_from
+_EXIT_IO = k.EXIT_IO
 LAST_EXITS = 16
 
 
@@ -63,6 +66,10 @@ class VcpuThread(threading.Thread):
         self.machine = machine
         self.exit_counts = [0] * k.NUM_EXIT_REASONS
         self.last_exits: deque[tuple] = deque(maxlen=LAST_EXITS)
+        self._last_exit = self.last_exits.append
+        # Bound once: the I/O handler is the hottest code in hvm.
+        self._pio_read = machine.pio.read
+        self._pio_write = machine.pio.write
         self.halted = False
         # Emulation failures hvm completed itself, by instruction (see _complete_emulation).
         self.completed: dict[str, int] = {}
@@ -191,22 +198,24 @@ class VcpuThread(threading.Thread):
     # --- handlers: return True to end this vCPU's loop ----------------------------------------------
     def _exit_io(self) -> bool:
         view = self._view
-        direction, size, port, count, offset = _IO.unpack_from(view, _EXIT_UNION)
-        fmt = _UINT[size]
-        pio = self.machine.pio
-        if direction == k.EXIT_IO_OUT:
+        direction, size, port, count, offset = _IO_OF(view, _EXIT_UNION)
+        fmt = _UINT_BY_SIZE[size]
+        if direction:  # KVM_EXIT_IO_OUT
             if count == 1:
                 value = fmt.unpack_from(view, offset)[0]
-                pio.write(port, size, value)
+                self._pio_write(port, size, value)
             else:  # string I/O (rep outs): count elements back to back
                 for i in range(count):
                     value = fmt.unpack_from(view, offset + i * size)[0]
-                    pio.write(port, size, value)
-        else:
+                    self._pio_write(port, size, value)
+        elif count == 1:
+            value = self._pio_read(port, size)
+            fmt.pack_into(view, offset, value)
+        else:  # rep ins
             for i in range(count):
-                value = pio.read(port, size)
+                value = self._pio_read(port, size)
                 fmt.pack_into(view, offset + i * size, value)
-        self.last_exits.append((k.EXIT_IO, port, direction, size, count, value if count == 1 else None))
+        self._last_exit((_EXIT_IO, port, direction, size, count, value if count == 1 else None))
         return False
 
     def _exit_mmio(self) -> bool:
