@@ -99,8 +99,8 @@ def format_table(rows: list[Row]) -> str:
         hvm = r.hvm.cell() if r.hvm else "—"
         ref = f"{r.reference}: {r.ref.cell()}" if r.ref else r.reference
         if r.status == "ok":
-            ratio = f"{r.ratio:.2f}"
-            note = f"{r.ratio_of}; {r.note}" if r.note else r.ratio_of
+            ratio = f"{r.ratio:.2f}" if r.ratio is not None else "—"     # e.g. the reference reached nothing
+            note = f"{r.ratio_of}; {r.note}" if r.note and r.ratio_of else r.note or r.ratio_of
         else:
             ratio = r.status
             note = r.note

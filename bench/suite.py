@@ -15,6 +15,7 @@ from pathlib import Path
 from bench.common import KUT_DIR, QEMU, RESULTS, ROOT, Row, format_table, have_qemu
 from bench.exits import bench_exits
 from bench.kut import bench_kut
+from bench.linux import bench_linux
 from bench.startup import bench_memory, bench_startup
 
 GROUPS = ("exits", "startup", "memory", "kut", "linux")
@@ -22,10 +23,6 @@ GROUPS = ("exits", "startup", "memory", "kut", "linux")
 # (exit-loop iterations, exit reps, warm-up, start-up reps, memory reps, kvm-unit-tests reps, kut in parallel)
 FULL = dict(iterations=30000, exit_reps=9, warmup=True, startup_reps=10, memory_reps=3, kut_reps=3, kut_parallel=False)
 QUICK = dict(iterations=2000, exit_reps=2, warmup=False, startup_reps=2, memory_reps=1, kut_reps=1, kut_parallel=False)
-
-LINUX_ROW = Row("linux.boot", "Linux boot to userspace", "QEMU -kernel bzImage", status="pending",
-                note="pending: Linux boot not implemented yet")
-
 
 BUSY_CPUS = 0.3      # CPUs' worth of work by other processes above which the figures are flagged as noisy
 
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             elif group == "kut":
                 r, data = bench_kut(p["kut_reps"], p["kut_parallel"], log, args.kut)
             else:
-                r, data = [LINUX_ROW], {"status": "pending"}
+                r, data = bench_linux(args.quick, log)
             rows += r
             raw[group] = data
             log(f"bench: {group} took {time.monotonic() - t0:.1f} s")
