@@ -187,6 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
+
     def terminate(signo, frame):  # unwind through `with machine` so the terminal is restored and fds closed
         machine.request_stop(128 + signo, f"terminated by signal {signo}")
 
@@ -202,12 +203,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(s, handler)
     if result.reason in ("crash", "timeout", "panic") or result.status >= 128:
         print(f"\nhvm: {result.message}", file=sys.stderr)
+    else:
+        log.info("%s (exit status %d)", result.message, result.status)
     if (result.reason == "panic" and machine.host.backend == "kvm_pvm"
             and b"Run /init as init process" in machine.console.history):
         print("hvm: Linux reached user space; on this host (kvm_pvm) user space cannot make system calls, "
               "so /init dies at its first one — run `hvm doctor` for the details", file=sys.stderr)
-    else:
-        log.info("%s (exit status %d)", result.message, result.status)
     if args.stats:
         print(machine.stats().format(), file=sys.stderr)
         print(f"run time: {result.seconds * 1000:.1f} ms", file=sys.stderr)
