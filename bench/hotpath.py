@@ -142,7 +142,7 @@ def loop_c_inner(vm) -> int:
 
     ffi, lib = load_fastloop()
     t = vm.threads[0]
-    fd, view = vm.vcpus[0].fd, vm.vcpus[0].run_view
+    fd = vm.vcpus[0].fd
     run_addr = int(hvm_ffi.cast("uintptr_t", vm.vcpus[0].run_struct))
     claimed = ffi.new("uint8_t[8192]")
     for port in port_table(vm):

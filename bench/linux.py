@@ -13,7 +13,6 @@ import select
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 from bench.common import QEMU, ROOT, Figure, Row, have_qemu, hvm_command
 

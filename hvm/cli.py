@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 
 from hvm.boot import BootError
-from hvm.config import ConfigError, load_config, load_yaml, merge, parse_spec
+from hvm.config import ConfigError, load_yaml, merge, parse_spec
 from hvm.kvm import KvmError
 from hvm.machine import EXIT_CONFIG, EXIT_HOST, EXIT_INTERNAL, Machine
 from hvm.mmio import BusError

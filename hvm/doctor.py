@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hvm.config import FlatBoot, VmSpec
 from hvm.console import Console
-from hvm.host import HostProfile, detect
+from hvm.host import detect
 from hvm.kvm import Kvm
 from hvm.kvm import constants as kc
 from hvm.machine import Machine
@@ -104,7 +104,7 @@ def diagnose(out=print) -> dict:
         caps = {c: kvm.check_extension(getattr(kc, "CAP_" + c)) for c in CAPS}
         results["capabilities"] = caps
         max_vcpus = kvm.check_extension(kc.CAP_MAX_VCPUS)
-    out(f"hvm doctor — what this host's KVM can do")
+    out("hvm doctor — what this host's KVM can do")
     out(f"  /dev/kvm            API version 12, {host.describe()}, up to {max_vcpus} vCPUs")
     out("  capabilities        " + ", ".join(f"{c} {'yes' if v else 'NO'}" for c, v in caps.items()))
 

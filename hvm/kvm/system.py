@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from hvm.kvm import ioctls
 from hvm.kvm._ffi import ffi, ioctl_int, lib
 from hvm.kvm.errors import KvmError
+
+if TYPE_CHECKING:
+    from hvm.kvm.vm import Vm
 
 KVM_API_VERSION = 12
 MAX_CPUID_ENTRIES = 256

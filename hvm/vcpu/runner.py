@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import struct
 import threading
 import time
 from collections import deque
 from typing import Callable, Protocol
 
-from hvm.kvm import Vcpu, ffi
+from hvm.kvm import KICK_SIGNAL, Vcpu, ffi
 from hvm.kvm import constants as k
 from hvm.kvm._ffi import API_MODE, lib
 from hvm.kvm.ioctls import KVM_RUN
@@ -182,10 +183,6 @@ class VcpuThread(threading.Thread):
     def kick(self) -> None:
         """Make KVM_RUN return soon: set immediate_exit (covers the window before the next KVM_RUN)
         and signal the thread (interrupts a KVM_RUN in progress)."""
-        import signal
-
-        from hvm.kvm import KICK_SIGNAL
-
         run = self.vcpu.run_struct
         if run is not None:
             run.immediate_exit = 1
