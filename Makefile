@@ -39,8 +39,8 @@ $(FWB)/mbtest.elf: $(FW)/mbtest.S $(FW)/uart.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/mbtest.o $<
 	ld -m elf_i386 -Ttext=0x200000 -e _start -o $@ $(FWB)/mbtest.o
 
-# Install hvm (editable, with its compiled cffi module) and the test tools, once.
-$(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_build.py
+# Install hvm (editable, with its compiled cffi modules) and the test tools, once.
+$(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_build.py hvm/vcpu/_fastloop_build.py
 	$(PYTHON) -m pip install -q -e '.[test]'
 	$(PYTHON) -m compileall -q hvm   # start-up: no compiling hvm's sources at every run (PYTHONDONTWRITEBYTECODE)
 	touch $@
@@ -60,6 +60,6 @@ test-fast: install firmware
 	$(PYTHON) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(FWB) build *.egg-info hvm/kvm/_kvm_cffi*.so hvm/kvm/_kvm_cffi.c $(STAMP)
+	rm -rf $(FWB) build *.egg-info hvm/kvm/_kvm_cffi*.so hvm/kvm/_kvm_cffi.c hvm/vcpu/_fastloop_cffi*.so hvm/vcpu/_fastloop_cffi.c $(STAMP)
 include mk/linux.mk
 include mk/bench.mk

@@ -5,8 +5,8 @@ hvm.Machine, interleaved so that the host's drift hits all of them alike, and pr
 per exit of each and the differences between neighbours:
 
   cref          bench/cref.c: KVM_RUN in C (the kernel's and the backend's share of an exit)
-  c-inner       a prototype (bench/fastloop.py): hvm's loop in Python around a C inner loop that
-                re-enters the guest itself after port I/O no device claims; Python sees the rest
+  hvm           Machine.run() as it is: the C fast loop re-enters the guest itself after port I/O that
+                no device claims (hvm/vcpu/fastloop.py); Python sees the first such exit and the rest
   py-min        the least a Python loop can do: KVM_RUN through hvm's cffi binding, read the exit reason
                 and the port, stop at the debug-exit port; on a thread, as hvm runs vCPUs
   hvm-empty     hvm's own VcpuThread._loop, with the IO entry of its dispatch table replaced by a handler
@@ -14,7 +14,8 @@ per exit of each and the differences between neighbours:
   py-inline     the hvm loop with the port-I/O path written inline (decode, one dict lookup, count a
                 miss or call the device), no per-exit method calls, no tuple per exit: what a
                 restructured Python loop costs
-  hvm           Machine.run() unchanged: _exit_io, PioBus.write, the miss path, last_exits
+  hvm-py        Machine.run() with the all-Python loop (fast_loop=False): _exit_io, PioBus.write, the
+                miss path, last_exits, on every exit
 
 Then times hvm's handler pieces in a warm loop (timeit, no KVM) for comparison with their cost in situ.
 This reads hvm's internals (threads, dispatch table, buses) but changes nothing in hvm/.
@@ -37,7 +38,7 @@ from pathlib import Path
 from bench.common import CREF, FIRMWARE, run_measured
 from bench.exits import ITERATIONS_OFFSET, ARG_OFFSET
 
-VARIANTS = ("cref", "c-inner", "py-min", "hvm-empty", "py-inline", "hvm")
+VARIANTS = ("cref", "hvm", "py-min", "hvm-empty", "py-inline", "hvm-py")
 
 
 def make_image(iterations: int, port: int, workdir: Path) -> Path:
@@ -49,7 +50,7 @@ def make_image(iterations: int, port: int, workdir: Path) -> Path:
     return path
 
 
-def make_machine(image: Path):
+def make_machine(image: Path, fast_loop: bool = True):
     from hvm import Machine
     from hvm.config import load_config
     from hvm.console import Console
@@ -58,7 +59,7 @@ def make_machine(image: Path):
     yaml_path.write_text("name: hotpath\nmemory: 16M\ntimeout: 20\nmachine: none\n"
                          f"boot: {{image: '{image}', load: 0x7c00, mode: real}}\n"
                          "devices: {serial: {output: none, input: none}, debug_exit: {port: 0xf4, size: 4}}\n")
-    return Machine(load_config(yaml_path), console=Console("none", "none"))
+    return Machine(load_config(yaml_path), console=Console("none", "none"), fast_loop=fast_loop)
 
 
 def on_thread(fn, timeout: float = 30.0):
@@ -135,41 +136,6 @@ def loop_py_inline(vm) -> int:
     return n
 
 
-def loop_c_inner(vm) -> int:
-    """hvm's loop shape, but KVM_RUN goes through bench/fastloop.py's C inner loop, which handles
-    port I/O to unclaimed ports itself; every other exit goes through hvm's dispatch table."""
-    from hvm.kvm._ffi import ffi as hvm_ffi
-
-    ffi, lib = load_fastloop()
-    t = vm.threads[0]
-    fd = vm.vcpus[0].fd
-    run_addr = int(hvm_ffi.cast("uintptr_t", vm.vcpus[0].run_struct))
-    claimed = ffi.new("uint8_t[8192]")
-    for port in port_table(vm):
-        claimed[port >> 3] |= 1 << (port & 7)
-    unclaimed = ffi.new("uint32_t[65536]")
-    handled = ffi.new("unsigned long long *")
-    claimed_addr, unclaimed_addr = int(ffi.cast("uintptr_t", claimed)), int(ffi.cast("uintptr_t", unclaimed))
-    fast_run = lib.hvm_fast_run
-    counts, dispatch, machine = t.exit_counts, t.dispatch, vm
-    n = 0
-    while not machine.stopping:
-        reason = fast_run(fd, run_addr, claimed_addr, unclaimed_addr, handled)
-        if reason < 0:
-            raise OSError(-reason, "KVM_RUN failed")
-        n += 1
-        counts[reason] += 1
-        if dispatch[reason]():
-            break
-    return n + handled[0]
-
-
-def load_fastloop():
-    from bench.fastloop import load
-
-    return load()
-
-
 def run_variant(name: str, image: Path) -> tuple[float, float, float]:
     """(wall, user CPU, system CPU) seconds per exit for one run of `name`. CPU times are the whole
     process's (getrusage; for cref the child's, including its few milliseconds of VM set-up)."""
@@ -180,9 +146,9 @@ def run_variant(name: str, image: Path) -> tuple[float, float, float]:
         return out["seconds"] / n, res.user / n, res.sys / n
     from hvm.kvm import constants as k
 
-    with make_machine(image) as vm:
+    with make_machine(image, fast_loop=name != "hvm-py") as vm:
         r0 = resource.getrusage(resource.RUSAGE_SELF)
-        if name == "hvm":
+        if name in ("hvm", "hvm-py"):
             t0 = time.perf_counter()
             vm.run()
             dt = time.perf_counter() - t0
@@ -204,7 +170,7 @@ def run_variant(name: str, image: Path) -> tuple[float, float, float]:
             dt = time.perf_counter() - t0
             n = sum(t.exit_counts)
         else:
-            fn = {"py-min": loop_py_min, "py-inline": loop_py_inline, "c-inner": loop_c_inner}[name]
+            fn = {"py-min": loop_py_min, "py-inline": loop_py_inline}[name]
             t0 = time.perf_counter()
             n = on_thread(lambda: fn(vm))
             dt = time.perf_counter() - t0
@@ -219,7 +185,7 @@ def warm_costs(port: int) -> dict[str, float]:
     from hvm.kvm.ioctls import KVM_RUN
 
     with tempfile.TemporaryDirectory() as tmp:
-        with make_machine(make_image(10, port, Path(tmp))) as vm:
+        with make_machine(make_image(10, port, Path(tmp)), fast_loop=False) as vm:
             t = vm.threads[0]
             view = t._view
             struct.pack_into("<I", view, 8, 2)                       # a KVM_EXIT_IO ...
@@ -258,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the samples here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
-    load_fastloop()     # build the prototype before the clock runs
     samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpu: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,9 +5,10 @@ console), times Machine.run() (start() to wait(): the vCPU thread's KVM_RUN loop
 the PIO/MMIO buses and devices, ending at the debug-exit write), and prints one JSON object.
 
 --hlt-continue: hvm ends the VM at the first HLT exit (without an irqchip nothing can wake the vCPU),
-so the HLT benchmark replaces that one entry of the vCPU's dispatch table with a handler that returns
-False ("carry on"). The rest of the run loop is hvm's own; this measures its floor: KVM_RUN through
-cffi, reading the exit reason, counting it, one call through the table.
+so the HLT benchmark asks the vCPU to resume after HLT exits instead (VcpuThread.resume_on: in the C
+fast loop, or a no-op entry in the dispatch table of the Python loop). This measures the loop's floor.
+
+--python-loop: run the all-Python loop (no C fast loop), as traced runs and uncompiled trees do.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.hvm_worker")
     ap.add_argument("--yaml", required=True)
     ap.add_argument("--hlt-continue", action="store_true")
+    ap.add_argument("--python-loop", action="store_true", help="no C fast loop")
     ap.add_argument("--trace", metavar="FILE", help="record every exit as JSON lines (hvm run --trace)")
     args = ap.parse_args(argv)
 
@@ -36,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     from hvm.trace import TraceConfig
 
     trace = TraceConfig(path=args.trace) if args.trace else None
-    with Machine(spec, console=Console("none", "none"), trace=trace) as vm:
+    with Machine(spec, console=Console("none", "none"), trace=trace, fast_loop=not args.python_loop) as vm:
         t_built = time.perf_counter()
         if args.hlt_continue:
             for t in vm.threads:
-                t.dispatch[k.EXIT_HLT] = _carry_on
+                t.resume_on(k.EXIT_HLT)
         c0, t0 = time.process_time(), time.perf_counter()
         result = vm.run()
         t1, c1 = time.perf_counter(), time.process_time()
@@ -60,10 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         }
     print(json.dumps(out))
     return 0 if result.reason == "debug-exit" else 1
-
-
-def _carry_on() -> bool:
-    return False
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hvm.boot import BootError, BootState, Module, is_multiboot, load_flat, load_multiboot
 from hvm.config import FlatBoot, KernelBoot, VmSpec
@@ -23,7 +24,6 @@ from hvm.kvm import constants as kc
 from hvm.memory import GuestMemory
 from hvm.boot import bios
 from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
-from hvm.boot.linux import kernel_kind, load_linux
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
 from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
@@ -32,8 +32,10 @@ from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
 from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
 from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, TESTDEV_PORT, PcTestDev,
                               PcTestDevIrq)
-from hvm.trace.tracer import TraceConfig, Tracer
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
+
+if TYPE_CHECKING:
+    from hvm.trace.tracer import TraceConfig, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,13 @@ class Machine:
     Always close() it (or use `with`), which releases every fd and mapping."""
 
     def __init__(self, spec: VmSpec, console: Console | None = None, adapt_to_host: bool = True,
-                 trace: TraceConfig | None = None):
+                 trace: TraceConfig | None = None, fast_loop: bool = True):
         """adapt_to_host=False runs the guest on the backend as it is: no CPUID features hidden, no kernel
-        command-line additions, no emulation failures completed (what `hvm doctor` needs to measure)."""
+        command-line additions, no emulation failures completed (what `hvm doctor` needs to measure).
+        fast_loop=False keeps every exit in the all-Python run loop (for comparisons; same results)."""
         self.spec = spec
         self.adapt_to_host = adapt_to_host
+        self.fast_loop = fast_loop and trace is None   # a traced run must see every exit in Python
         self.trace_config = trace
         self.tracer: Tracer | None = None
         self.stopping = False
@@ -201,8 +205,11 @@ class Machine:
             if index == 0:
                 apply_boot_state(vcpu, self.boot_state)
             # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
-        self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host) for v in self.vcpus]
+        self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host, fast_loop=self.fast_loop)
+                        for v in self.vcpus]
         if self.trace_config is not None:
+            from hvm.trace.tracer import Tracer  # the trace package (json, filters, a writer) only for traced runs
+
             self.tracer = Tracer(self.trace_config, self._device_at)
             for t in self.threads:
                 t.trace_sink = self.tracer.append
@@ -250,6 +257,8 @@ class Machine:
         if is_multiboot(head):
             modules = tuple(Module(p) for p in boot.initrd)
             return load_multiboot(mem, boot.kernel, boot.cmdline, modules)
+        from hvm.boot.linux import kernel_kind, load_linux  # not needed by flat images and multiboot kernels
+
         kind = kernel_kind(head)
         if kind == "elf" and not (len(head) > 4 and head[4] == 2):
             raise BootError(f"{boot.kernel}: a 32-bit ELF file without a multiboot header (hvm boots multiboot "
@@ -440,7 +449,7 @@ class Machine:
     def stats(self) -> ExitStats:
         by_reason: dict[str, int] = {}
         for t in self.threads:
-            for reason, n in enumerate(t.exit_counts):
+            for reason, n in enumerate(t.total_exit_counts()):
                 if n:
                     name = kc.EXIT_REASON_NAMES.get(reason, str(reason))
                     by_reason[name] = by_reason.get(name, 0) + n

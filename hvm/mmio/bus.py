@@ -10,6 +10,7 @@ import array
 import bisect
 import logging
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from hvm.mmio.device import Device
 
@@ -31,6 +32,15 @@ class BusRange:
         return self.base + self.length
 
 
+class RouteListener(Protocol):
+    """Told when an address turns out to be unclaimed (after its one log line) and when a device claims
+    a range. The vCPU fast loop listens, to handle repeated accesses to unclaimed addresses without Python."""
+
+    def unclaimed(self, addr: int) -> None: ...
+
+    def claimed(self, base: int, length: int) -> None: ...
+
+
 class _Bus:
     kind = "bus"
     width = 8  # hex digits used in messages
@@ -39,6 +49,9 @@ class _Bus:
         self.ranges: list[BusRange] = []
         self._bases: list[int] = []
         self._logged: set[int] = set()
+        self.listeners: list[RouteListener] = []
+        # Accesses counted elsewhere (by the fast loop), merged into counts/unhandled: {addr: n} each.
+        self.hit_sources: list[Callable[[], dict[int, int]]] = []
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0:
@@ -51,6 +64,8 @@ class _Bus:
         i = bisect.bisect(self._bases, base)
         self.ranges.insert(i, BusRange(base, length, device))
         self._bases.insert(i, base)
+        for listener in self.listeners:
+            listener.claimed(base, length)
 
     def find(self, addr: int) -> BusRange | None:
         i = bisect.bisect(self._bases, addr) - 1
@@ -60,8 +75,15 @@ class _Bus:
                 return r
         return None
 
-    def _hit_counts(self) -> dict[int, int]:
+    def _own_hits(self) -> dict[int, int]:
         raise NotImplementedError
+
+    def _hit_counts(self) -> dict[int, int]:
+        hits = self._own_hits()
+        for source in self.hit_sources:
+            for a, n in source().items():
+                hits[a] = hits.get(a, 0) + n
+        return hits
 
     @property
     def counts(self) -> dict[int, int]:
@@ -73,6 +95,19 @@ class _Bus:
         """Accesses per address that no device claimed."""
         return {a: n for a, n in self._hit_counts().items() if self.find(a) is None}
 
+    def attach(self, listener: RouteListener, hits: Callable[[], dict[int, int]]) -> None:
+        """Add a route listener (told at once of the unclaimed addresses seen so far) and its hit counts."""
+        self.listeners.append(listener)
+        self.hit_sources.append(hits)
+        for addr in sorted(self._logged):
+            if self.find(addr) is None:
+                listener.unclaimed(addr)
+
+    def _first_miss(self, addr: int) -> None:
+        self._logged.add(addr)
+        for listener in self.listeners:
+            listener.unclaimed(addr)
+
     def counts_by_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for addr, n in self.counts.items():
@@ -83,16 +118,16 @@ class _Bus:
     # An address nobody claims is served by these two, so the hot path has no branch for it.
     def _miss_read(self, addr: int, size: int) -> int:
         if addr not in self._logged:
-            self._logged.add(addr)
             log.warning("%s read (%d bytes) from %#0*x: no device there, reads as all ones",
                         self.kind, size, self.width, addr)
+            self._first_miss(addr)
         return (1 << (8 * size)) - 1
 
     def _miss_write(self, addr: int, size: int, value: int) -> None:
         if addr not in self._logged:
-            self._logged.add(addr)
             log.warning("%s write of %#x (%d bytes) to %#0*x: no device there, dropped",
                         self.kind, value, size, self.width, addr)
+            self._first_miss(addr)
 
 
 class PioBus(_Bus):
@@ -118,7 +153,7 @@ class PioBus(_Bus):
             self._handlers[port] = pair
             self._offsets[port] = port - base
 
-    def _hit_counts(self) -> dict[int, int]:
+    def _own_hits(self) -> dict[int, int]:
         return {port: n for port, n in enumerate(self._hits) if n}
 
     def read(self, port: int, size: int) -> int:
@@ -153,7 +188,7 @@ class MmioBus(_Bus):
             self._routes[addr] = route
         return route
 
-    def _hit_counts(self) -> dict[int, int]:
+    def _own_hits(self) -> dict[int, int]:
         return dict(self._hits)
 
     def read(self, addr: int, size: int) -> int:

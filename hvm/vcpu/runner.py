@@ -3,6 +3,11 @@
 The hot path is: KVM_RUN (GIL released by cffi) -> read exit_reason from the mmapped kvm_run ->
 index the dispatch table -> one handler -> bus -> device. Handlers read kvm_run through a
 memoryview with precompiled struct formats; nothing is looked up twice.
+
+Exits that need no Python at all -- repeated accesses to addresses no device claims, once the bus
+has reported them -- never reach this loop: KVM_RUN is issued by the C fast loop (fastloop.py), which
+re-enters the guest after those itself and returns every other exit here. Traced runs, and source
+trees without the compiled module, use the all-Python loop; the results are the same.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from hvm.kvm import constants as k
 from hvm.kvm._ffi import API_MODE, lib
 from hvm.kvm.ioctls import KVM_RUN
 from hvm.mmio.bus import MmioBus, PioBus
+from hvm.vcpu import fastloop
 from hvm.vcpu.report import CrashReport
 
 log = logging.getLogger(__name__)
@@ -59,8 +65,16 @@ class VmControl(Protocol):
     def wait_while_paused(self, index: int) -> None: ...
 
 
+class _Routes:
+    """Tells a vCPU's fast loop which ports or MMIO addresses are unclaimed (a bus RouteListener)."""
+
+    def __init__(self, unclaimed: Callable[[int], None], claimed: Callable[[int, int], None]) -> None:
+        self.unclaimed = unclaimed
+        self.claimed = claimed
+
+
 class VcpuThread(threading.Thread):
-    def __init__(self, vcpu: Vcpu, machine: VmControl, complete_emulation: bool = True):
+    def __init__(self, vcpu: Vcpu, machine: VmControl, complete_emulation: bool = True, fast_loop: bool = True):
         super().__init__(name=f"vcpu{vcpu.index}", daemon=True)
         self.vcpu = vcpu
         self.index = vcpu.index
@@ -92,12 +106,34 @@ class VcpuThread(threading.Thread):
         self.dispatch[k.EXIT_SYSTEM_EVENT] = self._exit_system_event
         self.dispatch[k.EXIT_IRQ_WINDOW_OPEN] = self._exit_ignored
         self.dispatch[k.EXIT_INTR] = self._exit_ignored
+        # The C fast loop, if compiled and wanted; the buses tell it which addresses are unclaimed.
+        self.fast: fastloop.FastLoop | None = None
+        if fast_loop and fastloop.AVAILABLE:
+            fl = self.fast = fastloop.FastLoop(vcpu.fd, int(ffi.cast("uintptr_t", vcpu.run_struct)))
+            machine.pio.attach(_Routes(fl.port_unclaimed, fl.ports_claimed), fl.port_hits)
+            machine.mmio.attach(_Routes(fl.mmio_unclaimed, fl.mmio_claimed), fl.mmio_hits)
+
+    def resume_on(self, reason: int) -> None:
+        """Enter the guest again at once after exits of this reason, without a handler (benchmarks: the
+        bare loop's cost). In the fast loop this happens in C; otherwise the handler becomes a no-op."""
+        self.dispatch[reason] = self._exit_ignored
+        if self.fast is not None:
+            self.fast.resume_on(reason)
+
+    def total_exit_counts(self) -> list[int]:
+        """Exits by reason: those this loop dispatched plus those the C fast loop handled itself."""
+        if self.fast is None:
+            return list(self.exit_counts)
+        handled = self.fast.handled()
+        return [n + (handled[r] if r < len(handled) else 0) for r, n in enumerate(self.exit_counts)]
 
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> None:
         try:
             if self.trace_sink is not None:
                 self._loop_traced()
+            elif self.fast is not None:
+                self._loop_fast()
             else:
                 self._loop()
         except Exception as e:  # a bug in the VMM or a device: report it like a crash, never hang
@@ -120,6 +156,22 @@ class VcpuThread(threading.Thread):
             counts[reason] += 1
             if dispatch[reason]():
                 return  # the handler ended this vCPU (halt, crash, shutdown)
+
+    def _loop_fast(self) -> None:
+        """The same loop around the C fast loop, which returns only exits that need Python (or -errno)."""
+        fast = self.fast
+        run, fd, run_address, state = fast.run, fast.fd, fast.run_address, fast.state
+        dispatch = self.dispatch
+        counts = self.exit_counts
+        machine = self.machine
+        while not machine.stopping:
+            reason = run(fd, run_address, state)
+            if reason < 0:
+                self._run_failed(-reason)
+                continue
+            counts[reason] += 1
+            if dispatch[reason]():
+                return
 
     def _loop_traced(self) -> None:
         """The same loop, recording each exit after its handler ran (so IN/MMIO-read data is the value the
@@ -305,7 +357,9 @@ class VcpuThread(threading.Thread):
     # --- reporting --------------------------------------------------------------------------------
     def describe_last_exits(self) -> list[str]:
         out = []
-        for e in self.last_exits:
+        # The fast loop's ring holds every exit (also the ones handled in C) once it has run.
+        exits = self.fast.last_exits() if self.fast is not None and self.fast.state.seq else self.last_exits
+        for e in exits:
             if e[0] == k.EXIT_IO:
                 _, port, direction, size, count, value = e
                 what = "out" if direction == k.EXIT_IO_OUT else "in"
@@ -313,7 +367,8 @@ class VcpuThread(threading.Thread):
                 out.append(f"IO {what} port={port:#06x} size={size} count={count}{val}")
             elif e[0] == k.EXIT_MMIO:
                 _, addr, is_write, size, _count, value = e
-                out.append(f"MMIO {'write' if is_write else 'read'} addr={addr:#x} size={size} value={value:#x}")
+                val = f" value={value:#x}" if value is not None else ""
+                out.append(f"MMIO {'write' if is_write else 'read'} addr={addr:#x} size={size}{val}")
             else:
                 out.append(k.EXIT_REASON_NAMES.get(e[0], str(e[0])))
         return out

@@ -1,0 +1,99 @@
+"""The C half of a vCPU's run loop (see _fastloop_build.py): one FastLoop per vCPU.
+
+Python tells it which addresses no device claims (after the bus has reported each one once) and which
+exit reasons to resume at once; it gives back what it handled itself -- exit counts, accesses per
+port/address -- and the ring of the last exits. Without the compiled module (a source tree that was
+never installed), AVAILABLE is False and the vCPU runs its all-Python loop, with the same results.
+"""
+from __future__ import annotations
+
+from hvm.kvm import constants as k
+
+try:  # built by setup.py (cffi_modules) during `pip install`
+    from hvm.vcpu._fastloop_cffi import ffi, lib  # type: ignore[import-not-found]
+
+    AVAILABLE = True
+except ImportError:
+    ffi = lib = None
+    AVAILABLE = False
+
+
+class FastLoop:
+    """The fast loop's state for one vCPU (a C struct this object owns)."""
+
+    def __init__(self, fd: int, run_address: int) -> None:
+        if not AVAILABLE:
+            raise RuntimeError("hvm's fast loop is not compiled (pip install -e . builds it)")
+        self.fd = fd
+        self.run_address = run_address
+        self.state = ffi.new("struct hvm_fastloop *")
+        self.slots = len(self.state.mmio_unclaimed)
+        self._ports: set[int] = set()
+        self._mmio: list[int] = []
+        self.run = lib.hvm_fastloop_run   # (fd, run address, state) -> exit reason, or -errno
+
+    # --- what Python tells the C side --------------------------------------------------------------
+    def port_unclaimed(self, port: int) -> None:
+        """From now on accesses to this port are handled in C: OUT dropped, IN all ones."""
+        self._ports.add(port)
+        self.state.pio_unclaimed[port >> 3] |= 1 << (port & 7)
+
+    def ports_claimed(self, base: int, length: int) -> None:
+        """A device now owns these ports: send their exits to Python again."""
+        for port in range(base, base + length):
+            self.state.pio_unclaimed[port >> 3] &= ~(1 << (port & 7)) & 0xFF
+
+    def mmio_unclaimed(self, addr: int) -> None:
+        """From now on accesses to this exact address are handled in C (while slots last)."""
+        n = self.state.mmio_unclaimed_n
+        if addr in self._mmio or n >= self.slots:
+            return
+        self._mmio.append(addr)
+        self.state.mmio_unclaimed[n] = addr
+        self.state.mmio_unclaimed_n = n + 1
+
+    def mmio_claimed(self, base: int, length: int) -> None:
+        """A device now owns [base, base+length): forget those addresses (the C side sees fewer of them)."""
+        keep = [a for a in self._mmio if not base <= a < base + length]
+        if len(keep) == len(self._mmio):
+            return
+        hits = {a: self.state.mmio_hits[i] for i, a in enumerate(self._mmio)}
+        self.state.mmio_unclaimed_n = 0   # nothing matches while the table is rewritten
+        for i, a in enumerate(keep):
+            self.state.mmio_unclaimed[i] = a
+            self.state.mmio_hits[i] = hits[a]
+        self._mmio = keep
+        self.state.mmio_unclaimed_n = len(keep)
+
+    def resume_on(self, reason: int) -> None:
+        """Enter the guest again at once after exits of this reason (counted, never seen by Python)."""
+        self.state.resume_mask |= 1 << reason
+
+    # --- what it gives back ------------------------------------------------------------------------
+    def handled(self) -> list[int]:
+        """Exits the C side handled, indexed by exit reason."""
+        return list(self.state.handled)
+
+    def port_hits(self) -> dict[int, int]:
+        return {p: n for p in self._ports if (n := self.state.pio_hits[p])}
+
+    def mmio_hits(self) -> dict[int, int]:
+        return {a: n for i, a in enumerate(self._mmio) if (n := self.state.mmio_hits[i])}
+
+    def last_exits(self) -> list[tuple]:
+        """The ring of the last exits, oldest first, as the Python loop records them:
+        (EXIT_IO, port, direction, size, count, value|None), (EXIT_MMIO, addr, is_write, size, 1, value|None),
+        or (reason,)."""
+        s = self.state
+        n = len(s.last)
+        out = []
+        for seq in range(max(0, s.seq - n), s.seq):
+            r = s.last[seq % n]
+            value = r.value if r.has_value else None
+            if r.reason == k.EXIT_IO:
+                out.append((k.EXIT_IO, r.addr, r.dir, r.size, r.count, value))
+            elif r.reason == k.EXIT_MMIO:
+                out.append((k.EXIT_MMIO, r.addr, r.dir, r.size, 1, value))
+            else:
+                out.append((r.reason,))
+        return out
