@@ -117,7 +117,9 @@ class Machine:
         fast_loop=False keeps every exit in the all-Python run loop (for comparisons; same results)."""
         self.spec = spec
         self.adapt_to_host = adapt_to_host
-        self.fast_loop = fast_loop and trace is None   # a traced run must see every exit in Python
+        # Exits kept in memory for scripts (exits()) are recorded by the Python loop, as they happen;
+        # files and rings are recorded by the fast loop, in C.
+        self.fast_loop = fast_loop and (trace is None or not trace.memory)
         self.trace_config = trace
         self.tracer: Tracer | None = None
         self.stopping = False
@@ -288,6 +290,8 @@ class Machine:
         t0 = time.monotonic_ns()
         for t in self.threads:
             t.t0_ns = t0
+            if self.tracer is not None and self.tracer.callbacks:
+                t.trace_in_c = False   # callbacks registered before start see each exit as soon as it is drained
         if self.uart is not None:
             self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
             self.console.start_input(self.uart.feed)

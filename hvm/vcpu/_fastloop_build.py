@@ -14,6 +14,8 @@ from cffi import FFI
 
 LAST_EXITS = 16
 MMIO_SLOTS = 32
+TRACE_FLUSH = -10000          # returned (below any -errno) when the trace buffer wants emptying
+TRACE_DATA_RESERVE = 4096 + 8 # the most data one exit can move (string port I/O: one page)
 
 CDEF = f"""
 struct hvm_exit_rec {{
@@ -26,6 +28,29 @@ struct hvm_exit_rec {{
     uint64_t addr;          /* port or guest-physical address */
     uint64_t value;
 }};
+/* Exit tracing: one record per exit, written after its handler ran (so reads hold what the guest got). */
+struct hvm_trace_rec {{
+    uint64_t t_ns;          /* CLOCK_MONOTONIC at the exit */
+    uint64_t handle_ns;     /* from the exit to the next KVM_RUN */
+    uint64_t where;         /* port or guest-physical address */
+    uint64_t extra;         /* RIP (want_rip), or an internal error's suberror */
+    uint32_t reason;
+    uint32_t count;
+    uint32_t data_off;      /* into data[] */
+    uint32_t data_len;
+    uint8_t size, dir, has_extra, pad;
+    uint32_t pad2;
+}};
+struct hvm_trace_buf {{
+    struct hvm_trace_rec *recs;
+    uint32_t cap, n;
+    uint8_t *data;
+    uint32_t data_cap, data_n;
+    uint64_t flush_ns;      /* ask for a flush when the oldest unflushed record is this old */
+    uint64_t first_ns;
+    uint32_t want_rip;
+    uint32_t open;          /* recs[n-1] went to Python: finish it at the next entry */
+}};
 struct hvm_fastloop {{
     uint8_t pio_unclaimed[8192];            /* bitmap over 64 K ports */
     uint64_t mmio_unclaimed[{MMIO_SLOTS}];   /* exact addresses */
@@ -37,17 +62,86 @@ struct hvm_fastloop {{
     struct hvm_exit_rec last[{LAST_EXITS}];
     uint64_t seq;                           /* exits recorded in last[] */
     uint32_t pending_read;                  /* last[] ends with a read Python answers: fill its value in */
+    struct hvm_trace_buf *trace;            /* NULL: not tracing */
 }};
+#define HVM_TRACE_FLUSH ...
+#define HVM_TRACE_DATA_RESERVE ...
 int hvm_fastloop_run(int fd, uintptr_t run, struct hvm_fastloop *f);
+void hvm_trace_finish(uintptr_t run, struct hvm_fastloop *f);
 """
 
 SOURCE = r"""
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
-#define HVM_LAST_EXITS """ + str(LAST_EXITS) + "\n" + CDEF.replace("int hvm_fastloop_run(int fd, uintptr_t run, struct hvm_fastloop *f);", "") + r"""
+#define HVM_LAST_EXITS """ + str(LAST_EXITS) + f"""
+#define HVM_TRACE_FLUSH ({TRACE_FLUSH})
+#define HVM_TRACE_DATA_RESERVE {TRACE_DATA_RESERVE}
+""" + CDEF.split("#define HVM_TRACE_FLUSH")[0] + r"""
+static uint64_t hvm_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);   /* what Python's time.monotonic_ns() reads */
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Start the record of the exit in run (the data is copied when the exit is finished). */
+static void hvm_trace_start(struct hvm_trace_buf *tr, int fd, struct kvm_run *run, uint64_t t)
+{
+    struct hvm_trace_rec *r = &tr->recs[tr->n++];
+    memset(r, 0, sizeof *r);
+    if (tr->n == 1)
+        tr->first_ns = t;
+    r->t_ns = t;
+    r->reason = run->exit_reason;
+    if (run->exit_reason == KVM_EXIT_IO) {
+        r->where = run->io.port;
+        r->size = run->io.size;
+        r->dir = run->io.direction;
+        r->count = run->io.count;
+        r->data_len = (uint32_t)run->io.size * run->io.count;
+    } else if (run->exit_reason == KVM_EXIT_MMIO) {
+        r->where = run->mmio.phys_addr;
+        r->size = run->mmio.len;
+        r->dir = run->mmio.is_write;
+        r->count = 1;
+        r->data_len = run->mmio.len > 8 ? 8 : run->mmio.len;
+    }
+    r->data_off = tr->data_n;
+    tr->data_n += r->data_len;
+    if (tr->want_rip) {
+        struct kvm_regs regs;
+        if (ioctl(fd, KVM_GET_REGS, &regs) == 0) {
+            r->extra = regs.rip;
+            r->has_extra = 1;
+        }
+    } else if (run->exit_reason == KVM_EXIT_INTERNAL_ERROR) {
+        r->extra = run->internal.suberror;
+        r->has_extra = 1;
+    }
+}
+
+/* Finish the newest record: its data as the guest now sees it, and how long handling took. */
+static void hvm_trace_end(struct hvm_trace_buf *tr, struct kvm_run *run)
+{
+    struct hvm_trace_rec *r = &tr->recs[tr->n - 1];
+    if (r->data_len) {
+        const uint8_t *src = r->reason == KVM_EXIT_IO ? (uint8_t *)run + run->io.data_offset : run->mmio.data;
+        memcpy(tr->data + r->data_off, src, r->data_len);
+    }
+    r->handle_ns = hvm_now() - r->t_ns;
+}
+
+void hvm_trace_finish(uintptr_t run_addr, struct hvm_fastloop *f)
+{
+    if (f->trace && f->trace->open) {
+        hvm_trace_end(f->trace, (struct kvm_run *)run_addr);
+        f->trace->open = 0;
+    }
+}
 
 static uint64_t hvm_le(const uint8_t *p, unsigned size)
 {
@@ -106,16 +200,26 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
         }
         f->pending_read = 0;
     }
+    struct hvm_trace_buf *tr = f->trace;
+    if (tr && tr->open) {
+        hvm_trace_end(tr, run);
+        tr->open = 0;
+    }
     for (;;) {
+        if (tr && (tr->n >= tr->cap || tr->data_cap - tr->data_n < HVM_TRACE_DATA_RESERVE
+                   || (tr->n && hvm_now() - tr->first_ns >= tr->flush_ns)))
+            return HVM_TRACE_FLUSH;
         if (ioctl(fd, KVM_RUN, 0) < 0)
             return -errno;
         uint32_t reason = run->exit_reason;
+        if (tr)
+            hvm_trace_start(tr, fd, run, hvm_now());
         struct hvm_exit_rec *r = hvm_record(f, run);
         if (reason == KVM_EXIT_IO) {
             uint16_t port = run->io.port;
             if (!(f->pio_unclaimed[port >> 3] & (1u << (port & 7)))) {
                 f->pending_read = run->io.direction == KVM_EXIT_IO_IN;
-                return (int)reason;
+                goto to_python;
             }
             size_t bytes = (size_t)run->io.size * run->io.count;
             if (run->io.direction == KVM_EXIT_IO_IN) {
@@ -130,7 +234,7 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
             int slot = hvm_mmio_slot(f, run->mmio.phys_addr);
             if (slot < 0) {
                 f->pending_read = !run->mmio.is_write;
-                return (int)reason;
+                goto to_python;
             }
             if (!run->mmio.is_write) {
                 uint32_t len = run->mmio.len > 8 ? 8 : run->mmio.len;
@@ -142,10 +246,17 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
         } else if (reason < 64 && (f->resume_mask >> reason) & 1) {
             /* resumed as asked */
         } else {
-            return (int)reason;
+            goto to_python;
         }
         r->by_c = 1;
         f->handled[reason]++;
+        if (tr)
+            hvm_trace_end(tr, run);
+        continue;
+    to_python:
+        if (tr)
+            tr->open = 1;
+        return (int)reason;
     }
 }
 """

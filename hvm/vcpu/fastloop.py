@@ -7,15 +7,24 @@ never installed), AVAILABLE is False and the vCPU runs its all-Python loop, with
 """
 from __future__ import annotations
 
+import struct
+
 from hvm.kvm import constants as k
+
+# struct hvm_trace_rec, as laid out by the compiler (checked against ffi.sizeof at start_trace)
+_TRACE_REC = struct.Struct("<4Q4I4BI")
+TRACE_RECORDS = 32768                # records per buffer (1.75 MiB), and a page of data reserved per exit
+TRACE_FLUSH_NS = 50_000_000          # hand records over at least every 50 ms while exits keep coming
 
 try:  # built by setup.py (cffi_modules) during `pip install`
     from hvm.vcpu._fastloop_cffi import ffi, lib  # type: ignore[import-not-found]
 
     AVAILABLE = True
+    TRACE_FLUSH = lib.HVM_TRACE_FLUSH    # hvm_fastloop_run's answer when its trace buffer wants emptying
 except ImportError:
     ffi = lib = None
     AVAILABLE = False
+    TRACE_FLUSH = None
 
 
 class FastLoop:
@@ -68,6 +77,41 @@ class FastLoop:
     def resume_on(self, reason: int) -> None:
         """Enter the guest again at once after exits of this reason (counted, never seen by Python)."""
         self.state.resume_mask |= 1 << reason
+
+    # --- exit tracing in C ------------------------------------------------------------------------
+    def start_trace(self, want_rip: bool, records: int | None = None) -> None:
+        """Record every exit in C from now on (collect them with take_trace)."""
+        records = records or TRACE_RECORDS
+        if ffi.sizeof("struct hvm_trace_rec") != _TRACE_REC.size:
+            raise RuntimeError("struct hvm_trace_rec does not have the expected layout")
+        tr = self._trace = ffi.new("struct hvm_trace_buf *")
+        self._recs = ffi.new("struct hvm_trace_rec[]", records)
+        data_cap = records * 16 + 2 * lib.HVM_TRACE_DATA_RESERVE
+        self._data = ffi.new("uint8_t[]", data_cap)
+        tr.recs, tr.cap = self._recs, records
+        tr.data, tr.data_cap = self._data, data_cap
+        tr.flush_ns = TRACE_FLUSH_NS
+        tr.want_rip = want_rip
+        self.state.trace = tr
+
+    def take_trace(self, t0_ns: int, vcpu: int) -> list[tuple]:
+        """The records written so far, as the raw tuples of hvm/trace/record.py; empties the buffer. Called
+        by the vCPU's own thread between runs, so the exit Python handled last is over: finish it first."""
+        tr = self._trace
+        lib.hvm_trace_finish(self.run_address, self.state)
+        raw = ffi.buffer(self._recs, tr.n * _TRACE_REC.size)
+        data = ffi.buffer(self._data, tr.data_n)
+        io, mmio = k.EXIT_IO, k.EXIT_MMIO
+        out = []
+        for t, handle, where, extra, reason, count, off, length, size, direction, has_extra, _, _ in \
+                _TRACE_REC.iter_unpack(raw):
+            ext = extra if has_extra else None
+            if reason == io or reason == mmio:
+                out.append((t - t0_ns, vcpu, reason, where, size, direction, count, data[off:off + length], handle, ext))
+            else:
+                out.append((t - t0_ns, vcpu, reason, None, 0, 0, 0, b"", handle, ext))
+        tr.n = tr.data_n = 0
+        return out
 
     # --- what it gives back ------------------------------------------------------------------------
     def handled(self) -> list[int]:
