@@ -368,7 +368,9 @@ class Machine:
         return iter(self.tracer.records)
 
     def on_exit(self, callback) -> None:
-        """Call `callback(ExitRecord)` for every recorded exit (on the trace thread, shortly after the exit)."""
+        """Call `callback(ExitRecord)` for every recorded exit, on the trace thread. Registered before start(),
+        each record arrives shortly after its exit; registered later, the vCPUs record in C and hand records
+        over in batches (every 50 ms while exits come, and when the VM ends)."""
         if self.tracer is None:
             raise RuntimeError("exit callbacks need tracing: Machine(..., trace=TraceConfig())")
         self.tracer.callbacks.append(callback)
