@@ -38,17 +38,18 @@ class ExitLoop:
 LOOPS = (
     ExitLoop("exit.pio", "Port-I/O exit round trip: real-mode `out %al,(%dx)` to port 0x80, no device there",
              "bench_pio", "real", 0x7C00, "io", 0x80,
-             note="hvm: run loop + PioBus miss path"),
+             note="hvm: the first OUT through Python (PioBus logs the unclaimed port), the rest in the C fast loop"),
     ExitLoop("exit.pio_dev", "Port-I/O exit round trip to a device: `out` to port 0x3ff, COM1's scratch register",
              "bench_pio", "real", 0x7C00, "io", 0x3FF, claimed=True,
-             note="hvm: PioBus -> SerialUart.write; C: one-byte register"),
+             note="hvm: every exit through Python: C fast loop -> dispatch table -> PioBus -> SerialUart.write; "
+                  "C: one-byte register"),
     ExitLoop("exit.mmio", "MMIO exit round trip: protected-mode 4-byte store to 0xd0000000, no device there",
              "bench_mmio", "protected", 0x100000, "mmio", 0xD0000000, arg_size=4,
-             note="hvm: run loop + MmioBus miss path"),
+             note="hvm: the first store through Python (MmioBus logs it), the rest in the C fast loop"),
     ExitLoop("exit.hlt", "HLT exit round trip (no irqchip): `hlt` in a loop",
              "bench_hlt", "real", 0x7C00, "hlt", hlt_continue=True,
-             note="hvm ends the VM at the first HLT, so its HLT entry in the vCPU's dispatch table is "
-                  "replaced by a no-op for this run: hvm's bare run-loop floor"),
+             note="hvm ends the VM at the first HLT, so for this run the vCPU resumes after HLT "
+                  "(VcpuThread.resume_on: in the C fast loop): hvm's bare run-loop floor"),
 )
 
 
