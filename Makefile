@@ -42,10 +42,16 @@ $(FWB)/mbtest.elf: $(FW)/mbtest.S $(FW)/uart.inc | $(FWB)
 # Install hvm (editable, with its compiled cffi modules) and the test tools, once.
 $(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_build.py hvm/vcpu/_fastloop_build.py
 	$(PYTHON) -m pip install -q -e '.[test]'
-	$(PYTHON) -m compileall -q hvm   # start-up: no compiling hvm's sources at every run (PYTHONDONTWRITEBYTECODE)
 	touch $@
 
-install: $(STAMP)
+# hvm's bytecode, refreshed whenever a source changes: with PYTHONDONTWRITEBYTECODE set (as here) Python
+# never writes it, and every module whose .pyc is missing or stale is compiled again at every start.
+BYTECODE := hvm/__pycache__/.compiled
+$(BYTECODE): $(shell find hvm -name '*.py') | $(STAMP)
+	$(PYTHON) -m compileall -q hvm
+	touch $@
+
+install: $(STAMP) $(BYTECODE)
 
 # The main job: build everything and boot the default VM, its serial console on this terminal.
 run: install firmware

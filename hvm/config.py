@@ -10,8 +10,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 DEFAULT_MEMORY = 128 << 20   # as QEMU
 MIN_MEMORY = 2 << 20
 MAX_VCPUS = 64
@@ -198,6 +196,8 @@ def load_yaml(path: Path) -> dict:
         raise ConfigError(source, "", "is a directory, not a YAML file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(source, "", f"cannot read: {e}") from None
+    import yaml  # here, not at the top: PyYAML's import is ~25 ms, and `hvm run --kernel ...` reads no YAML
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
