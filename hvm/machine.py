@@ -290,8 +290,10 @@ class Machine:
         t0 = time.monotonic_ns()
         for t in self.threads:
             t.t0_ns = t0
-            if self.tracer is not None and self.tracer.callbacks:
-                t.trace_in_c = False   # callbacks registered before start see each exit as soon as it is drained
+            if self.tracer is not None and (self.tracer.callbacks or (self.trace_config.ring and len(self.threads) > 1)):
+                # Callbacks registered before start see each exit as soon as it is drained; a ring over
+                # several vCPUs needs their records interleaved as they happen, not in batches.
+                t.trace_in_c = False
         if self.uart is not None:
             self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
             self.console.start_input(self.uart.feed)

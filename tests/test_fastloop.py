@@ -202,3 +202,22 @@ def test_trace_buffer_flushes_keep_every_record_in_order(tmp_path, monkeypatch):
     in_c = traced(spec, tmp_path, True)
     assert in_c == traced(spec, tmp_path, False)
     assert [r["data"] for r in in_c] == [f"{v:02x}" for v in range(20, 0, -1)] + ["ff", "03"]
+
+
+@pytest.mark.parametrize("vcpus, in_c", [(1, True), (2, False)])
+def test_ring_trace_recorder(tmp_path, vcpus, in_c):
+    """A ring over several vCPUs is recorded by the Python loop (records interleaved as they happen);
+    with one vCPU the fast loop records it. Either way the ring holds the run's last exits."""
+    import json
+
+    from hvm.config import KernelBoot
+    from hvm.trace import TraceConfig
+
+    spec = VmSpec(name="ring", boot=KernelBoot(FIRMWARE / "mbtest.elf", (), "exit=5"), machine="pc",
+                  memory=32 << 20, vcpus=vcpus, timeout=20)
+    path = tmp_path / "ring.jsonl"
+    with Machine(spec, console=Console("none", "none"), trace=TraceConfig(path=path, ring=2)) as vm:
+        assert vm.run().status == 11
+        assert [t.trace_in_c for t in vm.threads] == [in_c] * vcpus
+    last = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["port"], r["data"]) for r in last] == [(0x3F8, "0a"), (0xF4, "05000000")]
