@@ -221,3 +221,49 @@ def test_ring_trace_recorder(tmp_path, vcpus, in_c):
         assert [t.trace_in_c for t in vm.threads] == [in_c] * vcpus
     last = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["port"], r["data"]) for r in last] == [(0x3F8, "0a"), (0xF4, "05000000")]
+
+
+class _Sink:
+    name = "sink"
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+def test_counts_stay_when_a_device_claims_an_address_later(tmp_path):
+    """Accesses C counted at an unclaimed address stay counted once a device owns it (then under the
+    device), as the bus keeps its own counts: the same figures as the all-Python loop."""
+    from bench.exits import LOOPS, patch_image
+
+    loop = next(lp for lp in LOOPS if lp.key == "exit.mmio")
+    spec = VmSpec(name="mmio", boot=FlatBoot(patch_image(loop, 500, tmp_path), 0x100000, 0x100000, "protected"),
+                  memory=16 << 20, timeout=10, irqchip=False)
+    seen = []
+    for fast_loop in (True, False):
+        with Machine(spec, console=Console("none", "none"), fast_loop=fast_loop) as vm:
+            assert vm.run().reason == "debug-exit"
+            vm.mmio.register(0xD0000000, 4, _Sink())
+            stats = vm.stats()
+            seen.append((stats.by_mmio, stats.unhandled_mmio, stats.by_device.get("sink")))
+    assert seen[0] == seen[1] == ({0xD0000000: 500}, {}, 500)
+
+
+def test_a_stale_miss_after_a_claim_does_not_unclaim(tmp_path):
+    """A vCPU that fetched the miss handler before a device registered may report its first miss after
+    the registration: the fast loop must keep sending that port to Python (to the device)."""
+    with Machine(spec_for(tmp_path, PORT80_LOOP), console=Console("none", "none")) as vm:
+        vm.pio.register(0x80, 1, _Sink())
+        vm.pio._miss_write(0x80, 1, 0)   # the stale route's first miss, as it would arrive late
+        assert not vm.threads[0].fast.state.pio_unclaimed[0x80 >> 3] & 1
+
+
+def test_per_port_counts_are_64_bit(tmp_path):
+    """`rep insb` counts every element: a 32-bit counter would wrap within a minute at this host's rate."""
+    with Machine(spec_for(tmp_path, PORT80_LOOP), console=Console("none", "none")) as vm:
+        fast = vm.threads[0].fast
+        fast.port_unclaimed(0x1F0)
+        fast.state.pio_hits[0x1F0] = (1 << 32) + 5
+        assert vm.stats().unhandled_ports == {0x1F0: (1 << 32) + 5}

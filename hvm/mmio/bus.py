@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import bisect
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -50,22 +51,30 @@ class _Bus:
         self._bases: list[int] = []
         self._logged: set[int] = set()
         self.listeners: list[RouteListener] = []
+        # Registration and the first miss at an address may happen on different threads: the lock makes
+        # "claimed" and "unclaimed" reach the listeners in the order the routes really changed.
+        self._route_lock = threading.Lock()
         # Accesses counted elsewhere (by the fast loop), merged into counts/unhandled: {addr: n} each.
         self.hit_sources: list[Callable[[], dict[int, int]]] = []
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0:
             raise BusError(f"{self.kind} range for {device.name} has no length")
-        for r in self.ranges:
-            if base < r.end and r.base < base + length:
-                raise BusError(
-                    f"{self.kind} range {base:#x}..{base + length - 1:#x} of {device.name} overlaps "
-                    f"{r.base:#x}..{r.end - 1:#x} of {r.device.name}")
-        i = bisect.bisect(self._bases, base)
-        self.ranges.insert(i, BusRange(base, length, device))
-        self._bases.insert(i, base)
-        for listener in self.listeners:
-            listener.claimed(base, length)
+        with self._route_lock:
+            for r in self.ranges:
+                if base < r.end and r.base < base + length:
+                    raise BusError(
+                        f"{self.kind} range {base:#x}..{base + length - 1:#x} of {device.name} overlaps "
+                        f"{r.base:#x}..{r.end - 1:#x} of {r.device.name}")
+            i = bisect.bisect(self._bases, base)
+            self.ranges.insert(i, BusRange(base, length, device))
+            self._bases.insert(i, base)
+            self._install(base, length, device)
+            for listener in self.listeners:   # after the routes are in place
+                listener.claimed(base, length)
+
+    def _install(self, base: int, length: int, device: Device) -> None:
+        """Route [base, base+length) to the device in the bus's fast lookup structures."""
 
     def find(self, addr: int) -> BusRange | None:
         i = bisect.bisect(self._bases, addr) - 1
@@ -97,16 +106,20 @@ class _Bus:
 
     def attach(self, listener: RouteListener, hits: Callable[[], dict[int, int]]) -> None:
         """Add a route listener (told at once of the unclaimed addresses seen so far) and its hit counts."""
-        self.listeners.append(listener)
-        self.hit_sources.append(hits)
-        for addr in sorted(self._logged):
-            if self.find(addr) is None:
-                listener.unclaimed(addr)
+        with self._route_lock:
+            self.listeners.append(listener)
+            self.hit_sources.append(hits)
+            for addr in sorted(self._logged):
+                if self.find(addr) is None:
+                    listener.unclaimed(addr)
 
     def _first_miss(self, addr: int) -> None:
-        self._logged.add(addr)
-        for listener in self.listeners:
-            listener.unclaimed(addr)
+        with self._route_lock:
+            self._logged.add(addr)
+            if self.find(addr) is not None:
+                return   # a device registered meanwhile: the miss was a stale route, nothing to tell
+            for listener in self.listeners:
+                listener.unclaimed(addr)
 
     def counts_by_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -148,6 +161,8 @@ class PioBus(_Bus):
         if base < 0 or base + length > 0x10000:
             raise BusError(f"port range {base:#x}+{length} of {device.name} is outside 0..0xffff")
         super().register(base, length, device)
+
+    def _install(self, base: int, length: int, device: Device) -> None:
         pair = (device.read, device.write)
         for port in range(base, base + length):
             self._handlers[port] = pair
@@ -176,8 +191,7 @@ class MmioBus(_Bus):
         self._hits: dict[int, int] = {}
         self._routes: dict[int, tuple] = {}
 
-    def register(self, base: int, length: int, device: Device) -> None:
-        super().register(base, length, device)
+    def _install(self, base: int, length: int, device: Device) -> None:
         self._routes.clear()
 
     def _route(self, addr: int) -> tuple:

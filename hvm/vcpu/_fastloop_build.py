@@ -57,7 +57,7 @@ struct hvm_fastloop {{
     uint32_t mmio_unclaimed_n;
     uint64_t resume_mask;                   /* exit reasons < 64 to re-enter at once */
     uint64_t handled[64];                   /* exits the fast loop handled, by reason */
-    uint32_t pio_hits[65536];               /* accesses it handled, per port (rep counts each element) */
+    uint64_t pio_hits[65536];               /* accesses it handled, per port (rep counts each element) */
     uint64_t mmio_hits[{MMIO_SLOTS}];
     struct hvm_exit_rec last[{LAST_EXITS}];
     uint64_t seq;                           /* exits recorded in last[] */
@@ -88,28 +88,27 @@ static uint64_t hvm_now(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* Start the record of the exit in run (the data is copied when the exit is finished). */
-static void hvm_trace_start(struct hvm_trace_buf *tr, int fd, struct kvm_run *run, uint64_t t)
+/* Start the trace record of the exit in run, from its ring entry (the data is copied when the exit is
+   finished: reads hold what the guest got). */
+static void hvm_trace_start(struct hvm_trace_buf *tr, int fd, struct kvm_run *run,
+                            const struct hvm_exit_rec *e, uint64_t t)
 {
     struct hvm_trace_rec *r = &tr->recs[tr->n++];
     memset(r, 0, sizeof *r);
     if (tr->n == 1)
         tr->first_ns = t;
     r->t_ns = t;
-    r->reason = run->exit_reason;
-    if (run->exit_reason == KVM_EXIT_IO) {
-        r->where = run->io.port;
-        r->size = run->io.size;
-        r->dir = run->io.direction;
-        r->count = run->io.count;
-        r->data_len = (uint32_t)run->io.size * run->io.count;
-    } else if (run->exit_reason == KVM_EXIT_MMIO) {
-        r->where = run->mmio.phys_addr;
-        r->size = run->mmio.len;
-        r->dir = run->mmio.is_write;
-        r->count = 1;
-        r->data_len = run->mmio.len > 8 ? 8 : run->mmio.len;
-    }
+    r->reason = e->reason;
+    r->where = e->addr;
+    r->size = e->size;
+    r->dir = e->dir;
+    r->count = e->count;
+    if (e->reason == KVM_EXIT_IO)
+        r->data_len = (uint32_t)e->size * e->count;
+    else if (e->reason == KVM_EXIT_MMIO)
+        r->data_len = e->size > 8 ? 8 : e->size;
+    if (r->data_len > HVM_TRACE_DATA_RESERVE)   /* KVM moves at most a page per exit; never trust it */
+        r->data_len = HVM_TRACE_DATA_RESERVE;
     r->data_off = tr->data_n;
     tr->data_n += r->data_len;
     if (tr->want_rip) {
@@ -118,7 +117,7 @@ static void hvm_trace_start(struct hvm_trace_buf *tr, int fd, struct kvm_run *ru
             r->extra = regs.rip;
             r->has_extra = 1;
         }
-    } else if (run->exit_reason == KVM_EXIT_INTERNAL_ERROR) {
+    } else if (e->reason == KVM_EXIT_INTERNAL_ERROR) {
         r->extra = run->internal.suberror;
         r->has_extra = 1;
     }
@@ -211,10 +210,11 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
             return HVM_TRACE_FLUSH;
         if (ioctl(fd, KVM_RUN, 0) < 0)
             return -errno;
+        uint64_t t = tr ? hvm_now() : 0;
         uint32_t reason = run->exit_reason;
-        if (tr)
-            hvm_trace_start(tr, fd, run, hvm_now());
         struct hvm_exit_rec *r = hvm_record(f, run);
+        if (tr)
+            hvm_trace_start(tr, fd, run, r, t);
         if (reason == KVM_EXIT_IO) {
             uint16_t port = run->io.port;
             if (!(f->pio_unclaimed[port >> 3] & (1u << (port & 7)))) {
@@ -222,6 +222,10 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
                 goto to_python;
             }
             size_t bytes = (size_t)run->io.size * run->io.count;
+            if (bytes > 4096) {   /* more than KVM's one-page I/O buffer: leave it to Python's checks */
+                f->pending_read = run->io.direction == KVM_EXIT_IO_IN;
+                goto to_python;
+            }
             if (run->io.direction == KVM_EXIT_IO_IN) {
                 memset((uint8_t *)run + run->io.data_offset, 0xff, bytes);
                 if (run->io.count == 1) {

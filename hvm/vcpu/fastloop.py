@@ -8,6 +8,7 @@ never installed), AVAILABLE is False and the vCPU runs its all-Python loop, with
 from __future__ import annotations
 
 import struct
+import threading
 
 from hvm.kvm import constants as k
 
@@ -15,6 +16,7 @@ from hvm.kvm import constants as k
 _TRACE_REC = struct.Struct("<4Q4I4BI")
 TRACE_RECORDS = 32768                # records per buffer (1.75 MiB), and a page of data reserved per exit
 TRACE_FLUSH_NS = 50_000_000          # hand records over at least every 50 ms while exits keep coming
+_NO_ADDRESS = (1 << 64) - 1          # an MMIO slot a device has claimed since: matches no exit
 
 try:  # built by setup.py (cffi_modules) during `pip install`
     from hvm.vcpu._fastloop_cffi import ffi, lib  # type: ignore[import-not-found]
@@ -38,41 +40,42 @@ class FastLoop:
         self.state = ffi.new("struct hvm_fastloop *")
         self.slots = len(self.state.mmio_unclaimed)
         self._ports: set[int] = set()
-        self._mmio: list[int] = []
+        self._mmio: list[int] = []         # the address of each slot, in slot order (never reused)
+        # Route updates come from any thread (a vCPU that missed first, or whoever registers a device);
+        # the C side only reads what they write.
+        self._lock = threading.Lock()
         self.run = lib.hvm_fastloop_run   # (fd, run address, state) -> exit reason, or -errno
 
     # --- what Python tells the C side --------------------------------------------------------------
     def port_unclaimed(self, port: int) -> None:
         """From now on accesses to this port are handled in C: OUT dropped, IN all ones."""
-        self._ports.add(port)
-        self.state.pio_unclaimed[port >> 3] |= 1 << (port & 7)
+        with self._lock:
+            self._ports.add(port)
+            self.state.pio_unclaimed[port >> 3] |= 1 << (port & 7)
 
     def ports_claimed(self, base: int, length: int) -> None:
         """A device now owns these ports: send their exits to Python again."""
-        for port in range(base, base + length):
-            self.state.pio_unclaimed[port >> 3] &= ~(1 << (port & 7)) & 0xFF
+        with self._lock:
+            for port in range(base, base + length):
+                self.state.pio_unclaimed[port >> 3] &= ~(1 << (port & 7)) & 0xFF
 
     def mmio_unclaimed(self, addr: int) -> None:
         """From now on accesses to this exact address are handled in C (while slots last)."""
-        n = self.state.mmio_unclaimed_n
-        if addr in self._mmio or n >= self.slots:
-            return
-        self._mmio.append(addr)
-        self.state.mmio_unclaimed[n] = addr
-        self.state.mmio_unclaimed_n = n + 1
+        with self._lock:
+            n = self.state.mmio_unclaimed_n
+            if addr in self._mmio or n >= self.slots:
+                return
+            self._mmio.append(addr)
+            self.state.mmio_unclaimed[n] = addr
+            self.state.mmio_unclaimed_n = n + 1   # after the slot is written: C reads n, then the slots
 
     def mmio_claimed(self, base: int, length: int) -> None:
-        """A device now owns [base, base+length): forget those addresses (the C side sees fewer of them)."""
-        keep = [a for a in self._mmio if not base <= a < base + length]
-        if len(keep) == len(self._mmio):
-            return
-        hits = {a: self.state.mmio_hits[i] for i, a in enumerate(self._mmio)}
-        self.state.mmio_unclaimed_n = 0   # nothing matches while the table is rewritten
-        for i, a in enumerate(keep):
-            self.state.mmio_unclaimed[i] = a
-            self.state.mmio_hits[i] = hits[a]
-        self._mmio = keep
-        self.state.mmio_unclaimed_n = len(keep)
+        """A device now owns [base, base+length): its slots stop matching (a tombstone no guest address
+        can equal), and keep their counts, as the bus keeps the counts of a claimed address."""
+        with self._lock:
+            for i, a in enumerate(self._mmio):
+                if base <= a < base + length:
+                    self.state.mmio_unclaimed[i] = _NO_ADDRESS
 
     def resume_on(self, reason: int) -> None:
         """Enter the guest again at once after exits of this reason (counted, never seen by Python)."""
@@ -119,10 +122,14 @@ class FastLoop:
         return list(self.state.handled)
 
     def port_hits(self) -> dict[int, int]:
-        return {p: n for p in self._ports if (n := self.state.pio_hits[p])}
+        with self._lock:
+            ports = tuple(self._ports)
+        return {p: n for p in ports if (n := self.state.pio_hits[p])}
 
     def mmio_hits(self) -> dict[int, int]:
-        return {a: n for i, a in enumerate(self._mmio) if (n := self.state.mmio_hits[i])}
+        with self._lock:
+            addrs = tuple(self._mmio)
+        return {a: n for i, a in enumerate(addrs) if (n := self.state.mmio_hits[i])}
 
     def last_exits(self) -> list[tuple]:
         """The ring of the last exits, oldest first, as the Python loop records them:
