@@ -102,10 +102,13 @@ def run_cref(loop: ExitLoop, image: Path, iterations: int) -> dict:
     return _parse(run_measured(argv, RUN_TIMEOUT), "cref", loop, iterations)
 
 
-def run_hvm(loop: ExitLoop, yaml_path: Path, iterations: int, trace: Path | None = None) -> dict:
+def run_hvm(loop: ExitLoop, yaml_path: Path, iterations: int, trace: Path | None = None,
+            python_loop: bool = False) -> dict:
     argv = [sys.executable, "-m", "bench.hvm_worker", "--yaml", str(yaml_path)]
     if loop.hlt_continue:
         argv.append("--hlt-continue")
+    if python_loop:
+        argv.append("--python-loop")
     if trace is not None:
         argv += ["--trace", str(trace)]
     out = _parse(run_measured(argv, RUN_TIMEOUT, cwd=ROOT), "hvm", loop, iterations)
@@ -129,13 +132,20 @@ def bench_exits(iterations: int, reps: int, warmup: bool, workdir: Path, log) ->
                 run_hvm(loop, yaml_path, iterations)
             hvm_fig, ref_fig = Figure("exits/s"), Figure("exits/s")
             hvm_cpu, ref_cpu = Figure("exits/s"), Figure("exits/s")     # exits per CPU second
-            runs = {"hvm": [], "cref": []}
+            py_fig = Figure("exits/s")     # hvm's all-Python loop (fast_loop=False), for comparison
+            runs = {"hvm": [], "cref": [], "hvm-py": []}
             for i in range(reps):
-                # alternate the order, so that a drift in the host's speed hits both sides alike
-                order = ("cref", "hvm") if i % 2 == 0 else ("hvm", "cref")
+                # alternate the order, so that a drift in the host's speed hits all sides alike
+                order = ("cref", "hvm", "hvm-py") if i % 2 == 0 else ("hvm-py", "hvm", "cref")
                 for who in order:
-                    out = run_cref(loop, image, iterations) if who == "cref" else run_hvm(loop, yaml_path, iterations)
+                    if who == "cref":
+                        out = run_cref(loop, image, iterations)
+                    else:
+                        out = run_hvm(loop, yaml_path, iterations, python_loop=who == "hvm-py")
                     runs[who].append(out)
+                    if who == "hvm-py":
+                        py_fig.samples.append(out["exits"]["total"] / out["seconds"])
+                        continue
                     wall, cpu = (ref_fig, ref_cpu) if who == "cref" else (hvm_fig, hvm_cpu)
                     wall.samples.append(out["exits"]["total"] / out["seconds"])
                     cpu.samples.append(out["exits"]["total"] / out["cpu_seconds"])
@@ -149,12 +159,14 @@ def bench_exits(iterations: int, reps: int, warmup: bool, workdir: Path, log) ->
             rows.append(Row(loop.key, loop.title, title_ref, hvm_fig, ref_fig, "hvm/C exits/s, goal ≥ 0.90",
                             f"median of paired runs {paired:.2f}; per exit, hvm − C = {per_exit_us:+.1f} µs; "
                             f"by CPU time (robust to a busy host): {cpu_ratio:.2f}, hvm − C = {cpu_us:+.1f} µs "
-                            f"of CPU per exit; " + loop.note))
+                            f"of CPU per exit; all-Python loop (fast_loop=False): {py_fig.median / ref_fig.median:.2f} "
+                            f"of C; " + loop.note))
             raw[loop.key] = {"iterations": iterations, "reps": reps, "image": str(image), "mode": loop.mode,
                              "paired_ratio_median": paired, "extra_us_per_exit": per_exit_us,
                              "cpu_ratio": cpu_ratio, "extra_cpu_us_per_exit": cpu_us,
                              "hvm": hvm_fig.to_json(), "cref": ref_fig.to_json(),
                              "hvm_per_cpu_second": hvm_cpu.to_json(), "cref_per_cpu_second": ref_cpu.to_json(),
+                             "hvm_python_loop": py_fig.to_json(),
                              "runs": runs}
         except BenchError as e:
             log(f"  {loop.key}: {e}")
