@@ -117,9 +117,7 @@ class Machine:
         fast_loop=False keeps every exit in the all-Python run loop (for comparisons; same results)."""
         self.spec = spec
         self.adapt_to_host = adapt_to_host
-        # Exits kept in memory for scripts (exits()) are recorded by the Python loop, as they happen;
-        # files and rings are recorded by the fast loop, in C.
-        self.fast_loop = fast_loop and (trace is None or not trace.memory)
+        self.fast_loop = fast_loop
         self.trace_config = trace
         self.tracer: Tracer | None = None
         self.stopping = False
@@ -290,10 +288,12 @@ class Machine:
         t0 = time.monotonic_ns()
         for t in self.threads:
             t.t0_ns = t0
-            if self.tracer is not None and (self.tracer.callbacks or (self.trace_config.ring and len(self.threads) > 1)):
-                # Callbacks registered before start see each exit as soon as it is drained; a ring over
-                # several vCPUs needs their records interleaved as they happen, not in batches.
-                t.trace_in_c = False
+            if self.tracer is not None:
+                # Traces are recorded in C (the fast loop) and reach the tracer in batches, except where
+                # records must reach Python as each exit ends: exits kept for scripts (exits()), callbacks
+                # registered before start, and a ring over several vCPUs (their records interleaved in time).
+                cfg = self.trace_config
+                t.trace_in_c = not (cfg.memory or self.tracer.callbacks or (cfg.ring and len(self.threads) > 1))
         if self.uart is not None:
             self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
             self.console.start_input(self.uart.feed)

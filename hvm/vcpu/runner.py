@@ -6,8 +6,10 @@ memoryview with precompiled struct formats; nothing is looked up twice.
 
 Exits that need no Python at all -- repeated accesses to addresses no device claims, once the bus
 has reported them -- never reach this loop: KVM_RUN is issued by the C fast loop (fastloop.py), which
-re-enters the guest after those itself and returns every other exit here. Traced runs, and source
-trees without the compiled module, use the all-Python loop; the results are the same.
+re-enters the guest after those itself and returns every other exit here (and records exits for the
+tracer, when asked). Source trees without the compiled module, `fast_loop=False`, and traces that must
+reach Python as each exit ends (kept in memory, early callbacks, a ring over several vCPUs) use the
+all-Python loops; the results are the same.
 """
 from __future__ import annotations
 
