@@ -149,6 +149,18 @@ static uint64_t hvm_le(const uint8_t *p, unsigned size)
     return v;
 }
 
+/* The data of the exit in run, as it is there now, into its ring entry (single transfers only). */
+static void hvm_take_value(struct hvm_exit_rec *r, struct kvm_run *run)
+{
+    if (run->exit_reason == KVM_EXIT_IO && run->io.count == 1) {
+        r->value = hvm_le((uint8_t *)run + run->io.data_offset, run->io.size);
+        r->has_value = 1;
+    } else if (run->exit_reason == KVM_EXIT_MMIO) {
+        r->value = hvm_le(run->mmio.data, run->mmio.len);
+        r->has_value = 1;
+    }
+}
+
 /* Record the exit that is in run now; returns its slot. */
 static struct hvm_exit_rec *hvm_record(struct hvm_fastloop *f, struct kvm_run *run)
 {
@@ -160,19 +172,15 @@ static struct hvm_exit_rec *hvm_record(struct hvm_fastloop *f, struct kvm_run *r
         r->size = run->io.size;
         r->count = run->io.count;
         r->addr = run->io.port;
-        if (run->io.direction == KVM_EXIT_IO_OUT && run->io.count == 1) {
-            r->value = hvm_le((uint8_t *)run + run->io.data_offset, run->io.size);
-            r->has_value = 1;
-        }
+        if (run->io.direction == KVM_EXIT_IO_OUT)
+            hvm_take_value(r, run);
     } else if (run->exit_reason == KVM_EXIT_MMIO) {
         r->dir = run->mmio.is_write;
         r->size = run->mmio.len;
         r->count = 1;
         r->addr = run->mmio.phys_addr;
-        if (run->mmio.is_write) {
-            r->value = hvm_le(run->mmio.data, run->mmio.len);
-            r->has_value = 1;
-        }
+        if (run->mmio.is_write)
+            hvm_take_value(r, run);
     }
     return r;
 }
@@ -189,14 +197,7 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
 {
     struct kvm_run *run = (struct kvm_run *)run_addr;
     if (f->pending_read) {   /* the previous exit was a read answered by Python: it is in run now */
-        struct hvm_exit_rec *r = &f->last[(f->seq - 1) % HVM_LAST_EXITS];
-        if (run->exit_reason == KVM_EXIT_IO && run->io.count == 1) {
-            r->value = hvm_le((uint8_t *)run + run->io.data_offset, run->io.size);
-            r->has_value = 1;
-        } else if (run->exit_reason == KVM_EXIT_MMIO) {
-            r->value = hvm_le(run->mmio.data, run->mmio.len);
-            r->has_value = 1;
-        }
+        hvm_take_value(&f->last[(f->seq - 1) % HVM_LAST_EXITS], run);
         f->pending_read = 0;
     }
     struct hvm_trace_buf *tr = f->trace;
@@ -217,21 +218,15 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
             hvm_trace_start(tr, fd, run, r, t);
         if (reason == KVM_EXIT_IO) {
             uint16_t port = run->io.port;
-            if (!(f->pio_unclaimed[port >> 3] & (1u << (port & 7)))) {
-                f->pending_read = run->io.direction == KVM_EXIT_IO_IN;
-                goto to_python;
-            }
             size_t bytes = (size_t)run->io.size * run->io.count;
-            if (bytes > 4096) {   /* more than KVM's one-page I/O buffer: leave it to Python's checks */
+            /* claimed, or more than KVM's one-page I/O buffer (left to Python's checks) */
+            if (!(f->pio_unclaimed[port >> 3] & (1u << (port & 7))) || bytes > 4096) {
                 f->pending_read = run->io.direction == KVM_EXIT_IO_IN;
                 goto to_python;
             }
             if (run->io.direction == KVM_EXIT_IO_IN) {
                 memset((uint8_t *)run + run->io.data_offset, 0xff, bytes);
-                if (run->io.count == 1) {
-                    r->value = run->io.size >= 8 ? ~0ull : (1ull << (8 * run->io.size)) - 1;
-                    r->has_value = 1;
-                }
+                hvm_take_value(r, run);
             }
             f->pio_hits[port] += run->io.count;
         } else if (reason == KVM_EXIT_MMIO) {
@@ -241,10 +236,8 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
                 goto to_python;
             }
             if (!run->mmio.is_write) {
-                uint32_t len = run->mmio.len > 8 ? 8 : run->mmio.len;
-                memset(run->mmio.data, 0xff, len);
-                r->value = len >= 8 ? ~0ull : (1ull << (8 * len)) - 1;
-                r->has_value = 1;
+                memset(run->mmio.data, 0xff, run->mmio.len > 8 ? 8 : run->mmio.len);
+                hvm_take_value(r, run);
             }
             f->mmio_hits[slot]++;
         } else if (reason < 64 && (f->resume_mask >> reason) & 1) {
