@@ -185,9 +185,12 @@ def test_exits_recorded_in_c_match_the_python_recorder(tmp_path, rip):
     is the one the Python loop records, record for record, RIP included."""
     from hvm.config import KernelBoot
 
-    spec = VmSpec(name="mbtest", boot=KernelBoot(FIRMWARE / "mbtest.elf"), machine="pc", timeout=10)
+    kernel = FIRMWARE / "mbtest.elf"
+    spec = VmSpec(name="mbtest", boot=KernelBoot(kernel), machine="pc", timeout=10)
     in_c, in_python = traced(spec, tmp_path, True, rip), traced(spec, tmp_path, False, rip)
-    assert len(in_c) == 280
+    # mbtest prints its multiboot command line, which starts with the kernel's path (as GRUB and QEMU
+    # pass it): one UART exit per byte, so the count depends on where the tree is checked out.
+    assert len(in_c) == 244 + len(str(kernel))
     assert in_c == in_python
     assert {"vcpu": 0, "reason": "MMIO", "addr": 0xD0000000, "size": 4, "dir": "read", "data": "ffffffff", "device": None} \
         in [{k_: v for k_, v in r.items() if k_ != "rip"} for r in in_c]
