@@ -2,7 +2,7 @@
 PYTHON ?= python3
 FW := firmware
 FWB := $(FW)/build
-FLAT16 := hello ticker echo
+FLAT16 := hello ticker echo pvcon
 FLAT32 := hello32 triple
 FLAT64 := hello64 probe
 FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf

@@ -55,6 +55,8 @@ class Figure:
 def _fmt(value: float, unit: str) -> str:
     if unit == "exits/s":
         return f"{value / 1000:.1f}k exits/s"
+    if unit == "lines/s":
+        return f"{value:,.0f} lines/s"
     if unit == "s":
         return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
     if unit == "MiB":

@@ -13,16 +13,20 @@ import time
 from pathlib import Path
 
 from bench.common import KUT_DIR, QEMU, RESULTS, ROOT, Row, format_table, have_qemu
+from bench.console import bench_console
 from bench.exits import bench_exits
 from bench.kut import bench_kut
 from bench.linux import bench_linux
 from bench.startup import bench_memory, bench_startup
 
-GROUPS = ("exits", "startup", "memory", "kut", "linux")
+GROUPS = ("exits", "console", "startup", "memory", "kut", "linux")
 
-# (exit-loop iterations, exit reps, warm-up, start-up reps, memory reps, kvm-unit-tests reps, kut in parallel)
-FULL = dict(iterations=30000, exit_reps=9, warmup=True, startup_reps=10, memory_reps=3, kut_reps=3, kut_parallel=False)
-QUICK = dict(iterations=2000, exit_reps=2, warmup=False, startup_reps=2, memory_reps=1, kut_reps=1, kut_parallel=False)
+# (exit-loop iterations, exit reps, console reps, warm-up, start-up reps, memory reps, kvm-unit-tests reps,
+#  kut in parallel)
+FULL = dict(iterations=30000, exit_reps=9, console_reps=5, warmup=True, startup_reps=10, memory_reps=3, kut_reps=3,
+            kut_parallel=False)
+QUICK = dict(iterations=2000, exit_reps=2, console_reps=1, warmup=False, startup_reps=2, memory_reps=1, kut_reps=1,
+             kut_parallel=False)
 
 BUSY_CPUS = 0.3      # CPUs' worth of work by other processes above which the figures are flagged as noisy
 
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 log("bench: warning: the host is busy: expect noisy figures")
             if group == "exits":
                 r, data = bench_exits(p["iterations"], p["exit_reps"], p["warmup"], work, log)
+            elif group == "console":
+                r, data = bench_console(args.quick, p["console_reps"], work, log)
             elif group == "startup":
                 r, data = bench_startup(p["startup_reps"], p["warmup"], log)
             elif group == "memory":

@@ -31,7 +31,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--serial", help="serial console output: stdio, none or file:PATH")
     p.add_argument("--machine", choices=("pc", "none"), help="pc: irqchip, PIT, ACPI, fw_cfg; none: bare")
     p.add_argument("--device", action="append", default=[], metavar="NAME[,OPTS]",
-                   help="add a device: pc-testdev, isa-debug-exit[,iobase=0xf4,iosize=4]")
+                   help="add a device: pc-testdev, isa-debug-exit[,iobase=0xf4,iosize=4], "
+                        "isa-debugcon[,iobase=0xe9], pvconsole[,iobase=0xe00]")
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--stats", action="store_true", help="print exit counters when the VM ends")
     p.add_argument("--trace", type=Path, metavar="FILE", help="record every VM exit as JSON lines in FILE")
@@ -116,9 +117,13 @@ def _device_overrides(devices: list[str]) -> dict:
             out["testdev"] = True
         elif name == "isa-debug-exit":
             out["debug_exit"] = {"port": options.get("iobase", "0xf4"), "size": options.get("iosize", "4")}
+        elif name == "isa-debugcon":
+            out["debugcon"] = {"port": options.get("iobase", "0xe9")}
+        elif name == "pvconsole":
+            out["pvconsole"] = {"port": options.get("iobase", "0xe00")}
         else:
             raise ConfigError("command line", "--device", f"{name!r} is not a device hvm has "
-                              "(pc-testdev, isa-debug-exit)")
+                              "(pc-testdev, isa-debug-exit, isa-debugcon, pvconsole)")
     return out
 
 

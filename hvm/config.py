@@ -10,6 +10,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hvm.mmio.debugcon import DEBUGCON_PORT
+from hvm.mmio.pvconsole import PVCONSOLE_LEN, PVCONSOLE_PORT
+
 DEFAULT_MEMORY = 128 << 20   # as QEMU
 MIN_MEMORY = 2 << 20
 MAX_VCPUS = 64
@@ -69,6 +72,8 @@ class VmSpec:
     testdev: bool = False           # QEMU's pc-testdev (ports 0xe0, 0x2000+), for kvm-unit-tests
     serial: SerialSpec | None = field(default_factory=SerialSpec)
     debug_exit: DebugExitSpec | None = field(default_factory=DebugExitSpec)
+    debugcon: int | None = None     # port of QEMU's isa-debugcon (one exit per byte), usually 0xe9
+    pvconsole: int | None = None    # port of hvm's paravirtual console (one exit per buffer), usually 0xe00
     source: str = "command line"
 
     def with_overrides(self, **changes: Any) -> "VmSpec":
@@ -180,7 +185,8 @@ MACHINES = ("auto", "pc", "none")
 BOOT_KEYS = ("image", "load", "entry", "mode", "regs", "kernel", "initrd", "cmdline")
 GP_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
            "r15")
-DEVICE_KEYS = ("serial", "debug_exit", "testdev")
+DEVICE_KEYS = ("serial", "debug_exit", "testdev", "debugcon", "pvconsole")
+PORT_KEYS = ("port",)
 SERIAL_KEYS = ("output", "input", "port", "irq")
 DEBUG_EXIT_KEYS = ("port", "size")
 
@@ -319,8 +325,25 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if not isinstance(testdev, bool):
         raise devices.error("testdev", f"expected true or false, got {_kind(testdev)}")
 
+    debugcon = _optional_port(devices, "debugcon", DEBUGCON_PORT, 1)
+    pvconsole = _optional_port(devices, "pvconsole", PVCONSOLE_PORT, PVCONSOLE_LEN)
+
     return VmSpec(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
-                  irqchip=irqchip, pit=pit, testdev=testdev, serial=serial, debug_exit=debug_exit, source=source)
+                  irqchip=irqchip, pit=pit, testdev=testdev, serial=serial, debug_exit=debug_exit,
+                  debugcon=debugcon, pvconsole=pvconsole, source=source)
+
+
+def _optional_port(devices: _Fields, key: str, default: int, length: int) -> int | None:
+    """A device that is off unless asked for: `key: true`, or `key: {port: N}`; its port, or None."""
+    raw = devices.get(key, False)
+    if raw is False or raw is None:
+        return None
+    if raw is True:
+        return default
+    if not isinstance(raw, dict):
+        raise devices.error(key, f"expected true, false or {{port: N}}, got {_kind(raw)}")
+    sub = _Fields(devices.source, raw, f"devices.{key}", PORT_KEYS)
+    return sub.int("port", default, 0, 0x10000 - length)
 
 
 def _on_off(fields: _Fields, key: str, default: bool) -> bool:

@@ -30,6 +30,8 @@ from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
 from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
 from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
+from hvm.mmio.debugcon import DebugCon
+from hvm.mmio.pvconsole import PVCONSOLE_LEN, PvConsole
 from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, TESTDEV_PORT, PcTestDev,
                               PcTestDevIrq)
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
@@ -145,7 +147,9 @@ class Machine:
         if console is None:
             serial = spec.serial
             if serial is None:
-                console = Console("none", "none")
+                # debugcon and pvconsole write to the console too: without a serial it is this terminal
+                other = spec.debugcon is not None or spec.pvconsole is not None
+                console = Console("stdio" if other else "none", "none")
             else:
                 inp = serial.input
                 if inp == "auto":
@@ -193,6 +197,10 @@ class Machine:
             kbc = I8042(self._cpu_reset)
             self.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
             self.pio.register(I8042_CMD_PORT, 1, kbc.port(I8042_CMD_PORT))
+        if spec.debugcon is not None:
+            self.pio.register(spec.debugcon, 1, DebugCon(self.console.write))
+        if spec.pvconsole is not None:
+            self.pio.register(spec.pvconsole, PVCONSOLE_LEN, PvConsole(mem, self.console.write))
         if spec.testdev:
             self.pio.register(TESTDEV_PORT, TESTDEV_LEN, PcTestDev())
             self.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, PcTestDevIrq(irq_setter))

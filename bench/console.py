@@ -1,0 +1,112 @@
+"""Paravirtualization, measured: firmware/pvcon prints the same line through the 16550 UART (two exits per
+byte), QEMU's debugcon (one exit per byte) and hvm's paravirtual console (one exit per line), each under
+hvm's real run loop and devices. Figure: lines per second over the run (start() to the debug-exit write);
+the reference is the UART. docs/paravirt.md explains the three techniques and these rows."""
+from __future__ import annotations
+
+import json
+import statistics
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.common import FIRMWARE, ROOT, BenchError, Figure, Row, run_measured
+
+LINE_LEN = 29              # firmware/pvcon.S: "one line, printed three ways\n"
+UART_INIT_EXITS = 5
+RUN_TIMEOUT = 60.0         # seconds, outer bound of one run (the guest's own watchdog is at 45 s)
+GUEST_TIMEOUT = 45
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    number: int                # the firmware's method field
+    name: str
+    exits_per_line: int
+    lines: int                 # lines per run in the full suite: each run lasts ~0.3 s or more here
+    quick_lines: int
+
+
+UART = Method("console.uart", 0, "16550 UART", 2 * LINE_LEN, 400, 20)
+METHODS = (
+    Method("console.debugcon", 1, "QEMU's debugcon at port 0xe9", LINE_LEN, 800, 40),
+    Method("console.pvconsole", 2, "hvm's paravirtual console at port 0xe00", 1, 20000, 400),
+)
+
+
+def pvcon_image(method: Method, lines: int, workdir: Path) -> Path:
+    data = bytearray((FIRMWARE / "pvcon.bin").read_bytes())
+    if struct.unpack_from("<IH", data, 4) != (1000, 0):
+        raise BenchError(f"{FIRMWARE / 'pvcon.bin'}: not the expected header (iterations at +4, method at +8)")
+    struct.pack_into("<IH", data, 4, lines, method.number)
+    image = workdir / f"pvcon-{method.number}-{lines}.bin"
+    image.write_bytes(bytes(data))
+    yaml_path = workdir / f"pvcon-{method.number}-{lines}.yaml"
+    yaml_path.write_text(
+        "name: pvcon\nmemory: 16M\n"
+        f"timeout: {GUEST_TIMEOUT}\n"
+        "machine: none\n"
+        f"boot: {{image: '{image}', load: 0x7c00, mode: real}}\n"
+        "devices: {serial: {output: none, input: none}, debugcon: true, pvconsole: true}\n")
+    return yaml_path
+
+
+def run_lines(method: Method, lines: int, workdir: Path) -> dict:
+    """One hvm run (bench/hvm_worker.py: a process of its own, quiet console); checks the exit count."""
+    argv = [sys.executable, "-m", "bench.hvm_worker", "--yaml", str(pvcon_image(method, lines, workdir))]
+    res = run_measured(argv, RUN_TIMEOUT, cwd=ROOT)
+    if res.timed_out:
+        raise BenchError(f"{method.key}: no end after {RUN_TIMEOUT:g} s")
+    try:
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"{method.key}: status {res.status}, no result; stderr: {res.stderr.strip()[-300:]}")
+    if (out.get("end"), out.get("status")) != ("debug-exit", 1):
+        raise BenchError(f"{method.key}: ended by {out.get('end')!r} with status {out.get('status')}, "
+                         "not the debug-exit write of a complete run")
+    want = UART_INIT_EXITS + lines * method.exits_per_line + 1
+    if out["exits"]["total"] != want or out["exits"]["io"] != want:
+        raise BenchError(f"{method.key}: {out['exits']} exits, expected {want} port-I/O exits")
+    return out
+
+
+def bench_console(quick: bool, reps: int, workdir: Path, log) -> tuple[list[Row], dict]:
+    rows, raw = [], {}
+    uart = Figure("lines/s")
+    uart_runs: list[dict] = []
+    for method in METHODS:
+        title = f"Console line through {method.name} ({method.exits_per_line} exit(s) per line)"
+        reference = f"the same line through the {UART.name} ({UART.exits_per_line} exits per line)"
+        try:
+            fig = Figure("lines/s")
+            lines, uart_lines = (method.quick_lines, UART.quick_lines) if quick else (method.lines, UART.lines)
+            ref = Figure("lines/s")
+            for i in range(reps):
+                # alternate the order, so that a drift in the host's speed hits both sides alike
+                for who in (("uart", "pv") if i % 2 == 0 else ("pv", "uart")):
+                    if who == "uart":
+                        out = run_lines(UART, uart_lines, workdir)
+                        ref.samples.append(uart_lines / out["run_result_seconds"])
+                        uart_runs.append(out)
+                    else:
+                        out = run_lines(method, lines, workdir)
+                        fig.samples.append(lines / out["run_result_seconds"])
+            uart.samples += ref.samples
+            per_exit_us = 1e6 / (fig.median * method.exits_per_line)
+            log(f"  {method.key}: {fig.median:,.0f} lines/s, UART {ref.median:,.0f} lines/s, "
+                f"{fig.median / ref.median:.1f}x")
+            rows.append(Row(method.key, title, reference, fig, ref, "lines/s over the UART's",
+                            f"exits per line {method.exits_per_line} vs {UART.exits_per_line}; "
+                            f"{per_exit_us:.1f} µs per exit (guest instructions included), UART "
+                            f"{1e6 / (ref.median * UART.exits_per_line):.1f} µs; every run's exit count checked"))
+            raw[method.key] = {"lines": lines, "uart_lines": uart_lines, "reps": reps,
+                               "hvm": fig.to_json(), "uart": ref.to_json()}
+        except BenchError as e:
+            log(f"  {method.key}: {e}")
+            rows.append(Row(method.key, title, reference, status="error", note=str(e)))
+            raw[method.key] = {"error": str(e)}
+    if uart.samples:
+        raw["uart_all"] = {"median": statistics.median(uart.samples), "runs": len(uart_runs)}
+    return rows, raw

@@ -1,0 +1,176 @@
+"""QEMU's debugcon and hvm's paravirtual console: the devices alone (no VM), their YAML, and
+firmware/pvcon printing the same line three ways, counted exit by exit.
+The guest runs were checked on the kvm_pvm host; nothing in them depends on the accelerator."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from conftest import FIRMWARE
+from hvm import Machine
+from hvm.config import ConfigError, FlatBoot, VmSpec, parse_spec
+from hvm.console import Console
+from hvm.memory import GuestMemoryError
+from hvm.mmio.debugcon import DebugCon
+from hvm.mmio.pvconsole import MAX_BUFFER, PVCONSOLE_MAGIC, PvConsole
+
+
+class FakeRam:
+    """64 KiB of guest RAM at GPA 0."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(64 << 10)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        if gpa + length > len(self.data):
+            raise GuestMemoryError(f"{gpa:#x}+{length} is outside guest RAM")
+        return bytes(self.data[gpa:gpa + length])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if gpa + len(data) > len(self.data):
+            raise GuestMemoryError(f"{gpa:#x}+{len(data)} is outside guest RAM")
+        self.data[gpa:gpa + len(data)] = data
+
+
+def pv(ram: FakeRam) -> tuple[PvConsole, list[bytes]]:
+    out: list[bytes] = []
+    return PvConsole(ram, out.append), out
+
+
+def descriptor(ram: FakeRam, at: int, addr: int, length: int) -> None:
+    ram.data[at:at + 16] = struct.pack("<QII", addr, length, 0xDEAD)
+
+
+def used(ram: FakeRam, at: int) -> int:
+    return struct.unpack_from("<I", ram.data, at + 12)[0]
+
+
+def test_pvconsole_doorbell_sends_the_buffer_and_answers_used():
+    ram = FakeRam()
+    ram.data[0x2000:0x2005] = b"hello"
+    descriptor(ram, 0x1000, 0x2000, 5)
+    dev, out = pv(ram)
+    dev.write(0, 4, 0x1000)
+    assert out == [b"hello"] and used(ram, 0x1000) == 5 and (dev.buffers, dev.refused) == (1, 0)
+
+
+def test_pvconsole_refuses_buffers_outside_ram_or_too_long():
+    ram = FakeRam()
+    descriptor(ram, 0x1000, 0xFFF0, 0x20)          # runs past the end of RAM
+    descriptor(ram, 0x1010, 0x2000, MAX_BUFFER + 1)
+    dev, out = pv(ram)
+    dev.write(0, 4, 0x1000)
+    dev.write(0, 4, 0x1010)
+    assert out == [] and used(ram, 0x1000) == 0 and used(ram, 0x1010) == 0 and dev.refused == 2
+
+
+def test_pvconsole_drops_a_descriptor_outside_ram(caplog):
+    ram = FakeRam()
+    before = bytes(ram.data)
+    dev, out = pv(ram)
+    dev.write(0, 4, 0x20000)
+    assert out == [] and dev.refused == 1 and bytes(ram.data) == before
+    assert "descriptor at 0x20000 dropped" in caplog.text
+
+
+def test_pvconsole_probe_and_odd_writes():
+    ram = FakeRam()
+    dev, out = pv(ram)
+    assert dev.read(0, 4) == PVCONSOLE_MAGIC and dev.read(1, 1) == ord("v")
+    dev.write(0, 1, 0x1000)          # not a u32 doorbell: ignored
+    assert out == [] and dev.refused == 0
+
+
+def test_debugcon_one_byte_per_write_and_readback():
+    out: list[bytes] = []
+    dev = DebugCon(out.append)
+    dev.write(0, 1, ord("A"))
+    dev.write(0, 2, 0x4342)          # as QEMU: only the low byte
+    assert out == [b"A", b"B"] and dev.read(0, 1) == 0xE9
+
+
+def test_yaml_turns_them_on():
+    base = {"boot": {"image": str(FIRMWARE / "pvcon.bin")}}
+    spec = parse_spec(base)
+    assert (spec.debugcon, spec.pvconsole) == (None, None)    # off unless asked for, as in QEMU
+    spec = parse_spec({**base, "devices": {"debugcon": True, "pvconsole": {"port": 0x510}}})
+    assert (spec.debugcon, spec.pvconsole) == (0xE9, 0x510)
+
+
+@pytest.mark.parametrize("devices, message", [
+    ({"debugcon": "yes"}, "devices.debugcon: expected true, false or {port: N}, got a string ('yes')"),
+    ({"pvconsole": {"port": 0xFFFE}}, "devices.pvconsole.port: 65534 is out of range (0..65532)"),
+    ({"pvconsole": {"iobase": 1}}, "devices.pvconsole.iobase: unknown key (allowed here: port)"),
+])
+def test_yaml_errors_name_the_field(devices, message):
+    with pytest.raises(ConfigError) as e:
+        parse_spec({"boot": {"image": str(FIRMWARE / "pvcon.bin")}, "devices": devices})
+    assert message in str(e.value)
+
+
+LINE = b"one line, printed three ways\n"
+UART_INIT_EXITS = 5
+
+
+def pvcon_image(tmp_path, method: int, iterations: int):
+    data = bytearray((FIRMWARE / "pvcon.bin").read_bytes())
+    assert struct.unpack_from("<IH", data, 4) == (1000, 0)      # the header layout the comment gives
+    struct.pack_into("<IH", data, 4, iterations, method)
+    image = tmp_path / f"pvcon-{method}.bin"
+    image.write_bytes(bytes(data))
+    return image
+
+
+@pytest.mark.parametrize("method, exits_per_line", [
+    (0, 2 * len(LINE)),     # 16550: LSR poll + THR write per byte
+    (1, len(LINE)),         # debugcon: one OUT per byte
+    (2, 1),                 # pvconsole: one OUT per line
+])
+@pytest.mark.parametrize("fast_loop", [True, False])
+def test_same_output_fewer_exits(tmp_path, method, exits_per_line, fast_loop):
+    spec = VmSpec(name="pvcon", boot=FlatBoot(pvcon_image(tmp_path, method, 3), 0x7C00, 0x7C00, "real"),
+                  memory=4 << 20, timeout=20, irqchip=False, debugcon=0xE9, pvconsole=0xE00)
+    with Machine(spec, console=Console("none", "none"), fast_loop=fast_loop) as vm:
+        result = vm.run()
+        stats = vm.stats()
+        text = vm.console.text()
+    assert (result.reason, result.status) == ("debug-exit", 1)
+    assert text == (LINE * 3).decode()
+    assert stats.by_reason == {"IO": UART_INIT_EXITS + 3 * exits_per_line + 1}
+    console_ports = {0: {0x3F8: 1 + 3 * len(LINE), 0x3FD: 3 * len(LINE)},    # DLL at init, then THR; LSR
+                     1: {0x3F8: 1, 0xE9: 3 * len(LINE)},
+                     2: {0x3F8: 1, 0xE00: 3}}[method]
+    assert {p: n for p, n in stats.by_port.items() if p in (0x3F8, 0x3FD, 0xE9, 0xE00)} == console_ports
+
+
+def test_pvconsole_refusal_reaches_the_guest(tmp_path):
+    """With the pvconsole at another port, the doorbell OUT hits nothing, `used` stays 0, and pvcon
+    reports it through the debug-exit status (3)."""
+    spec = VmSpec(name="pvcon", boot=FlatBoot(pvcon_image(tmp_path, 2, 2), 0x7C00, 0x7C00, "real"),
+                  memory=4 << 20, timeout=20, irqchip=False, pvconsole=0xE10)
+    with Machine(spec, console=Console("none", "none")) as vm:
+        result = vm.run()
+        assert (result.reason, result.status, vm.console.text()) == ("debug-exit", 3, "")
+        assert vm.stats().unhandled_ports == {0xE00: 1}
+
+
+def test_command_line_devices(tmp_path, hvm):
+    """As a user would: `--device pvconsole` and `--device isa-debugcon` (QEMU's -device syntax)."""
+    pv_image = pvcon_image(tmp_path, 2, 2)
+    run = hvm("run", str(_flat_yaml(tmp_path, pv_image)), "--device", "pvconsole", "--stats")
+    assert (run.status, run.out) == (1, (LINE * 2).decode())
+    assert "0x0e00                    2" in run.stderr       # --stats: two doorbells for two lines
+    dc_image = pvcon_image(tmp_path, 1, 1)
+    run = hvm("run", str(_flat_yaml(tmp_path, dc_image)), "--device", "isa-debugcon,iobase=0xe9")
+    assert (run.status, run.out) == (1, LINE.decode())
+    run = hvm("run", str(_flat_yaml(tmp_path, dc_image)), "--device", "virtio-console")
+    assert run.status == 2 and run.out == ""
+    assert "'virtio-console' is not a device hvm has (pc-testdev, isa-debug-exit, isa-debugcon, pvconsole)" \
+        in run.stderr
+
+
+def _flat_yaml(tmp_path, image):
+    path = tmp_path / f"{image.stem}.yaml"
+    path.write_text(f"boot: {{image: '{image}'}}\ntimeout: 20\n")
+    return path
