@@ -29,6 +29,7 @@ class Console:
         # (monotonic time, offset just past the newline) of each line: when each line was complete.
         self.line_times: list[tuple[float, int]] = []
         self._cond = threading.Condition(threading.Lock())  # a plain lock: write() is on the exit hot path
+        self._write_lock = threading.Lock()
         self._waiters = 0
         self._closed = False
         self._out_fd: int | None = None
@@ -50,29 +51,34 @@ class Console:
 
     # --- output --------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        fd = self._out_fd
-        if fd is not None:
-            if fd >= 0:
-                try:
-                    os.write(fd, data)
-                except OSError:
-                    pass  # a closed terminal must not crash the guest
-            else:
-                sys.stdout.write(data.decode("latin-1"))
-                sys.stdout.flush()
-        # The vCPU thread is the only writer; readers take the lock. bytearray += is atomic under the
-        # GIL, so the lock is only needed to trim the history or to wake a waiter.
-        history = self.history
-        history += data
-        if b"\n" in data:
-            self.line_times.append((time.monotonic(), self._trimmed + len(history)))
-        if len(history) > HISTORY_LIMIT or self._waiters:
-            with self._cond:
-                if len(history) > HISTORY_LIMIT:
-                    cut = len(history) - HISTORY_LIMIT
-                    del history[:cut]
-                    self._trimmed += cut
-                self._cond.notify_all()
+        # Several devices write here (the UART, debugcon, pvconsole), from any vCPU thread: one writer at
+        # a time keeps their bytes and the line offsets in order. Readers take the condition's lock.
+        with self._write_lock:
+            fd = self._out_fd
+            if fd is not None:
+                if fd >= 0:
+                    view = memoryview(data)
+                    while view:     # a pipe or terminal may take part of a big buffer (pvconsole's)
+                        try:
+                            view = view[os.write(fd, view):]
+                        except OSError:
+                            break   # a closed terminal must not crash the guest
+                else:
+                    sys.stdout.write(data.decode("latin-1"))
+                    sys.stdout.flush()
+            # bytearray += is atomic under the GIL, so readers need the condition's lock only while the
+            # history is trimmed, and a waiter only to be woken.
+            history = self.history
+            history += data
+            if b"\n" in data:
+                self.line_times.append((time.monotonic(), self._trimmed + len(history)))
+            if len(history) > HISTORY_LIMIT or self._waiters:
+                with self._cond:
+                    if len(history) > HISTORY_LIMIT:
+                        cut = len(history) - HISTORY_LIMIT
+                        del history[:cut]
+                        self._trimmed += cut
+                    self._cond.notify_all()
 
     def time_of(self, pattern: bytes) -> float | None:
         """When the first line containing `pattern` was complete (monotonic seconds), or None."""

@@ -13,7 +13,8 @@ from hvm.config import ConfigError, FlatBoot, VmSpec, parse_spec
 from hvm.console import Console
 from hvm.memory import GuestMemoryError
 from hvm.mmio.debugcon import DebugCon
-from hvm.mmio.pvconsole import MAX_BUFFER, PVCONSOLE_MAGIC, PvConsole
+from hvm.mmio import pvconsole
+from hvm.mmio.pvconsole import PVCONSOLE_MAGIC, PvConsole
 
 
 class FakeRam:
@@ -55,14 +56,37 @@ def test_pvconsole_doorbell_sends_the_buffer_and_answers_used():
     assert out == [b"hello"] and used(ram, 0x1000) == 5 and (dev.buffers, dev.refused) == (1, 0)
 
 
-def test_pvconsole_refuses_buffers_outside_ram_or_too_long():
+def test_pvconsole_refuses_buffers_outside_ram_or_too_long(monkeypatch, caplog):
+    monkeypatch.setattr(pvconsole, "MAX_BUFFER", 16)
     ram = FakeRam()
     descriptor(ram, 0x1000, 0xFFF0, 0x20)          # runs past the end of RAM
-    descriptor(ram, 0x1010, 0x2000, MAX_BUFFER + 1)
+    descriptor(ram, 0x1010, 0x2000, 17)            # in RAM, one byte over the bound
+    descriptor(ram, 0x1020, 0x20000, 0)            # empty, but outside RAM
+    descriptor(ram, 0x1030, 0x2000, 16)            # at the bound: taken
     dev, out = pv(ram)
-    dev.write(0, 4, 0x1000)
-    dev.write(0, 4, 0x1010)
-    assert out == [] and used(ram, 0x1000) == 0 and used(ram, 0x1010) == 0 and dev.refused == 2
+    for at in (0x1000, 0x1010, 0x1020, 0x1030):
+        dev.write(0, 4, at)
+    assert out == [bytes(16)] and (dev.buffers, dev.refused) == (1, 3)
+    assert [used(ram, at) for at in (0x1000, 0x1010, 0x1020, 0x1030)] == [0, 0, 0, 16]
+    # a guest ringing in a loop does not flood the log: one warning, then debug lines
+    assert [r.levelname for r in caplog.records if r.name == "hvm.mmio.pvconsole"] == ["WARNING"]
+
+
+def test_pvconsole_with_guest_memory_around_the_pci_hole():
+    """hvm's GuestMemory above 3 GiB: RAM below the hole and above 4 GiB, nothing in between."""
+    from hvm.memory import GuestMemory
+
+    with GuestMemory((3 << 30) + (4 << 20)) as mem:
+        out: list[bytes] = []
+        dev = PvConsole(mem, out.append)
+        mem.write(0x1_0000_0000, b"above 4 GiB")
+        for at, addr, length in ((0x1000, 0x1_0000_0000, 11), (0x1010, 0xC000_0000, 4), (0x1020, 0xBFFF_FFFC, 8)):
+            mem.write(at, struct.pack("<QII", addr, length, 0xDEAD))
+            dev.write(0, 4, at)
+        assert out == [b"above 4 GiB"]
+        assert [mem.read_u32(at + 12) for at in (0x1000, 0x1010, 0x1020)] == [11, 0, 0]
+        dev.write(0, 4, 0xBFFF_FFF8)                # a descriptor across the start of the hole
+        assert dev.refused == 3 and mem.read(0xBFFF_FFF8, 8) == bytes(8)
 
 
 def test_pvconsole_drops_a_descriptor_outside_ram(caplog):
@@ -78,8 +102,8 @@ def test_pvconsole_probe_and_odd_writes():
     ram = FakeRam()
     dev, out = pv(ram)
     assert dev.read(0, 4) == PVCONSOLE_MAGIC and dev.read(1, 1) == ord("v")
-    dev.write(0, 1, 0x1000)          # not a u32 doorbell: ignored
-    assert out == [] and dev.refused == 0
+    dev.write(0, 1, 0x1000)          # not a u32 doorbell: ignored, counted as refused
+    assert out == [] and dev.refused == 1
 
 
 def test_debugcon_one_byte_per_write_and_readback():
@@ -94,8 +118,8 @@ def test_yaml_turns_them_on():
     base = {"boot": {"image": str(FIRMWARE / "pvcon.bin")}}
     spec = parse_spec(base)
     assert (spec.debugcon, spec.pvconsole) == (None, None)    # off unless asked for, as in QEMU
-    spec = parse_spec({**base, "devices": {"debugcon": True, "pvconsole": {"port": 0x510}}})
-    assert (spec.debugcon, spec.pvconsole) == (0xE9, 0x510)
+    spec = parse_spec({**base, "devices": {"debugcon": True, "pvconsole": {"port": 0x520}}})
+    assert (spec.debugcon, spec.pvconsole) == (0xE9, 0x520)
 
 
 @pytest.mark.parametrize("devices, message", [
@@ -174,3 +198,22 @@ def _flat_yaml(tmp_path, image):
     path = tmp_path / f"{image.stem}.yaml"
     path.write_text(f"boot: {{image: '{image}'}}\ntimeout: 20\n")
     return path
+
+
+def test_console_writes_a_big_buffer_whole(tmp_path, monkeypatch):
+    """A pipe or terminal may take part of a write: Console.write goes on until all of pvconsole's
+    buffer is out (the UART's and debugcon's single bytes never showed this)."""
+    import os
+
+    taken: list[bytes] = []
+
+    def partial_write(fd, data):
+        taken.append(bytes(data[:3]))
+        return min(3, len(data))
+
+    console = Console(f"file:{tmp_path / 'out'}", "none")
+    monkeypatch.setattr(os, "write", partial_write)
+    console.write(b"one line, printed three ways\n")
+    monkeypatch.undo()
+    console.close()
+    assert b"".join(taken) == b"one line, printed three ways\n" and console.text() == LINE.decode()

@@ -4,15 +4,18 @@ A 16550 costs two exits per byte (poll LSR, write THR) and QEMU's debugcon one. 
 the guest-physical address of a descriptor to a doorbell port, and the device reads the bytes out of
 guest memory itself: one exit per buffer, whatever its length. That is paravirtualization in
 miniature: the guest knows it runs under a hypervisor and uses an interface made for one, as virtio
-(whose descriptor layout this borrows) and Xen's console ring do. docs/paravirt.md measures it.
+(whose descriptors also start with a le64 address and a le32 length) and Xen's console ring do.
+docs/paravirt.md measures it.
 
 Registers (4 bytes of port space at PVCONSOLE_PORT):
-  write u32 at +0  the doorbell: the GPA of a 16-byte descriptor {le64 addr; le32 len; le32 used}.
+  write u32 at +0  the doorbell: the GPA (below 4 GiB) of a 16-byte descriptor {le64 addr; le32 len;
+                   le32 used}.
                    The device sends the `len` bytes at `addr` to the console, then stores in `used`
                    how many it took: `len`, or 0 if the buffer was refused (outside guest RAM, or
                    longer than MAX_BUFFER).
   read  u32 at +0  PVCONSOLE_MAGIC ("hvPC"), so that a guest can probe for the device.
-A descriptor that is itself outside guest RAM is dropped with a warning (there is nowhere to answer).
+A descriptor that is itself outside guest RAM is dropped (there is nowhere to answer). Refusals are
+counted; the first is logged as a warning.
 """
 from __future__ import annotations
 
@@ -48,34 +51,38 @@ class PvConsole:
         self._ram = ram
         self._output = output
         self.buffers = 0          # doorbells answered with the buffer taken
-        self.refused = 0          # descriptors refused or dropped
+        self.refused = 0          # doorbells refused or dropped
 
     def read(self, offset: int, size: int) -> int:
         return (PVCONSOLE_MAGIC >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset != 0 or size != 4:
-            log.warning("pvconsole: %d-byte write at +%d ignored (the doorbell is a u32 at +0)", size, offset)
+            self._refuse(f"{size}-byte write at +{offset} ignored (the doorbell is a u32 at +0)")
             return
         try:
             addr, length, _ = DESCRIPTOR.unpack(self._ram.read(value, DESCRIPTOR.size))
         except GuestMemoryError as e:
-            self.refused += 1
-            log.warning("pvconsole: descriptor at %#x dropped: %s", value, e)
+            self._refuse(f"descriptor at {value:#x} dropped: {e}")
             return
-        used = 0
         if length > MAX_BUFFER:
-            log.warning("pvconsole: buffer of %d bytes at %#x refused (at most %d)", length, addr, MAX_BUFFER)
+            self._refuse(f"buffer of {length} bytes at {addr:#x} refused (at most {MAX_BUFFER})")
+            used = 0
         else:
             try:
                 data = self._ram.read(addr, length)
             except GuestMemoryError as e:
-                log.warning("pvconsole: buffer refused: %s", e)
+                self._refuse(f"buffer refused: {e}")
+                used = 0
             else:
                 self._output(data)
+                self.buffers += 1
                 used = length
-        if used == length:
-            self.buffers += 1
-        else:
-            self.refused += 1
+        # cannot fail: the descriptor was just read from the same RAM
         self._ram.write(value + USED_OFFSET, used.to_bytes(4, "little"))
+
+    def _refuse(self, why: str) -> None:
+        # A guest can ring the doorbell in a loop: the first refusal is a warning, the rest debug lines
+        # (as the bus warns once per unclaimed address).
+        self.refused += 1
+        log.log(logging.WARNING if self.refused == 1 else logging.DEBUG, "pvconsole: %s", why)
