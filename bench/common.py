@@ -2,6 +2,7 @@
 subprocess runs with the child's resource usage, and the one markdown table `make bench` prints."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -126,6 +127,16 @@ class ProcResult:
     stdout: str
     stderr: str
     timed_out: bool = False
+
+
+def json_result(res: "ProcResult", who: str, timeout: float) -> dict:
+    """The JSON object a worker (bench/hvm_worker.py, bench/cref.c) prints as its last line."""
+    if res.timed_out:
+        raise BenchError(f"{who}: no end after {timeout:g} s")
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"{who}: status {res.status}, no result; stderr: {res.stderr.strip()[-300:]}") from None
 
 
 def run_measured(argv: list[str], timeout: float, cwd: Path = ROOT, capture: bool = True,

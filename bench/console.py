@@ -4,14 +4,13 @@ hvm's real run loop and devices. Figure: lines per second over the run (start() 
 the reference is the UART. docs/paravirt.md explains the three techniques and these rows."""
 from __future__ import annotations
 
-import json
 import statistics
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import FIRMWARE, ROOT, BenchError, Figure, Row, run_measured
+from bench.common import FIRMWARE, ROOT, BenchError, Figure, Row, json_result, run_measured
 
 LINE_LEN = 29              # firmware/pvcon.S: "one line, printed three ways\n"
 UART_INIT_EXITS = 5
@@ -56,13 +55,7 @@ def pvcon_image(method: Method, lines: int, workdir: Path) -> Path:
 def run_lines(method: Method, lines: int, workdir: Path) -> dict:
     """One hvm run (bench/hvm_worker.py: a process of its own, quiet console); checks the exit count."""
     argv = [sys.executable, "-m", "bench.hvm_worker", "--yaml", str(pvcon_image(method, lines, workdir))]
-    res = run_measured(argv, RUN_TIMEOUT, cwd=ROOT)
-    if res.timed_out:
-        raise BenchError(f"{method.key}: no end after {RUN_TIMEOUT:g} s")
-    try:
-        out = json.loads(res.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise BenchError(f"{method.key}: status {res.status}, no result; stderr: {res.stderr.strip()[-300:]}")
+    out = json_result(run_measured(argv, RUN_TIMEOUT, cwd=ROOT), method.key, RUN_TIMEOUT)
     if (out.get("end"), out.get("status")) != ("debug-exit", 1):
         raise BenchError(f"{method.key}: ended by {out.get('end')!r} with status {out.get('status')}, "
                          "not the debug-exit write of a complete run")

@@ -3,14 +3,13 @@ under bench/cref.c, a minimal C VMM. Figure: exits per second over the whole loo
 KVM_RUN to the debug-exit write (iterations + 1 exits)."""
 from __future__ import annotations
 
-import json
 import statistics
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import CREF, FIRMWARE, ROOT, BenchError, Figure, Row, run_measured
+from bench.common import CREF, FIRMWARE, ROOT, BenchError, Figure, Row, json_result, run_measured
 
 HEADER_JMP = 0xEB          # every bench_* image starts with a short jmp over its header
 ITERATIONS_OFFSET = 4      # u32
@@ -82,12 +81,7 @@ def write_yaml(loop: ExitLoop, image: Path, workdir: Path) -> Path:
 
 
 def _parse(res, who: str, loop: ExitLoop, iterations: int) -> dict:
-    if res.timed_out:
-        raise BenchError(f"{who} {loop.key}: no end after {RUN_TIMEOUT:g} s")
-    try:
-        out = json.loads(res.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise BenchError(f"{who} {loop.key}: status {res.status}, no result; stderr: {res.stderr.strip()[-300:]}")
+    out = json_result(res, f"{who} {loop.key}", RUN_TIMEOUT)
     if out.get("end") != "debug-exit":
         raise BenchError(f"{who} {loop.key}: ended by {out.get('end')!r}, not the debug-exit write")
     exits = out["exits"]
