@@ -35,6 +35,10 @@ METHODS = (
 )
 
 
+def _exits(n: int) -> str:
+    return f"{n} exit" if n == 1 else f"{n} exits"
+
+
 def pvcon_image(method: Method, lines: int, workdir: Path) -> Path:
     data = bytearray((FIRMWARE / "pvcon.bin").read_bytes())
     if struct.unpack_from("<IH", data, 4) != (1000, 0):
@@ -70,8 +74,8 @@ def bench_console(quick: bool, reps: int, workdir: Path, log) -> tuple[list[Row]
     uart = Figure("lines/s")
     uart_runs: list[dict] = []
     for method in METHODS:
-        title = f"Console line through {method.name} ({method.exits_per_line} exit(s) per line)"
-        reference = f"the same line through the {UART.name} ({UART.exits_per_line} exits per line)"
+        title = f"Console line through {method.name} ({_exits(method.exits_per_line)} per line)"
+        reference = f"the same line through the {UART.name} ({_exits(UART.exits_per_line)} per line)"
         try:
             fig = Figure("lines/s")
             lines, uart_lines = (method.quick_lines, UART.quick_lines) if quick else (method.lines, UART.lines)
