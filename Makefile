@@ -18,7 +18,7 @@ $(FWB):
 	mkdir -p $@
 
 # Flat binaries: assembled as ELF, linked at their load address, stripped to raw bytes.
-$(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT16))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc | $(FWB)
+$(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT16))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc $(FW)/header.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/$*.o $<
 	ld -m elf_i386 -Ttext=0x7c00 -e _start -o $@ $(FWB)/$*.o
 # modes switches to 64-bit code, so it is assembled as an x86-64 object (.code16/.code32 inside).

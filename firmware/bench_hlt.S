@@ -2,12 +2,9 @@
  * Real mode, loaded at 0x7c00, run without an in-kernel irqchip so that every HLT exits to the VMM,
  * which enters the guest again right after it. Header at +4: iterations (u32, >= 1), patched by the
  * harness. Ends with a write of 0 to the debug-exit port 0xf4. */
+#include "header.inc"
         .code16
-        .globl _start
-_start:
-        jmp start
-        .p2align 2
-iterations:     .long 1000
+        PATCHED_HEADER
         .p2align 2
 start:
         cli

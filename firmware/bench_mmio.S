@@ -4,12 +4,9 @@
  *   +4 iterations (u32, >= 1)    +8 address (u32; default 0xd0000000, in the PCI hole: no RAM, no device)
  * Does `iterations` 4-byte writes to `address` (one MMIO exit each), then writes 0 to the
  * debug-exit port 0xf4. */
+#include "header.inc"
         .code32
-        .globl _start
-_start:
-        jmp start
-        .p2align 2
-iterations:     .long 1000
+        PATCHED_HEADER
 address:        .long 0xd0000000
         .p2align 2
 start:

@@ -4,12 +4,9 @@
  * Does `iterations` one-byte OUTs to `port` (one exit each), then writes 0 to the debug-exit port
  * 0xf4 (hvm and bench/cref end there: status 1). Two instructions per iteration, because guest
  * CPL0 code is emulated instruction by instruction on the kvm_pvm host. */
+#include "header.inc"
         .code16
-        .globl _start
-_start:
-        jmp start
-        .p2align 2
-iterations:     .long 1000
+        PATCHED_HEADER
 port:           .word 0x80
         .p2align 2
 start:

@@ -4,16 +4,13 @@
  *   +4 iterations (u32)    +8 method (u16): 0 16550 UART, 1 debugcon (port 0xe9), 2 pvconsole (port 0xe00)
  * Exits: 5 (UART init) + per line: 2 per byte (UART: LSR poll, THR) | 1 per byte (debugcon) | 1 (pvconsole),
  * then the debug-exit write: status 1, or 3 if the pvconsole did not take a whole line. */
+#include "header.inc"
 #include "uart.inc"
         .set DEBUGCON, 0xe9
         .set PVCONSOLE, 0xe00
         .set LINE_LEN, line_end - line
         .code16
-        .globl _start
-_start:
-        jmp start
-        .p2align 2
-iterations:     .long 1000
+        PATCHED_HEADER
 method:         .word 0
         .p2align 3
 desc:   .long line, 0           /* le64 addr */

@@ -10,10 +10,10 @@ CREF := $(BENCH_BUILD)/cref
 .PHONY: bench bench-build bench-qemu bench-hotpath
 
 # Guest loops: flat binaries like the other firmware (real mode at 0x7c00, protected mode at 1 MiB).
-$(addprefix $(FWB)/,$(addsuffix .elf,$(BENCH_FW16))): $(FWB)/%.elf: $(FW)/%.S | $(FWB)
+$(addprefix $(FWB)/,$(addsuffix .elf,$(BENCH_FW16))): $(FWB)/%.elf: $(FW)/%.S $(FW)/header.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/$*.o $<
 	ld -m elf_i386 -Ttext=0x7c00 -e _start -o $@ $(FWB)/$*.o
-$(addprefix $(FWB)/,$(addsuffix .elf,$(BENCH_FW32))): $(FWB)/%.elf: $(FW)/%.S | $(FWB)
+$(addprefix $(FWB)/,$(addsuffix .elf,$(BENCH_FW32))): $(FWB)/%.elf: $(FW)/%.S $(FW)/header.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/$*.o $<
 	ld -m elf_i386 -Ttext=0x100000 -e _start -o $@ $(FWB)/$*.o
 
