@@ -52,6 +52,10 @@ class GuestMemory:
         try:
             for gpa, length in ram_layout(size):
                 mapping = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+                # As QEMU does for guest RAM: a child of the VMM (fork before exec) gets none of it, and
+                # the flag keeps the region its own mapping, never merged by the kernel with a
+                # neighbouring anonymous one (bench/startup.py finds guest RAM in smaps by its size).
+                mapping.madvise(mmap.MADV_DONTFORK)
                 anchor = ctypes.c_char.from_buffer(mapping)
                 host_addr = ctypes.addressof(anchor)
                 del anchor  # drop the buffer export so the mapping can be closed later

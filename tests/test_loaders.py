@@ -113,3 +113,21 @@ def test_guest_memory_bounds(mem):
     assert mem.read(0x1000, 3) == b"abc"
     with pytest.raises(Exception, match="outside guest RAM"):
         mem.read((64 << 20) - 2, 4)
+
+
+def test_guest_ram_is_not_inherited_by_children():
+    """Each region is MADV_DONTFORK, as QEMU's guest RAM: a forked child gets none of it, and the kernel
+    never merges it with a neighbouring mapping that is not guest RAM (VmFlags `dc` in smaps)."""
+    with GuestMemory((3 << 30) + (4 << 20)) as m:
+        vmas, current = [], None
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                first = line.split()[0]
+                if "-" in first and not first.endswith(":"):
+                    current = [int(x, 16) for x in first.split("-")]
+                elif first == "VmFlags:":
+                    vmas.append((current[0], current[1], line.split()[1:]))
+        assert len(m.regions) == 2
+        for r in m.regions:
+            holding = [flags for lo, hi, flags in vmas if lo <= r.host_addr and r.host_addr + r.size <= hi]
+            assert len(holding) == 1 and "dc" in holding[0], (r, holding)
