@@ -149,7 +149,9 @@ def measure_live(argv: list[str], cwd: Path = ROOT) -> dict:
     guest_kib = MEM_GUEST >> 10
     ram = [m for m in maps if not m["path"] and m["Size"] == guest_kib]
     if len(ram) != 1:
-        raise BenchError(f"{argv[0]}: found {len(ram)} anonymous {guest_kib} KiB mappings (guest RAM), expected 1")
+        bigger = sorted(m["Size"] for m in maps if not m["path"] and m["Size"] > guest_kib)
+        raise BenchError(f"{argv[0]}: found {len(ram)} anonymous {guest_kib} KiB mappings (guest RAM), expected 1; "
+                         f"larger anonymous mappings (KiB): {bigger}")
     total = sum(m["Rss"] for m in maps)
     return {"rss_kib": total, "guest_rss_kib": ram[0]["Rss"], "overhead_kib": total - ram[0]["Rss"],
             "status_kib": status}
