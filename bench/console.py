@@ -5,12 +5,12 @@ the reference is the UART. docs/paravirt.md explains the three techniques and th
 from __future__ import annotations
 
 import statistics
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import FIRMWARE, ROOT, BenchError, Figure, Row, json_result, run_measured
+from bench.exits import patch_header
 
 LINE_LEN = 29              # firmware/pvcon.S: "one line, printed three ways\n"
 UART_INIT_EXITS = 5
@@ -40,12 +40,8 @@ def _exits(n: int) -> str:
 
 
 def pvcon_image(method: Method, lines: int, workdir: Path) -> Path:
-    data = bytearray((FIRMWARE / "pvcon.bin").read_bytes())
-    if struct.unpack_from("<IH", data, 4) != (1000, 0):
-        raise BenchError(f"{FIRMWARE / 'pvcon.bin'}: not the expected header (iterations at +4, method at +8)")
-    struct.pack_into("<IH", data, 4, lines, method.number)
-    image = workdir / f"pvcon-{method.number}-{lines}.bin"
-    image.write_bytes(bytes(data))
+    image = patch_header(FIRMWARE / "pvcon.bin", workdir / f"pvcon-{method.number}-{lines}.bin", lines, method.number,
+                         arg_as_built=0)
     yaml_path = workdir / f"pvcon-{method.number}-{lines}.yaml"
     yaml_path.write_text(
         "name: pvcon\nmemory: 16M\n"

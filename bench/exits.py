@@ -52,19 +52,27 @@ LOOPS = (
 )
 
 
-def patch_image(loop: ExitLoop, iterations: int, workdir: Path) -> Path:
-    src = FIRMWARE / f"{loop.image}.bin"
+def patch_header(src: Path, out: Path, iterations: int, arg: int | None = None, arg_format: str = "<H",
+                 arg_as_built: int | None = None) -> Path:
+    """Copy an image whose header firmware/header.inc lays out (bench_*, pvcon), with its iterations and
+    its +8 field set; checks the layout first (and the +8 field's built value, when given)."""
     data = bytearray(src.read_bytes())
     if data[0] != HEADER_JMP or struct.unpack_from("<I", data, ITERATIONS_OFFSET)[0] != DEFAULT_ITERATIONS:
         raise BenchError(f"{src}: not the expected bench image layout (jmp, then iterations at +4)")
+    if arg_as_built is not None and struct.unpack_from(arg_format, data, ARG_OFFSET)[0] != arg_as_built:
+        raise BenchError(f"{src}: the field at +8 is not {arg_as_built} as built")
     if iterations < 1:
         raise BenchError("iterations must be >= 1")
     struct.pack_into("<I", data, ITERATIONS_OFFSET, iterations)
-    if loop.arg is not None:
-        struct.pack_into("<H" if loop.arg_size == 2 else "<I", data, ARG_OFFSET, loop.arg)
-    out = workdir / f"{loop.key}-{iterations}.bin"
+    if arg is not None:
+        struct.pack_into(arg_format, data, ARG_OFFSET, arg)
     out.write_bytes(bytes(data))
     return out
+
+
+def patch_image(loop: ExitLoop, iterations: int, workdir: Path) -> Path:
+    return patch_header(FIRMWARE / f"{loop.image}.bin", workdir / f"{loop.key}-{iterations}.bin", iterations,
+                        loop.arg, "<H" if loop.arg_size == 2 else "<I")
 
 
 def write_yaml(loop: ExitLoop, image: Path, workdir: Path) -> Path:

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import FIRMWARE
+from conftest import FIRMWARE, write_yaml
 from hvm import Machine
 from hvm.config import ConfigError, FlatBoot, VmSpec, parse_spec
 from hvm.console import Console
@@ -138,12 +138,10 @@ UART_INIT_EXITS = 5
 
 
 def pvcon_image(tmp_path, method: int, iterations: int):
-    data = bytearray((FIRMWARE / "pvcon.bin").read_bytes())
-    assert struct.unpack_from("<IH", data, 4) == (1000, 0)      # the header layout the comment gives
-    struct.pack_into("<IH", data, 4, iterations, method)
-    image = tmp_path / f"pvcon-{method}.bin"
-    image.write_bytes(bytes(data))
-    return image
+    from bench.exits import patch_header   # checks the header layout the firmware's comment gives
+
+    return patch_header(FIRMWARE / "pvcon.bin", tmp_path / f"pvcon-{method}.bin", iterations, method,
+                        arg_as_built=0)
 
 
 @pytest.mark.parametrize("method, exits_per_line", [
@@ -195,9 +193,7 @@ def test_command_line_devices(tmp_path, hvm):
 
 
 def _flat_yaml(tmp_path, image):
-    path = tmp_path / f"{image.stem}.yaml"
-    path.write_text(f"boot: {{image: '{image}'}}\ntimeout: 20\n")
-    return path
+    return write_yaml(tmp_path, f"boot: {{image: '{image}'}}\ntimeout: 20\n", f"{image.stem}.yaml")
 
 
 def test_console_writes_a_big_buffer_whole(tmp_path, monkeypatch):
