@@ -132,3 +132,65 @@ def test_kernel_kind():
     assert linux.kernel_kind(bzimage()[:0x300]) == "bzimage"
     assert linux.kernel_kind(elf64()[:0x300]) == "elf"
     assert linux.kernel_kind(b"MZ" + bytes(1000)) is None
+
+
+# --- hardening (issue 11): the vmlinux loader checks placements as the multiboot loader does ---
+
+@pytest.mark.parametrize("paddr,what", [
+    (0x0, "the real-mode IVT (machine pc) at 0x0..0x400"),
+    (0x400, "the GDT hvm keeps at 0x500..0x600"),
+    (0x2000, "the page tables hvm keeps at 0x1000..0x7000"),
+    (0x7000, "boot_params at 0x7000..0x8000"),
+    (0x8800, "the boot stack at 0x8000..0x9000"),
+    (0x1F000, "the kernel command line at 0x20000..0x2000e"),
+    (0xE0000, "the BIOS area (EBDA, VGA, ACPI tables), reserved in the memory map at 0x9fc00..0x100000"),
+])
+def test_vmlinux_overlapping_what_hvm_writes(mem, tmp_path, paddr, what):
+    k = kernel_file(tmp_path, elf64(entry=paddr, paddr=paddr), "vmlinux")
+    with pytest.raises(BootError) as e:
+        load_linux(mem, k, "console=ttyS0")
+    assert str(e.value) == f"{k}: segment {paddr:#x}..{paddr + 64 + 4096:#x} overlaps {what}"
+    assert mem.read(0, 0x10000) == bytes(0x10000)          # nothing written
+
+
+def test_vmlinux_entry_outside_its_segments(mem, tmp_path):
+    k = kernel_file(tmp_path, elf64(entry=0x2000000), "vmlinux")
+    with pytest.raises(BootError) as e:
+        load_linux(mem, k)
+    assert str(e.value) == (f"{k}: ELF entry 0x2000000 is not in any loaded segment (a vmlinux's entry is the "
+                            "physical address of startup_64)")
+
+
+def test_initrd_overlapping_a_high_vmlinux_segment(mem, tmp_path):
+    initrd = kernel_file(tmp_path, b"x" * 8192, "initrd")
+    k = kernel_file(tmp_path, elf64(entry=0x3FFD000, paddr=0x3FFD000), "vmlinux")
+    with pytest.raises(BootError) as e:
+        load_linux(mem, k, "", initrd)
+    assert str(e.value) == f"{initrd}: initrd of 0 MiB does not fit between the kernel and 0x4000000 (guest memory 64 MiB)"
+
+
+def test_bzimage_initrd_max_below_the_kernel(mem, tmp_path):
+    initrd = kernel_file(tmp_path, b"x" * 8192, "initrd")
+    with pytest.raises(BootError, match="initrd of 0 MiB does not fit between the kernel and 0x100000"):
+        load_linux(mem, kernel_file(tmp_path, bzimage(initrd_max=0xFFFFF)), "", initrd)
+
+
+def test_elf_with_tiny_program_headers(mem, tmp_path):
+    data = bytearray(elf64())
+    struct.pack_into("<H", data, 54, 8)                    # e_phentsize: 8, every header read at one place
+    k = kernel_file(tmp_path, bytes(data), "vmlinux")
+    with pytest.raises(BootError) as e:
+        load_linux(mem, k)
+    assert str(e.value) == f"{k}: program header size 8 is smaller than an ELF64 program header"
+
+
+def test_host_executable_as_kernel_is_refused_in_one_line():
+    """`hvm run --kernel /bin/true` (a PIE linked at 0): status 2 and one line, not a triple fault."""
+    from conftest import run_hvm
+    import os
+    true = os.path.realpath("/bin/true")
+    r = run_hvm("run", "-q", "--kernel", "/bin/true", "--timeout", "5")
+    assert r.status == 2, r.stderr
+    assert r.stderr.startswith(f"hvm: {true}: segment 0x0..") and r.stderr.endswith(
+        " overlaps the real-mode IVT (machine pc) at 0x0..0x400\n")
+    assert r.stderr.count("\n") == 1

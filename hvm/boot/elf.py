@@ -52,6 +52,8 @@ def parse_elf(data: bytes, name: str) -> ElfImage:
         ph_fmt, bits = "<IIQQQQQQ", 64
     else:
         raise BootError(f"{name}: unknown ELF class {ei_class}")
+    if e_phnum and e_phentsize < struct.calcsize(ph_fmt):
+        raise BootError(f"{name}: program header size {e_phentsize} is smaller than an ELF{bits} program header")
     segments = []
     for i in range(e_phnum):
         off = e_phoff + i * e_phentsize
@@ -64,7 +66,8 @@ def parse_elf(data: bytes, name: str) -> ElfImage:
         if p_type != PT_LOAD:
             continue
         if p_offset + p_filesz > len(data):
-            raise BootError(f"{name}: segment {i} lies beyond the end of the file")
+            raise BootError(f"{name}: segment {i} ({p_filesz} bytes at file offset {p_offset:#x}) lies beyond "
+                            f"the end of the file ({len(data)} bytes)")
         if p_filesz > p_memsz:
             raise BootError(f"{name}: segment {i} has a file size larger than its memory size")
         segments.append(ElfSegment(p_offset, p_vaddr, p_paddr, p_filesz, p_memsz))

@@ -19,6 +19,8 @@ from pathlib import Path
 from hvm.boot.cpu_modes import long_mode_state
 from hvm.boot.elf import EM_X86_64, is_elf, parse_elf
 from hvm.boot.errors import BootError
+from hvm.boot.layout import (BIOS_AREA, GDT, IVT, KERNEL_FILE_MAX, PAGE_TABLES, Layout, Region, load_piece,
+                             read_input)
 from hvm.boot.state import BootState
 from hvm.memory import GuestMemory
 
@@ -27,6 +29,8 @@ BOOT_STACK = 0x8FF0       # below 0x9000, above boot_params (as Firecracker)
 CMDLINE_ADDR = 0x20000
 CMDLINE_MAX_DEFAULT = 2048
 KERNEL_LOAD = 0x100000
+BOOT_PARAMS = Region(BOOT_PARAMS_ADDR, BOOT_PARAMS_ADDR + 0x1000, "boot_params")
+BOOT_STACK_AREA = Region(BOOT_PARAMS_ADDR + 0x1000, 0x9000, "the boot stack")
 MIN_PROTOCOL = 0x0206
 HDR_MAGIC = b"HdrS"
 
@@ -133,53 +137,74 @@ def _synthetic_header() -> bytes:
 
 def load_linux(mem: GuestMemory, kernel: Path, cmdline: str = "", initrd: Path | None = None,
                acpi_rsdp: int = 0) -> BootState:
-    data = kernel.read_bytes()
+    data = read_input(kernel, "kernel", KERNEL_FILE_MAX)
     name = str(kernel)
     kind = kernel_kind(data[:0x300])
     boot_params = bytearray(4096)
+    raw_cmdline = cmdline.encode()
+    # What hvm writes for every Linux boot, placed before the kernel so that a kernel overlapping any of it
+    # is refused with one line (a vmlinux linked at 0 would otherwise be overwritten by the page tables and
+    # triple-fault).
+    layout = Layout(mem, name)
+    layout.reserve(IVT, GDT, PAGE_TABLES, BOOT_PARAMS, BOOT_STACK_AREA, BIOS_AREA)
+    layout.take(CMDLINE_ADDR, len(raw_cmdline) + 1, "the kernel command line")
+    view = memoryview(data)
+    pieces: list[tuple[int, memoryview, int]] = []   # (paddr, bytes, memsz), written once all are placed
     if kind == "bzimage":
         hdr = parse_setup_header(data, name)
         # Copy the setup header into boot_params: from 0x1f1 to the end given by the jump at 0x200.
         end = OFF_JUMP + 2 + data[OFF_JUMP + 1]
         boot_params[OFF_SETUP_SECTS:end] = data[OFF_SETUP_SECTS:end]
-        payload = data[(hdr.setup_sects + 1) * 512:]
+        payload = view[(hdr.setup_sects + 1) * 512:]
         load = KERNEL_LOAD
         need = max(len(payload), hdr.init_size)
         if not mem.contains(load, need):
             raise BootError(f"{name}: kernel needs {need >> 20} MiB from 1 MiB on; guest memory is "
                             f"{mem.size >> 20} MiB")
-        mem.write(load, payload)
+        layout.take(load, need, "kernel", loaded=True)
+        # The kernel decompresses itself into init_size bytes from the load address: left as fresh RAM.
+        pieces.append((load, payload, len(payload)))
         entry = load + 0x200
         initrd_max, cmdline_max = hdr.initrd_addr_max, hdr.cmdline_size
         what = f"bzImage {kernel.name} (boot protocol {hdr.version >> 8}.{hdr.version & 0xFF:02d})"
-        top = load + need
     elif kind == "elf":
         elf = parse_elf(data, name)
         if elf.bits != 64 or elf.machine != EM_X86_64:
             raise BootError(f"{name}: a vmlinux must be a 64-bit x86-64 ELF")
-        top = 0
         for seg in elf.segments:
-            if not mem.contains(seg.paddr, max(seg.memsz, 1)):
-                raise BootError(f"{name}: segment {seg.paddr:#x}..{seg.paddr + seg.memsz:#x} does not fit in guest "
-                                f"memory ({mem.size >> 20} MiB)")
-            mem.write(seg.paddr, data[seg.offset:seg.offset + seg.filesz])
-            if seg.memsz > seg.filesz:
-                mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
-            top = max(top, seg.paddr + seg.memsz)
+            layout.take(seg.paddr, seg.memsz, "segment", loaded=True)
+            pieces.append((seg.paddr, view[seg.offset:seg.offset + seg.filesz], seg.memsz))
         entry = elf.entry
-        if entry >= 1 << 32:
-            raise BootError(f"{name}: ELF entry {entry:#x} is not a physical address")
+        if not layout.in_loaded(entry):
+            raise BootError(f"{name}: ELF entry {entry:#x} is not in any loaded segment (a vmlinux's entry is "
+                            "the physical address of startup_64)")
         boot_params[OFF_SETUP_SECTS:0x268] = _synthetic_header()[OFF_SETUP_SECTS:0x268]
         initrd_max, cmdline_max = 0x7FFFFFFF, CMDLINE_MAX_DEFAULT - 1
         what = f"vmlinux {kernel.name} (ELF, {len(elf.segments)} segments)"
     else:
         raise BootError(f"{name}: not a Linux kernel (neither a bzImage nor an ELF vmlinux)")
 
-    raw_cmdline = cmdline.encode()
     if len(raw_cmdline) > cmdline_max:
         raise BootError(f"{name}: command line is {len(raw_cmdline)} bytes; this kernel takes at most {cmdline_max}")
-    mem.write(CMDLINE_ADDR, raw_cmdline + b"\0")
 
+    initrd_blob = b""
+    initrd_addr = 0
+    if initrd is not None:
+        initrd_blob = read_input(initrd, "initrd", mem.size,
+                                 f"initrd of {{size}} bytes does not fit in guest memory ({mem.size >> 20} MiB)")
+        low_end = mem.regions[0].end
+        limit = min(initrd_max + 1, low_end)
+        initrd_addr = (limit - len(initrd_blob)) & ~0xFFF  # as high as allowed, page-aligned, as QEMU does
+        in_the_way = layout.overlapping(initrd_addr, initrd_addr + len(initrd_blob))
+        if initrd_addr < 0 or in_the_way is not None:
+            raise BootError(f"{initrd}: initrd of {len(initrd_blob) >> 20} MiB does not fit between the kernel and "
+                            f"{limit:#x} (guest memory {mem.size >> 20} MiB)")
+        layout.take(initrd_addr, len(initrd_blob), "initrd", initrd)
+
+    # Everything is placed: now write.
+    for paddr, image, memsz in pieces:
+        load_piece(mem, paddr, image, memsz)
+    mem.write(CMDLINE_ADDR, raw_cmdline + b"\0")
     boot_params[OFF_TYPE_OF_LOADER] = LOADER_OTHER
     boot_params[OFF_LOADFLAGS] |= CAN_USE_HEAP
     struct.pack_into("<H", boot_params, OFF_HEAP_END_PTR, 0xFE00)
@@ -188,16 +213,9 @@ def load_linux(mem: GuestMemory, kernel: Path, cmdline: str = "", initrd: Path |
 
     initrd_desc = ""
     if initrd is not None:
-        blob = initrd.read_bytes()
-        low_end = mem.regions[0].end
-        limit = min(initrd_max + 1, low_end)
-        addr = (limit - len(blob)) & ~0xFFF  # as high as allowed, page-aligned, as QEMU does
-        if addr < max(top, CMDLINE_ADDR + cmdline_max + 1):
-            raise BootError(f"{initrd}: initrd of {len(blob) >> 20} MiB does not fit between the kernel and "
-                            f"{limit:#x} (guest memory {mem.size >> 20} MiB)")
-        mem.write(addr, blob)
-        struct.pack_into("<II", boot_params, OFF_RAMDISK_IMAGE, addr, len(blob))
-        initrd_desc = f", initrd {initrd.name} {len(blob) >> 10} KiB at {addr:#x}"
+        mem.write(initrd_addr, initrd_blob)
+        struct.pack_into("<II", boot_params, OFF_RAMDISK_IMAGE, initrd_addr, len(initrd_blob))
+        initrd_desc = f", initrd {initrd.name} {len(initrd_blob) >> 10} KiB at {initrd_addr:#x}"
 
     e820 = mem.e820()
     if len(e820) > E820_MAX:

@@ -11,10 +11,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvm.boot.cpu_modes import GDT_ADDR as LOW_TABLES_START
 from hvm.boot.cpu_modes import protected_mode_state
 from hvm.boot.elf import EM_386, is_elf, parse_elf
 from hvm.boot.errors import BootError
+from hvm.boot.layout import BIOS_AREA, GDT, IVT, KERNEL_FILE_MAX, Layout, load_piece, read_input
 from hvm.boot.state import BootState
 from hvm.memory import GuestMemory
 
@@ -33,9 +33,9 @@ MBI_MMAP = 1 << 6
 MBI_LOADER_NAME = 1 << 9
 
 # The boot information goes after the kernel and its modules, as QEMU places it: kernels may load
-# anywhere above the GDT hvm keeps at 0x500 (kvm-unit-tests' realmode test loads at 0x8000).
+# anywhere above the GDT hvm keeps at 0x500 and outside the BIOS area (kvm-unit-tests' realmode test
+# loads at 0x8000); hvm.boot.layout checks every placement.
 INFO_SIZE = 0x80
-LOW_TABLES_END = LOW_TABLES_START + 0x100
 MAX_MMAP = 0x400
 LOADER_NAME = b"hvm\0"
 
@@ -74,7 +74,7 @@ class Module:
 
 
 def load_multiboot(mem: GuestMemory, kernel: Path, cmdline: str = "", modules: tuple[Module, ...] = ()) -> BootState:
-    data = kernel.read_bytes()
+    data = read_input(kernel, "kernel", KERNEL_FILE_MAX)
     name = str(kernel)
     header = find_header(data)
     if header is None:
@@ -82,14 +82,15 @@ def load_multiboot(mem: GuestMemory, kernel: Path, cmdline: str = "", modules: t
     if header.flags & 0xFFFC & ~HF_VIDEO_MODE & 0xFFFF:
         raise BootError(f"{name}: multiboot header asks for unsupported features (flags {header.flags:#x})")
 
-    pieces: list[tuple[int, bytes, int]] = []  # (paddr, bytes, memsz)
+    pieces: list[tuple[int, bytes | memoryview, int]] = []  # (paddr, bytes, memsz)
+    view = memoryview(data)
     if header.flags & HF_AOUT_KLUDGE:
         h = header
         file_start = h.offset - (h.header_addr - h.load_addr)
         load_end = h.load_end_addr or (h.load_addr + len(data) - file_start)
-        if file_start < 0 or load_end < h.load_addr:
+        if file_start < 0 or file_start > len(data) or load_end < h.load_addr:
             raise BootError(f"{name}: inconsistent multiboot a.out addresses")
-        image = data[file_start:file_start + (load_end - h.load_addr)]
+        image = view[file_start:file_start + (load_end - h.load_addr)]
         memsz = max(h.bss_end_addr, load_end) - h.load_addr
         pieces.append((h.load_addr, image, memsz))
         entry = h.entry_addr
@@ -101,67 +102,66 @@ def load_multiboot(mem: GuestMemory, kernel: Path, cmdline: str = "", modules: t
             raise BootError(f"{name}: a multiboot ELF must be 32-bit i386 (this one is {elf.bits}-bit); "
                             "a 64-bit kernel needs a 32-bit multiboot entry, as with QEMU")
         for seg in elf.segments:
-            pieces.append((seg.paddr, data[seg.offset:seg.offset + seg.filesz], seg.memsz))
+            pieces.append((seg.paddr, view[seg.offset:seg.offset + seg.filesz], seg.memsz))
         entry = elf.entry
 
-    top = 0
+    # Place everything before writing anything: the kernel must not overlap what hvm and the pc machine
+    # write (IVT, GDT, BIOS area) or itself.
+    layout = Layout(mem, name)
+    layout.reserve(IVT, GDT, BIOS_AREA)
     for paddr, image, memsz in pieces:
-        if paddr < LOW_TABLES_END and paddr + memsz > LOW_TABLES_START:
-            raise BootError(f"{name}: segment at {paddr:#x} overlaps the GDT hvm keeps at "
-                            f"{LOW_TABLES_START:#x}..{LOW_TABLES_END:#x}")
-        if not mem.contains(paddr, max(memsz, 1)):
-            raise BootError(f"{name}: segment {paddr:#x}..{paddr + memsz:#x} does not fit in guest memory "
-                            f"({mem.size >> 20} MiB)")
-        mem.write(paddr, image)
-        if memsz > len(image):
-            mem.fill(paddr + len(image), memsz - len(image))
-        top = max(top, paddr + memsz)
+        layout.take(paddr, memsz, "segment", loaded=True)
+    if not layout.in_loaded(entry):
+        raise BootError(f"{name}: entry {entry:#x} is not in any loaded segment")
+    for paddr, image, memsz in pieces:
+        load_piece(mem, paddr, image, memsz)
+    top = layout.top
 
     # Modules go after the kernel, each page-aligned; then the info block, memory map, module list, strings.
-    addr = (top + 0xFFF) & ~0xFFF
-    mod_entries = bytearray()
-    strings = bytearray()
+    addr = top
     placed: list[tuple[int, int, str]] = []
     for mod in modules:
-        blob = mod.path.read_bytes()
-        if not mem.contains(addr, max(len(blob), 1)):
-            raise BootError(f"{mod.path}: module of {len(blob)} bytes does not fit in guest memory after the kernel "
-                            f"(at {addr:#x}; guest has {mem.size >> 20} MiB)")
+        blob = read_input(mod.path, "module", mem.size, f"module of {{size}} bytes does not fit in guest memory ({mem.size >> 20} MiB)")
+        addr = layout.free_at_or_above(addr, len(blob))
+        layout.take(addr, len(blob), "module", mod.path)
         mem.write(addr, blob)
         placed.append((addr, addr + len(blob), str(mod.path) + (" " + mod.args if mod.args else "")))
-        addr = (addr + len(blob) + 0xFFF) & ~0xFFF
+        addr += len(blob)
 
-    mbi_addr = addr
-    mmap_addr = mbi_addr + INFO_SIZE
-    mods_addr = mmap_addr + MAX_MMAP
-    strings_addr = mods_addr + 16 * len(modules)
+    # The strings first (offsets relative to their block), so the whole information block is placed at once.
+    strings = bytearray()
 
-    def add_string(s: str | bytes) -> int:
-        raw = (s.encode() if isinstance(s, str) else s).rstrip(b"\0") + b"\0"
-        at = strings_addr + len(strings)
+    def add_string(text: str | bytes) -> int:
+        raw = (text.encode() if isinstance(text, str) else text).rstrip(b"\0") + b"\0"
+        at = len(strings)
         strings.extend(raw)
         return at
 
-    for start, end, label in placed:
-        mod_entries += struct.pack("<4I", start, end, add_string(label), 0)
+    labels = [add_string(label) for _start, _end, label in placed]
     # As GRUB and QEMU do, the command line starts with the kernel's file name (guests such as
     # kvm-unit-tests take it as argv[0]).
-    cmd_addr = add_string(f"{kernel} {cmdline}" if cmdline else str(kernel))
-    loader_addr = add_string(LOADER_NAME)
-    if not mem.contains(mbi_addr, strings_addr + len(strings) - mbi_addr):
-        raise BootError(f"{name}: no room for the multiboot information after the kernel and modules "
-                        f"(guest has {mem.size >> 20} MiB)")
+    cmd_off = add_string(f"{kernel} {cmdline}" if cmdline else str(kernel))
+    loader_off = add_string(LOADER_NAME)
+    info_size = INFO_SIZE + MAX_MMAP + 16 * len(modules) + len(strings)
+    mbi_addr = layout.free_at_or_above(addr, info_size)
+    layout.take(mbi_addr, info_size, "multiboot information")
+    mmap_addr = mbi_addr + INFO_SIZE
+    mods_addr = mmap_addr + MAX_MMAP
+    strings_addr = mods_addr + 16 * len(modules)
+    mod_entries = b"".join(struct.pack("<4I", start, end, strings_addr + label, 0)
+                           for (start, end, _label), label in zip(placed, labels))
+    cmd_addr, loader_addr = strings_addr + cmd_off, strings_addr + loader_off
 
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in mem.e820())
     low_end = mem.regions[0].end
-    mem_lower = 0x9FC00 // 1024
-    mem_upper = (low_end - 0x100000) // 1024
+    mem_lower = min(0x9FC00, low_end) // 1024
+    mem_upper = max(low_end - 0x100000, 0) // 1024
     flags = MBI_MEMORY | MBI_CMDLINE | MBI_MODS | MBI_MMAP | MBI_LOADER_NAME
     mbi = struct.pack("<12I", flags, mem_lower, mem_upper, 0, cmd_addr, len(modules), mods_addr,
                       0, 0, 0, 0, len(mmap)) + struct.pack("<5I", mmap_addr, 0, 0, 0, loader_addr)
     mem.write(mbi_addr, mbi.ljust(INFO_SIZE, b"\0"))
     mem.write(mmap_addr, mmap.ljust(MAX_MMAP, b"\0"))
-    mem.write(mods_addr, bytes(mod_entries))
+    mem.write(mods_addr, mod_entries)
     mem.write(strings_addr, bytes(strings))
 
     state = protected_mode_state(mem, entry)
