@@ -43,13 +43,28 @@ def _add_run_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors (no unhandled-access warnings)")
 
 
+def _kut_timeout(text: str) -> float:
+    """`hvm kut --timeout`: finite, positive and at most a day (inf or nan would disarm the watchdog)."""
+    from hvm.kut import MAX_TIMEOUT
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"{text!r} is not in (0, {MAX_TIMEOUT:g}] seconds")
+    return value
+
+
 def _add_kut_parser(sub) -> None:
     p = sub.add_parser("kut", help="run kvm-unit-tests guests as upstream's runner runs them under QEMU",
                        description="Run the entries of DIR/unittests.cfg whose binaries are in DIR.")
     p.add_argument("directory", type=Path, help="folder with unittests.cfg and the *.flat binaries")
-    p.add_argument("names", nargs="*", help="only these entries")
+    # default=[]: without it argparse calls a '*' positional required in its error message
+    p.add_argument("names", nargs="*", default=[], help="only these entries (default: all)")
     p.add_argument("-g", "--group", action="append", help="only entries in this group")
-    p.add_argument("--timeout", type=float, help="override every entry's timeout (seconds)")
+    p.add_argument("--timeout", type=_kut_timeout, metavar="SECONDS",
+                   help="override every entry's timeout (seconds)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="print the output of failing entries")
 
 
@@ -262,16 +277,33 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_kut(args: argparse.Namespace) -> int:
-    from hvm.kut import run_all
+    from hvm.kut import Interrupted, KutError, run_all
 
-    if not (args.directory / "unittests.cfg").is_file():
-        print(f"hvm: {args.directory}: no unittests.cfg there", file=sys.stderr)
+    directory = args.directory
+    problem = ("no such directory" if not directory.exists() else "not a directory" if not directory.is_dir()
+               else "no unittests.cfg there" if not (directory / "unittests.cfg").exists() else None)
+    if problem:
+        print(f"hvm: {directory}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+
+    def stop(signo, frame):  # unwinds run_all, which kills the running child's process group first
+        raise Interrupted(signo)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        results = run_all(args.directory, args.names, args.group, args.timeout, verbose=bool(args.verbose))
-    except ValueError as e:
+        results = run_all(directory, args.names, args.group, args.timeout, verbose=bool(args.verbose))
+    except KutError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("hvm: kut: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except Interrupted as e:
+        print(f"hvm: kut: terminated by signal {e.signo}", file=sys.stderr)
+        return 128 + e.signo
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 

@@ -9,20 +9,51 @@ same host (RESULTS-QEMU.md beside the binaries) side by side.
 Status mapping, as upstream's scripts/arch-run.bash: exit status 1 (guest wrote 0 to 0xf4) is PASS;
 another odd status (V << 1) | 1 means the guest exited with V: 77 is SKIP, anything else FAIL;
 124 is a timeout (FAIL).
+
+A bad entry (a quote that does not close, an smp that is not a number) fails that entry alone, with the file
+and line in its result; a file that is not a unittests.cfg at all is a `KutError` (one line, status 2). Each
+`hvm run` child runs in its own session, so that SIGINT/SIGTERM to the runner (`Interrupted`) kills the
+child's whole process group before the runner ends, and its output goes to temporary files of which only
+the tail is kept in memory.
 """
 from __future__ import annotations
 
+import ast
 import configparser
+import math
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvm.files import HostFileError, read_regular_file
+
 DEFAULT_TIMEOUT = 90.0
+MAX_TIMEOUT = 24 * 3600.0          # seconds: a test that needs more than a day is a typo
+MAX_SMP = 64                       # as hvm's own vcpus limit
+CFG_MAX_BYTES = 4 << 20            # upstream's whole x86/unittests.cfg is ~20 KiB
+RESULTS_MAX_BYTES = 4 << 20
+OUTPUT_TAIL = 1 << 20              # bytes of a child's stdout/stderr kept for the result
+KILL_GRACE = 5.0                   # seconds between SIGTERM and SIGKILL to a child's process group
 ARCH = "x86_64"
+
+
+class KutError(ValueError):
+    """unittests.cfg (or the command line) cannot be used at all: one line naming the file."""
+
+
+class Interrupted(Exception):
+    """The runner got SIGINT/SIGTERM/SIGHUP; the running child's process group has been killed."""
+
+    def __init__(self, signo: int):
+        super().__init__(f"interrupted by signal {signo}")
+        self.signo = signo
 
 
 @dataclass
@@ -35,6 +66,7 @@ class KutEntry:
     arch: str = ""
     groups: tuple[str, ...] = ()
     timeout: float = DEFAULT_TIMEOUT
+    error: str = ""             # why this entry cannot run ("unittests.cfg:12: qemu_params: ..."): a FAIL
 
 
 @dataclass
@@ -64,23 +96,82 @@ def _unquote(value: str) -> str:
     return value
 
 
-def parse_unittests_cfg(path: Path) -> list[KutEntry]:
-    cp = configparser.ConfigParser(interpolation=None, strict=False)
-    cp.read_string(path.read_text())
-    entries = []
-    for name in cp.sections():
-        sec = cp[name]
+def _read_text(path: Path, what: str, max_bytes: int) -> str:
+    try:
+        return read_regular_file(path, what, max_bytes).decode("utf-8")
+    except HostFileError as e:
+        raise KutError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise KutError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def _section_lines(text: str) -> dict[str, int]:
+    """Line number of each [section] header (configparser does not keep them), for messages."""
+    lines: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"^\s*\[([^]]+)\]", line)
+        if m:
+            lines.setdefault(m.group(1), n)
+    return lines
+
+
+def _entry(name: str, sec: configparser.SectionProxy, where: str) -> KutEntry:
+    """One section as a KutEntry; a value that cannot be used is kept as the entry's `error`."""
+    entry = KutEntry(name=name, file=sec.get("file", "").strip(), arch=sec.get("arch", "").strip(),
+                     groups=tuple(sec.get("groups", "").split()))
+    try:
         args = _unquote(sec.get("test_args", sec.get("extra_params", "")))
         m = re.match(r"^\s*-append\s+(.*)$", args)  # old-style extra_params = -append 'x'
         if m:
             args = _unquote(m.group(1))
-        timeout = sec.get("timeout", "")
-        entries.append(KutEntry(
-            name=name, file=sec.get("file", "").strip(), smp=int(_unquote(sec.get("smp", "1")) or 1), args=args,
-            qemu_params=_unquote(sec.get("qemu_params", "")), arch=sec.get("arch", "").strip(),
-            groups=tuple(sec.get("groups", "").split()),
-            timeout=float(timeout.rstrip("s")) if timeout.strip() else DEFAULT_TIMEOUT))
-    return entries
+        entry.args = args
+        entry.qemu_params = _unquote(sec.get("qemu_params", ""))
+        field = "qemu_params"
+        shlex.split(entry.qemu_params)            # checked now, so a bad quote fails this entry alone
+        field = "smp"
+        raw = _unquote(sec.get("smp", "1")) or "1"
+        try:
+            entry.smp = int(raw, 0)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
+        if not 1 <= entry.smp <= MAX_SMP:
+            raise ValueError(f"{entry.smp} is not in 1..{MAX_SMP}")
+        field = "timeout"
+        raw = sec.get("timeout", "").strip()
+        if raw:
+            try:
+                entry.timeout = float(raw.rstrip("s"))
+            except ValueError:
+                raise ValueError(f"{raw!r} is not a number of seconds") from None
+            if not (math.isfinite(entry.timeout) and 0 < entry.timeout <= MAX_TIMEOUT):
+                raise ValueError(f"{raw!r} is not in (0, {MAX_TIMEOUT:g}] seconds")
+        field = "file"
+        if not entry.file:
+            raise ValueError("missing: which binary to run")
+    except ValueError as e:
+        entry.error = f"{where}: {field}: {e}"
+    return entry
+
+
+def parse_unittests_cfg(path: Path) -> list[KutEntry]:
+    text = _read_text(path, "unittests.cfg", CFG_MAX_BYTES)
+    cp = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        cp.read_string(text, source=str(path))
+    except configparser.MissingSectionHeaderError as e:
+        raise KutError(f"{path}:{e.lineno}: not a unittests.cfg: {e.line.strip()!r} comes before any [entry] "
+                       "header") from None
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0]              # line as configparser quotes it: repr() of the raw line
+        try:
+            line = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            pass
+        raise KutError(f"{path}:{lineno}: cannot parse {str(line).strip()!r}") from None
+    except configparser.Error as e:
+        raise KutError(f"{path}: {e.message.splitlines()[0]}") from None
+    lines = _section_lines(text)
+    return [_entry(name, cp[name], f"{path}:{lines.get(name, '?')}") for name in cp.sections()]
 
 
 def parse_qemu_results(path: Path) -> dict[str, QemuReference]:
@@ -88,7 +179,7 @@ def parse_qemu_results(path: Path) -> dict[str, QemuReference]:
     refs: dict[str, QemuReference] = {}
     if not path.exists():
         return refs
-    for line in path.read_text().splitlines():
+    for line in _read_text(path, "QEMU results", RESULTS_MAX_BYTES).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 4 and re.match(r"^(PASS|FAIL|SKIP)", cells[2]):
             try:
@@ -123,7 +214,40 @@ def hvm_args_for(entry: KutEntry, directory: Path, timeout: float | None = None)
     return args
 
 
+def _tail(f) -> str:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(max(0, size - OUTPUT_TAIL))
+    return f.read().decode("utf-8", "replace")
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """End a child started in its own session and everything it started: SIGTERM to the group (hvm run
+    then stops its vCPUs and restores the terminal), SIGKILL after KILL_GRACE seconds; always reaped.
+    A second Ctrl-C meanwhile waits until this is done (blocked), so it cannot leave the child behind."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for signo, wait in ((signal.SIGTERM, KILL_GRACE), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, signo)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        proc.wait()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None) -> KutResult:
+    if entry.error:
+        return KutResult(entry, "FAIL", f"({entry.error})")
     if entry.arch and entry.arch != ARCH:
         return KutResult(entry, "SKIP", f"({entry.arch} only)")
     binary = directory / entry.file
@@ -131,14 +255,29 @@ def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None) ->
         return KutResult(entry, "SKIP", f"(Test file '{binary}' not found)")
     limit = timeout if timeout is not None else entry.timeout
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "hvm", *hvm_args_for(entry, directory, limit)],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=limit + 30)
-        status = proc.returncode
-        output = proc.stdout.decode("utf-8", "replace")
-        err = proc.stderr.decode("utf-8", "replace")
-    except subprocess.TimeoutExpired:  # hvm's own watchdog should have fired long before
-        return KutResult(entry, "FAIL", f"(timeout; duration={limit:g})", time.monotonic() - t0)
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        # Its own session: a Ctrl-C at the terminal reaches the runner alone, and the runner can end the
+        # child with everything it started (kill_group) instead of leaving it behind.
+        # A stop signal between the fork and the `try` would leave the child running: it is held until
+        # the `try` below, where it kills the child (Python runs handlers between bytecodes, so the
+        # pending signal is raised right after the mask is restored, inside the `try`).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "hvm", *hvm_args_for(entry, directory, limit)],
+                                    stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, start_new_session=True)
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            raise
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            status = proc.wait(timeout=limit + 30)
+        except subprocess.TimeoutExpired:  # hvm's own watchdog should have fired long before
+            kill_group(proc)
+            return KutResult(entry, "FAIL", f"(timeout; duration={limit:g})", time.monotonic() - t0)
+        except BaseException:              # Interrupted, KeyboardInterrupt: the child goes with the runner
+            kill_group(proc)
+            raise
+        output, err = _tail(out_f), _tail(err_f)
     seconds = time.monotonic() - t0
     summary = ""
     for line in output.splitlines()[-5:]:
@@ -160,7 +299,7 @@ def run_all(directory: Path, names: list[str] | None = None, groups: list[str] |
     if names:
         unknown = set(names) - {e.name for e in entries}
         if unknown:
-            raise ValueError(f"no such entries in {directory / 'unittests.cfg'}: {', '.join(sorted(unknown))}")
+            raise KutError(f"{directory / 'unittests.cfg'}: no such entries: {', '.join(sorted(unknown))}")
         entries = [e for e in entries if e.name in names]
     if groups:
         entries = [e for e in entries if set(groups) & set(e.groups)]

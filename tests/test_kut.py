@@ -13,8 +13,10 @@ from conftest import ROOT
 from hvm.kut import format_table, hvm_args_for, parse_qemu_results, parse_unittests_cfg, run_all, run_entry
 from hvm.qemu_shim import translate
 
-KUT = ROOT.parent / "shared" / "kvm-unit-tests"
-pytestmark = pytest.mark.skipif(not (KUT / "unittests.cfg").is_file(), reason=f"{KUT} is not there")
+# Beside the checkout (/work/main -> /work/shared), or beside the folder of worktrees (/work/wt/NAME).
+KUT = next((d for d in (ROOT.parent / "shared" / "kvm-unit-tests", ROOT.parent.parent / "shared" / "kvm-unit-tests")
+            if (d / "unittests.cfg").is_file()), ROOT.parent / "shared" / "kvm-unit-tests")
+needs_kut = pytest.mark.skipif(not (KUT / "unittests.cfg").is_file(), reason=f"{KUT} is not there")
 
 SLOW_ENTRIES = {"realmode"}
 
@@ -25,6 +27,7 @@ def entries():
     return parse_unittests_cfg(KUT / "unittests.cfg")
 
 
+@needs_kut
 def test_cfg_and_reference_parse():
     by_name = {e.name: e for e in entries()}
     assert set(by_name) == {"realmode", "setjmp", "smptest", "idt_test", "vmexit_cpuid", "vmexit_mov_from_cr8",
@@ -39,6 +42,7 @@ def test_cfg_and_reference_parse():
     assert len(refs) == 8
 
 
+@needs_kut
 @pytest.mark.parametrize("entry", [pytest.param(e, id=e.name, marks=[pytest.mark.slow] if e.name in SLOW_ENTRIES
                                                 else []) for e in entries()])
 def test_entry_passes_like_qemu(entry):
@@ -50,6 +54,7 @@ def test_entry_passes_like_qemu(entry):
         f" {ref.result.split(' ', 1)[1]}" if " " in ref.result else "")
 
 
+@needs_kut
 def test_runner_output_format(tmp_path):
     cfg = tmp_path / "unittests.cfg"
     cfg.write_text("[setjmp]\nfile = setjmp.flat\n\n[missing]\nfile = nope.flat\n\n[i386only]\nfile = setjmp.flat\n"
@@ -77,6 +82,7 @@ def test_a_failing_guest_is_a_fail(tmp_path):
     assert format_table(results, {}).endswith("0 PASS, 1 FAIL, 0 SKIP of 1")
 
 
+@needs_kut
 def test_hvm_kut_cli_on_one_entry():
     proc = subprocess.run([sys.executable, "-m", "hvm", "kut", str(KUT), "smptest"], capture_output=True,
                           timeout=120, text=True)
@@ -97,6 +103,7 @@ def test_qemu_shim_translation():
                     "--vcpus", "2", "--append", "ipi", "--no-pit"]
 
 
+@needs_kut
 def test_qemu_shim_runs_upstreams_command_line(tmp_path):
     """The exact command upstream's x86/run builds, with its environment file as -initrd."""
     env = tmp_path / "env"
@@ -108,6 +115,7 @@ def test_qemu_shim_runs_upstreams_command_line(tmp_path):
     assert "found 2 cpus" in proc.stdout and "SUMMARY: 1 tests" in proc.stdout
 
 
+@needs_kut
 def test_qemu_shim_probes():
     run = lambda *a: subprocess.run([sys.executable, "-m", "hvm.qemu_shim", *a], capture_output=True, text=True,
                                     timeout=60)
@@ -118,3 +126,146 @@ def test_qemu_shim_probes():
     assert "could not load kernel '_NO_FILE_4Uhere_'" in missing.stderr
     bad = run("-kernel", str(KUT / "setjmp.flat"), "-device", "virtio-net")
     assert (bad.returncode, bad.stderr.strip()) == (2, "hvm-qemu: -device virtio-net: not a device hvm has")
+
+
+# --- hardening (issue 11): bad cfg files, bad entries, signals, messages. None needs kvm-unit-tests. ---
+
+def idle_kernel(path) -> None:
+    """A multiboot kernel (a.out addresses, no ELF) that idles forever: cli; hlt; jmp back."""
+    import struct
+    magic, flags, load = 0x1BADB002, 1 << 16, 0x100000
+    header = struct.pack("<3I5I", magic, flags, -(magic + flags) & 0xFFFFFFFF, load, load, 0, load + 0x1000, load + 32)
+    path.write_bytes(header + b"\xfa\xf4\xeb\xfd")
+
+
+def hvm_kut(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "hvm", "kut", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_cfg_without_a_section_header(tmp_path):
+    (tmp_path / "unittests.cfg").write_text("# a comment\nfile = x.flat\n")
+    r = hvm_kut(tmp_path)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == (f"hvm: {tmp_path / 'unittests.cfg'}:2: not a unittests.cfg: 'file = x.flat' comes before "
+                        "any [entry] header\n")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[a]\nfile = x\n= y\n", ":3: cannot parse '= y'"),
+    ("[a]\nfile = x\n[b\n", ":3: cannot parse '[b'"),
+    ("[a]\nfile = \xff\n", ": not UTF-8 text (byte 11)"),
+])
+def test_cfg_that_cannot_be_parsed(tmp_path, text, message):
+    (tmp_path / "unittests.cfg").write_bytes(text.encode("latin-1"))
+    r = hvm_kut(tmp_path)
+    assert (r.returncode, r.stderr) == (2, f"hvm: {tmp_path / 'unittests.cfg'}{message}\n")
+
+
+def test_cfg_that_is_not_a_regular_file(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "unittests.cfg")
+    r = hvm_kut(tmp_path, timeout=20)                     # a FIFO with no writer: refused, not read
+    assert (r.returncode, r.stderr) == (2, f"hvm: unittests.cfg {tmp_path / 'unittests.cfg'}: is a FIFO, "
+                                           "not a regular file\n")
+
+
+def test_a_bad_entry_fails_alone(tmp_path):
+    """A bad quote in one entry (shlex) aborted every remaining entry and the table; now that entry is a
+    FAIL naming the file and line, and the others run."""
+    from conftest import FIRMWARE
+    (tmp_path / "mbtest.flat").symlink_to(FIRMWARE / "mbtest.elf")
+    cfg = tmp_path / "unittests.cfg"
+    cfg.write_text("[quote]\nfile = mbtest.flat\nqemu_params = -append 'x\n\n"
+                   "[smp]\nfile = mbtest.flat\nsmp = two\n\n"
+                   "[timeout]\nfile = mbtest.flat\ntimeout = inf\n\n"
+                   "[nofile]\nsmp = 1\n\n"
+                   "[good]\nfile = mbtest.flat\n")
+    out = io.StringIO()
+    results = run_all(tmp_path, timeout=30, out=out)
+    assert [(r.entry.name, r.status) for r in results] == [("quote", "FAIL"), ("smp", "FAIL"), ("timeout", "FAIL"),
+                                                           ("nofile", "FAIL"), ("good", "PASS")]
+    lines = out.getvalue().splitlines()
+    assert lines[:5] == [f"FAIL quote ({cfg}:1: qemu_params: No closing quotation)",
+                         f"FAIL smp ({cfg}:5: smp: 'two' is not a number)",
+                         f"FAIL timeout ({cfg}:9: timeout: 'inf' is not in (0, 86400] seconds)",
+                         f"FAIL nofile ({cfg}:13: file: missing: which binary to run)",
+                         "PASS good"]
+    assert lines[-1] == "1 PASS, 4 FAIL, 0 SKIP of 5"
+
+
+def test_usage_and_folder_messages(tmp_path):
+    r = hvm_kut()
+    assert r.returncode == 2
+    assert "usage: hvm kut [-h] [-g GROUP] [--timeout SECONDS] [-v] directory [names ...]" in r.stderr
+    assert r.stderr.endswith("hvm kut: error: the following arguments are required: directory\n")
+    assert hvm_kut(tmp_path / "nope").stderr == f"hvm: {tmp_path / 'nope'}: no such directory\n"
+    assert hvm_kut(tmp_path).stderr == f"hvm: {tmp_path}: no unittests.cfg there\n"
+    (tmp_path / "f").write_text("")
+    assert hvm_kut(tmp_path / "f").stderr == f"hvm: {tmp_path / 'f'}: not a directory\n"
+    (tmp_path / "unittests.cfg").write_text("[a]\nfile = a.flat\n")
+    r = hvm_kut(tmp_path, "b", "c")
+    assert (r.returncode, r.stderr) == (2, f"hvm: {tmp_path / 'unittests.cfg'}: no such entries: b, c\n")
+    for bad in ("nan", "inf", "0", "-1", "1e300", "x"):
+        r = hvm_kut(tmp_path, "--timeout", bad)
+        assert r.returncode == 2 and "hvm kut: error: argument --timeout: " in r.stderr, (bad, r.stderr)
+
+
+def _children(pid: int) -> list[int]:
+    import os
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Running, or a zombie nobody reaped (an orphan's zombie is reaped by init at once)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signo,status,message", [(2, 130, "interrupted (Ctrl-C)"),
+                                                  (15, 143, "terminated by signal 15")])
+def test_a_signal_ends_the_runner_and_its_child(tmp_path, signo, status, message):
+    """SIGINT gave a traceback; SIGTERM left the running `hvm run` child behind (it ran on until its own
+    watchdog). Now the child's process group is killed and the runner ends quietly, 128 + signal."""
+    import os
+    import signal
+    import time
+    idle_kernel(tmp_path / "idle.flat")
+    (tmp_path / "unittests.cfg").write_text("[idle]\nfile = idle.flat\ntimeout = 60\n\n[after]\nfile = idle.flat\n")
+    proc = subprocess.Popen([sys.executable, "-m", "hvm", "kut", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and child is None:
+            kids = _children(proc.pid)
+            child = kids[0] if kids else None
+            time.sleep(0.05)
+        assert child is not None, "hvm kut started no child"
+        time.sleep(1.0)                                  # let the child get into its run
+        assert _alive(child)
+        proc.send_signal(signo)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == status
+        assert err == f"hvm: kut: {message}\n"
+        assert out == ""                                 # the second entry was never started
+        time.sleep(0.2)
+        assert not _alive(child), "the hvm run child outlived the runner"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
