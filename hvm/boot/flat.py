@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hvm.boot.cpu_modes import state_for_mode
+from hvm.boot.cpu_modes import RESERVED_END, state_for_mode
 from hvm.boot.errors import BootError
 from hvm.boot.layout import LOW_TABLES, VGA_BIOS_AREA, Layout, load_piece, read_input
 from hvm.boot.state import BootState
@@ -28,6 +28,9 @@ def load_flat(mem: GuestMemory, image: Path, load: int, entry: int, mode: str) -
         if load + len(data) > REAL_MODE_LIMIT:
             raise BootError(f"{image}: {len(data)} bytes at {load:#x} reach beyond the first 1 MiB, all that "
                             "real mode can address")
+    if load < RESERVED_END:  # the Layout would refuse it too; this says what to change
+        raise BootError(f"{image}: load address {load:#x} is below {RESERVED_END:#x}, where hvm keeps the GDT "
+                        "and page tables")
     layout = Layout(mem, name)
     layout.reserve(LOW_TABLES, VGA_BIOS_AREA)
     layout.take(load, len(data), "image", loaded=True)
