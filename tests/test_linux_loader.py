@@ -194,3 +194,15 @@ def test_host_executable_as_kernel_is_refused_in_one_line():
     assert r.stderr.startswith(f"hvm: {true}: segment 0x0..") and r.stderr.endswith(
         " overlaps the real-mode IVT (machine pc) at 0x0..0x400\n")
     assert r.stderr.count("\n") == 1
+
+
+def test_bzimage_setup_header_cut_short_by_its_jump(mem, tmp_path):
+    """Found by tests/test_loader_fuzz.py: a jump at 0x200 that ends the header before init_size loaded
+    'fine' and left boot_params without its 'HdrS' magic."""
+    data = bytearray(bzimage())
+    data[0x201] = 0x10
+    k = kernel_file(tmp_path, bytes(data))
+    with pytest.raises(BootError) as e:
+        load_linux(mem, k)
+    assert str(e.value) == (f"{k}: setup header ends at 0x212 (the jump at 0x200), before the fields boot protocol "
+                            "2.15 has")

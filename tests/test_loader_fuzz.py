@@ -236,7 +236,7 @@ def elf_kernel(draw, bits: int) -> bytes:
     mb = struct.pack("<3I", HEADER_MAGIC, 0, -HEADER_MAGIC & 0xFFFFFFFF) if bits == 32 else b"\x90" * 12
     body = mb + b"\xf4" * 256
     n = len(segments)
-    entry = draw(st.sampled_from([p + 12 for p, _f, _m in segments]) | FIELD)
+    entry = draw(st.sampled_from([(p + 12) & 0xFFFFFFFF for p, _f, _m in segments]) | FIELD)
     if bits == 32:
         eh = struct.pack("<4sBBBB8sHHIIIIIHHHHHH", b"\x7fELF", 1, 1, 1, 0, bytes(8), 2, 3, 1, entry, 52, 0, 0, 52,
                          32, n, 40, 0, 0)

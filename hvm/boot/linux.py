@@ -117,6 +117,12 @@ def parse_setup_header(data: bytes, name: str) -> SetupHeader:
         # expects it unless its code32_start says otherwise.
         raise BootError(f"{name}: kernel is not relocatable and must be loaded at {code32_start:#x}; "
                         f"hvm loads kernels at {KERNEL_LOAD:#x}")
+    header_end = OFF_JUMP + 2 + data[OFF_JUMP + 1]
+    if header_end < OFF_INIT_SIZE + 4:
+        # The jump at 0x200 marks the end of the setup header; a kernel of protocol 2.06+ has every field hvm
+        # reads and copies into boot_params before it (Linux: 0x268 or later).
+        raise BootError(f"{name}: setup header ends at {header_end:#x} (the jump at 0x200), before the fields "
+                        f"boot protocol {version >> 8}.{version & 0xFF:02d} has")
     if (setup_sects + 1) * 512 >= len(data):
         raise BootError(f"{name}: setup ({setup_sects} sectors) is larger than the file")
     return hdr
@@ -153,7 +159,7 @@ def load_linux(mem: GuestMemory, kernel: Path, cmdline: str = "", initrd: Path |
     if kind == "bzimage":
         hdr = parse_setup_header(data, name)
         # Copy the setup header into boot_params: from 0x1f1 to the end given by the jump at 0x200.
-        end = OFF_JUMP + 2 + data[OFF_JUMP + 1]
+        end = OFF_JUMP + 2 + data[OFF_JUMP + 1]     # >= 0x264: parse_setup_header checked
         boot_params[OFF_SETUP_SECTS:end] = data[OFF_SETUP_SECTS:end]
         payload = view[(hdr.setup_sects + 1) * 512:]
         load = KERNEL_LOAD
