@@ -285,6 +285,8 @@ def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None) ->
             summary = "(" + line[len("SUMMARY: "):].rstrip("\r") + ")"
     if status == 124:
         return KutResult(entry, "FAIL", f"(timeout; duration={limit:g})", seconds, status, output + err)
+    if status < 0:                         # killed by a signal from outside (the OOM killer, a user)
+        return KutResult(entry, "FAIL", f"(hvm killed by signal {-status})", seconds, status, output + err)
     if status & 1:
         code = status >> 1
         verdict = "PASS" if code == 0 else "SKIP" if code == 77 else "FAIL"
