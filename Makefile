@@ -4,13 +4,13 @@
 HOST_PYTHON ?= python3
 VENV := .venv
 PYTHON := $(CURDIR)/$(VENV)/bin/python
+STAMP := $(VENV)/.hvm-installed
 FW := firmware
 FWB := $(FW)/build
 FLAT16 := hello ticker echo pvcon
 FLAT32 := hello32 triple
 FLAT64 := hello64 probe
 FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf
-STAMP := .venv-installed
 
 .PHONY: all firmware install run test test-fast bench clean
 
