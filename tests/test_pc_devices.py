@@ -113,3 +113,97 @@ def test_bios_ivt_points_every_vector_at_a_stub():
             assert 0xCF in stub[:9]                      # every stub ends in IRET
         timer = mem.read(BIOS_SEGMENT * 16 + ivt[2 * 8], 7)
         assert timer == bytes([0x50, 0xB0, 0x20, 0xE6, 0x20, 0x58, 0xCF])   # EOI to the master PIC
+
+
+# --- hostile register values (issue 11) ----------------------------------------------------------------
+import pytest  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hvm.mmio import DebugExit, PioBus, SerialUart  # noqa: E402
+from hvm.mmio.debugcon import DebugCon  # noqa: E402
+from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT, OUT_QUEUE  # noqa: E402
+from hvm.mmio.pvconsole import PVCONSOLE_LEN, PvConsole  # noqa: E402
+from hvm.mmio.rtc import RTC_PORT, Rtc  # noqa: E402
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_rtc_wide_write_to_the_data_port_is_a_byte(size):
+    """A 2- or 4-byte write to 0x71 was taken whole: hours = 0x12345678 moved the clock ~35000 years on, and
+    the century read back (> 0xff) made the vCPU's struct.pack raise ("VMM error", status 4)."""
+    rtc = Rtc(clock=lambda: 1.7e9)
+    rtc.write(0, 1, 0x0B)
+    rtc.write(1, 1, 0x06)                    # binary, 24 h
+    rtc.write(0, 1, 0x04)                    # hours
+    rtc.write(1, size, 0x12345678 & ((1 << (8 * size)) - 1))
+    assert rtc.read(1, 1) == 0x78 % 24       # the low byte, 120 hours, rolled over into days
+    rtc.write(0, 1, 0x32)                    # century
+    assert rtc.read(1, 1) == 20
+    rtc.write(0, 1, 0x20)                    # a CMOS RAM byte
+    rtc.write(1, size, 0x12345678 & ((1 << (8 * size)) - 1))
+    assert rtc.cmos[0x20] == 0x78
+
+
+def test_rtc_clock_writes_cannot_walk_the_clock_out_of_range():
+    rtc = Rtc(clock=lambda: 1.7e9)
+    rtc.write(0, 1, 0x0B)
+    rtc.write(1, 1, 0x06)                    # binary, 24 h
+    for _ in range(3000):                    # day 255, again and again: ~2000 years on
+        rtc.write(0, 1, 0x07)
+        rtc.write(1, 1, 0xFF)
+    for reg in (0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09, 0x32):
+        rtc.write(0, 1, reg)
+        assert 0 <= rtc.read(1, 1) <= 0xFF
+
+
+def test_i8042_output_queue_is_bounded():
+    kbc = I8042()
+    cmd = kbc.port(I8042_CMD_PORT)
+    for _ in range(100_000):                 # a command flood: self-test answers nobody reads
+        cmd.write(0, 1, 0xAA)
+    assert len(kbc.out) == OUT_QUEUE
+    data = kbc.port(I8042_DATA_PORT)
+    assert [data.read(0, 1) for _ in range(OUT_QUEUE)] == [0x55] * OUT_QUEUE
+    assert cmd.read(0, 1) & 1 == 0           # output buffer empty again
+
+
+def pc_bus(mem: GuestMemory) -> PioBus:
+    """Every device of the pc machine (and the optional ones) on one port bus, as hvm.machine wires them."""
+    bus = PioBus()
+    bus.register(0x3F8, 8, SerialUart(lambda b: None))
+    bus.register(0xF4, 4, DebugExit(lambda status: None))
+    bus.register(0x510, 2, FwCfg.for_machine(64 << 20, 2))
+    bus.register(0x600, 12, AcpiPm(lambda: None))
+    bus.register(RTC_PORT, 2, Rtc())
+    kbc = I8042(lambda: None)
+    bus.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
+    bus.register(I8042_CMD_PORT, 1, kbc.port(I8042_CMD_PORT))
+    bus.register(0xE9, 1, DebugCon(lambda b: None))
+    bus.register(0xE00, PVCONSOLE_LEN, PvConsole(mem, lambda b: None))
+    bus.register(0xE0, 8, PcTestDev())
+    bus.register(0x2000, 24, PcTestDevIrq(lambda line, level: None))
+    return bus
+
+
+PORTS = [0x3F8 + i for i in range(8)] + [0xF4, 0x510, 0x511] + [0x600 + i for i in range(12)] + \
+        [0x70, 0x71, 0x60, 0x64, 0xE9, 0xE00, 0xE01, 0xE02, 0xE03] + [0xE0 + i for i in range(8)] + \
+        [0x2000, 0x2017, 0x80]
+ACCESS = st.tuples(st.sampled_from(PORTS), st.sampled_from([1, 2, 4]), st.booleans(),
+                   st.one_of(st.integers(0, 0xFF), st.integers(0, 0xFFFFFFFF)), st.integers(1, 4))
+
+
+@given(st.lists(ACCESS, max_size=200))
+def test_no_register_sequence_makes_a_pc_device_fault(accesses):
+    """Random port reads/writes of every size, single and string (rep), to every pc device: none may raise
+    (the bus would turn it into a DeviceFault and the VM would end with status 70), and every read fits."""
+    with GuestMemory(1 << 20) as mem:
+        bus = pc_bus(mem)
+        for port, size, is_write, value, count in accesses:
+            if is_write and count == 1:
+                bus.write(port, size, value)
+            elif is_write:
+                bus.write_string(port, size, [value] * count)
+            elif count == 1:
+                assert 0 <= bus.read(port, size) < 1 << (8 * size)
+            else:
+                assert all(0 <= v < 1 << (8 * size) for v in bus.read_string(port, size, count))
