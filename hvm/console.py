@@ -69,9 +69,11 @@ class Console:
         # Several devices write here (the UART, debugcon, pvconsole), from any vCPU thread: one writer at
         # a time keeps their bytes and the line offsets in order. Readers take the condition's lock.
         # Devices call this outside their own locks; a writer waiting here can be let go (abandon).
-        while not self._write_lock.acquire(timeout=STALL_POLL):
-            if self._abandon:
-                return
+        lock = self._write_lock
+        if not lock.acquire(False):          # (uncontended, the common case: no timed wait to set up)
+            while not lock.acquire(timeout=STALL_POLL):
+                if self._abandon:
+                    return
         try:
             # bytearray += is atomic under the GIL, so readers need the condition's lock only while the
             # history is trimmed, and a waiter only to be woken. History first: what the guest said is
@@ -93,12 +95,25 @@ class Console:
             fd = self._out_fd
             if fd is not None:
                 if fd >= 0:
-                    self._write_out(fd, data)
+                    sink = self._sink
+                    if sink is not None and sink[1] != "poll":
+                        # The hot path: one write() that takes everything (a regular file, or a pipe or
+                        # terminal with room); what is left waits in _write_out.
+                        try:
+                            n = os.write(sink[0], data)
+                        except BlockingIOError:
+                            n = 0
+                        except OSError:
+                            return   # a closed terminal must not crash the guest
+                        if n < len(data):
+                            self._write_out(fd, data[n:])
+                    else:
+                        self._write_out(fd, data)
                 else:
                     sys.stdout.write(data.decode("latin-1"))
                     sys.stdout.flush()
         finally:
-            self._write_lock.release()
+            lock.release()
 
     def _write_out(self, fd: int, data: bytes) -> None:
         sink = self._sink
