@@ -109,8 +109,8 @@ def test_a_device_exception_is_one_line_and_status_70(tmp_path, caplog, fast_loo
     assert (result.status, result.reason, result.message) == (70, "device-fault", expected)
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.getMessage() for r in errors] == [expected]
-    assert not any(r.exc_info for r in errors)               # the traceback only at debug level (-v)
-    assert any(r.exc_info for r in caplog.records if r.levelno == logging.DEBUG)
+    assert not any(r.exc_info for r in errors)               # the traceback only at info level (-v)
+    assert any(r.exc_info for r in caplog.records if r.levelno == logging.INFO)
 
 
 # --- bounded per-address state and logs ----------------------------------------------------------------

@@ -130,10 +130,15 @@ class SerialUart:
                 self._update_irq()
 
     def close(self) -> None:
-        """The machine is stopping: let blocked feeders go; later input is dropped."""
-        with self._lock:
-            self._closed = True
-            self._room.notify_all()
+        """The machine is stopping: let blocked feeders go; later input is dropped. Never blocks (it may run
+        in a signal handler that interrupted a thread holding the lock): a feeder looks at the flag at least
+        every 0.5 s, and is woken at once when the lock is free."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._room.notify_all()
+            finally:
+                self._lock.release()
 
     @property
     def input_pending(self) -> int:

@@ -159,11 +159,11 @@ class VcpuThread(threading.Thread):
                 self._loop()
         except DeviceFault as e:
             # A device raised on a guest access (the bus caught it and named it): a bug in hvm, reported
-            # in one line; the traceback only with -v (debug logging).
-            log.debug("vCPU %d: device fault", self.index, exc_info=True)
+            # in one line; the traceback only with -v.
+            log.info("vCPU %d: device fault", self.index, exc_info=True)
             self.machine.device_fault(self.index, e)
         except Exception as e:  # a bug in the VMM itself: one line (traceback with -v), never a hang
-            log.debug("vCPU %d: internal error", self.index, exc_info=True)
+            log.info("vCPU %d: internal error", self.index, exc_info=True)
             self.machine.internal_error(self.index, f"{type(e).__name__}: {e}")
 
     def _loop(self) -> None:
