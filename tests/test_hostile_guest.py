@@ -256,3 +256,23 @@ def test_a_failing_kvm_run_is_a_host_error(tmp_path, monkeypatch, caplog, fast_l
     expected = "KVM_RUN failed on vCPU 0: EFAULT (Bad address)"
     assert (result.status, result.reason, result.message) == (6, "host-error", expected)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [expected]
+
+
+# --- guest memory ------------------------------------------------------------------------------------------
+def test_filling_guest_memory_costs_a_bounded_amount_of_host_memory():
+    """A loader zeroing a huge bss (an ELF's p_memsz of 1 GiB) built the whole length as one bytes object."""
+    import tracemalloc
+
+    from hvm.memory import FILL_CHUNK, GuestMemory
+
+    with GuestMemory(64 * MiB) as mem:
+        mem.write(0x1000, b"\xAA" * 16)
+        tracemalloc.start()
+        try:
+            mem.fill(0x1004, 48 * MiB + 3, 0x5A)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2 * FILL_CHUNK + 65536
+        assert mem.read(0x1000, 6) == b"\xAA" * 4 + b"\x5A" * 2
+        assert mem.read(0x1004 + 48 * MiB, 4) == b"\x5A" * 3 + b"\x00"
