@@ -276,3 +276,79 @@ def test_filling_guest_memory_costs_a_bounded_amount_of_host_memory():
         assert peak < 2 * FILL_CHUNK + 65536
         assert mem.read(0x1000, 6) == b"\xAA" * 4 + b"\x5A" * 2
         assert mem.read(0x1004 + 48 * MiB, 4) == b"\x5A" * 3 + b"\x00"
+
+
+# --- a seeded fuzzing guest ---------------------------------------------------------------------------------
+import random  # noqa: E402
+
+PC_PORTS = ([0x3F8 + i for i in range(8)] + [0x510, 0x511] + [0x600 + i for i in range(12)]
+            + [0x70, 0x71, 0x60, 0x64] + [0x20, 0x21, 0x40, 0x43, 0x61, 0x80, 0x92, 0xCF8, 0xCFC])
+FUZZ_BUFFER = 0x200000
+
+
+def _port_value(port: int, value: int) -> int:
+    """Keep the guest from ending its own run early (which is allowed, but explores nothing)."""
+    if port == 0x64 and value & 0xFF in (0xFE, 0xD1):          # i8042 reset pulse / output port write
+        value ^= 0x01
+    if port == 0x604:                                            # ACPI PM1_CNT: no SLP_EN (S5 powers off)
+        value &= ~(1 << 13)
+    return value
+
+
+def fuzz_guest(seed: int, ops: int) -> bytes:
+    """Protected mode at 1 MiB, interrupts off: `ops` random port reads/writes of every size, string I/O
+    (rep ins/outs, up to 64 elements), and MMIO reads/writes of every size to RAM-less addresses; then exit 7."""
+    rng = random.Random(seed)
+    code = bytearray(b"\xFA")                                    # cli
+    for _ in range(ops):
+        kind = rng.random()
+        size = rng.choice((1, 2, 4))
+        pre = b"\x66" if size == 2 else b""
+        if kind < 0.75:
+            port = rng.choice(PC_PORTS) if rng.random() < 0.8 else rng.randrange(0x10000)
+            if 0xF4 <= port <= 0xF7:                             # the debug-exit port
+                port = 0x80
+            code += b"\xBA" + struct.pack("<I", port)            # mov edx, port
+            if kind < 0.6 and rng.random() < 0.85:               # single transfer
+                if rng.random() < 0.5:
+                    value = _port_value(port, rng.getrandbits(8 * size))
+                    code += (b"\xB0" + bytes([value]) + b"\xEE" if size == 1 else
+                             pre + b"\xB8" + value.to_bytes(size, "little") + pre + b"\xEF")
+                else:
+                    code += b"\xEC" if size == 1 else pre + b"\xED"
+            else:                                                # string I/O
+                out = rng.random() < 0.5 and port not in (0x64, 0x604)
+                code += b"\xB9" + struct.pack("<I", rng.randrange(1, 65)) + b"\xFC"
+                code += (b"\xBE" if out else b"\xBF") + struct.pack("<I", FUZZ_BUFFER)
+                op = (0x6E if size == 1 else 0x6F) if out else (0x6C if size == 1 else 0x6D)
+                code += pre + b"\xF3" + bytes([op])
+        else:
+            addr = rng.choice((0xD0000000 + 4 * rng.randrange(256), 16 * MiB + rng.randrange(1 << 20),
+                               rng.randrange(0xC0000000, 0xFEC00000)))
+            if rng.random() < 0.5:
+                value = rng.getrandbits(8 * size)
+                code += (b"\xB0" + bytes([value]) if size == 1 else pre + b"\xB8" + value.to_bytes(size, "little"))
+                code += (b"\xA2" if size == 1 else pre + b"\xA3") + struct.pack("<I", addr)
+            else:
+                code += (b"\xA0" if size == 1 else pre + b"\xA1") + struct.pack("<I", addr)
+    code += bytes.fromhex("baf4000000 b003 ee f4")
+    return bytes(code)
+
+
+FUZZ_SEEDS = 200 if os.environ.get("HVM_FUZZ") == "long" else 8
+
+
+@pytest.mark.parametrize("seed", range(FUZZ_SEEDS))
+def test_fuzzing_guest_never_faults_hvm(tmp_path, caplog, seed):
+    """Every device of the pc machine under random accesses: the guest's run ends as the guest says (status 7),
+    never with a device fault, VMM error or crash, and hvm's log stays within a fixed number of lines."""
+    image = tmp_path / "fuzz.bin"
+    image.write_bytes(fuzz_guest(seed, 1500))
+    spec = VmSpec(name="fuzz", boot=FlatBoot(image, 0x100000, 0x100000, "protected"), memory=16 * MiB,
+                  timeout=10, machine="pc", irqchip=True, pit=True)
+    with caplog.at_level(logging.WARNING):
+        with Machine(spec, console=Console("none", "none")) as vm:
+            result = vm.run()
+    assert (result.status, result.reason) == (7, "debug-exit"), result.message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(caplog.records) <= 2 * (busmod.LOGGED_MISSES + 2)
