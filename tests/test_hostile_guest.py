@@ -206,6 +206,12 @@ def test_a_stalled_stdout_does_not_delay_the_watchdog(tmp_path):
     the vCPU blocked in write() holding the UART lock, and two 5 s joins)."""
     cfg = guest_yaml(tmp_path, PRINT_FOREVER, mode="real", serial="stdio", timeout=20)
     r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:                           # full before the guest starts: its first byte stalls
+            os.write(w, b"z" * 4096)
+    except BlockingIOError:
+        os.set_blocking(w, True)
     try:
         status, err, _, seconds = run_measured("run", str(cfg), "--timeout", "1", stdout=w, tmp_path=tmp_path)
     finally:
@@ -215,6 +221,7 @@ def test_a_stalled_stdout_does_not_delay_the_watchdog(tmp_path):
     assert seconds < 3.0, seconds
     assert "timeout: the guest was still running after 1 s" in err
     assert "did not stop" not in err
+    assert "hvm: console output dropped: the output sink takes nothing and the VM is stopping" in err
 
 
 def test_console_write_gives_up_on_a_stalled_sink_once_told():
