@@ -359,3 +359,16 @@ def test_fuzzing_guest_never_faults_hvm(tmp_path, caplog, seed):
     assert (result.status, result.reason) == (7, "debug-exit"), result.message
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(caplog.records) <= 2 * (busmod.LOGGED_MISSES + 2)
+
+
+def test_a_device_fault_in_string_io_is_reported_and_the_vm_closes(tmp_path):
+    image = tmp_path / "g.bin"
+    image.write_bytes(STRING_IO)
+    spec = VmSpec(name="faulty", boot=FlatBoot(image, 0x7C00, 0x7C00, "real"), memory=4 * MiB, timeout=10,
+                  irqchip=False)
+    with Machine(spec, console=Console("none", "none")) as vm:
+        vm.pio.register(0x80, 1, Faulty())
+        result = vm.run()
+    assert (result.status, result.reason) == (70, "device-fault")
+    assert "device faulty (port 0x0080, 1-byte write of 0x" in result.message
+    assert vm.vcpus == [] and vm.memory is None            # closed: nothing kept kvm_run or RAM mapped

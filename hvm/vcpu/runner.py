@@ -40,7 +40,7 @@ _MMIO = struct.Struct("<QQIB")      # phys_addr, data[8] (as u64), len, is_write
 _EXIT_UNION = 32
 _UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 _UINT_BY_SIZE = [None, _UINT[1], _UINT[2], None, _UINT[4], None, None, None, _UINT[8]]
-_CAST_BY_SIZE = [None, "B", "H", None, "I"]      # memoryview.cast codes for string I/O elements
+_CAST_BY_SIZE = [None, "B", "H", None, "I"]      # struct codes for string I/O elements
 _IO_OF = _IO.unpack_from
 _EXIT_IO = k.EXIT_IO
 LAST_EXITS = 16
@@ -295,7 +295,8 @@ class VcpuThread(threading.Thread):
                 value = fmt.unpack_from(view, offset)[0]
                 self._pio_write(port, size, value)
             else:  # string I/O (rep outs): count elements back to back, one exit (one access counted)
-                self._pio_write_string(port, size, view[offset:offset + size * count].cast(_CAST_BY_SIZE[size]))
+                # (unpacked into a tuple: no view of kvm_run may outlive the exit, e.g. in a fault's traceback)
+                self._pio_write_string(port, size, struct.unpack_from(f"<{count}{_CAST_BY_SIZE[size]}", view, offset))
         elif count == 1:
             value = self._pio_read(port, size)
             fmt.pack_into(view, offset, value)
