@@ -326,7 +326,7 @@ class Machine:
             return None
         # One deadline for all the joins, and only once: a vCPU that does not stop (it cannot, in a blocking
         # host call) is reported, not waited for again by close(). Console output, the usual suspect, gives
-        # up on a stalled sink within Console.STALL_POLL once the machine stops (see _finish).
+        # up on a stalled sink within hvm.console.STALL_POLL once the machine stops (see _finish).
         if not self._joined:
             self._joined = True
             deadline = time.monotonic() + JOIN_TIMEOUT
