@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import select
+import stat
 import sys
 import termios
 import threading
@@ -15,6 +16,10 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 16 << 20  # bytes of console output kept for wait_for()
+# Line completion times kept (for time_of, the boot milestones): the first half of them for good (boot),
+# then the newest ones; a line whose entry was dropped gets the time of the next line kept (a bound).
+LINE_TIMES_LIMIT = 1 << 15
+STALL_POLL = 0.1          # seconds between looks at whether a stalled output sink should be given up on
 CTRL_A = 0x01
 
 
@@ -49,29 +54,37 @@ class Console:
         self._saved_tty: list | None = None
         self.on_quit: Callable[[], None] | None = None
 
-    # --- output --------------------------------------------------------------------------------
+    # --- output ---------------------------------------------------------------------------------
+    # Set by abandon_stalled_output() (the machine is stopping): output a sink does not take is dropped
+    # rather than waited for, so a stalled stdout (a pipe nobody reads) never holds up a vCPU's stop.
+    _abandon = False
+    _dropped = False
+    _sink: tuple[int, str, bool] | None = None   # (fd to write, "file"/"nonblock"/"poll", hvm opened it)
+
+    def abandon_stalled_output(self) -> None:
+        """From now on, give up on output the sink does not take within STALL_POLL (writers blocked now too)."""
+        self._abandon = True
+
     def write(self, data: bytes) -> None:
         # Several devices write here (the UART, debugcon, pvconsole), from any vCPU thread: one writer at
         # a time keeps their bytes and the line offsets in order. Readers take the condition's lock.
-        with self._write_lock:
-            fd = self._out_fd
-            if fd is not None:
-                if fd >= 0:
-                    view = memoryview(data)
-                    while view:     # a pipe or terminal may take part of a big buffer (pvconsole's)
-                        try:
-                            view = view[os.write(fd, view):]
-                        except OSError:
-                            break   # a closed terminal must not crash the guest
-                else:
-                    sys.stdout.write(data.decode("latin-1"))
-                    sys.stdout.flush()
+        # Devices call this outside their own locks; a writer waiting here can be let go (abandon).
+        lock = self._write_lock
+        if not lock.acquire(False):          # (uncontended, the common case: no timed wait to set up)
+            while not lock.acquire(timeout=STALL_POLL):
+                if self._abandon:
+                    return
+        try:
             # bytearray += is atomic under the GIL, so readers need the condition's lock only while the
-            # history is trimmed, and a waiter only to be woken.
+            # history is trimmed, and a waiter only to be woken. History first: what the guest said is
+            # kept even if the sink stalls.
             history = self.history
             history += data
             if b"\n" in data:
-                self.line_times.append((time.monotonic(), self._trimmed + len(history)))
+                line_times = self.line_times
+                line_times.append((time.monotonic(), self._trimmed + len(history)))
+                if len(line_times) > LINE_TIMES_LIMIT:
+                    del line_times[LINE_TIMES_LIMIT // 2:LINE_TIMES_LIMIT * 3 // 4]
             if len(history) > HISTORY_LIMIT or self._waiters:
                 with self._cond:
                     if len(history) > HISTORY_LIMIT:
@@ -79,6 +92,66 @@ class Console:
                         del history[:cut]
                         self._trimmed += cut
                     self._cond.notify_all()
+            fd = self._out_fd
+            if fd is not None:
+                if fd >= 0:
+                    sink = self._sink
+                    if sink is not None and sink[1] != "poll":
+                        # The hot path: one write() that takes everything (a regular file, or a pipe or
+                        # terminal with room); what is left waits in _write_out.
+                        try:
+                            n = os.write(sink[0], data)
+                        except BlockingIOError:
+                            n = 0
+                        except OSError:
+                            return   # a closed terminal must not crash the guest
+                        if n < len(data):
+                            self._write_out(fd, data[n:])
+                    else:
+                        self._write_out(fd, data)
+                else:
+                    sys.stdout.write(data.decode("latin-1"))
+                    sys.stdout.flush()
+        finally:
+            lock.release()
+
+    def _write_out(self, fd: int, data: bytes) -> None:
+        sink = self._sink
+        if sink is None:
+            sink = self._sink = _open_sink(fd)
+        out, mode, _ = sink
+        view = memoryview(data)
+        while view:     # a pipe or terminal may take part of a big buffer (pvconsole's)
+            try:
+                if mode != "poll":
+                    view = view[os.write(out, view):]
+                elif self._writable(out):
+                    # A blocking sink that polled writable takes a page without blocking (a pipe: one buffer).
+                    view = view[os.write(out, view[:4096]):]
+                else:
+                    return
+            except BlockingIOError:
+                if not self._writable(out):
+                    return
+            except OSError:
+                return   # a closed terminal must not crash the guest
+
+    def _writable(self, fd: int) -> bool:
+        """Wait until fd takes data (True), or until the machine stops with it still stalled (False: drop)."""
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        while True:
+            try:
+                ready = poller.poll(0 if self._abandon else STALL_POLL * 1000)
+            except OSError:
+                return False
+            if ready:
+                return not ready[0][1] & (select.POLLERR | select.POLLNVAL)
+            if self._abandon:
+                if not self._dropped:
+                    self._dropped = True
+                    log.warning("console output dropped: the output sink takes nothing and the VM is stopping")
+                return False
 
     def time_of(self, pattern: bytes) -> float | None:
         """When the first line containing `pattern` was complete (monotonic seconds), or None."""
@@ -203,6 +276,22 @@ class Console:
         if self._own_out_fd and self._out_fd is not None:
             os.close(self._out_fd)
         self._out_fd = None
+        if self._sink is not None and self._sink[2]:
+            os.close(self._sink[0])
+        self._sink = None
+
+
+def _open_sink(fd: int) -> tuple[int, str, bool]:
+    """The descriptor console output is written to: fd itself for a regular file (never blocks); else a
+    non-blocking description of its own for the same pipe or terminal (reopened through /proc, so that
+    O_NONBLOCK does not change the caller's shared stdout); else fd, polled before each write."""
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd, "file", False
+        own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return fd, "poll", False
+    return own, "nonblock", True
 
 
 def _has_fileno(stream) -> bool:
