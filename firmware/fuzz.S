@@ -3,7 +3,8 @@
  * Command line (--append), every field optional, numbers decimal or 0x-hex:
  *   seed=N    the xorshift32 seed (default 1): the same seed issues the same accesses
  *   iters=M   how many random operations (default 1000); 0xffffffff runs until the watchdog
- *   ops=MASK  which of the 16 operation slots run (bit i = slot i, default 0xffff; see optable)
+ *   ops=MASK  which of the 16 operation slots run (bit i = slot i, default 0xffff; see optable);
+ *             iters counts the operations done, so ops=0x700 does M MMIO accesses
  *   skip=P    never touch port P (accesses covering it go to port 0x80): to get past a known bug
  *   ends=1    also issue the writes that end the VM by design (debug-exit, i8042 reset, ACPI S5,
  *             0xcf9/0x92 resets); by default they are defused, so that a run lasts its iterations
@@ -136,16 +137,18 @@ _start:
 
         mov iters, %eax
         mov %eax, left
+        testw $0xffff, ops_mask         /* no slot at all: every slot */
+        jnz main_loop
+        movl $0xffff, ops_mask
 main_loop:
         mov left, %eax
         test %eax, %eax
         jz done
-        dec %eax
-        mov %eax, left
-        call rand
+1:      call rand
         and $15, %eax
         bt %eax, ops_mask
-        jnc main_loop
+        jnc 1b                          /* a slot ops= leaves out: draw again (iters counts operations) */
+        decl left
         call *optable(,%eax,4)
         jmp main_loop
 
