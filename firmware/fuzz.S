@@ -8,12 +8,17 @@
  *   skip=P    never touch port P (accesses covering it go to port 0x80): to get past a known bug
  *   ends=1    also issue the writes that end the VM by design (debug-exit, i8042 reset, ACPI S5,
  *             0xcf9/0x92 resets); by default they are defused, so that a run lasts its iterations
+ *   checks=MASK  which device checks run every 256 operations (bit n-1 = check n, default all;
+ *             checks=0: none; see `checks`)
  * Each iteration picks one operation: a port read or write of 1/2/4 bytes (to a device of the pc
  * machine, or any port), string I/O (rep ins/outs, bounded counts, buffer in RAM, at the end of RAM
  * crossing into nothing, or wholly outside RAM, forwards or backwards), an MMIO read or write of
  * 1/2/4/8 bytes where there is no RAM (the in-kernel LAPIC and IOAPIC excepted), or a register sequence
  * (UART divisor/LCR/FCR/MCR then a THR flood, an i8042 command flood, RTC index/data, fw_cfg selector
  * and data, a pvconsole descriptor and doorbell).
+ * Every 256 operations a few checks test what a guest may rely on after the abuse (UART FIFO and
+ * interrupt line, i8042 output buffer); a failed one prints "fuzz: check failed: NAME" and exits
+ * with 0x50 + its number (status 0xa3, 0xa5, 0xa7).
  * A complete run prints "fuzz: done" on COM1 and writes 0x42 to debug-exit: hvm's status 0x85.
  * A CPU exception (there should be none) writes 0x60 + vector: status 0xc1 + 2 * vector. */
 #include "uart.inc"
@@ -21,6 +26,7 @@
         .set MB_FLAGS, 0x00000003
         .set DONE_CODE, 0x42            /* -> status 0x85 */
         .set EXC_CODE, 0x60             /* + vector -> status 0xc1 + 2 * vector */
+        .set CHECK_CODE, 0x50           /* + check number (1..) -> status 0xa3, 0xa5, ... */
         .set FREE_LO, 0x01000000        /* RAM from 16 MiB up holds nothing of ours: pvconsole may write there */
         .set IOBUF_SIZE, 0x2400
         .set PVCON, 0xe00
@@ -99,6 +105,10 @@ _start:
         call find_opt
         jc 4f
         mov %al, ends_ok
+4:      mov $key_checks, %edi
+        call find_opt
+        jc 4f
+        mov %al, checks_on
 
 4:      mov $msg_seed, %esi
         call print_rep
@@ -150,16 +160,14 @@ main_loop:
         jnc 1b                          /* a slot ops= leaves out: draw again (iters counts operations) */
         decl left
         call *optable(,%eax,4)
+        testb $0xff, left               /* every 256 operations: the device checks */
+        jnz main_loop
+        cmpb $0, checks_on
+        je main_loop
+        call checks
         jmp main_loop
 
-done:   /* COM1 back to a state where the last line reaches the console: no loopback, no DLAB */
-        UART_INIT
-        mov $COM1 + 4, %dx
-        mov $0x03, %al                  /* MCR: DTR, RTS, loopback off */
-        out %al, %dx
-        mov $COM1 + 1, %dx
-        xor %al, %al                    /* IER */
-        out %al, %dx
+done:   call uart_reset
         mov $msg_done, %esi
         call print_rep
         mov $DONE_CODE, %eax
@@ -168,6 +176,116 @@ exit:   mov $DEBUG_EXIT, %dx
         cli
 7:      hlt
         jmp 7b
+
+/* COM1 back to a state where a line reaches the console: no loopback, no DLAB, no interrupts */
+uart_reset:
+        UART_INIT
+        mov $COM1 + 4, %dx
+        mov $0x03, %al                  /* MCR: DTR, RTS, loopback off */
+        out %al, %dx
+        mov $COM1 + 1, %dx
+        xor %al, %al                    /* IER */
+        out %al, %dx
+        ret
+
+/* ---- device checks (checks=0 turns them off): what a guest may rely on, after random abuse.
+ * A failed check prints "fuzz: check failed: NAME" and exits with CHECK_CODE + n (status 0xa3 + 2(n-1)). */
+.macro CHECK_FAIL n, msg
+        call uart_reset
+        mov $msg_check, %esi
+        call print_rep
+        mov $\msg, %esi
+        call print_rep
+        mov $CHECK_CODE + \n, %eax
+        jmp exit
+.endm
+.macro OUTB port, val
+        mov $\port, %dx
+        mov $\val, %al
+        out %al, %dx
+.endm
+.macro INB port
+        mov $\port, %dx
+        in %dx, %al
+.endm
+
+checks:
+        push %ebp
+        testb $1, checks_on
+        jz 1f
+        /* 1. uart-fifo-toggle: turning the FIFOs off empties them, so LSR.DR must read 0 (a set DR would
+         *    make the guest read a phantom byte) */
+        OUTB COM1 + 1, 0                /* IER off */
+        OUTB COM1 + 3, 0x03             /* LCR: 8N1, no DLAB */
+        OUTB COM1 + 4, 0x18             /* MCR: loopback, OUT2 */
+        OUTB COM1 + 2, 0x07             /* FIFOs on, both cleared */
+        OUTB COM1, 0x5a                 /* loops back into the receive FIFO */
+        OUTB COM1 + 2, 0x00             /* FIFOs off */
+        INB COM1 + 5
+        test $1, %al
+        jz 1f
+        CHECK_FAIL 1, msg_chk_fifo
+1:      testb $2, checks_on
+        jz 2f
+        /* 2. uart-lsr-irq: an overrun raises the receiver-line-status interrupt; reading LSR clears OE,
+         *    and the IRQ line must fall with it. The line is read from the in-kernel PIC's IRR, with IRQ 4
+         *    level-triggered (ELCR), after re-initialising the PIC the random writes may have scrambled. */
+        OUTB COM1 + 1, 0                /* IER off: the line falls before the PIC resets, which clears IRR */
+        OUTB 0x20, 0x11                 /* ICW1: edge (ELCR decides), cascade, ICW4 */
+        OUTB 0x21, 0x20                 /* ICW2: vectors 0x20.. */
+        OUTB 0x21, 0x04                 /* ICW3: slave on IRQ 2 */
+        OUTB 0x21, 0x01                 /* ICW4: 8086 mode */
+        OUTB 0x21, 0xff                 /* all masked: the check only looks at IRR */
+        OUTB 0x4d0, 0x10                /* ELCR: IRQ 4 level-triggered, so IRR follows the line */
+        OUTB COM1 + 3, 0x03             /* LCR: 8N1, no DLAB */
+        OUTB COM1 + 4, 0x18             /* MCR: loopback, OUT2 (which gates the IRQ) */
+        OUTB COM1 + 2, 0x00             /* FIFOs off: a one-byte receiver */
+        INB COM1                        /* drain */
+        INB COM1
+        INB COM1 + 5                    /* clear OE/BI */
+        OUTB COM1 + 1, 0x04             /* IER: receiver line status only */
+        OUTB COM1, 0x01
+        OUTB COM1, 0x02                 /* overrun */
+        call pic_irr
+        test $0x10, %al
+        jz 6f                           /* no line to watch (no irqchip, or no overrun): nothing to check */
+        INB COM1 + 5                    /* clears OE: nothing is pending any more */
+        call pic_irr
+        test $0x10, %al
+        jz 6f
+        CHECK_FAIL 2, msg_chk_lsr
+6:
+        OUTB COM1 + 1, 0x00
+        OUTB COM1 + 4, 0x08
+        OUTB 0x4d0, 0x00
+2:      testb $4, checks_on
+        jz 5f
+
+        /* 3. i8042-queue: 300 "read command byte" commands with nothing read in between; a controller
+         *    with a bounded output buffer (real ones hold one byte) is empty again after 256 reads */
+        mov $300, %ebp
+3:      OUTB 0x64, 0x20
+        dec %ebp
+        jnz 3b
+        mov $256, %ebp
+4:      INB 0x64
+        test $1, %al                    /* OBF */
+        jz 5f
+        INB 0x60
+        dec %ebp
+        jnz 4b
+        INB 0x64
+        test $1, %al
+        jz 5f
+        CHECK_FAIL 3, msg_chk_kbd
+5:      pop %ebp
+        ret
+
+/* pic_irr: al = the master PIC's interrupt request register */
+pic_irr:
+        OUTB 0x20, 0x0a                 /* OCW3: read IRR */
+        INB 0x20
+        ret
 
 /* ---- CPU exceptions: none should happen; if one does, the status names its vector ---- */
         .p2align 3
@@ -924,6 +1042,11 @@ key_iters:   .asciz "iters="
 key_ops:     .asciz "ops="
 key_skip:    .asciz "skip="
 key_ends:    .asciz "ends="
+key_checks:  .asciz "checks="
+msg_check:   .asciz "fuzz: check failed: "
+msg_chk_fifo: .asciz "uart-fifo-toggle (LSR.DR set after the FIFOs were turned off)\n"
+msg_chk_lsr: .asciz "uart-lsr-irq (IRQ 4 still high after LSR cleared the overrun)\n"
+msg_chk_kbd: .asciz "i8042-queue (output buffer still full after 300 commands and 256 reads)\n"
 hexdigits:   .ascii "0123456789abcdef"
 hexbuf:      .asciz "0x00000000"
 msg_seed:    .asciz "fuzz: seed="
@@ -942,6 +1065,7 @@ skip_port:   .long 0xffffffff
 left:        .long 0
 rng:         .long 0
 ends_ok:     .byte 0
+checks_on:   .byte 0xff
         .p2align 3
 idtr:        .word 256 * 8 - 1
              .long idt

@@ -2,7 +2,8 @@
 
 Each run boots the fuzzing guest on the `pc` machine with every optional device, for a fixed seed and
 iteration count, and checks hvm's invariants:
-  - the run completes: status 0x85 (the guest's own 0x42 to debug-exit), "fuzz: done" on the console;
+  - the run completes: status 0x85 (the guest's own 0x42 to debug-exit), "fuzz: done" on the console,
+    which also means the guest's device checks held (UART FIFO and IRQ line, i8042 output buffer);
   - hvm never reports a VMM error, a device fault, an internal error or a traceback;
   - the hvm process's peak RSS stays under a fixed bound, and grows little over an idle run's;
   - stderr stays under a fixed number of lines;
@@ -59,7 +60,7 @@ EXTRA_APPEND = os.environ.get("HVM_FUZZ_APPEND", "")
 FAULT = re.compile(r"traceback|vmm error|device fault|internal error|guest crashed", re.IGNORECASE)
 
 
-@dataclass
+@dataclass(repr=False)
 class FuzzRun:
     cmd: list[str]
     status: int
@@ -68,6 +69,9 @@ class FuzzRun:
     stderr: str
     console: bytes
 
+    def __repr__(self) -> str:   # pytest prints it on a failed comparison: the bytes would drown the message
+        return f"FuzzRun(status={self.status:#x})"
+
     @property
     def stderr_lines(self) -> int:
         return self.stderr.count("\n")
@@ -75,7 +79,8 @@ class FuzzRun:
     def describe(self) -> str:
         """What a failure message shows: how to repeat the run and what hvm said (its noise filtered)."""
         said = [line for line in self.stderr.splitlines() if "no device there" not in line]
-        return (f"\n  run: {' '.join(self.cmd)}\n  status {self.status:#x}, {self.elapsed:.2f} s, "
+        checks = [m.decode("ascii", "replace") for m in re.findall(rb"fuzz: check failed: [^\n]*", self.console)]
+        return ("".join(f"\n  guest: {line}" for line in checks) +f"\n  run: {' '.join(self.cmd)}\n  status {self.status:#x}, {self.elapsed:.2f} s, "
                 f"peak RSS {self.maxrss_kib} KiB, {self.stderr_lines} stderr lines; stderr without the "
                 f"unclaimed-access warnings:\n    " + "\n    ".join(said[:40]))
 
@@ -158,11 +163,26 @@ def test_fuzz_seed(tmp_path, idle_rss, seed):
 
 
 def test_unclaimed_scan_is_bounded(tmp_path, idle_rss):
-    """Only MMIO and string I/O (ops=0x7c0): thousands of distinct addresses with no device behind them,
+    """Only MMIO and string I/O (ops=0x7c0, no device checks): thousands of distinct addresses with no device behind them,
     in RAM-less space and past the end of RAM. Per-address bookkeeping and warnings must stay bounded:
     before they were, 6000 such operations added 11.5 MiB of RSS and 24000 stderr lines in 4 s."""
-    run = fuzz(tmp_path, "seed=9 ops=0x7c0 iters=6000", 60)
+    run = fuzz(tmp_path, "seed=9 ops=0x7c0 iters=6000 checks=0", 60)
     check_invariants(run, idle_rss)
+
+
+# firmware/fuzz.S's device checks: what a guest may rely on after the abuse (bit, failure status, the
+# operations that abuse the device before the check runs).
+CHECKS = {"uart-fifo-toggle": (1, 0xA3, 0x800), "uart-lsr-irq": (2, 0xA5, 0x800), "i8042-queue": (4, 0xA7, 0x1000)}
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_device_check(tmp_path, name):
+    """One device check alone after 256 operations on its device: it passes (a failed one exits with its
+    own status and prints its name on the console)."""
+    bit, failed_status, ops = CHECKS[name]
+    run = fuzz(tmp_path, f"seed=1 iters=256 ops={ops:#x} checks={bit}", 20)
+    assert run.status != failed_status and b"fuzz: check failed" not in run.console, run.describe()
+    assert run.status == DONE_STATUS, run.describe()
 
 
 def by_device(stats: str) -> dict[str, int]:
@@ -179,8 +199,8 @@ def by_device(stats: str) -> dict[str, int]:
 
 def test_fuzzer_reaches_every_device(tmp_path):
     """The fuzzer is not vacuous: one fast seed reaches every device hvm emulates on this machine, and
-    unclaimed MMIO and ports."""
-    run = fuzz(tmp_path, "seed=5 iters=2500", 60, "--stats")
+    unclaimed MMIO and ports. (Random operations only: the device checks would add accesses.)"""
+    run = fuzz(tmp_path, "seed=5 iters=2500 checks=0", 60, "--stats")
     assert run.status == DONE_STATUS, run.describe()
     counts = by_device(run.stderr)
     for device in ("com1", "rtc", "i8042", "fw-cfg", "acpi-pm", "pc-testdev", "pc-testdev-irq", "debugcon",
@@ -191,8 +211,9 @@ def test_fuzzer_reaches_every_device(tmp_path):
 
 
 def test_watchdog_ends_an_endless_fuzz(tmp_path, idle_rss):
-    """2^32 - 1 iterations: only the watchdog ends the run, on time, and the invariants still hold."""
-    run = fuzz(tmp_path, "seed=3 iters=0xffffffff", 2)
+    """2^32 - 1 iterations: only the watchdog ends the run, on time, and the invariants still hold.
+    (No device checks: a failed one would end the run before the watchdog; test_fuzz_seed runs them.)"""
+    run = fuzz(tmp_path, "seed=3 iters=0xffffffff checks=0", 2)
     check_invariants(run, idle_rss, TIMEOUT_STATUS)
     assert 2 <= run.elapsed <= 2 + WATCHDOG_SLACK, run.describe()
     assert b"fuzz: done" not in run.console
@@ -200,9 +221,9 @@ def test_watchdog_ends_an_endless_fuzz(tmp_path, idle_rss):
 
 def test_defusing_is_what_keeps_a_run_alive(tmp_path):
     """With ends=1 the fuzzer also issues the writes that end a VM by design (i8042 reset, ACPI S5,
-    debug-exit): a seed that completes by default then ends early with one of them. skip=0x71 keeps
-    this test about the option, whatever the RTC does."""
-    append = "seed=1 iters=3000 skip=0x71"
+    debug-exit): a seed that completes by default then ends early with one of them. skip=0x71 checks=0
+    keep this test about the option, whatever the RTC and the device checks do."""
+    append = "seed=1 iters=3000 skip=0x71 checks=0"
     assert fuzz(tmp_path, append, 60).status == DONE_STATUS
     run = fuzz(tmp_path, append + " ends=1", 60, "-v")   # -v: how the VM ended is an info line
     assert run.status != DONE_STATUS, run.describe()
