@@ -80,7 +80,8 @@ class FuzzRun:
         """What a failure message shows: how to repeat the run and what hvm said (its noise filtered)."""
         said = [line for line in self.stderr.splitlines() if "no device there" not in line]
         checks = [m.decode("ascii", "replace") for m in re.findall(rb"fuzz: check failed: [^\n]*", self.console)]
-        return ("".join(f"\n  guest: {line}" for line in checks) +f"\n  run: {' '.join(self.cmd)}\n  status {self.status:#x}, {self.elapsed:.2f} s, "
+        return ("".join(f"\n  guest: {line}" for line in checks)
+                + f"\n  run: {' '.join(self.cmd)}\n  status {self.status:#x}, {self.elapsed:.2f} s, "
                 f"peak RSS {self.maxrss_kib} KiB, {self.stderr_lines} stderr lines; stderr without the "
                 f"unclaimed-access warnings:\n    " + "\n    ".join(said[:40]))
 
@@ -163,8 +164,8 @@ def test_fuzz_seed(tmp_path, idle_rss, seed):
 
 
 def test_unclaimed_scan_is_bounded(tmp_path, idle_rss):
-    """Only MMIO and string I/O (ops=0x7c0, no device checks): thousands of distinct addresses with no device behind them,
-    in RAM-less space and past the end of RAM. Per-address bookkeeping and warnings must stay bounded:
+    """Only MMIO and string I/O (ops=0x7c0, no device checks): thousands of distinct addresses with no
+    device behind them, in RAM-less space and past the end of RAM. Per-address bookkeeping and warnings must stay bounded:
     before they were, 6000 such operations added 11.5 MiB of RSS and 24000 stderr lines in 4 s."""
     run = fuzz(tmp_path, "seed=9 ops=0x7c0 iters=6000 checks=0", 60)
     check_invariants(run, idle_rss)
