@@ -58,7 +58,9 @@ WATCHDOG_SLACK = 1.5
 # HVM_FUZZ_APPEND=skip=0x71 (docs/fuzzing.md). Empty by default: the fuzzer issues everything.
 EXTRA_APPEND = os.environ.get("HVM_FUZZ_APPEND", "")
 
-FAULT = re.compile(r"traceback|vmm error|device fault|internal error|guest crashed", re.IGNORECASE)
+# What hvm must never say about this guest: a VMM error or device fault ("fault" as a word: not "default"),
+# an internal error, a Python traceback, or a guest crash (the guest catches its own exceptions).
+FAULT = re.compile(r"traceback|vmm error|\bfault|internal error|guest crashed", re.IGNORECASE)
 
 
 @dataclass(repr=False)
