@@ -84,3 +84,4 @@ clean:
 	rm -rf $(VENV) $(FWB) build *.egg-info hvm/kvm/_kvm_cffi*.so hvm/kvm/_kvm_cffi.c hvm/vcpu/_fastloop_cffi*.so hvm/vcpu/_fastloop_cffi.c $(STAMP)
 include mk/linux.mk
 include mk/bench.mk
+include mk/fuzz.mk
