@@ -58,7 +58,9 @@ def test_bad_size_string(hvm, tmp_path):
 
 def test_bad_size_flag(hvm, tmp_path):
     p = write_yaml(tmp_path, f"boot: {{image: {HELLO}}}\n")
-    assert_config_error(hvm("run", str(p), "--memory", "lots"), "vm.yaml: memory: 'lots' is not a size")
+    # the flag's value is wrong, not the file: the message names the flag (issue 11)
+    line = assert_config_error(hvm("run", str(p), "--memory", "lots"))
+    assert line == "hvm: --memory: 'lots' is not a size (use e.g. 64M, 1G)"
 
 
 def test_kernel_not_found(hvm, tmp_path):
@@ -67,7 +69,7 @@ def test_kernel_not_found(hvm, tmp_path):
 
 
 def test_kernel_flag_not_found(hvm, tmp_path):
-    assert_config_error(hvm("run", "--kernel", str(tmp_path / "no.elf")), "command line: boot.kernel: file not found")
+    assert_config_error(hvm("run", "--kernel", str(tmp_path / "no.elf")), f"hvm: --kernel: file not found: {tmp_path}/no.elf")
 
 
 def test_kernel_not_an_elf(hvm, tmp_path):
