@@ -47,12 +47,22 @@ class ConfigError(Exception):
         self.source = source
         self.field = field_name
         self.flag = flag
-        message = message.replace("\n", " ")  # one line, whatever a value or a library said
+        message = _one_line(message, 400)     # whatever a value, a path or a library said
+        field_name = _one_line(field_name, 100)
         if flag:
             text = f"{flag}: {message}"
         else:
-            text = f"{source}: {field_name}: {message}" if field_name else f"{source}: {message}"
+            text = f"{_one_line(source, 4200)}: {field_name}: {message}" if field_name else \
+                f"{_one_line(source, 4200)}: {message}"
         super().__init__(text)
+
+
+def _one_line(text: str, limit: int) -> str:
+    """`text` as part of a one-line message: control and line-breaking characters escaped, at most `limit`
+    characters (then "...")."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -345,21 +355,24 @@ def parse_yaml(text: str, source: str) -> Any:
     """YAML text -> Python data, within MAX_YAML_DEPTH and MAX_YAML_NODES; any failure is a ConfigError."""
     import yaml  # here, not at the top: PyYAML's import is ~25 ms, and `hvm run --kernel ...` reads no YAML
 
-    loader = _bounded_loader(yaml)(text)
+    loader = None
     try:
+        loader = _bounded_loader(yaml)(text)   # the reader checks the characters here already
         return loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(source, "", f"invalid YAML: {where}{_clip(problem)}") from None
-    except (ValueError, TypeError, OverflowError) as e:
-        # A constructor's own failure on a well-formed scalar: a timestamp like 2024-13-45, a 5000-digit int
-        mark = loader.get_mark() if hasattr(loader, "get_mark") else None
-        where = f"line {mark.line + 1}: " if mark else ""
+    except (ValueError, TypeError, OverflowError, LookupError, AttributeError) as e:
+        # A constructor's own failure on a well-formed scalar: a timestamp like 2024-13-45, or PyYAML's
+        # AttributeError on `!!timestamp x` (its explicit tags skip the format check)
+        node = getattr(loader, "node", None)
+        where = f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}: " if node else ""
         raise ConfigError(source, "", f"invalid YAML: {where}{_clip(str(e))}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _clip(text: str) -> str:
@@ -384,6 +397,18 @@ def _bounded_loader(yaml):
             self._depth = 0
             self._nodes = 0
             self._sizes: dict[int, int] = {}   # id(node) -> expanded size, for finished nodes
+            self.node = None                     # the node being constructed, for error positions
+
+        def construct_object(self, node, deep=False):
+            self.node = node
+            return super().construct_object(node, deep)
+
+        def construct_yaml_int(self, node):
+            # int() of a long decimal string is quadratic (and refused past 4300 digits): no field needs it
+            if len(node.value) > 100:
+                raise yaml.constructor.ConstructorError(None, None, f"a number of {len(node.value)} characters "
+                                                        "(too long for any field)", node.start_mark)
+            return super().construct_yaml_int(node)
 
         def _limit(self, problem: str):
             mark = self.peek_event().start_mark if self.check_event() else None
@@ -420,6 +445,7 @@ def _bounded_loader(yaml):
                 raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES} values (counting "
                                                   "what each alias stands for): not a VM description", mark)
 
+    BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
     _LOADER = BoundedLoader
     return _LOADER
 
