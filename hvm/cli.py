@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="hvm: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C before a VM runs (a run handles its own): no traceback
+        print("hvm: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # a bug in hvm: one line, the traceback only when asked for
         if verbose:
             log.exception("internal error")
