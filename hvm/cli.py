@@ -3,6 +3,7 @@ QEMU-style (--kernel, --append, --initrd, --memory, --vcpus, --timeout, --serial
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import os
@@ -259,7 +260,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_HOST
     except OSError as e:
-        print(f"hvm: {e}", file=sys.stderr)
+        if e.errno == errno.ENOMEM:  # the host cannot back the guest RAM asked for: say which setting
+            where = "--memory" if args.memory is not None else f"{spec.source}: memory"
+            print(f"hvm: {where}: this host cannot provide {spec.memory >> 20} MiB of guest RAM "
+                  f"({e.strerror})", file=sys.stderr)
+        else:
+            print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
     def terminate(signo, frame):  # unwind through `with machine` so the terminal is restored and fds closed

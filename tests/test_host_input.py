@@ -279,3 +279,11 @@ def test_qemu_shim_kernel_fifo_does_not_hang(tmp_path):
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=20, text=True)
     # was: the shim's own check opened the FIFO and waited for a writer
     assert (r.returncode, r.stderr) == (2, f"hvm: --kernel: not a regular file: {tmp_path}/kernel is a FIFO\n")
+
+
+def test_guest_ram_the_host_cannot_provide(hvm):
+    # 1 TiB is within the config's bound; this host (24 GB, no swap) refuses the mapping
+    r = hvm("run", "configs/hello.yaml", "--memory", "1T", "--timeout", "5")
+    if r.status == 0:
+        pytest.skip("this host maps 1 TiB of guest RAM")
+    one_line_error(r, "hvm: --memory: this host cannot provide 1048576 MiB of guest RAM (Cannot allocate memory)")
