@@ -517,7 +517,8 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
         regs = tuple((r, regs_f.int(r, 0, 0, (1 << 64) - 1)) for r in GP_REGS if regs_f.has(r))
         boot = FlatBoot(image, load, entry, mode, regs)
     else:
-        raise boot_f.error("image", "missing: give boot.image (a flat binary) or boot.kernel (a multiboot ELF)")
+        raise boot_f.error("image", "missing: give boot.image (a flat binary) or boot.kernel (a multiboot "
+                           "ELF, a Linux bzImage or a 64-bit vmlinux)")
 
     machine = top.str("machine", "auto", MACHINES)
     if machine == "auto":
