@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import time
 import tracemalloc
-from pathlib import Path
 
 import pytest
 import yaml

@@ -132,31 +132,6 @@ def test_config_error_fields():
 
 # --- issue 11: hostile or mistaken input is one line and status 2, in bounded time and memory -----------
 
-def run_bounded(*args: str, timeout: float = 20):
-    """hvm run in a child; returns (result, seconds, max RSS in MB of that child alone)."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from conftest import ROOT, HvmRun
-
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "hvm", "run", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        proc.kill()
-    _, _, usage = os.wait4(proc.pid, 0) if proc.returncode is None else (0, 0, None)
-    seconds = time.monotonic() - t0
-    return HvmRun(proc.returncode, out, err.decode("utf-8", "replace")), seconds, usage
-
-
-def child_rss_mb(proc_usage) -> float:
-    return proc_usage.ru_maxrss / 1024
-
-
 def test_deep_nesting_is_refused(hvm, tmp_path):
     p = write_yaml(tmp_path, "memory: " + "[" * 3000 + "]" * 3000 + "\n")   # was RecursionError, status 70
     assert_config_error(hvm("run", str(p)), "vm.yaml: invalid YAML: line 1, column ",
