@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Callable
 
+from hvm.files import expand_user, open_output
+
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 16 << 20  # bytes of console output kept for wait_for()
@@ -21,12 +23,17 @@ HISTORY_LIMIT = 16 << 20  # bytes of console output kept for wait_for()
 LINE_TIMES_LIMIT = 1 << 15
 STALL_POLL = 0.1          # seconds between looks at whether a stalled output sink should be given up on
 CTRL_A = 0x01
+INPUT_CHUNK = 4096        # bytes of host input read (and fed to the UART) at a time
+INPUT_AHEAD = 4096        # host input read ahead of the guest at most: the rest waits in the file or pipe
+INPUT_POLL = 0.01         # seconds between looks at whether the guest took its input
 
 
 class Console:
     """Guest serial output -> sink + history; host input -> `feed` callback (the UART)."""
 
-    def __init__(self, output: str = "stdio", input: str = "none"):
+    def __init__(self, output: str = "stdio", input: str = "none", open_now: bool = True):
+        """`open_now=False` leaves a file: output unopened until open() (Machine opens it once the VM is
+        built, so a VM that fails to build does not truncate the old log)."""
         self.output = output
         self.input = input
         self.history = bytearray()
@@ -39,20 +46,28 @@ class Console:
         self._closed = False
         self._out_fd: int | None = None
         self._own_out_fd = False
+        self._opened = False
+        self._input_thread: threading.Thread | None = None
+        self._saved_tty: list | None = None
+        self.on_quit: Callable[[], None] | None = None
+        if open_now:
+            self.open()
+
+    def open(self) -> None:
+        """Open the output sink (once). A file: is opened without following a symlink, created 0644, and
+        truncated only if it is a regular file (hvm/files.py open_output); failures are HostFileError."""
+        if self._opened:
+            return
+        self._opened = True
+        output = self.output
         if output == "stdio":
             self._out_fd = sys.stdout.fileno() if _has_fileno(sys.stdout) else None
             if self._out_fd is None:
                 self._out_fd = -1  # no real stdout (e.g. under pytest capture): write through sys.stdout
         elif output.startswith("file:"):
-            path = output[5:]
-            try:
-                self._out_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise OSError(e.errno, f"serial output file {path}: {e.strerror}") from None
+            path = expand_user(output[5:], "serial output file")
+            self._out_fd = open_output(path, "serial output file", 0o644)
             self._own_out_fd = True
-        self._input_thread: threading.Thread | None = None
-        self._saved_tty: list | None = None
-        self.on_quit: Callable[[], None] | None = None
 
     # --- output ---------------------------------------------------------------------------------
     # Set by abandon_stalled_output() (the machine is stopping): output a sink does not take is dropped
@@ -190,27 +205,57 @@ class Console:
                     self._waiters -= 1
 
     # --- input ---------------------------------------------------------------------------------
-    def start_input(self, feed: Callable[[bytes], None]) -> None:
+    def start_input(self, feed: Callable[[bytes], None], pending: Callable[[], int] | None = None) -> None:
+        """Start passing host input (stdin or a file) to `feed` from a thread of its own, in chunks, as the
+        guest takes it: while `pending()` (bytes fed but not yet read by the guest) is above INPUT_AHEAD,
+        nothing more is read, so a big file or `</dev/zero` costs no memory. `feed` may also block (a UART
+        applying backpressure itself); the thread stops at close() and never feeds after it."""
         source = self.input
         if source == "none":
             return
+        tty = False
+        own = False
         if source.startswith("file:"):
-            with open(source[5:], "rb") as f:
-                feed(f.read())
-            return
-        # stdin
-        fd = sys.stdin.fileno() if _has_fileno(sys.stdin) else None
-        if fd is None:
-            return
-        if os.isatty(fd):
-            self._enter_raw_mode(fd)
-        self._input_thread = threading.Thread(target=self._pump, args=(fd, feed), name="console-input", daemon=True)
+            path = source[5:]
+            try:
+                # O_NONBLOCK: a path swapped for a FIFO since the config was checked cannot hang the open.
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as e:
+                log.error("serial input file %s: %s: the guest gets no input", path, e.strerror)
+                return
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                log.error("serial input file %s: not a regular file any more: the guest gets no input", path)
+                return
+            own = True
+        else:  # stdin
+            fd = sys.stdin.fileno() if _has_fileno(sys.stdin) else None
+            if fd is None:
+                return
+            if os.isatty(fd):
+                self._enter_raw_mode(fd)
+                tty = self._saved_tty is not None
+        self._input_thread = threading.Thread(target=self._pump, args=(fd, feed, pending, tty, own),
+                                              name="console-input", daemon=True)
         self._input_thread.start()
 
-    def _pump(self, fd: int, feed: Callable[[bytes], None]) -> None:
+    def _pump(self, fd: int, feed: Callable[[bytes], None], pending: Callable[[], int] | None = None,
+              tty: bool = False, own: bool = False) -> None:
+        try:
+            self._pump_loop(fd, feed, pending, tty)
+        except Exception:  # a failing feed must not leave a thread traceback on the user's terminal
+            log.exception("console input stopped")
+        finally:
+            if own:
+                os.close(fd)
+
+    def _pump_loop(self, fd: int, feed: Callable[[bytes], None], pending: Callable[[], int] | None,
+                   tty: bool) -> None:
         escape = False
-        tty = self._saved_tty is not None
         while not self._closed:
+            if pending is not None and pending() > INPUT_AHEAD:
+                time.sleep(INPUT_POLL)  # the guest has not taken what it has: read no further
+                continue
             try:
                 ready, _, _ = select.select([fd], [], [], 0.2)
             except (OSError, ValueError):
@@ -218,11 +263,15 @@ class Console:
             if not ready:
                 continue
             try:
-                data = os.read(fd, 4096)
+                data = os.read(fd, INPUT_CHUNK)
+            except BlockingIOError:
+                continue
             except OSError:
                 return
             if not data:
                 return  # EOF: the guest simply gets no more input
+            if self._closed:
+                return
             if not tty:
                 feed(data)
                 continue

@@ -9,6 +9,8 @@ a guest crash with 4 and a report; a failing KVM_RUN (EFAULT, ENOMEM, ...) with 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -155,15 +157,17 @@ class Machine:
             if serial is None:
                 # debugcon and pvconsole write to the console too: without a serial it is this terminal
                 other = spec.debugcon is not None or spec.pvconsole is not None
-                console = Console("stdio" if other else "none", "none")
+                console = Console("stdio" if other else "none", "none", open_now=False)
             else:
                 inp = serial.input
                 if inp == "auto":
                     inp = "stdin" if serial.output == "stdio" else "none"
-                console = Console(serial.output, inp)
+                console = Console(serial.output, inp, open_now=False)
         self.console = console
         try:
             self._build()
+            # The output file last: a VM that cannot be built (status 2) leaves the old console log as it was.
+            console.open()
         except BaseException:
             self.close()
             raise
@@ -309,9 +313,15 @@ class Machine:
                 cfg = self.trace_config
                 t.trace_in_c = not (cfg.memory or self.tracer.callbacks or (cfg.ring and len(self.threads) > 1))
         if self.spec.timeout:
+            # Before anything that could take time (host input is streamed by the console's own thread):
+            # the watchdog bounds the whole run.
             self._timer = threading.Timer(self.spec.timeout, self._watchdog)
             self._timer.daemon = True
             self._timer.start()
+        if self.uart is not None:
+            self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
+            uart = self.uart
+            self.console.start_input(uart.feed, pending=lambda: uart.input_pending)
         for t in self.threads:
             t.start()
         # Host input last: feeding it may block (the UART's input queue is bounded) until the guest reads,
@@ -558,8 +568,20 @@ class Machine:
 
 
 def _read_head(path: Path, n: int = 16384) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(n)
+    """The first `n` bytes of a kernel. The config checked it is a regular file; O_NONBLOCK and the fstat
+    keep a path swapped for a FIFO since then from hanging the open or the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise BootError(f"{path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BootError(f"{path}: not a regular file")
+        return os.pread(fd, n, 0)
+    except OSError as e:
+        raise BootError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 __all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_HOST", "EXIT_OK", "EXIT_TIMEOUT", "ExitStats", "Machine",
