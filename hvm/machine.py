@@ -318,17 +318,15 @@ class Machine:
             self._timer = threading.Timer(self.spec.timeout, self._watchdog)
             self._timer.daemon = True
             self._timer.start()
+        for t in self.threads:
+            t.start()
+        # Host input last, from the console's own thread: it reads only as far ahead of the guest as the
+        # UART's pending input allows, and a feed may block (the UART's input queue is bounded) until the
+        # guest reads; the watchdog and the vCPUs already run then, and a stop lets a blocked feed go.
         if self.uart is not None:
             self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
             uart = self.uart
             self.console.start_input(uart.feed, pending=lambda: uart.input_pending)
-        for t in self.threads:
-            t.start()
-        # Host input last: feeding it may block (the UART's input queue is bounded) until the guest reads,
-        # and the watchdog and the vCPUs must already run then; a stop lets a blocked feed go.
-        if self.uart is not None:
-            self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
-            self.console.start_input(self.uart.feed)
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """Wait until the VM ends (or `timeout` seconds pass: then None). Joins the vCPU threads."""
