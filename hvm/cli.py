@@ -194,9 +194,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"hvm: {e}", file=sys.stderr)
                 return EXIT_CONFIG
         trace = TraceConfig(path=args.trace, filter=args.trace_filter, ring=args.trace_ring, rip=args.trace_rip)
+    from hvm.files import HostFileError
+
     try:
         machine = Machine(spec, trace=trace)
-    except (ConfigError, BootError, BusError) as e:
+    except (ConfigError, BootError, BusError, HostFileError) as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except KvmError as e:

@@ -1,0 +1,285 @@
+"""The trace tools and the tracer against hostile input and a hostile host (issue 11): garbage files,
+records with wrong types and ranges, outputs that are directories or symlinks, a full disk, SIGKILL
+and a second SIGINT. Every case ends in status 2 with one line or a clean result, never status 70."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+from conftest import CONFIGS, FIRMWARE, ROOT, write_yaml
+from hvm.kvm import constants as kc
+from hvm.trace import TraceConfig, Tracer
+from hvm.trace.record import BadRecord, Skipped, iter_records, parse_line, validate
+from hvm.trace.summary import TIME_BINS, format_summary, summarize
+
+GOOD = '{"t":1000,"vcpu":0,"reason":"IO","port":1016,"size":1,"dir":"out","count":1,"data":"41","device":"com1","handle_ns":900}'
+HLT = '{"t":2000,"vcpu":0,"reason":"HLT","handle_ns":500}'
+
+# (name, file content): none of these is a trace
+GARBAGE = {
+    "random": bytes(range(256)) * 8 + b"\x00\xff\xfe" * 100,
+    "empty": b"",
+    "json-list": b"[1, 2, 3]\n",
+    "json-string": b'"t"\n',
+    "not-a-record": b'{"hello": "world"}\n',
+    "t-string": GOOD.replace('"t":1000', '"t":"1000"').encode() + b"\n",
+    "t-nan": GOOD.replace('"t":1000', '"t":NaN').encode() + b"\n",
+    "t-inf": GOOD.replace('"t":1000', '"t":1e400').encode() + b"\n",
+    "t-negative": GOOD.replace('"t":1000', '"t":-5').encode() + b"\n",
+    "t-huge": GOOD.replace('"t":1000', '"t":' + "9" * 40).encode() + b"\n",
+    "t-bool": GOOD.replace('"t":1000', '"t":true').encode() + b"\n",
+    "port-float": GOOD.replace('"port":1016', '"port":1016.5').encode() + b"\n",
+    "port-range": GOOD.replace('"port":1016', '"port":70000').encode() + b"\n",
+    "reason-object": GOOD.replace('"reason":"IO"', '"reason":{"a":1}').encode() + b"\n",
+    "handle-list": GOOD.replace('"handle_ns":900', '"handle_ns":[1]').encode() + b"\n",
+    "data-not-hex": GOOD.replace('"data":"41"', '"data":"zz"').encode() + b"\n",
+    "dir-bad": GOOD.replace('"dir":"out"', '"dir":"sideways"').encode() + b"\n",
+    "deep": b"[" * 50_000 + b"]" * 50_000 + b"\n",
+    "deep-object": b'{"t":' * 10_000 + b"1" + b"}" * 10_000 + b"\n",
+    "long-line": b"x" * (1 << 20),
+}
+
+
+def run_tool(tool: str, src, tmp_path, *extra: str, timeout: float = 60):
+    args = [sys.executable, "-m", "hvm", "trace", tool, str(src)]
+    if tool != "summary":
+        args += ["-o", str(tmp_path / f"out.{tool}")] if not extra else list(extra)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=timeout)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+@pytest.mark.parametrize("name", sorted(GARBAGE))
+@pytest.mark.parametrize("tool", ["summary", "perfetto", "plot"])
+def test_garbage_is_not_a_trace(tmp_path, tool, name):
+    src = tmp_path / f"{name}.jsonl"
+    src.write_bytes(GARBAGE[name])
+    status, out, err = run_tool(tool, src, tmp_path)
+    assert status == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"hvm: {src}: not a trace: no exit records"), err
+    assert "Traceback" not in err and out == ""
+    assert not (tmp_path / f"out.{tool}").exists()      # nothing written for a file that is not a trace
+
+
+@pytest.mark.parametrize("tool", ["summary", "perfetto", "plot"])
+def test_bad_lines_are_skipped_and_counted(tmp_path, tool):
+    src = tmp_path / "mixed.jsonl"
+    src.write_bytes(b"\n".join([GOOD.encode(), GARBAGE["t-nan"].strip(), b"\xff\xfe garbage",
+                                HLT.encode(), GOOD[:40].encode()]) + b"\n")
+    status, out, err = run_tool(tool, src, tmp_path)
+    assert status == 0, err
+    lines = err.splitlines()
+    assert lines[0] == (f"hvm: {src}: skipped 3 lines that are not exit records "
+                        "(the first, line 2: 't': float where an integer belongs)")
+    if tool == "summary":
+        assert out.startswith("2 exits over 0.000 s") and len(lines) == 1
+    elif tool == "perfetto":
+        doc = json.loads((tmp_path / "out.perfetto").read_text())
+        assert [e["name"] for e in doc["traceEvents"] if e["ph"] == "X"] == ["IO out 0x3f8", "HLT"]
+    else:
+        assert (tmp_path / "out.plot").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(lines) == 1
+
+
+def test_validate_in_one_place():
+    assert validate(json.loads(GOOD))["port"] == 0x3F8
+    for line, why in [("[]", "a JSON list, not an object"),
+                      ('{"t":1,"vcpu":0}', "no 'reason' field"),
+                      ('{"t":1,"vcpu":0,"reason":"HLT","rip":-1}', "'rip': -1 is outside 0..18446744073709551615"),
+                      ('{"t":1,"vcpu":0,"reason":"IO","port":1}', "an I/O record needs 'size' and 'dir' in/out"),
+                      ('{"t":1,"vcpu":0,"reason":"MMIO","addr":1,"size":4,"dir":"in"}',
+                       "an MMIO record needs 'size' and 'dir' read/write"),
+                      ('{"t":1,"vcpu":0,"reason":"a b"}', "'reason': not an exit reason name"),
+                      ("[" * 60_000, "nested too deeply")]:
+        with pytest.raises(BadRecord) as e:
+            parse_line(line)
+        assert str(e.value) == why
+    skipped = Skipped()
+    assert list(iter_records([GOOD, "", None, HLT], skipped)) == [json.loads(GOOD), json.loads(HLT)]
+    assert (skipped.count, skipped.first_line, skipped.first_problem) == (1, 3, "longer than 65536 bytes")
+
+
+def test_summary_memory_is_bounded_by_the_input_not_the_span():
+    far = [HLT.replace('"t":2000', f'"t":{t}') for t in (0, 10**17 * 10**9 // 10**9 * 10, 5 * 10**17)]
+    tracemalloc.start()
+    s = summarize(far)
+    text = format_summary(s)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert s.total == 3 and len(s.per_bin) <= 3
+    assert peak < 1 << 20, peak
+    table = text.split("exits per ")[1].splitlines()
+    assert 2 <= len(table) <= TIME_BINS + 1
+    assert sum(int(row.split()[-1]) for row in table[1:]) == 3
+
+
+def test_summary_per_second_rows_for_short_runs():
+    s = summarize(HLT.replace('"t":2000', f'"t":{i * 250_000_000}') for i in range(12))
+    assert s.per_second == {0: 4, 1: 4, 2: 4}
+    assert format_summary(s).endswith("exits per second:\n      0 s          4\n      1 s          4\n      2 s          4")
+
+
+@pytest.mark.parametrize("tool", ["perfetto", "plot"])
+def test_unusable_outputs(tmp_path, tool):
+    src = tmp_path / "t.jsonl"
+    src.write_text(GOOD + "\n" + HLT + "\n")
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    what = f"{tool} output"
+    for out, msg in [(tmp_path, f"{what} {tmp_path}: is a directory"),
+                     ("/nonexistent/f", f"{what} /nonexistent/f: No such file or directory"),
+                     (link, f"{what} {link}: is a symbolic link (not followed)"),
+                     ("/dev/full", "/dev/full: No space left on device"),
+                     (src, f"{src}: the output would overwrite the trace it is made from")]:
+        status, _, err = run_tool(tool, src, tmp_path, "-o", str(out))
+        assert (status, err) == (2, f"hvm: {msg}\n")
+    assert target.read_text() == "keep" and src.read_text() == GOOD + "\n" + HLT + "\n"
+    assert not (tmp_path.parent / (tmp_path.name + ".png")).exists()
+
+
+def test_plot_writes_exactly_the_path_given(tmp_path):
+    src = tmp_path / "t.jsonl"
+    src.write_text(GOOD + "\n" + HLT + "\n")
+    status, _, err = run_tool("plot", src, tmp_path, "-o", str(tmp_path / "noext"))
+    assert status == 0, err
+    assert (tmp_path / "noext").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "noext.png").exists()
+
+
+def test_input_that_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for src, msg in [(fifo, f"trace file {fifo}: is a FIFO, not a regular file"),
+                     ("/dev/zero", "trace file /dev/zero: is a device, not a regular file"),
+                     (tmp_path / "none", f"trace file {tmp_path / 'none'}: No such file or directory")]:
+        status, _, err = run_tool("summary", src, tmp_path, timeout=20)
+        assert (status, err) == (2, f"hvm: {msg}\n")
+
+
+# --- the tracer ----------------------------------------------------------------------------------------
+
+def test_trace_to_a_full_device_is_a_warning_and_the_guest_status_stands(hvm, tmp_path):
+    r = hvm("run", str(CONFIGS / "hello.yaml"), "--trace", "/dev/full")
+    assert r.status == 0 and r.out == "Hello from real mode!\n"
+    assert r.stderr == ("hvm: trace file /dev/full: write failed (No space left on device): tracing stopped "
+                        "after 0 records, the run goes on\n")
+    cfg = write_yaml(tmp_path, f"boot: {{image: {FIRMWARE / 'triple.bin'}, mode: protected, load: 0x100000}}\n"
+                               "memory: 4M\ntimeout: 10\n")
+    r = hvm("run", str(cfg), "--trace", "/dev/full", "--serial", "none")
+    assert r.status == 4
+    assert r.stderr.count("write failed (No space left on device)") == 1 and "Traceback" not in r.stderr
+
+
+def test_trace_symlink_refused_and_nothing_truncated_before_the_config_is_valid(hvm, tmp_path):
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    link = tmp_path / "exits.jsonl"
+    link.symlink_to(target)
+    r = hvm("run", str(CONFIGS / "hello.yaml"), "--trace", str(link))
+    assert (r.status, r.stderr) == (2, f"hvm: trace file {link}: is a symbolic link (not followed)\n")
+    assert target.read_text() == "keep"
+    old = tmp_path / "old.jsonl"
+    old.write_text(GOOD + "\n")
+    for bad in (["--memory", "0"], ["--kernel", str(tmp_path / "nosuch")], ["--trace-filter", "colour=red"]):
+        r = hvm("run", str(CONFIGS / "hello.yaml"), "--trace", str(old), *bad)
+        assert r.status == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert old.read_text() == GOOD + "\n"
+
+
+def raw_io(i: int) -> tuple:
+    return (i * 1000, 0, kc.EXIT_IO, 0x3F8, 1, 1, 1, b"A", 500, None)
+
+
+def test_records_reach_the_file_while_the_vm_runs(tmp_path):
+    path = tmp_path / "t.jsonl"
+    tracer = Tracer(TraceConfig(path=path), lambda reason, where: "com1")
+    try:
+        for i in range(1000):
+            tracer.append(raw_io(i))
+        deadline = time.monotonic() + 1.0     # the promise: on disk within a second, without close()
+        while path.stat().st_size == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lines = path.read_text().splitlines()
+        assert len(lines) == 1000 and json.loads(lines[-1])["t"] == 999_000
+    finally:
+        tracer.close()
+
+
+def test_a_second_sigint_ends_the_write_out_cleanly(tmp_path):
+    """close() writing a long ring when SIGINT arrives: no KeyboardInterrupt, the file keeps whole lines."""
+    path = tmp_path / "t.jsonl"
+    n = 400_000
+    tracer = Tracer(TraceConfig(path=path, ring=n), lambda reason, where: "com1")
+    for i in range(n):
+        tracer.append(raw_io(i))
+    timer = threading.Timer(0.15, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        tracer.close()              # a KeyboardInterrupt here fails the test
+    finally:
+        timer.join()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""          # ends with a whole line
+    assert 0 < len(lines) - 1 == tracer.written < n
+    assert all(parse_line(line) for line in lines[:-1])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def fast_loop_guest(tmp_path, iterations: int):
+    """firmware/bench_pio patched to write COM1's scratch register `iterations` times (~100k exits/s)."""
+    from bench.exits import patch_header
+
+    image = patch_header(FIRMWARE / "bench_pio.bin", tmp_path / "loop.bin", iterations, 0x3FF)
+    return write_yaml(tmp_path, f"boot: {{image: '{image}', load: 0x7c00, mode: real}}\nmemory: 16M\n"
+                                "machine: none\ntimeout: 20\n"
+                                "devices: {serial: {output: none, input: none}, debug_exit: {port: 0xf4, size: 4}}\n")
+
+
+def start_hvm(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hvm", "run", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigkill_leaves_the_records_of_the_run_so_far(tmp_path):
+    cfg = fast_loop_guest(tmp_path, 50_000_000)
+    trace = tmp_path / "t.jsonl"
+    proc = start_hvm(str(cfg), "--trace", str(trace), "--timeout", "20")
+    try:
+        time.sleep(2.5)
+        assert proc.poll() is None
+        proc.kill()
+    finally:
+        proc.wait(10)
+    lines = trace.read_bytes().split(b"\n")
+    records = [parse_line(line) for line in lines[:-1]]   # every whole line parses; the last may be cut
+    assert len(records) > 10_000, len(records)
+    # Streamed with a bounded delay: the last record on disk is from well within the last second and a half.
+    assert records[-1]["t"] > 0.5e9 and all(r["reason"] == "IO" and r["port"] == 0x3FF for r in records)
+
+
+def test_second_sigint_during_write_out_cli(tmp_path):
+    cfg = fast_loop_guest(tmp_path, 50_000_000)
+    trace = tmp_path / "t.jsonl"
+    proc = start_hvm(str(cfg), "--trace", str(trace), "--trace-ring", "10000000", "--timeout", "20")
+    try:
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)                # the write-out of ~300k records takes ~0.3 s here
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "write-out interrupted: it keeps the" in err, err
+    lines = trace.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) > 1
+    assert all(parse_line(line)["port"] == 0x3FF for line in lines[:-1])
