@@ -283,3 +283,233 @@ def test_second_sigint_during_write_out_cli(tmp_path):
     lines = trace.read_bytes().split(b"\n")
     assert lines[-1] == b"" and len(lines) > 1
     assert all(parse_line(line)["port"] == 0x3FF for line in lines[:-1])
+
+
+# --- property-based: the tools on mutated traces (Hypothesis; profiles in conftest.py) -------------------
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hvm.cli import main as hvm_main  # noqa: E402
+from hvm.trace.plot import plot_data  # noqa: E402
+from hvm.trace.record import NoRecords  # noqa: E402
+
+TOOL_SECONDS = 5.0   # a bound on one in-process tool call on a small file (they take milliseconds)
+
+
+@pytest.fixture(scope="module")
+def real_trace(tmp_path_factory) -> list[bytes]:
+    """The lines of a real trace: modes.yaml (real, protected and long mode; 144 exits)."""
+    path = tmp_path_factory.mktemp("real") / "modes.jsonl"
+    subprocess.run([sys.executable, "-m", "hvm", "run", str(CONFIGS / "modes.yaml"), "--trace", str(path),
+                    "--serial", "none", "--timeout", "10", "--trace-rip"], cwd=ROOT, check=True, timeout=30)
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 144
+    return lines
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
+    | st.sampled_from(["in", "out", "read", "write", "IO", "MMIO", "HLT", "com1", "41", "zz"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12)
+FIELD_NAMES = ["t", "vcpu", "reason", "handle_ns", "port", "addr", "size", "dir", "count", "data", "device",
+               "rip", "suberror", "other"]
+
+
+@st.composite
+def mutated_trace(draw, lines: list[bytes]) -> bytes:
+    """A real trace after a few random mutations: bytes flipped, inserted, deleted; lines dropped,
+    duplicated, cut or replaced by raw bytes; fields deleted or set to any JSON value (NaN, 1e400 ...)."""
+    lines = list(lines[:draw(st.integers(1, len(lines)))])
+    for _ in range(draw(st.integers(1, 6))):
+        i = draw(st.integers(0, len(lines) - 1)) if lines else 0
+        kind = draw(st.sampled_from(["field", "field", "delete-field", "bytes", "cut", "drop", "dup", "raw",
+                                     "deep"]))
+        if not lines:
+            lines.append(b"")
+        line = lines[i]
+        if kind in ("field", "delete-field"):
+            try:
+                d = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(d, dict):
+                continue
+            name = draw(st.sampled_from(FIELD_NAMES))
+            if kind == "delete-field":
+                d.pop(name, None)
+            else:
+                d[name] = draw(json_values)
+            lines[i] = json.dumps(d, allow_nan=True).encode() + b"\n"
+        elif kind == "bytes":
+            b = bytearray(line)
+            for _ in range(draw(st.integers(1, 4))):
+                pos = draw(st.integers(0, len(b)))
+                op = draw(st.sampled_from(["set", "insert", "delete"]))
+                if op == "insert" or not b or pos == len(b):
+                    b[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+                elif op == "set":
+                    b[pos] = draw(st.integers(0, 255))
+                else:
+                    del b[pos]
+            lines[i] = bytes(b)
+        elif kind == "cut":
+            lines[i] = line[:draw(st.integers(0, max(len(line) - 1, 0)))]
+        elif kind == "drop":
+            del lines[i]
+        elif kind == "dup":
+            lines.insert(i, line)
+        elif kind == "raw":
+            lines[i] = draw(st.binary(max_size=64))
+        else:
+            depth = draw(st.integers(1, 30_000))
+            lines[i] = b"[" * depth + b"]" * depth + b"\n"
+    return b"".join(lines)
+
+
+class Records(list):
+    bad = 0
+
+
+def expected_records(data: bytes) -> Records:
+    """The oracle: what record.parse_line accepts, line by line, and how many non-blank lines it rejects."""
+    out = Records()
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            out.append(parse_line(line))
+        except BadRecord:
+            out.bad += 1
+    return out
+
+
+def bad_lines(records: Records) -> int:
+    return records.bad
+
+
+def call_main(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = hvm_main(list(argv))
+    assert time.monotonic() - start < TOOL_SECONDS
+    return status, out.getvalue(), err.getvalue()
+
+
+def check_outcome(status: int, err: str, want: list[dict], src: Path, extra_lines: int = 0) -> None:
+    """Status 0 with at most one line about skipped lines (plus the tool's own), or 2 with one line."""
+    assert status in (0, 2), err
+    assert "Traceback" not in err and "internal error" not in err
+    if want:
+        assert status == 0 and err.count("\n") <= 1 + extra_lines, err
+        bad = bad_lines(want)
+        if bad:
+            s = "" if bad == 1 else "s"
+            assert err.startswith(f"hvm: {src}: skipped {bad} line{s} that "), err
+        else:
+            assert f"{src}: skipped" not in err
+    else:
+        assert status == 2 and err.count("\n") == 1 and err.startswith(f"hvm: {src}: not a trace"), err
+
+
+@pytest.mark.fuzz
+@given(data=st.data())
+def test_fuzz_summary_on_mutated_traces(real_trace, data):
+    blob = data.draw(mutated_trace(real_trace))
+    want = expected_records(blob)
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "t.jsonl"
+        src.write_bytes(blob)
+        status, out, err = call_main("trace", "summary", str(src))
+    check_outcome(status, err, want, src)
+    if want:
+        assert out.startswith(f"{len(want)} exits over ")
+        assert len(out.split("exits per ")[1].splitlines()) <= TIME_BINS + 1
+
+
+@pytest.mark.fuzz
+@given(data=st.data())
+def test_fuzz_perfetto_on_mutated_traces(real_trace, data):
+    blob = data.draw(mutated_trace(real_trace))
+    want = expected_records(blob)
+    with tempfile.TemporaryDirectory() as d:
+        src, dest = Path(d) / "t.jsonl", Path(d) / "out.json"
+        src.write_bytes(blob)
+        status, _, err = call_main("trace", "perfetto", str(src), "-o", str(dest))
+        check_outcome(status, err, want, src, extra_lines=1)   # + "N exit slices written to ..."
+        if want:
+            slices = [e for e in json.loads(dest.read_text())["traceEvents"] if e["ph"] == "X"]
+            assert [s["ts"] for s in slices] == [r["t"] / 1000 for r in want]
+        else:
+            assert not dest.exists()
+
+
+@pytest.mark.fuzz
+@given(data=st.data())
+def test_fuzz_plot_data_on_mutated_traces(real_trace, data):
+    """The plot's data pass in-process (rendering takes ~0.3 s: the CLI cases below render)."""
+    blob = data.draw(mutated_trace(real_trace))
+    want = expected_records(blob)
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "t.jsonl"
+        src.write_bytes(blob)
+        skipped = Skipped()
+        start = time.monotonic()
+        try:
+            pd = plot_data(src, skipped=skipped)
+        except NoRecords:
+            assert not want
+            return
+        assert time.monotonic() - start < TOOL_SECONDS
+    assert want and sum(map(sum, pd.rates.values())) == len(want) == sum(pd.hist)
+    assert all(len(v) == 100 for v in pd.rates.values())
+
+
+@pytest.mark.fuzz
+@given(records=st.lists(st.fixed_dictionaries(
+    {"t": st.integers(0, (1 << 63) - 1), "vcpu": st.integers(0, 3), "reason": st.sampled_from(["HLT", "IO"])},
+    optional={"handle_ns": st.integers(0, (1 << 63) - 1)}), min_size=1, max_size=30))
+def test_fuzz_summary_of_any_valid_records(records):
+    """Extreme but valid values (spans up to 290 years, handling times up to 2**63 ns): bounded output."""
+    lines = [json.dumps({**r, **({"port": 1, "size": 1, "dir": "in"} if r["reason"] == "IO" else {})})
+             for r in records]
+    tracemalloc.start()
+    s = summarize(lines)
+    text = format_summary(s)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert s.total == len(records) and s.bad_lines == 0
+    assert sum(s.per_bin.values()) == len(records) and len(s.per_bin) <= TIME_BINS
+    assert peak < 1 << 20 and len(text.splitlines()) < TIME_BINS + 40
+
+
+# A few whole-CLI cases in subprocesses (the real entry point, rendering included), from fixed seeds.
+@pytest.mark.fuzz
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_cli_subprocess(real_trace, tmp_path, seed):
+    import random
+
+    rnd = random.Random(seed)
+    lines = list(real_trace)
+    for _ in range(20):
+        i = rnd.randrange(len(lines))
+        b = bytearray(lines[i])
+        b[rnd.randrange(len(b))] = rnd.randrange(256)
+        lines[i] = bytes(b)
+    blob = b"".join(lines)
+    src = tmp_path / "t.jsonl"
+    src.write_bytes(blob)
+    want = expected_records(blob)
+    assert want   # 20 flipped bytes leave most of 144 lines intact
+    for tool in ("summary", "perfetto", "plot"):
+        status, out, err = run_tool(tool, src, tmp_path)
+        assert status == 0 and "Traceback" not in err, err
+        assert err == "" or err.startswith(f"hvm: {src}: skipped ")
