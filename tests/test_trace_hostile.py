@@ -186,6 +186,9 @@ def test_trace_symlink_refused_and_nothing_truncated_before_the_config_is_valid(
     r = hvm("run", str(CONFIGS / "hello.yaml"), "--trace", str(link))
     assert (r.status, r.stderr) == (2, f"hvm: trace file {link}: is a symbolic link (not followed)\n")
     assert target.read_text() == "keep"
+    for path, msg in [(tmp_path, "is a directory"), (tmp_path / "no" / "t.jsonl", "No such file or directory")]:
+        r = hvm("run", str(CONFIGS / "hello.yaml"), "--trace", str(path))
+        assert (r.status, r.stderr) == (2, f"hvm: trace file {path}: {msg}\n")
     old = tmp_path / "old.jsonl"
     old.write_text(GOOD + "\n")
     for bad in (["--memory", "0"], ["--kernel", str(tmp_path / "nosuch")], ["--trace-filter", "colour=red"]):
