@@ -216,14 +216,19 @@ def test_records_reach_the_file_while_the_vm_runs(tmp_path):
         tracer.close()
 
 
-def test_a_second_sigint_ends_the_write_out_cleanly(tmp_path):
-    """close() writing a long ring when SIGINT arrives: no KeyboardInterrupt, the file keeps whole lines."""
+def test_a_second_sigint_ends_the_write_out_cleanly(tmp_path, monkeypatch):
+    """close() writing out a long queue when SIGINT arrives: no KeyboardInterrupt, the file keeps whole lines."""
+    from hvm.trace import tracer as tracer_module
+
+    monkeypatch.setattr(tracer_module, "WRITE_INTERVAL", 1000.0)   # everything waits for close()
+    monkeypatch.setattr(tracer_module, "HIGH_WATER", 10**9)
     path = tmp_path / "t.jsonl"
-    n = 400_000
-    tracer = Tracer(TraceConfig(path=path, ring=n), lambda reason, where: "com1")
+    n = 400_000                      # ~0.5 s or more to encode and write
+    tracer = Tracer(TraceConfig(path=path), lambda reason, where: "com1")
     for i in range(n):
         tracer.append(raw_io(i))
-    timer = threading.Timer(0.15, os.kill, (os.getpid(), signal.SIGINT))
+    assert path.stat().st_size == 0
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         tracer.close()              # a KeyboardInterrupt here fails the test
@@ -232,7 +237,7 @@ def test_a_second_sigint_ends_the_write_out_cleanly(tmp_path):
     lines = path.read_bytes().split(b"\n")
     assert lines[-1] == b""          # ends with a whole line
     assert 0 < len(lines) - 1 == tracer.written < n
-    assert all(parse_line(line) for line in lines[:-1])
+    assert [parse_line(line)["t"] for line in lines[:-1]] == [i * 1000 for i in range(tracer.written)]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
