@@ -263,9 +263,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
             n = write_perfetto(args.file, output, skipped)
             text = None
         else:
-            try:
-                import matplotlib  # noqa: F401  (checked first: a missing matplotlib is not the file's fault)
-            except ImportError:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:   # checked first: not the file's fault
                 print("hvm: trace plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
                 return EXIT_CONFIG
             from hvm.trace.plot import plot

@@ -521,3 +521,15 @@ def test_fuzz_cli_subprocess(real_trace, tmp_path, seed):
         status, out, err = run_tool(tool, src, tmp_path)
         assert status == 0 and "Traceback" not in err, err
         assert err == "" or err.startswith(f"hvm: {src}: skipped ")
+
+
+def test_device_cache_is_bounded(tmp_path):
+    from hvm.trace.tracer import DEVICE_CACHE_LIMIT
+
+    tracer = Tracer(TraceConfig(path=tmp_path / "t.jsonl"), lambda reason, where: None)
+    try:
+        for addr in range(0, 3 * DEVICE_CACHE_LIMIT * 4096, 4096):   # a guest scanning MMIO pages
+            tracer.device(kc.EXIT_MMIO, addr)
+        assert len(tracer._devices) <= DEVICE_CACHE_LIMIT
+    finally:
+        tracer.close()

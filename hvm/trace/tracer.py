@@ -31,6 +31,9 @@ WRITE_INTERVAL = 0.25   # s: records reach the file at most this long after they
 CHUNK = 8192            # records encoded and written at a time (also how often an interrupted close checks)
 # Past this many queued records the writer does not wait for its interval (bounded memory).
 HIGH_WATER = 250_000
+# The device-name cache is emptied past this many addresses: a guest that touches every port or MMIO
+# page must not grow it without bound.
+DEVICE_CACHE_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class Tracer:
         try:
             return self._devices[key]
         except KeyError:
+            if len(self._devices) >= DEVICE_CACHE_LIMIT:
+                self._devices.clear()
             name = self._devices[key] = self._resolve(reason, where)
             return name
 
