@@ -533,3 +533,29 @@ def test_device_cache_is_bounded(tmp_path):
         assert len(tracer._devices) <= DEVICE_CACHE_LIMIT
     finally:
         tracer.close()
+
+
+raw_records = st.tuples(
+    st.integers(0, 1 << 62), st.integers(0, 7),
+    st.sampled_from([kc.EXIT_IO, kc.EXIT_MMIO, kc.EXIT_HLT, kc.EXIT_INTERNAL_ERROR, kc.EXIT_SHUTDOWN, 99]),
+    st.integers(0, (1 << 64) - 1), st.sampled_from([1, 2, 4, 8]), st.integers(0, 1), st.integers(0, 4096),
+    st.binary(max_size=16), st.integers(0, 1 << 40), st.none() | st.integers(0, (1 << 64) - 1))
+
+
+@pytest.mark.fuzz
+@given(raws=st.lists(raw_records, max_size=40), rip=st.booleans(), device=st.sampled_from([None, "com1", "fw-cfg"]))
+def test_streamed_lines_are_what_encode_raw_writes(raws, rip, device):
+    """The writer's inlined encoder (the path `hvm run --trace` takes) against record.encode_raw."""
+    from hvm.trace.record import encode_raw
+
+    if rip:   # with --trace-rip every record carries its RIP
+        raws = [r[:9] + (r[9] or 0,) for r in raws]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "t.jsonl"
+        tracer = Tracer(TraceConfig(path=path, rip=rip), lambda reason, where: device)
+        for raw in raws:
+            tracer.append(raw)
+        tracer.close()
+        got = path.read_text()
+    want = "".join(encode_raw(r, device if r[2] in (kc.EXIT_IO, kc.EXIT_MMIO) else None, rip) for r in raws)
+    assert got == want and tracer.written == len(raws)
