@@ -251,6 +251,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"hvm: {e}", file=sys.stderr)
                 return EXIT_CONFIG
         trace = TraceConfig(path=args.trace, filter=args.trace_filter, ring=args.trace_ring, rip=args.trace_rip)
+    from hvm.files import HostFileError
+
     try:
         machine = Machine(spec, trace=trace)
     except (ConfigError, BootError, BusError, HostFileError) as e:
@@ -296,30 +298,54 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    if not args.file.is_file():
-        print(f"hvm: {args.file}: no such trace file", file=sys.stderr)
+    """The trace tools read an untrusted file: lines that are not exit records are skipped and counted
+    (one line on stderr); a file with no record at all, an unusable input or output, a failed write: one
+    line, status 2. Outputs are opened without following symlinks, only once the input showed a record."""
+    import os
+
+    from hvm.files import HostFileError
+    from hvm.trace.record import NoRecords, Skipped
+
+    skipped = Skipped()
+    output = getattr(args, "output", None)
+    try:
+        if output is not None and os.path.exists(output) and os.path.exists(args.file) \
+                and os.path.samefile(args.file, output):
+            raise HostFileError(f"{output}: the output would overwrite the trace it is made from")
+        if args.trace_command == "summary":
+            from hvm.trace.summary import format_summary, iter_lines, summarize
+
+            s = summarize(iter_lines(args.file), skipped)
+            if not s.total:
+                raise NoRecords(args.file, skipped)
+            text = format_summary(s)
+        elif args.trace_command == "perfetto":
+            from hvm.trace.perfetto import write_perfetto
+
+            n = write_perfetto(args.file, output, skipped)
+            text = None
+        else:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:   # checked first: not the file's fault
+                print("hvm: trace plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+                return EXIT_CONFIG
+            from hvm.trace.plot import plot
+
+            plot(args.file, output, skipped=skipped)
+            text = None
+    except (HostFileError, NoRecords) as e:
+        print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as e:  # a write that failed half way (a full disk, /dev/full)
+        print(f"hvm: {e.filename or output or args.file}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if skipped.count:
+        print(f"hvm: {skipped.message(args.file)}", file=sys.stderr)
     if args.trace_command == "summary":
-        from hvm.trace.summary import format_summary, iter_lines, summarize
-
-        print(format_summary(summarize(iter_lines(args.file))))
+        print(text)
     elif args.trace_command == "perfetto":
-        from hvm.trace.perfetto import convert
-
-        with open(args.output, "w") as out:
-            n = convert(args.file, out)
-        print(f"{n} exit slices written to {args.output} (open it in https://ui.perfetto.dev)", file=sys.stderr)
-    else:
-        from hvm.trace.plot import plot
-
-        try:
-            plot(args.file, args.output)
-        except ValueError as e:
-            print(f"hvm: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-        except ImportError:
-            print("hvm: trace plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-            return EXIT_CONFIG
+        print(f"{n} exit slices written to {output} (open it in https://ui.perfetto.dev)", file=sys.stderr)
     return 0
 
 
