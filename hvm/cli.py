@@ -251,8 +251,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"hvm: {e}", file=sys.stderr)
                 return EXIT_CONFIG
         trace = TraceConfig(path=args.trace, filter=args.trace_filter, ring=args.trace_ring, rip=args.trace_rip)
-    from hvm.files import HostFileError
-
     try:
         machine = Machine(spec, trace=trace)
     except (ConfigError, BootError, BusError, HostFileError) as e:
@@ -303,7 +301,6 @@ def cmd_trace(args: argparse.Namespace) -> int:
     line, status 2. Outputs are opened without following symlinks, only once the input showed a record."""
     import os
 
-    from hvm.files import HostFileError
     from hvm.trace.record import NoRecords, Skipped
 
     skipped = Skipped()

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import FIRMWARE, ROOT
+from conftest import FIRMWARE, run_measured
 from hvm.mmio.bus import LOGGED_MISSES, SUMMARY_INTERVAL
 
 pytestmark = pytest.mark.fuzz
@@ -98,45 +96,17 @@ class FuzzRun:
                 f"unclaimed-access warnings:\n    " + "\n    ".join(said[:40]))
 
 
-# ru_maxrss of a process includes the memory of the process it was forked from until its exec (the kernel
-# records the old mm's high-water mark at exec), so hvm forked from pytest would report pytest's RSS. A small
-# launcher forks hvm instead and reports hvm's own figure (floor: the launcher's ~10 MiB), with the status
-# and the run time, in a file.
-LAUNCHER = """
-import os, sys, time
-report, argv = sys.argv[1], sys.argv[2:]
-t0 = time.monotonic()
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.executable, [sys.executable, "-m", "hvm", *argv])
-_, wstatus, usage = os.wait4(pid, 0)
-with open(report, "w") as f:
-    f.write(f"{os.waitstatus_to_exitcode(wstatus)} {usage.ru_maxrss} {time.monotonic() - t0}")
-"""
-
-
 def fuzz(tmp_path: Path, append: str, timeout: float, *extra: str) -> FuzzRun:
     """Run the fuzzing guest under hvm. Bounded by hvm's watchdog and, outside it, by killing the
     process group 20 s after hvm's own timeout."""
     console = tmp_path / "console.txt"
-    err = tmp_path / "stderr.txt"
-    report = tmp_path / "report.txt"
-    report.unlink(missing_ok=True)
     append = f"{append} {EXTRA_APPEND}".strip()
     args = ["run", "--kernel", str(FUZZ_ELF), "--append", append, "--serial", f"file:{console}",
             "--timeout", f"{timeout:g}", *DEVICES, *extra]
-    with open(err, "wb") as errf, open(tmp_path / "stdout.txt", "wb") as outf:
-        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(report), *args], cwd=ROOT,
-                                stdin=subprocess.DEVNULL, stdout=outf, stderr=errf, start_new_session=True)
-        try:
-            proc.wait(timeout + 20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            raise
-    status, maxrss, elapsed = report.read_text().split()
-    return FuzzRun(["python3", "-m", "hvm", *args], int(status), float(elapsed), int(maxrss),
-                   err.read_text("utf-8", "replace"), console.read_bytes() if console.exists() else b"")
+    with open(tmp_path / "stdout.txt", "wb") as outf:
+        run = run_measured(*args, tmp_path=tmp_path, stdout=outf, timeout=timeout + 20)
+    return FuzzRun(["python3", "-m", "hvm", *args], run.status, run.seconds, run.maxrss_kib, run.stderr,
+                   console.read_bytes() if console.exists() else b"")
 
 
 @pytest.fixture(scope="module")

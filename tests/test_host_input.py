@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import FIRMWARE, ROOT, write_yaml
+from conftest import FIRMWARE, ROOT, run_measured, write_yaml
 from hvm.config import ConfigError, load_config
 from hvm.console import INPUT_AHEAD, INPUT_CHUNK, Console
 
@@ -147,32 +147,11 @@ def test_big_input_file_is_streamed_and_the_watchdog_ends_it_on_time(tmp_path):
     with open(big, "wb") as f:
         f.truncate(64 << 20)    # sparse: zeros the echo guest reads and never ends on
     cfg = echo_config(tmp_path, f"file:{big}", timeout=2)
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "hvm", "run", str(cfg)], cwd=ROOT, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _, status, usage = _wait4(proc, 30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    seconds = time.monotonic() - t0
-    err = proc.stderr.read().decode()
-    assert os.waitstatus_to_exitcode(status) == 124, err
-    assert "timeout: the guest was still running after 2 s" in err
-    assert seconds < 2 + 3, seconds                       # startup (~0.2 s) + teardown, not reading 64 MiB
-    assert usage.ru_maxrss < 120 * 1024, usage.ru_maxrss  # KiB: an interpreter and 4 MiB of guest RAM
-
-
-def _wait4(proc: subprocess.Popen, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return pid, status, usage
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("hvm did not end in time")
+    run = run_measured("run", str(cfg), tmp_path=tmp_path, timeout=30)
+    assert run.status == 124, run.stderr
+    assert "timeout: the guest was still running after 2 s" in run.stderr
+    assert run.seconds < 2 + 3, run.seconds                # startup (~0.2 s) + teardown, not reading 64 MiB
+    assert run.maxrss_kib < 64 * 1024, run.maxrss_kib      # KiB: an interpreter and 4 MiB of guest RAM (~25 MiB)
 
 
 # --- the console's input pump, in-process ------------------------------------------------------------------
@@ -262,15 +241,9 @@ def test_stdin_from_dev_zero_is_read_as_the_guest_takes_it(tmp_path):
     in 10 s, all queued for the UART)."""
     cfg = write_yaml(tmp_path, f"boot: {{image: {ECHO}}}\nmemory: 4M\ntimeout: 2\n")
     with open("/dev/zero", "rb") as zero:
-        proc = subprocess.Popen([sys.executable, "-m", "hvm", "run", str(cfg)], cwd=ROOT, stdin=zero,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        _, status, usage = _wait4(proc, 30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert os.waitstatus_to_exitcode(status) == 124, proc.stderr.read()
-    assert usage.ru_maxrss < 120 * 1024, usage.ru_maxrss
+        run = run_measured("run", str(cfg), tmp_path=tmp_path, stdin=zero, timeout=30)
+    assert run.status == 124, run.stderr
+    assert run.maxrss_kib < 64 * 1024, run.maxrss_kib
 
 
 def test_qemu_shim_kernel_fifo_does_not_hang(tmp_path):

@@ -8,14 +8,13 @@ import logging
 import os
 import struct
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_yaml
+import conftest
+from conftest import write_yaml
 from hvm import Machine
 from hvm.config import FlatBoot, VmSpec
 from hvm.console import LINE_TIMES_LIMIT, Console
@@ -55,26 +54,9 @@ def guest_yaml(tmp_path: Path, code: bytes, *, mode: str = "protected", machine:
 
 def run_measured(*args: str, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout: float = 30,
                  tmp_path: Path) -> tuple[int, str, int, float]:
-    """Run `python -m hvm ARGS`; returns (status, stderr, max RSS in KiB, seconds). stderr goes to a file, so a
-    flood of log lines cannot block the child."""
-    err_path = tmp_path / "stderr.txt"
-    with open(err_path, "wb") as err:
-        t0 = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "hvm", *args], cwd=ROOT, stdin=stdin, stdout=stdout,
-                                stderr=err, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        deadline = t0 + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                pytest.fail(f"hvm {' '.join(args)} did not end within {timeout} s")
-            time.sleep(0.02)
-        seconds = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err_path.read_text("utf-8", "replace"), usage.ru_maxrss, seconds
+    """Run `python -m hvm ARGS` (conftest.run_measured); returns (status, stderr, hvm's peak RSS in KiB, seconds)."""
+    run = conftest.run_measured(*args, tmp_path=tmp_path, stdin=stdin, stdout=stdout, timeout=timeout)
+    return run.status, run.stderr, run.maxrss_kib, run.seconds
 
 
 # --- device values ----------------------------------------------------------------------------------
@@ -195,7 +177,7 @@ def test_console_line_times_are_bounded():
 def test_host_input_from_dev_zero_is_bounded(tmp_path):
     """stdin = /dev/zero and a guest that never reads: before, 1.67 GB in 10 s; now hvm stops reading."""
     cfg = guest_yaml(tmp_path, SPIN, mode="real", serial="stdio", timeout=2)
-    # (ru_maxrss of a child counts the forked test process too, until exec: compare with a run without input)
+    # compared with the same run without input: what reading stdin costs
     status, _, rss_quiet, _ = run_measured("run", str(cfg), tmp_path=tmp_path)
     assert status == 124
     with open("/dev/zero", "rb") as zero:
