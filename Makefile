@@ -39,7 +39,7 @@ $(FWB)/%.bin: $(FWB)/%.elf
 	objcopy -O binary -j .text $< $@
 
 # The multiboot kernel stays an ELF32, as QEMU's -kernel takes it.
-$(FWB)/mbtest.elf: $(FW)/mbtest.S $(FW)/uart.inc | $(FWB)
+$(FWB)/mbtest.elf: $(FW)/mbtest.S $(FW)/uart.inc $(FW)/print32.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/mbtest.o $<
 	ld -m elf_i386 -Ttext=0x200000 -e _start -o $@ $(FWB)/mbtest.o
 

@@ -961,39 +961,7 @@ parse_num:
         pop %ecx
         ret
 
-/* ---- output (mbtest's): rep outsb of a NUL-terminated string at esi; eax as 0x%08x ---- */
-print_rep:
-        push %edi
-        push %ecx
-        mov %esi, %edi
-        xor %eax, %eax
-        mov $-1, %ecx
-        repne scasb
-        not %ecx
-        dec %ecx
-        mov $COM1, %dx
-        rep outsb
-        pop %ecx
-        pop %edi
-        ret
-
-print_hex:
-        push %ebx
-        push %ecx
-        mov %eax, %ebx
-        mov $hexbuf + 2, %edi
-        mov $8, %ecx
-1:      rol $4, %ebx
-        mov %ebx, %eax
-        and $0xf, %eax
-        movb hexdigits(%eax), %al
-        stosb
-        loop 1b
-        mov $hexbuf, %esi
-        call print_rep
-        pop %ecx
-        pop %ebx
-        ret
+#include "print32.inc"
 
         .section .data
         .p2align 2
@@ -1047,8 +1015,6 @@ msg_check:   .asciz "fuzz: check failed: "
 msg_chk_fifo: .asciz "uart-fifo-toggle (LSR.DR set after the FIFOs were turned off)\n"
 msg_chk_lsr: .asciz "uart-lsr-irq (IRQ 4 still high after LSR cleared the overrun)\n"
 msg_chk_kbd: .asciz "i8042-queue (output buffer still full after 300 commands and 256 reads)\n"
-hexdigits:   .ascii "0123456789abcdef"
-hexbuf:      .asciz "0x00000000"
 msg_seed:    .asciz "fuzz: seed="
 msg_iters:   .asciz " iters="
 msg_ops:     .asciz " ops="

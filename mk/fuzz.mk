@@ -4,7 +4,7 @@
 .PHONY: fuzz
 
 # The fuzzing guest is a multiboot ELF32 like mbtest: its seed and iteration count come from --append.
-$(FWB)/fuzz.elf: $(FW)/fuzz.S $(FW)/uart.inc | $(FWB)
+$(FWB)/fuzz.elf: $(FW)/fuzz.S $(FW)/uart.inc $(FW)/print32.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/fuzz.o $<
 	ld -m elf_i386 -Ttext=0x200000 -e _start -o $@ $(FWB)/fuzz.o
 
