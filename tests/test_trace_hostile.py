@@ -19,6 +19,7 @@ from hvm.kvm import constants as kc
 from hvm.trace import TraceConfig, Tracer
 from hvm.trace.record import BadRecord, Skipped, iter_records, parse_line, validate
 from hvm.trace.summary import TIME_BINS, format_summary, summarize
+from hvm.trace.tracer import STALL_LIMIT
 
 GOOD = '{"t":1000,"vcpu":0,"reason":"IO","port":1016,"size":1,"dir":"out","count":1,"data":"41","device":"com1","handle_ns":900}'
 HLT = '{"t":2000,"vcpu":0,"reason":"HLT","handle_ns":500}'
@@ -271,6 +272,31 @@ def test_sigkill_leaves_the_records_of_the_run_so_far(tmp_path):
     assert len(records) > 10_000, len(records)
     # Streamed with a bounded delay: the last record on disk is from well within the last second and a half.
     assert records[-1]["t"] > 0.5e9 and all(r["reason"] == "IO" and r["port"] == 0x3FF for r in records)
+
+
+def test_a_trace_fifo_nobody_reads_stops_tracing_not_the_vm(tmp_path):
+    """--trace into a FIFO whose reader never reads: once the pipe is full the writer gives up after
+    STALL_LIMIT s with one warning, and the watchdog ends the run on time (it used to block the writer for
+    good: the queue grew behind it and close() hung)."""
+    cfg = fast_loop_guest(tmp_path, 50_000_000)
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)    # open, never read
+    try:
+        t0 = time.monotonic()
+        proc = start_hvm(str(cfg), "--trace", str(fifo), "--timeout", "4")
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        seconds = time.monotonic() - t0
+    finally:
+        os.close(reader)
+    err = err.decode()
+    assert proc.returncode == 124, err
+    assert seconds < 4 + 3, seconds
+    assert f"write failed (nothing was read for {STALL_LIMIT:g} s): tracing stopped after" in err, err
+    assert "Traceback" not in err
 
 
 def test_second_sigint_during_write_out_cli(tmp_path):

@@ -9,9 +9,12 @@ the cost to the vCPU threads low: one wake-up per interval, no per-record work o
 and the GIL is taken by the encoder in bursts that the interpreter's switch interval slices."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import select
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -35,6 +38,10 @@ HIGH_WATER = 250_000
 # The device-name cache is emptied past this many addresses: a guest that touches every port or MMIO
 # page must not grow it without bound.
 DEVICE_CACHE_LIMIT = 4096
+# A trace written to a pipe, FIFO or terminal whose reader stops reading: after this long without any
+# progress the write counts as failed (tracing stops, the run goes on), so the writer never blocks for
+# good, the queue cannot grow behind it, and close() cannot hang.
+STALL_LIMIT = 2.0   # s
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class Tracer:
         self._abandon = False                    # a SIGINT during close(): stop writing, keep what is out
         # Not following symlinks, never truncating what is not a regular file (hvm/files.py): HostFileError.
         self._fd: int | None = open_output(config.path, "trace file") if config.path else None
+        if self._fd is not None and not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.set_blocking(self._fd, False)    # a stalled reader is noticed (STALL_LIMIT), never waited on
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
         self._thread.start()
@@ -156,7 +165,11 @@ class Tracer:
         view = memoryview("".join(lines).encode())
         try:
             while view:
-                view = view[os.write(fd, view):]
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    if not select.select([], [fd], [], STALL_LIMIT)[1]:
+                        raise OSError(errno.ETIMEDOUT, f"nothing was read for {STALL_LIMIT:g} s") from None
         except OSError as e:
             self.write_error = e
             self._fd = None
