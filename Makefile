@@ -1,12 +1,16 @@
 # hvm — build guest firmware, run the default VM, run the tests.
-PYTHON ?= python3
+# Everything Python runs in a project virtualenv (.venv, without system site-packages): Debian 12 and
+# Ubuntu 24.04 refuse `pip install` into the system Python (PEP 668), and no target needs it activated.
+HOST_PYTHON ?= python3
+VENV := .venv
+PYTHON := $(CURDIR)/$(VENV)/bin/python
+STAMP := $(VENV)/.hvm-installed
 FW := firmware
 FWB := $(FW)/build
 FLAT16 := hello ticker echo pvcon
 FLAT32 := hello32 triple
 FLAT64 := hello64 probe
 FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf
-STAMP := .venv-installed
 
 .PHONY: all firmware install run test test-fast bench clean
 
@@ -35,12 +39,23 @@ $(FWB)/%.bin: $(FWB)/%.elf
 	objcopy -O binary -j .text $< $@
 
 # The multiboot kernel stays an ELF32, as QEMU's -kernel takes it.
-$(FWB)/mbtest.elf: $(FW)/mbtest.S $(FW)/uart.inc | $(FWB)
+$(FWB)/mbtest.elf: $(FW)/mbtest.S $(FW)/uart.inc $(FW)/print32.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/mbtest.o $<
 	ld -m elf_i386 -Ttext=0x200000 -e _start -o $@ $(FWB)/mbtest.o
 
-# Install hvm (editable, with its compiled cffi modules) and the test tools, once.
-$(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_build.py hvm/vcpu/_fastloop_build.py
+# The virtualenv. A stock Debian/Ubuntu python3 has neither `venv` (ensurepip) nor the C headers the cffi
+# modules compile against: they are apt-get installed when missing (python3-venv, python3-dev).
+$(PYTHON):
+	@$(HOST_PYTHON) mk/python-ready.py || { \
+		pkgs="python3-venv python3-dev"; \
+		echo "apt-get install -y $$pkgs (for the project virtualenv)"; \
+		apt-get install -y $$pkgs || { apt-get update -qq && apt-get install -y $$pkgs; }; \
+		$(HOST_PYTHON) mk/python-ready.py --explain; }
+	$(HOST_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+
+# Install hvm (editable, with its compiled cffi modules) and the test tools into .venv, once.
+$(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_build.py hvm/vcpu/_fastloop_build.py | $(PYTHON)
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -55,7 +70,7 @@ install: $(STAMP) $(BYTECODE)
 
 # The main job: build everything and boot the default VM, its serial console on this terminal.
 run: install firmware
-	hvm run configs/hello.yaml
+	$(VENV)/bin/hvm run configs/hello.yaml
 
 # Everything, slow tests included: they build their own Linux guests (`make linux`, from Debian packages)
 # and compare with QEMU (Debian's qemu-system-x86, installed here when missing).
@@ -66,6 +81,7 @@ test-fast: install firmware
 	$(PYTHON) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(FWB) build *.egg-info hvm/kvm/_kvm_cffi*.so hvm/kvm/_kvm_cffi.c hvm/vcpu/_fastloop_cffi*.so hvm/vcpu/_fastloop_cffi.c $(STAMP)
+	rm -rf $(VENV) $(FWB) build *.egg-info hvm/kvm/_kvm_cffi*.so hvm/kvm/_kvm_cffi.c hvm/vcpu/_fastloop_cffi*.so hvm/vcpu/_fastloop_cffi.c $(STAMP)
 include mk/linux.mk
 include mk/bench.mk
+include mk/fuzz.mk

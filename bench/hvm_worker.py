@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             "import_seconds": t_build - t_import,
             "exits": {"total": stats.total, "io": stats.by_reason.get("IO", 0),
                       "mmio": stats.by_reason.get("MMIO", 0), "hlt": stats.by_reason.get("HLT", 0)},
-            "unclaimed": sum(stats.unhandled_ports.values()) + sum(stats.unhandled_mmio.values()),
+            "unclaimed": sum(stats.unhandled_ports.values()) + sum(stats.unhandled_mmio.values()) + stats.other_mmio,
         }
     print(json.dumps(out))
     return 0 if result.reason == "debug-exit" else 1

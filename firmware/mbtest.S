@@ -134,44 +134,9 @@ exit:
 9:      hlt
         jmp 9b
 
-/* print the NUL-terminated string at esi with one rep outsb (string I/O). */
-print_rep:
-        push %edi
-        push %ecx
-        mov %esi, %edi
-        xor %eax, %eax
-        mov $-1, %ecx
-        repne scasb
-        not %ecx
-        dec %ecx                /* ecx = strlen */
-        mov $COM1, %dx
-        rep outsb
-        pop %ecx
-        pop %edi
-        ret
-
-/* print eax as 0x%08x */
-print_hex:
-        push %ebx
-        push %ecx
-        mov %eax, %ebx
-        mov $hexbuf + 2, %edi
-        mov $8, %ecx
-1:      rol $4, %ebx
-        mov %ebx, %eax
-        and $0xf, %eax
-        movb hexdigits(%eax), %al
-        stosb
-        loop 1b
-        mov $hexbuf, %esi
-        call print_rep
-        pop %ecx
-        pop %ebx
-        ret
+#include "print32.inc"
 
         .section .data
-hexdigits:   .ascii "0123456789abcdef"
-hexbuf:      .asciz "0x00000000"
 msg_magic:   .asciz "multiboot: magic ok\n"
 msg_mem:     .asciz "mem_upper: "
 msg_kib:     .asciz " KiB\n"

@@ -3,14 +3,17 @@ QEMU-style (--kernel, --append, --initrd, --memory, --vcpus, --timeout, --serial
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from hvm.boot import BootError
 from hvm.config import ConfigError, load_yaml, merge, parse_spec
+from hvm.files import HostFileError
 from hvm.kvm import KvmError
 from hvm.machine import EXIT_CONFIG, EXIT_HOST, EXIT_INTERNAL, Machine
 from hvm.mmio import BusError
@@ -18,16 +21,33 @@ from hvm.mmio import BusError
 log = logging.getLogger("hvm")
 
 
+class UsageError(Exception):
+    """A command line argparse cannot parse; str() is the one line to print (status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is an exception (one line, status 2, from main) instead of the
+    usage text and sys.exit: so bad flags read like every other input error, and tests parse in-process."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        if len(message) > 300:
+            message = message[:300] + "..."
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def _add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="boot a VM described by a YAML file and/or flags",
                        description="Boot a VM. Flags override the YAML file's fields.")
     p.add_argument("config", nargs="?", type=Path, help="YAML VM description (see docs/config.md)")
-    p.add_argument("--kernel", help="multiboot ELF kernel to boot (replaces the config's boot section)")
+    p.add_argument("--kernel", help="kernel to boot: a multiboot ELF, a Linux bzImage or a 64-bit vmlinux "
+                   "(replaces the config's boot section)")
     p.add_argument("--append", help="kernel command line")
-    p.add_argument("--initrd", action="append", help="initrd / multiboot module (repeatable)")
+    p.add_argument("--initrd", action="append", help="Linux initrd, or a multiboot module (repeatable)")
     p.add_argument("-m", "--memory", help="guest RAM, e.g. 256M, 1G (default 128M)")
     p.add_argument("--vcpus", "--smp", type=int, help="number of vCPUs")
-    p.add_argument("--timeout", type=float, help="watchdog: stop the guest after SECONDS (exit status 124)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="watchdog: stop the guest after SECONDS, up to 1000000 (exit status 124)")
     p.add_argument("--serial", help="serial console output: stdio, none or file:PATH")
     p.add_argument("--machine", choices=("pc", "none"), help="pc: irqchip, PIT, ACPI, fw_cfg; none: bare")
     p.add_argument("--device", action="append", default=[], metavar="NAME[,OPTS]",
@@ -94,7 +114,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, or with `only` just that subcommand under the main parser: argparse looks
     up message translations for every parser it builds (~1 ms each, 8 in all), and a run needs two.
     Usage lines and errors read the same either way."""
-    parser = argparse.ArgumentParser(prog="hvm", description="A small virtual machine monitor on Linux KVM.")
+    parser = _Parser(prog="hvm", description="A small virtual machine monitor on Linux KVM.")
     # A partial parser still names every subcommand in its usage line (the full one does by default).
     metavar = None if only is None else "{" + ",".join(SUBPARSERS) + "}"
     sub = parser.add_subparsers(dest="command", required=True, metavar=metavar)
@@ -122,51 +142,84 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_overrides(devices: list[str]) -> dict:
-    """--device flags (QEMU's -device syntax for the devices hvm has) -> the YAML devices mapping."""
+# --device NAME -> (devices key, {option: field}): QEMU's option names for the fields of the YAML mapping.
+DEVICE_FLAGS = {
+    "pc-testdev": ("testdev", {}),
+    "isa-debug-exit": ("debug_exit", {"iobase": "port", "iosize": "size"}),
+    "isa-debugcon": ("debugcon", {"iobase": "port"}),
+    "pvconsole": ("pvconsole", {"iobase": "port"}),
+}
+DEVICE_DEFAULTS = {"isa-debug-exit": {"iobase": "0xf4", "iosize": "4"}, "isa-debugcon": {"iobase": "0xe9"},
+                   "pvconsole": {"iobase": "0xe00"}}
+
+
+def _device_overrides(devices: list[str], origins: dict[str, str]) -> dict:
+    """--device flags (QEMU's -device syntax for the devices hvm has) -> the YAML devices mapping; each field
+    set is recorded in `origins` with the flag and option it came from, for error messages."""
     out: dict = {}
     for spec in devices:
         name, _, opts = spec.partition(",")
-        options = dict(o.partition("=")[::2] for o in opts.split(",") if o)
-        if name == "pc-testdev":
-            out["testdev"] = True
-        elif name == "isa-debug-exit":
-            out["debug_exit"] = {"port": options.get("iobase", "0xf4"), "size": options.get("iosize", "4")}
-        elif name == "isa-debugcon":
-            out["debugcon"] = {"port": options.get("iobase", "0xe9")}
-        elif name == "pvconsole":
-            out["pvconsole"] = {"port": options.get("iobase", "0xe00")}
-        else:
-            raise ConfigError("command line", "--device", f"{name!r} is not a device hvm has "
-                              "(pc-testdev, isa-debug-exit, isa-debugcon, pvconsole)")
+        if name not in DEVICE_FLAGS:
+            raise ConfigError("command line", "--device", f"{name[:60]!r} is not a device hvm has "
+                              "(pc-testdev, isa-debug-exit, isa-debugcon, pvconsole)", flag="--device")
+        key, fields = DEVICE_FLAGS[name]
+        options = dict(DEVICE_DEFAULTS.get(name, {}))
+        for o in opts.split(","):
+            if not o:
+                continue
+            option, eq, value = o.partition("=")
+            if option not in fields or not eq:
+                allowed = ", ".join(f"{f}=N" for f in fields) or "none"
+                raise ConfigError("command line", "--device", f"{name}: {o[:60]!r} is not an option of "
+                                  f"{name} (options: {allowed})", flag="--device")
+            options[option] = value
+        if not fields:
+            out[key] = True
+            origins[f"devices.{key}"] = f"--device {name}"
+            continue
+        out[key] = {fields[o]: v for o, v in options.items()}
+        for o in fields:
+            origins[f"devices.{key}.{fields[o]}"] = f"--device {name}: {o}"
     return out
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
+def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None = None) -> dict:
+    """The flags that override YAML fields, as a mapping of the YAML's shape. `origins` (if given) gets
+    each overridden field's dotted path -> the flag, so that errors name the flag, not the YAML file."""
+    origins = {} if origins is None else origins
     over: dict = {}
-    if args.memory is not None:
-        over["memory"] = args.memory
-    if args.vcpus is not None:
-        over["vcpus"] = args.vcpus
-    if args.timeout is not None:
-        over["timeout"] = args.timeout
-    if args.machine is not None:
-        over["machine"] = args.machine
+    for attr, key, flag in (("memory", "memory", "--memory"), ("vcpus", "vcpus", "--vcpus"),
+                            ("timeout", "timeout", "--timeout"), ("machine", "machine", "--machine")):
+        value = getattr(args, attr)
+        if value is not None:
+            over[key] = value
+            origins[key] = flag
     if args.no_pit:
         over["pit"] = False
-    devices = _device_overrides(args.device)
+        origins["pit"] = "--no-pit"
+    devices = _device_overrides(args.device, origins)
     if args.serial is not None:
         devices["serial"] = {"output": args.serial}
+        origins["devices.serial.output"] = "--serial"
     if devices:
         over["devices"] = devices
     return over
 
 
+def _flag_path(path: str) -> str:
+    """A path given as a flag: absolute against the current directory, as QEMU does (no stat here: what
+    the path is, is for the config's checks to say in one line)."""
+    return path if "\0" in path else os.path.abspath(path)
+
+
 def spec_from_args(args: argparse.Namespace):
-    over = overrides_from_args(args)
+    """The VmSpec for `hvm run`: the YAML file (if any), the flags over it; a ConfigError names the flag
+    or the file and field that is wrong."""
+    origins: dict[str, str] = {}
+    over = overrides_from_args(args, origins)
     if args.config is not None:
         data = load_yaml(args.config)
-        source, base = str(args.config), args.config.resolve().parent
+        source, base = str(args.config), Path(os.path.abspath(args.config)).parent
     else:
         if args.kernel is None:
             raise ConfigError("command line", "", "give a config file or --kernel")
@@ -174,18 +227,22 @@ def spec_from_args(args: argparse.Namespace):
     data = merge(data, over)
     if args.kernel is not None:
         # --kernel replaces the whole boot section, resolved against the current directory as QEMU does.
-        data["boot"] = {"kernel": str(Path(args.kernel).resolve())}
+        data["boot"] = {"kernel": _flag_path(args.kernel)}
+        origins["boot.kernel"] = "--kernel"
         if args.initrd:
-            data["boot"]["initrd"] = [str(Path(p).resolve()) for p in args.initrd]
+            data["boot"]["initrd"] = [_flag_path(p) for p in args.initrd]
     elif args.initrd:
         data.setdefault("boot", {})
         if isinstance(data["boot"], dict):
-            data["boot"] = dict(data["boot"], initrd=[str(Path(p).resolve()) for p in args.initrd])
+            data["boot"] = dict(data["boot"], initrd=[_flag_path(p) for p in args.initrd])
+    if args.initrd:
+        origins["boot.initrd"] = "--initrd"
     if args.append is not None:
         data.setdefault("boot", {})
         if isinstance(data["boot"], dict):
             data["boot"] = dict(data["boot"], cmdline=args.append)
-    return parse_spec(data, source, base)
+            origins["boot.cmdline"] = "--append"
+    return parse_spec(data, source, base, origins)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -211,14 +268,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         trace = TraceConfig(path=args.trace, filter=args.trace_filter, ring=args.trace_ring, rip=args.trace_rip)
     try:
         machine = Machine(spec, trace=trace)
-    except (ConfigError, BootError, BusError) as e:
+    except (ConfigError, BootError, BusError, HostFileError) as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except KvmError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_HOST
     except OSError as e:
-        print(f"hvm: {e}", file=sys.stderr)
+        if e.errno == errno.ENOMEM:  # the host cannot back the guest RAM asked for: say which setting
+            where = "--memory" if args.memory is not None else f"{spec.source}: memory"
+            print(f"hvm: {where}: this host cannot provide {spec.memory >> 20} MiB of guest RAM "
+                  f"({e.strerror})", file=sys.stderr)
+        else:
+            print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
     def terminate(signo, frame):  # unwind through `with machine` so the terminal is restored and fds closed
@@ -249,30 +311,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    if not args.file.is_file():
-        print(f"hvm: {args.file}: no such trace file", file=sys.stderr)
+    """The trace tools read an untrusted file: lines that are not exit records are skipped and counted
+    (one line on stderr); a file with no record at all, an unusable input or output, a failed write: one
+    line, status 2. Outputs are opened without following symlinks, only once the input showed a record."""
+    import os
+
+    from hvm.trace.record import NoRecords, Skipped
+
+    skipped = Skipped()
+    output = getattr(args, "output", None)
+    try:
+        if output is not None and os.path.exists(output) and os.path.exists(args.file) \
+                and os.path.samefile(args.file, output):
+            raise HostFileError(f"{output}: the output would overwrite the trace it is made from")
+        if args.trace_command == "summary":
+            from hvm.trace.summary import format_summary, iter_lines, summarize
+
+            s = summarize(iter_lines(args.file), skipped)
+            if not s.total:
+                raise NoRecords(args.file, skipped)
+            text = format_summary(s)
+        elif args.trace_command == "perfetto":
+            from hvm.trace.perfetto import write_perfetto
+
+            n = write_perfetto(args.file, output, skipped)
+            text = None
+        else:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:   # checked first: not the file's fault
+                print("hvm: trace plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+                return EXIT_CONFIG
+            from hvm.trace.plot import plot
+
+            plot(args.file, output, skipped=skipped)
+            text = None
+    except (HostFileError, NoRecords) as e:
+        print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as e:  # a write that failed half way (a full disk, /dev/full)
+        print(f"hvm: {e.filename or output or args.file}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if skipped.count:
+        print(f"hvm: {skipped.message(args.file)}", file=sys.stderr)
     if args.trace_command == "summary":
-        from hvm.trace.summary import format_summary, iter_lines, summarize
-
-        print(format_summary(summarize(iter_lines(args.file))))
+        print(text)
     elif args.trace_command == "perfetto":
-        from hvm.trace.perfetto import convert
-
-        with open(args.output, "w") as out:
-            n = convert(args.file, out)
-        print(f"{n} exit slices written to {args.output} (open it in https://ui.perfetto.dev)", file=sys.stderr)
-    else:
-        from hvm.trace.plot import plot
-
-        try:
-            plot(args.file, args.output)
-        except ValueError as e:
-            print(f"hvm: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-        except ImportError:
-            print("hvm: trace plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-            return EXIT_CONFIG
+        print(f"{n} exit slices written to {output} (open it in https://ui.perfetto.dev)", file=sys.stderr)
     return 0
 
 
@@ -314,12 +399,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(argv[0] if argv and argv[0] in SUBPARSERS else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_CONFIG
     verbose = getattr(args, "verbose", 0)
     level = logging.ERROR if getattr(args, "quiet", False) else max(logging.WARNING - 10 * verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="hvm: %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C before a VM runs (a run handles its own): no traceback
+        print("hvm: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # a bug in hvm: one line, the traceback only when asked for
         if verbose:
             log.exception("internal error")

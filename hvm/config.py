@@ -5,28 +5,64 @@ and what is wrong, in one line. Unknown keys are errors. docs/config.md document
 """
 from __future__ import annotations
 
+import errno
+import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hvm.files import HostFileError, _describe, check_regular_input, expand_user
 from hvm.mmio.debugcon import DEBUGCON_PORT
 from hvm.mmio.pvconsole import PVCONSOLE_LEN, PVCONSOLE_PORT
 
 DEFAULT_MEMORY = 128 << 20   # as QEMU
 MIN_MEMORY = 2 << 20
+MAX_MEMORY = 1 << 40         # 1 TiB: beyond what a host could back, and what the guest's memory map lays out
+MAX_TIMEOUT = 1e6            # seconds (11.6 days): a watchdog must be a number a timer can wait for
+# A VM description is a few hundred bytes. These bounds keep a hostile or mistaken file (a YAML bomb, a
+# 200k-key mapping, 3000 nested lists, /dev/zero) to a fraction of a second and a few MB: size before
+# parsing, nesting depth and expanded node count (aliases counted as what they expand to) while composing.
+MAX_CONFIG_BYTES = 64 << 10
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 4096
+SHOW_LIMIT = 60              # characters of a user's value quoted in an error message
+# Images that the Makefile builds: a missing one is "not built yet", with the target that builds it.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILT_BY = {REPO_ROOT / "build" / "linux": "make linux", REPO_ROOT / "firmware" / "build": "make firmware"}
 MAX_VCPUS = 64
 SERIAL_SINKS = ("stdio", "none")
 CPU_MODES = ("real", "protected", "long")
 
 
 class ConfigError(Exception):
-    """A VM description is wrong. str() is the one-line message for the user."""
+    """A VM description is wrong. str() is the one-line message for the user.
 
-    def __init__(self, source: str, field_name: str, message: str):
+    `flag` is the command-line flag the wrong value came from (then the message names the flag, not the
+    YAML file it overrode: "--vcpus: 0 is out of range (1..64)")."""
+
+    def __init__(self, source: str, field_name: str, message: str, flag: str | None = None):
         self.source = source
         self.field = field_name
-        super().__init__(f"{source}: {field_name}: {message}" if field_name else f"{source}: {message}")
+        self.flag = flag
+        message = _one_line(message, 400)     # whatever a value, a path or a library said
+        field_name = _one_line(field_name, 100)
+        if flag:
+            text = f"{flag}: {message}"
+        else:
+            text = f"{_one_line(source, 4200)}: {field_name}: {message}" if field_name else \
+                f"{_one_line(source, 4200)}: {message}"
+        super().__init__(text)
+
+
+def _one_line(text: str, limit: int) -> str:
+    """`text` as part of a one-line message: control and line-breaking characters escaped, at most `limit`
+    characters (then "...")."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -76,6 +112,12 @@ class VmSpec:
     pvconsole: int | None = None    # port of hvm's paravirtual console (one exit per buffer), usually 0xe00
     source: str = "command line"
 
+    def __post_init__(self) -> None:
+        # A VmSpec built in code (not by parse_spec) gets the checks that keep the watchdog working.
+        if self.timeout is not None and not _timeout_ok(self.timeout):
+            raise ConfigError(self.source, "timeout", f"{_show(self.timeout)} is not a number of seconds "
+                              f"in 0..{MAX_TIMEOUT:.0f}")
+
     def with_overrides(self, **changes: Any) -> "VmSpec":
         return replace(self, **changes)
 
@@ -87,40 +129,80 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 def parse_size(value: Any) -> int:
     """64M, 1G, 512MiB, 65536 -> bytes. A bare number in a string means MiB, as QEMU's -m."""
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a size (use e.g. 64M, 1G)")
+        raise ValueError(f"{_show(value)} is not a size (use e.g. 64M, 1G)")
     if isinstance(value, int):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) <= 64:  # a longer string is no size (and int() of it is slow)
         m = _SIZE_RE.match(value)
         if m:
             unit = m.group(2).upper()
             if not unit and not m.group(3):
                 unit = "M"
             return int(m.group(1)) * _UNITS[unit]
-    raise ValueError(f"{value!r} is not a size (use e.g. 64M, 1G)")
+    raise ValueError(f"{_show(value)} is not a size (use e.g. 64M, 1G)")
+
+
+def _timeout_ok(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 <= value <= MAX_TIMEOUT)
+
+
+def _show(value: Any) -> str:
+    """A user's value quoted in an error message: short, one line, and never expanded from a YAML alias
+    bomb or a 10,000-digit number."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        if abs(value) >= 10 ** 30:  # str() of a huge int is slow, and refused past 4300 digits
+            return f"{'-' if value < 0 else ''}{value.bit_length()}-bit number"
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) > SHOW_LIMIT:
+            return repr(value[:SHOW_LIMIT]) + f"... ({len(value)} characters)"
+        return repr(value)
+    return _kind(value)
 
 
 class _Fields:
     """Reads one mapping, tracking the path for error messages and rejecting unknown keys."""
 
-    def __init__(self, source: str, data: Any, path: str, allowed: tuple[str, ...]):
+    def __init__(self, source: str, data: Any, path: str, allowed: tuple[str, ...],
+                 origins: dict[str, str] | None = None):
         self.source = source
         self.path = path
+        self.origins = origins or {}
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(source, path or "(top level)", f"expected a mapping, got {_kind(data)}")
+            raise self._error(path or "(top level)", f"expected a mapping, got {_kind(data)}")
         unknown = [k for k in data if k not in allowed]
         if unknown:
-            raise ConfigError(source, self._name(str(unknown[0])),
-                              f"unknown key (allowed here: {', '.join(allowed)})")
+            key = unknown[0]
+            name = _show(key) if not isinstance(key, str) or len(key) > SHOW_LIMIT else key
+            raise ConfigError(source, self._name(name), f"unknown key (allowed here: {', '.join(allowed)})")
         self.data = data
 
     def _name(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
+    def sub(self, data: Any, path: str, allowed: tuple[str, ...]) -> "_Fields":
+        return _Fields(self.source, data, path, allowed, self.origins)
+
+    def _error(self, name: str, message: str) -> ConfigError:
+        # The value may have come from a flag (cli.py records which flag set which field): name the flag.
+        probe = name
+        while probe:
+            flag = self.origins.get(probe)
+            if flag:
+                inner = name[len(probe) + 1:]
+                return ConfigError(self.source, name, f"{inner}: {message}" if inner else message, flag=flag)
+            probe = probe.rpartition(".")[0]
+        return ConfigError(self.source, name, message)
+
     def error(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self.source, self._name(key), message)
+        return self._error(self._name(key), message)
 
     def has(self, key: str) -> bool:
         return key in self.data and self.data[key] is not None
@@ -132,13 +214,15 @@ class _Fields:
         v = self.data.get(key, default)
         if isinstance(v, str):
             try:
+                if len(v) > 64:  # no field takes a longer number; int() of 100k digits is slow
+                    raise ValueError
                 v = int(v, 0)
             except ValueError:
-                raise self.error(key, f"expected an integer, got {v!r}") from None
+                raise self.error(key, f"expected an integer, got {_show(v)}") from None
         if not isinstance(v, int) or isinstance(v, bool):
             raise self.error(key, f"expected an integer, got {_kind(v)}")
         if lo is not None and v < lo or hi is not None and v > hi:
-            raise self.error(key, f"{v} is out of range ({lo}..{hi})")
+            raise self.error(key, f"{_show(v)} is out of range ({lo}..{hi})")
         return v
 
     def str(self, key: str, default: str | None = None, choices: tuple[str, ...] | None = None) -> str:
@@ -146,22 +230,52 @@ class _Fields:
         if not isinstance(v, str):
             raise self.error(key, f"expected a string, got {_kind(v)}")
         if choices and v not in choices:
-            raise self.error(key, f"{v!r} is not one of: {', '.join(choices)}")
+            raise self.error(key, f"{_show(v)} is not one of: {', '.join(choices)}")
         return v
 
-    def path_(self, key: str, base: Path, must_exist: bool = True) -> Path:
-        v = self.data.get(key)
+    def path_(self, key: str, base: Path, must_exist: bool = True, value: Any = ...) -> Path:
+        v = self.data.get(key) if value is ... else value
         if not isinstance(v, str) or not v:
             raise self.error(key, f"expected a file path, got {_kind(v)}")
-        p = Path(v).expanduser()
-        if not p.is_absolute():
-            p = (base / p).resolve()
+        p = _user_path(v, base, lambda m: self.error(key, m))
         if must_exist:
-            if not p.exists():
-                raise self.error(key, f"file not found: {p}")
-            if not p.is_file():
-                raise self.error(key, f"not a regular file: {p}")
+            check_input_file(p, lambda m: self.error(key, m))
         return p
+
+
+def _user_path(text: str, base: Path, error) -> Path:
+    """A path from the user: ~ expanded, relative to `base`. `error(message)` makes the ConfigError."""
+    if "\0" in text:
+        raise error(f"{_show(text)} is not a file path (it contains a NUL byte)")
+    try:
+        p = expand_user(text, "path")
+    except HostFileError as e:
+        raise error(str(e).removeprefix("path ")) from None
+    if not p.is_absolute():
+        p = base / p
+    # Normalized without following links (resolve() would also stat every component: a FIFO or a
+    # 4 KB-long name must reach check_input_file's one-line errors, not an exception here).
+    return Path(os.path.normpath(p))
+
+
+def check_input_file(p: Path, error) -> None:
+    """A file hvm will read: it exists and is a regular file, or a one-line error saying what it is and,
+    for an image the Makefile builds, which `make` target builds it."""
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            for folder, target in BUILT_BY.items():
+                if p.is_relative_to(folder):
+                    raise error(f"{p} is not built yet: run `{target}`") from None
+            raise error(f"file not found: {p}") from None
+        raise error(f"{p}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"not a regular file: {p} is {_describe(st.st_mode)}")
+    try:
+        check_regular_input(p, "file")
+    except HostFileError as e:
+        raise error(str(e).removeprefix("file ")) from None
 
 
 def _kind(v: Any) -> str:
@@ -170,9 +284,9 @@ def _kind(v: Any) -> str:
     if isinstance(v, bool):
         return f"a boolean ({v})"
     if isinstance(v, (int, float)):
-        return f"a number ({v})"
+        return f"a number ({_show(v)})"
     if isinstance(v, str):
-        return f"a string ({v!r})"
+        return f"a string ({_show(v)})"
     if isinstance(v, list):
         return "a list"
     if isinstance(v, dict):
@@ -192,25 +306,44 @@ DEBUG_EXIT_KEYS = ("port", "size")
 
 
 def load_yaml(path: Path) -> dict:
-    """Read a YAML file into a mapping; every failure is a ConfigError naming the file."""
+    """Read a YAML file into a mapping; every failure is a ConfigError naming the file.
+
+    The file must be a regular file of at most MAX_CONFIG_BYTES (a FIFO would hang, /dev/zero would be read
+    until memory runs out), and the YAML at most MAX_YAML_DEPTH deep and MAX_YAML_NODES nodes with aliases
+    expanded (a billion-laughs bomb is refused while it is composed, before anything walks it)."""
     source = str(path)
     try:
-        text = path.read_text()
+        st = os.stat(path)
     except FileNotFoundError:
         raise ConfigError(source, "", "file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(source, "", "is a directory, not a YAML file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(source, "", f"cannot read: {e}") from None
-    import yaml  # here, not at the top: PyYAML's import is ~25 ms, and `hvm run --kernel ...` reads no YAML
-
+    except (OSError, ValueError) as e:
+        raise ConfigError(source, "", f"cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(source, "", "is a directory, not a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(source, "", f"is {_describe(st.st_mode)}, not a YAML file (hvm reads regular files)")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
+        # O_NONBLOCK: if the path was swapped for a FIFO after the stat, the open does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(source, "", f"is {_describe(st.st_mode)}, not a YAML file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, "", f"more than {MAX_CONFIG_BYTES >> 10} KiB: not a VM description")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, "", f"not UTF-8 text (byte {e.start})") from None
+    data = parse_yaml(text, source)
     if data is None:
         raise ConfigError(source, "", "file is empty (expected a VM description)")
     if not isinstance(data, dict):
@@ -218,10 +351,113 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def parse_spec(data: dict, source: str = "command line", base_dir: Path | None = None) -> VmSpec:
-    """Validate a raw mapping (from YAML, possibly with command-line overrides merged in)."""
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python data, within MAX_YAML_DEPTH and MAX_YAML_NODES; any failure is a ConfigError."""
+    import yaml  # here, not at the top: PyYAML's import is ~25 ms, and `hvm run --kernel ...` reads no YAML
+
+    loader = None
+    try:
+        loader = _bounded_loader(yaml)(text)   # the reader checks the characters here already
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(source, "", f"invalid YAML: {where}{_clip(problem)}") from None
+    except (ValueError, TypeError, OverflowError, LookupError, AttributeError) as e:
+        # A constructor's own failure on a well-formed scalar: a timestamp like 2024-13-45, or PyYAML's
+        # AttributeError on `!!timestamp x` (its explicit tags skip the format check)
+        node = getattr(loader, "node", None)
+        where = f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}: " if node else ""
+        raise ConfigError(source, "", f"invalid YAML: {where}{_clip(str(e))}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+_LOADER = None
+
+
+def _bounded_loader(yaml):
+    """A SafeLoader that counts while composing: nesting depth, and nodes with every alias counted as the
+    whole subtree it stands for, so that expansion (by the constructor, merge keys or an error message)
+    stays within MAX_YAML_NODES. An alias to a node still being composed (a recursive structure) is refused."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+
+    class BoundedLoader(yaml.SafeLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self._depth = 0
+            self._nodes = 0
+            self._sizes: dict[int, int] = {}   # id(node) -> expanded size, for finished nodes
+            self.node = None                     # the node being constructed, for error positions
+
+        def construct_object(self, node, deep=False):
+            self.node = node
+            return super().construct_object(node, deep)
+
+        def construct_yaml_int(self, node):
+            # int() of a long decimal string is quadratic (and refused past 4300 digits): no field needs it
+            if len(node.value) > 100:
+                raise yaml.constructor.ConstructorError(None, None, f"a number of {len(node.value)} characters "
+                                                        "(too long for any field)", node.start_mark)
+            return super().construct_yaml_int(node)
+
+        def _limit(self, problem: str):
+            mark = self.peek_event().start_mark if self.check_event() else None
+            return yaml.composer.ComposerError(None, None, problem, mark)
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                node = self.anchors.get(event.anchor)
+                if node is not None:
+                    size = self._sizes.get(id(node))
+                    if size is None:
+                        raise yaml.composer.ComposerError(None, None, "an alias to the node that contains it "
+                                                          "(a recursive structure)", event.start_mark)
+                    self._count(size, event.start_mark)
+                return super().compose_node(parent, index)
+            if self._depth >= MAX_YAML_DEPTH:
+                raise self._limit(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            before = self._nodes
+            self._depth += 1
+            try:
+                self._count(1, None)
+                node = super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+            self._sizes[id(node)] = self._nodes - before
+            return node
+
+        def _count(self, n: int, mark) -> None:
+            self._nodes += n
+            if self._nodes > MAX_YAML_NODES:
+                if mark is None and self.check_event():
+                    mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES} values (counting "
+                                                  "what each alias stands for): not a VM description", mark)
+
+    BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
+    _LOADER = BoundedLoader
+    return _LOADER
+
+
+def parse_spec(data: dict, source: str = "command line", base_dir: Path | None = None,
+               origins: dict[str, str] | None = None) -> VmSpec:
+    """Validate a raw mapping (from YAML, possibly with command-line overrides merged in).
+
+    `origins` maps a field's dotted path ("vcpus", "devices.serial.output") to the flag that set it, so
+    that an error in an overridden value names the flag instead of the YAML file."""
     base = base_dir or Path.cwd()
-    top = _Fields(source, data, "", TOP_KEYS)
+    top = _Fields(source, data, "", TOP_KEYS, origins)
 
     name = top.str("name", Path(source).stem if source != "command line" else "vm")
     try:
@@ -229,7 +465,9 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     except ValueError as e:
         raise top.error("memory", str(e)) from None
     if memory < MIN_MEMORY:
-        raise top.error("memory", f"{memory} bytes is too small (at least {MIN_MEMORY >> 20} MiB)")
+        raise top.error("memory", f"{_show(memory)} bytes is too small (at least {MIN_MEMORY >> 20} MiB)")
+    if memory > MAX_MEMORY:
+        raise top.error("memory", f"{_show(memory)} bytes is too large (at most {MAX_MEMORY >> 30} GiB)")
     if memory % 4096:
         raise top.error("memory", "must be a multiple of 4 KiB")
     vcpus = top.int("vcpus", 1, 1, MAX_VCPUS)
@@ -238,11 +476,14 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
             raise top.error("timeout", f"expected seconds (a number >= 0), got {_kind(timeout)}")
+        if not _timeout_ok(timeout):  # inf, nan, 1e300: a timer cannot wait for that (and nan fires at once)
+            raise top.error("timeout", f"{_show(timeout)} is not a number of seconds in 0..{MAX_TIMEOUT:.0f} "
+                            "(0: no watchdog)")
         timeout = float(timeout) or None
 
     if not top.has("boot"):
         raise ConfigError(source, "boot", "missing: say what to boot (boot.image or boot.kernel)")
-    boot_f = _Fields(source, top.get("boot"), "boot", BOOT_KEYS)
+    boot_f = top.sub(top.get("boot"), "boot", BOOT_KEYS)
     boot: FlatBoot | KernelBoot
     if boot_f.has("kernel") and boot_f.has("image"):
         raise boot_f.error("kernel", "give either boot.kernel or boot.image, not both")
@@ -256,11 +497,9 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
             initrd_raw = [initrd_raw]
         if not isinstance(initrd_raw, list):
             raise boot_f.error("initrd", f"expected a path or a list of paths, got {_kind(initrd_raw)}")
-        initrd = []
-        for i, item in enumerate(initrd_raw):
-            sub = _Fields(source, {"initrd": item}, "boot", ("initrd",))
-            p = sub.path_("initrd", base)
-            initrd.append(p)
+        if len(initrd_raw) > 64:
+            raise boot_f.error("initrd", f"{len(initrd_raw)} files: at most 64")
+        initrd = [boot_f.path_("initrd", base, value=item) for item in initrd_raw]
         cmdline = boot_f.str("cmdline", "") if boot_f.has("cmdline") else ""
         boot = KernelBoot(kernel, tuple(initrd), cmdline)
     elif boot_f.has("image"):
@@ -274,11 +513,12 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
         if mode == "real" and load + image.stat().st_size > 0xA0000:
             raise boot_f.error("load", f"a real-mode image must fit below 640 KiB ({load:#x} + "
                                f"{image.stat().st_size} bytes does not)")
-        regs_f = _Fields(source, boot_f.get("regs"), "boot.regs", GP_REGS)
+        regs_f = boot_f.sub(boot_f.get("regs"), "boot.regs", GP_REGS)
         regs = tuple((r, regs_f.int(r, 0, 0, (1 << 64) - 1)) for r in GP_REGS if regs_f.has(r))
         boot = FlatBoot(image, load, entry, mode, regs)
     else:
-        raise boot_f.error("image", "missing: give boot.image (a flat binary) or boot.kernel (a multiboot ELF)")
+        raise boot_f.error("image", "missing: give boot.image (a flat binary) or boot.kernel (a multiboot "
+                           "ELF, a Linux bzImage or a 64-bit vmlinux)")
 
     machine = top.str("machine", "auto", MACHINES)
     if machine == "auto":
@@ -292,7 +532,7 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if pit and not irqchip:
         raise top.error("pit", "the in-kernel PIT needs the in-kernel irqchip")
 
-    devices = _Fields(source, top.get("devices"), "devices", DEVICE_KEYS)
+    devices = top.sub(top.get("devices"), "devices", DEVICE_KEYS)
     serial: SerialSpec | None = SerialSpec()
     if "serial" in devices.data:
         raw = devices.get("serial")
@@ -301,11 +541,13 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
         elif isinstance(raw, str):
             serial = SerialSpec(output=_sink(devices, "serial", raw))
         else:
-            sf = _Fields(source, raw, "devices.serial", SERIAL_KEYS)
+            sf = devices.sub(raw, "devices.serial", SERIAL_KEYS)
             out = _sink(sf, "output", sf.str("output", "stdio"))
             inp = sf.str("input", "auto")
-            if inp not in ("auto", "stdin", "none") and not inp.startswith("file:"):
-                raise sf.error("input", f"{inp!r} is not one of: auto, stdin, none, file:PATH")
+            if inp not in ("auto", "stdin", "none"):
+                if not inp.startswith("file:") or len(inp) == 5:
+                    raise sf.error("input", f"{_show(inp)} is not one of: auto, stdin, none, file:PATH")
+                inp = "file:" + str(_serial_input(sf, inp[5:]))
             serial = SerialSpec(out, inp, sf.int("port", 0x3F8, 0, 0xFFF8), sf.int("irq", 4, 0, 23))
     debug_exit: DebugExitSpec | None = DebugExitSpec()
     if "debug_exit" in devices.data:
@@ -315,7 +557,7 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
         elif raw is True or raw is None:
             debug_exit = DebugExitSpec()
         else:
-            df = _Fields(source, raw, "devices.debug_exit", DEBUG_EXIT_KEYS)
+            df = devices.sub(raw, "devices.debug_exit", DEBUG_EXIT_KEYS)
             size = df.int("size", 4, 1, 4)
             if size not in (1, 2, 4):
                 raise df.error("size", f"{size} is not 1, 2 or 4")
@@ -342,7 +584,7 @@ def _optional_port(devices: _Fields, key: str, default: int, length: int) -> int
         return default
     if not isinstance(raw, dict):
         raise devices.error(key, f"expected true, false or {{port: N}}, got {_kind(raw)}")
-    sub = _Fields(devices.source, raw, f"devices.{key}", PORT_KEYS)
+    sub = devices.sub(raw, f"devices.{key}", PORT_KEYS)
     return sub.int("port", default, 0, 0x10000 - length)
 
 
@@ -358,9 +600,37 @@ def _on_off(fields: _Fields, key: str, default: bool) -> bool:
 
 
 def _sink(fields: _Fields, key: str, value: str) -> str:
-    if value in SERIAL_SINKS or (value.startswith("file:") and len(value) > 5):
+    if value in SERIAL_SINKS:
         return value
-    raise fields.error(key, f"{value!r} is not one of: stdio, none, file:PATH")
+    if value.startswith("file:") and len(value) > 5:
+        path = value[5:]
+        if "\0" in path:
+            raise fields.error(key, f"{_show(path)} is not a file path (it contains a NUL byte)")
+        try:
+            expand_user(path, "serial output file")
+        except HostFileError as e:
+            raise fields.error(key, str(e)) from None
+        return value  # opened (without following links) only once the whole VM is built: cli/machine
+    raise fields.error(key, f"{_show(value)} is not one of: stdio, none, file:PATH")
+
+
+def _serial_input(fields: _Fields, text: str) -> Path:
+    """serial.input file:PATH: relative to the current directory (as the output file), a regular file
+    that exists. hvm streams it to the guest as the guest reads, so there is no size bound; a FIFO or a
+    device would block or never end, so it is refused with what to do instead."""
+    p = _user_path(text, Path.cwd(), lambda m: fields.error("input", m))
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise fields.error("input", f"file not found: {p}") from None
+        raise fields.error("input", f"{p}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise fields.error("input", f"{p} is {_describe(st.st_mode)}, not a regular file (for a pipe or a "
+                           "device use input: stdin and redirect hvm's stdin from it)")
+    if not os.access(p, os.R_OK):
+        raise fields.error("input", f"{p}: Permission denied")
+    return p
 
 
 def load_config(path: Path | str, overrides: dict | None = None) -> VmSpec:
@@ -369,7 +639,7 @@ def load_config(path: Path | str, overrides: dict | None = None) -> VmSpec:
     data = load_yaml(path)
     if overrides:
         data = merge(data, overrides)
-    return parse_spec(data, str(path), path.resolve().parent)
+    return parse_spec(data, str(path), Path(os.path.abspath(path)).parent)
 
 
 def merge(base: dict, over: dict) -> dict:

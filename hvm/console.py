@@ -6,22 +6,34 @@ import logging
 import os
 import re
 import select
+import stat
 import sys
 import termios
 import threading
 import time
 from typing import Callable
 
+from hvm.files import expand_user, open_output
+
 log = logging.getLogger(__name__)
 
 HISTORY_LIMIT = 16 << 20  # bytes of console output kept for wait_for()
+# Line completion times kept (for time_of, the boot milestones): the first half of them for good (boot),
+# then the newest ones; a line whose entry was dropped gets the time of the next line kept (a bound).
+LINE_TIMES_LIMIT = 1 << 15
+STALL_POLL = 0.1          # seconds between looks at whether a stalled output sink should be given up on
 CTRL_A = 0x01
+INPUT_CHUNK = 4096        # bytes of host input read (and fed to the UART) at a time
+INPUT_AHEAD = 4096        # host input read ahead of the guest at most: the rest waits in the file or pipe
+INPUT_POLL = 0.01         # seconds between looks at whether the guest took its input
 
 
 class Console:
     """Guest serial output -> sink + history; host input -> `feed` callback (the UART)."""
 
-    def __init__(self, output: str = "stdio", input: str = "none"):
+    def __init__(self, output: str = "stdio", input: str = "none", open_now: bool = True):
+        """`open_now=False` leaves a file: output unopened until open() (Machine opens it once the VM is
+        built, so a VM that fails to build does not truncate the old log)."""
         self.output = output
         self.input = input
         self.history = bytearray()
@@ -34,44 +46,60 @@ class Console:
         self._closed = False
         self._out_fd: int | None = None
         self._own_out_fd = False
+        self._opened = False
+        self._input_thread: threading.Thread | None = None
+        self._saved_tty: list | None = None
+        self.on_quit: Callable[[], None] | None = None
+        if open_now:
+            self.open()
+
+    def open(self) -> None:
+        """Open the output sink (once). A file: is opened without following a symlink, created 0644, and
+        truncated only if it is a regular file (hvm/files.py open_output); failures are HostFileError."""
+        if self._opened:
+            return
+        self._opened = True
+        output = self.output
         if output == "stdio":
             self._out_fd = sys.stdout.fileno() if _has_fileno(sys.stdout) else None
             if self._out_fd is None:
                 self._out_fd = -1  # no real stdout (e.g. under pytest capture): write through sys.stdout
         elif output.startswith("file:"):
-            path = output[5:]
-            try:
-                self._out_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise OSError(e.errno, f"serial output file {path}: {e.strerror}") from None
+            path = expand_user(output[5:], "serial output file")
+            self._out_fd = open_output(path, "serial output file", 0o644)
             self._own_out_fd = True
-        self._input_thread: threading.Thread | None = None
-        self._saved_tty: list | None = None
-        self.on_quit: Callable[[], None] | None = None
 
-    # --- output --------------------------------------------------------------------------------
+    # --- output ---------------------------------------------------------------------------------
+    # Set by abandon_stalled_output() (the machine is stopping): output a sink does not take is dropped
+    # rather than waited for, so a stalled stdout (a pipe nobody reads) never holds up a vCPU's stop.
+    _abandon = False
+    _dropped = False
+    _sink: tuple[int, str, bool] | None = None   # (fd to write, "file"/"nonblock"/"poll", hvm opened it)
+
+    def abandon_stalled_output(self) -> None:
+        """From now on, give up on output the sink does not take within STALL_POLL (writers blocked now too)."""
+        self._abandon = True
+
     def write(self, data: bytes) -> None:
         # Several devices write here (the UART, debugcon, pvconsole), from any vCPU thread: one writer at
         # a time keeps their bytes and the line offsets in order. Readers take the condition's lock.
-        with self._write_lock:
-            fd = self._out_fd
-            if fd is not None:
-                if fd >= 0:
-                    view = memoryview(data)
-                    while view:     # a pipe or terminal may take part of a big buffer (pvconsole's)
-                        try:
-                            view = view[os.write(fd, view):]
-                        except OSError:
-                            break   # a closed terminal must not crash the guest
-                else:
-                    sys.stdout.write(data.decode("latin-1"))
-                    sys.stdout.flush()
+        # Devices call this outside their own locks; a writer waiting here can be let go (abandon).
+        lock = self._write_lock
+        if not lock.acquire(False):          # (uncontended, the common case: no timed wait to set up)
+            while not lock.acquire(timeout=STALL_POLL):
+                if self._abandon:
+                    return
+        try:
             # bytearray += is atomic under the GIL, so readers need the condition's lock only while the
-            # history is trimmed, and a waiter only to be woken.
+            # history is trimmed, and a waiter only to be woken. History first: what the guest said is
+            # kept even if the sink stalls.
             history = self.history
             history += data
             if b"\n" in data:
-                self.line_times.append((time.monotonic(), self._trimmed + len(history)))
+                line_times = self.line_times
+                line_times.append((time.monotonic(), self._trimmed + len(history)))
+                if len(line_times) > LINE_TIMES_LIMIT:
+                    del line_times[LINE_TIMES_LIMIT // 2:LINE_TIMES_LIMIT * 3 // 4]
             if len(history) > HISTORY_LIMIT or self._waiters:
                 with self._cond:
                     if len(history) > HISTORY_LIMIT:
@@ -79,6 +107,66 @@ class Console:
                         del history[:cut]
                         self._trimmed += cut
                     self._cond.notify_all()
+            fd = self._out_fd
+            if fd is not None:
+                if fd >= 0:
+                    sink = self._sink
+                    if sink is not None and sink[1] != "poll":
+                        # The hot path: one write() that takes everything (a regular file, or a pipe or
+                        # terminal with room); what is left waits in _write_out.
+                        try:
+                            n = os.write(sink[0], data)
+                        except BlockingIOError:
+                            n = 0
+                        except OSError:
+                            return   # a closed terminal must not crash the guest
+                        if n < len(data):
+                            self._write_out(fd, data[n:])
+                    else:
+                        self._write_out(fd, data)
+                else:
+                    sys.stdout.write(data.decode("latin-1"))
+                    sys.stdout.flush()
+        finally:
+            lock.release()
+
+    def _write_out(self, fd: int, data: bytes) -> None:
+        sink = self._sink
+        if sink is None:
+            sink = self._sink = _open_sink(fd)
+        out, mode, _ = sink
+        view = memoryview(data)
+        while view:     # a pipe or terminal may take part of a big buffer (pvconsole's)
+            try:
+                if mode != "poll":
+                    view = view[os.write(out, view):]
+                elif self._writable(out):
+                    # A blocking sink that polled writable takes a page without blocking (a pipe: one buffer).
+                    view = view[os.write(out, view[:4096]):]
+                else:
+                    return
+            except BlockingIOError:
+                if not self._writable(out):
+                    return
+            except OSError:
+                return   # a closed terminal must not crash the guest
+
+    def _writable(self, fd: int) -> bool:
+        """Wait until fd takes data (True), or until the machine stops with it still stalled (False: drop)."""
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        while True:
+            try:
+                ready = poller.poll(0 if self._abandon else STALL_POLL * 1000)
+            except OSError:
+                return False
+            if ready:
+                return not ready[0][1] & (select.POLLERR | select.POLLNVAL)
+            if self._abandon:
+                if not self._dropped:
+                    self._dropped = True
+                    log.warning("console output dropped: the output sink takes nothing and the VM is stopping")
+                return False
 
     def time_of(self, pattern: bytes) -> float | None:
         """When the first line containing `pattern` was complete (monotonic seconds), or None."""
@@ -117,27 +205,57 @@ class Console:
                     self._waiters -= 1
 
     # --- input ---------------------------------------------------------------------------------
-    def start_input(self, feed: Callable[[bytes], None]) -> None:
+    def start_input(self, feed: Callable[[bytes], None], pending: Callable[[], int] | None = None) -> None:
+        """Start passing host input (stdin or a file) to `feed` from a thread of its own, in chunks, as the
+        guest takes it: while `pending()` (bytes fed but not yet read by the guest) is above INPUT_AHEAD,
+        nothing more is read, so a big file or `</dev/zero` costs no memory. `feed` may also block (a UART
+        applying backpressure itself); the thread stops at close() and never feeds after it."""
         source = self.input
         if source == "none":
             return
+        tty = False
+        own = False
         if source.startswith("file:"):
-            with open(source[5:], "rb") as f:
-                feed(f.read())
-            return
-        # stdin
-        fd = sys.stdin.fileno() if _has_fileno(sys.stdin) else None
-        if fd is None:
-            return
-        if os.isatty(fd):
-            self._enter_raw_mode(fd)
-        self._input_thread = threading.Thread(target=self._pump, args=(fd, feed), name="console-input", daemon=True)
+            path = source[5:]
+            try:
+                # O_NONBLOCK: a path swapped for a FIFO since the config was checked cannot hang the open.
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as e:
+                log.error("serial input file %s: %s: the guest gets no input", path, e.strerror)
+                return
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                log.error("serial input file %s: not a regular file any more: the guest gets no input", path)
+                return
+            own = True
+        else:  # stdin
+            fd = sys.stdin.fileno() if _has_fileno(sys.stdin) else None
+            if fd is None:
+                return
+            if os.isatty(fd):
+                self._enter_raw_mode(fd)
+                tty = self._saved_tty is not None
+        self._input_thread = threading.Thread(target=self._pump, args=(fd, feed, pending, tty, own),
+                                              name="console-input", daemon=True)
         self._input_thread.start()
 
-    def _pump(self, fd: int, feed: Callable[[bytes], None]) -> None:
+    def _pump(self, fd: int, feed: Callable[[bytes], None], pending: Callable[[], int] | None = None,
+              tty: bool = False, own: bool = False) -> None:
+        try:
+            self._pump_loop(fd, feed, pending, tty)
+        except Exception:  # a failing feed must not leave a thread traceback on the user's terminal
+            log.exception("console input stopped")
+        finally:
+            if own:
+                os.close(fd)
+
+    def _pump_loop(self, fd: int, feed: Callable[[bytes], None], pending: Callable[[], int] | None,
+                   tty: bool) -> None:
         escape = False
-        tty = self._saved_tty is not None
         while not self._closed:
+            if pending is not None and pending() > INPUT_AHEAD:
+                time.sleep(INPUT_POLL)  # the guest has not taken what it has: read no further
+                continue
             try:
                 ready, _, _ = select.select([fd], [], [], 0.2)
             except (OSError, ValueError):
@@ -145,11 +263,15 @@ class Console:
             if not ready:
                 continue
             try:
-                data = os.read(fd, 4096)
+                data = os.read(fd, INPUT_CHUNK)
+            except BlockingIOError:
+                continue
             except OSError:
                 return
             if not data:
                 return  # EOF: the guest simply gets no more input
+            if self._closed:
+                return
             if not tty:
                 feed(data)
                 continue
@@ -203,6 +325,22 @@ class Console:
         if self._own_out_fd and self._out_fd is not None:
             os.close(self._out_fd)
         self._out_fd = None
+        if self._sink is not None and self._sink[2]:
+            os.close(self._sink[0])
+        self._sink = None
+
+
+def _open_sink(fd: int) -> tuple[int, str, bool]:
+    """The descriptor console output is written to: fd itself for a regular file (never blocks); else a
+    non-blocking description of its own for the same pipe or terminal (reopened through /proc, so that
+    O_NONBLOCK does not change the caller's shared stdout); else fd, polled before each write."""
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd, "file", False
+        own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return fd, "poll", False
+    return own, "nonblock", True
 
 
 def _has_fileno(stream) -> bool:

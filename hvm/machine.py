@@ -3,11 +3,14 @@ and owns its lifecycle: start, pause, resume, stop, wait, close.
 
 Exit status, as QEMU with isa-debug-exit: a guest write of V to the debug-exit port ends the VM
 with (V << 1) | 1; all vCPUs halted (or an ACPI-style poweroff) ends it with 0; the watchdog with 124;
-a guest crash with 4 and a report.
+a guest crash with 4 and a report; a failing KVM_RUN (EFAULT, ENOMEM, ...) with 6; a device or VMM bug
+(an exception in hvm's own code, which no guest may be able to cause) with 70.
 """
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ EXIT_CRASH = 4
 EXIT_HOST = 6
 EXIT_TIMEOUT = 124
 EXIT_INTERNAL = 70  # a bug in hvm itself (EX_SOFTWARE)
+JOIN_TIMEOUT = 2.0  # seconds to wait, in all, for the vCPU threads once the VM has ended
 
 # Console lines whose first appearance --stats reports, in the spirit of Firecracker's boot timer:
 # the last one is the kernel handing over to user space.
@@ -70,6 +74,8 @@ class ExitStats:
     by_mmio: dict[int, int] = field(default_factory=dict)
     unhandled_ports: dict[int, int] = field(default_factory=dict)
     unhandled_mmio: dict[int, int] = field(default_factory=dict)
+    # accesses to unclaimed MMIO addresses beyond the first hvm.mmio.bus.TRACKED_ADDRESSES distinct ones
+    other_mmio: int = 0
     completed: dict[str, int] = field(default_factory=dict)       # emulation failures hvm finished
     milestones: dict[str, float] = field(default_factory=dict)    # console line -> ms since start
 
@@ -81,10 +87,13 @@ class ExitStats:
         lines = [f"exits: {self.total} total"]
         for name, n in sorted(self.by_reason.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {name:<16} {n:>10}")
-        if self.by_port:
+        # Exits per port (a string I/O exit counts once, as in a trace), unclaimed ports included and marked.
+        ports = {**{p: (n, "") for p, n in self.by_port.items()},
+                 **{p: (n, "  (no device)") for p, n in self.unhandled_ports.items()}}
+        if ports:
             lines.append("by port:")
-            for port, n in sorted(self.by_port.items()):
-                lines.append(f"  {port:#06x}           {n:>10}")
+            for port, (n, mark) in sorted(ports.items()):
+                lines.append(f"  {port:#06x}           {n:>10}{mark}")
         if self.by_device:
             lines.append("by device:")
             for name, n in sorted(self.by_device.items(), key=lambda kv: -kv[1]):
@@ -97,14 +106,12 @@ class ExitStats:
             lines.append("boot milestones (ms since start):")
             for name, ms in self.milestones.items():
                 lines.append(f"  {ms:>10.1f}  {name}")
-        if self.unhandled_ports:
-            lines.append("ports with no device:")
-            for port, n in sorted(self.unhandled_ports.items()):
-                lines.append(f"  {port:#06x}           {n:>10}")
-        if self.unhandled_mmio:
+        if self.unhandled_mmio or self.other_mmio:
             lines.append("MMIO with no device:")
             for addr, n in sorted(self.unhandled_mmio.items()):
                 lines.append(f"  {addr:#012x}     {n:>10}")
+            if self.other_mmio:
+                lines.append(f"  {'other addresses':<16} {self.other_mmio:>10}")
         return "\n".join(lines)
 
 
@@ -144,20 +151,23 @@ class Machine:
         self._halted = 0
         self._timer: threading.Timer | None = None
         self._started_at = 0.0
+        self._joined = False
         if console is None:
             serial = spec.serial
             if serial is None:
                 # debugcon and pvconsole write to the console too: without a serial it is this terminal
                 other = spec.debugcon is not None or spec.pvconsole is not None
-                console = Console("stdio" if other else "none", "none")
+                console = Console("stdio" if other else "none", "none", open_now=False)
             else:
                 inp = serial.input
                 if inp == "auto":
                     inp = "stdin" if serial.output == "stdio" else "none"
-                console = Console(serial.output, inp)
+                console = Console(serial.output, inp, open_now=False)
         self.console = console
         try:
             self._build()
+            # The output file last: a VM that cannot be built (status 2) leaves the old console log as it was.
+            console.open()
         except BaseException:
             self.close()
             raise
@@ -302,24 +312,40 @@ class Machine:
                 # registered before start, and a ring over several vCPUs (their records interleaved in time).
                 cfg = self.trace_config
                 t.trace_in_c = not (cfg.memory or self.tracer.callbacks or (cfg.ring and len(self.threads) > 1))
-        if self.uart is not None:
-            self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
-            self.console.start_input(self.uart.feed)
         if self.spec.timeout:
+            # Before anything that could take time (host input is streamed by the console's own thread):
+            # the watchdog bounds the whole run.
             self._timer = threading.Timer(self.spec.timeout, self._watchdog)
             self._timer.daemon = True
             self._timer.start()
         for t in self.threads:
             t.start()
+        # Host input last, from the console's own thread: it reads only as far ahead of the guest as the
+        # UART's pending input allows, and a feed may block (the UART's input queue is bounded) until the
+        # guest reads; the watchdog and the vCPUs already run then, and a stop lets a blocked feed go.
+        if self.uart is not None:
+            self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
+            uart = self.uart
+            self.console.start_input(uart.feed, pending=lambda: uart.input_pending)
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """Wait until the VM ends (or `timeout` seconds pass: then None). Joins the vCPU threads."""
         if not self._done.wait(timeout):
             return None
-        for t in self.threads:
-            t.join(5.0)
-            if t.is_alive():
-                log.error("vCPU thread %s did not stop", t.name)
+        # One deadline for all the joins, and only once: a vCPU that does not stop (it cannot, in a blocking
+        # host call) is reported, not waited for again by close(). Console output, the usual suspect, gives
+        # up on a stalled sink within hvm.console.STALL_POLL once the machine stops (see _finish).
+        if not self._joined:
+            self._joined = True
+            deadline = time.monotonic() + JOIN_TIMEOUT
+            for t in self.threads:
+                if t is threading.current_thread() or t.ident is None:   # this thread, or never started
+                    continue
+                t.join(max(0.0, deadline - time.monotonic()))
+                if t.is_alive():
+                    log.error("vCPU thread %s did not stop", t.name)
+            self.pio.log_summary()
+            self.mmio.log_summary()
         if self.tracer is not None:
             self.tracer.close()  # everything recorded up to the last exit is out, crash or not
         self.state = "stopped"
@@ -415,6 +441,23 @@ class Machine:
         else:
             self._finish(EXIT_CRASH, "crash", report.format(), report)
 
+    def device_fault(self, index: int, fault: Exception) -> None:
+        # A device raised on a guest access: a bug in hvm (no guest may be able to do that), so status 70,
+        # "internal error", not 4: the guest did nothing wrong by touching a register.
+        message = f"device fault on vCPU {index}: {fault} (a bug in hvm)"
+        log.error("%s", message)
+        self._finish(EXIT_INTERNAL, "device-fault", message)
+
+    def internal_error(self, index: int, message: str) -> None:
+        message = f"internal error on vCPU {index}: {message} (a bug in hvm; -v shows the traceback)"
+        log.error("%s", message)
+        self._finish(EXIT_INTERNAL, "internal-error", message)
+
+    def host_error(self, index: int, message: str) -> None:
+        # KVM_RUN itself failed (EFAULT, ENOMEM, ...): the host, not the guest, so status 6.
+        log.error("%s", message)
+        self._finish(EXIT_HOST, "host-error", message)
+
     def system_event(self, index: int, kind: int) -> None:
         if kind == kc.SYSTEM_EVENT_SHUTDOWN:
             self._finish(EXIT_OK, "poweroff", "guest powered off")
@@ -456,6 +499,11 @@ class Machine:
             self.stopping = True
         with self._pause_cond:
             self._pause_cond.notify_all()
+        # Nothing may keep a vCPU from seeing the stop: a host feeder blocked on a full UART queue is let go,
+        # and console output stuck on a sink that takes nothing (a pipe nobody reads) is dropped.
+        if self.uart is not None:
+            self.uart.close()
+        self.console.abandon_stalled_output()
         for t in self.threads:
             if t is not threading.current_thread():
                 t.kick()
@@ -482,7 +530,7 @@ class Machine:
             if t is not None and self._started_at:
                 milestones[text] = (t - self._started_at) * 1000
         return ExitStats(by_reason, dict(self.pio.counts), by_device, dict(self.mmio.counts),
-                         dict(self.pio.unhandled), dict(self.mmio.unhandled), completed, milestones)
+                         dict(self.pio.unhandled), dict(self.mmio.unhandled), self.mmio.other, completed, milestones)
 
     # --- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -518,8 +566,20 @@ class Machine:
 
 
 def _read_head(path: Path, n: int = 16384) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(n)
+    """The first `n` bytes of a kernel. The config checked it is a regular file; O_NONBLOCK and the fstat
+    keep a path swapped for a FIFO since then from hanging the open or the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise BootError(f"{path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BootError(f"{path}: not a regular file")
+        return os.pread(fd, n, 0)
+    except OSError as e:
+        raise BootError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 __all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_HOST", "EXIT_OK", "EXIT_TIMEOUT", "ExitStats", "Machine",

@@ -4,6 +4,7 @@ vnc, accel, reboot policy, PIT tick policy) are accepted and ignored; anything e
 is an error, never silently dropped."""
 from __future__ import annotations
 
+import os
 import sys
 
 from hvm.cli import main as hvm_main
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             # Fail as QEMU does, in the words upstream's runner looks for.
             kernel = args[args.index("--kernel") + 1]
             try:
-                open(kernel, "rb").close()
+                # O_NONBLOCK: a FIFO must not hang the check (hvm then refuses it as not a regular file)
+                os.close(os.open(kernel, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
             except OSError as e:
                 print(f"qemu-system-x86_64: could not load kernel '{kernel}': {e.strerror}", file=sys.stderr)
                 return 1

@@ -11,7 +11,7 @@ LX := build/linux
 LX_DEBS := $(LX)/debs
 LX_G := guest/linux
 LX_JOBS ?= 2
-LX_PYTHON := $(or $(PYTHON),python3)
+LX_PYTHON := $(or $(HOST_PYTHON),python3)
 # Host tools the kernel build needs, apt-get installed when missing.
 LX_HOST_PKGS := gcc make binutils flex bison bc libelf-dev xz-utils lz4 python3
 

@@ -59,3 +59,49 @@ def write_yaml(tmp_path: Path, text: str, name: str = "vm.yaml") -> Path:
     p = tmp_path / name
     p.write_text(text)
     return p
+
+
+@dataclass
+class MeasuredRun:
+    status: int
+    stderr: str
+    maxrss_kib: int   # peak RSS of the hvm process itself
+    seconds: float
+
+
+# ru_maxrss of a process includes the memory of the process it was forked from until its exec (the kernel
+# records the old mm's high-water mark at exec), so hvm forked from pytest would report pytest's RSS (which
+# grows past 250 MB over the suite). A small launcher forks hvm instead and reports hvm's own figure
+# (floor: the launcher's ~10 MiB), with the status and the run time, in a file.
+_LAUNCHER = """
+import os, sys, time
+report, argv = sys.argv[1], sys.argv[2:]
+t0 = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "hvm", *argv])
+_, wstatus, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(wstatus)} {usage.ru_maxrss} {time.monotonic() - t0}")
+"""
+
+
+def run_measured(*args: str, tmp_path: Path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                 timeout: float = 30, cwd: Path = ROOT) -> MeasuredRun:
+    """Run `python -m hvm ARGS` and measure it: status, stderr (through a file, so a flood of log lines cannot
+    block the child), hvm's own peak RSS and the wall time. Bounded: the process group is killed `timeout`
+    seconds after the start."""
+    err_path, report = tmp_path / "measured-stderr.txt", tmp_path / "measured-report.txt"
+    report.unlink(missing_ok=True)
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report), *args], cwd=cwd, stdin=stdin,
+                                stdout=stdout, stderr=err, start_new_session=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            pytest.fail(f"hvm {' '.join(args)} did not end within {timeout} s")
+    status, maxrss, seconds = report.read_text().split()
+    return MeasuredRun(int(status), err_path.read_text("utf-8", "replace"), int(maxrss), float(seconds))

@@ -75,3 +75,115 @@ def test_unhandled_accesses_are_counted_and_logged_once_per_address(caplog):
 def test_port_range_must_fit_in_port_space():
     with pytest.raises(BusError, match="outside 0..0xffff"):
         PioBus().register(0xFFFC, 8, Recorder("x"))
+
+
+# --- the bus as the boundary between a hostile guest and the devices ---------------------------------
+from hvm.mmio import DeviceFault  # noqa: E402
+from hvm.mmio import bus as busmod  # noqa: E402
+
+
+@pytest.mark.parametrize("size,mask", [(1, 0xFF), (2, 0xFFFF), (4, 0xFFFFFFFF)])
+def test_values_are_masked_to_the_access_size_both_ways(size, mask):
+    for bus, addr in ((PioBus(), 0x70), (MmioBus(), 0xFED00000)):
+        dev = Recorder("wide", value=(1 << 70) - 1)     # a device returning more bits than the access has
+        bus.register(addr, 8, dev)
+        assert bus.read(addr, size) == mask
+        bus.write(addr, size, 0x1234567890ABCDEF)
+        assert dev.log[-1] == ("w", 0, size, 0x1234567890ABCDEF & mask)
+
+
+class Broken:
+    name = "broken"
+
+    def read(self, offset: int, size: int) -> int:
+        return None          # not an int: the mask raises TypeError
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        raise KeyError(value)
+
+
+def test_an_exception_in_a_device_is_one_fault_naming_device_address_access_and_error():
+    bus = PioBus()
+    bus.register(0x70, 2, Broken())
+    with pytest.raises(DeviceFault) as info:
+        bus.write(0x71, 2, 0x12345)
+    assert str(info.value) == "device broken (port 0x0071, 2-byte write of 0x2345) raised KeyError: 9029"
+    with pytest.raises(DeviceFault) as info:
+        bus.read(0x70, 1)
+    assert str(info.value) == ("device broken (port 0x0070, 1-byte read) raised TypeError: "
+                               "unsupported operand type(s) for &: 'NoneType' and 'int'")
+    mmio = MmioBus()
+    mmio.register(0xFEE00000, 0x1000, Broken())
+    with pytest.raises(DeviceFault, match=r"^device broken \(mmio 0xfee00010, 4-byte write of 0x7\) raised KeyError"):
+        mmio.write(0xFEE00010, 4, 7)
+    with pytest.raises(DeviceFault):
+        bus.write_string(0x71, 1, b"ab")
+    with pytest.raises(DeviceFault):
+        bus.read_string(0x70, 1, 3)
+
+
+def test_string_io_is_one_access_per_exit():
+    bus = PioBus()
+    dev = Recorder("d", 0x41)
+    bus.register(0x3F8, 8, dev)
+    assert bus.read_string(0x3F8, 1, 5) == [0x41] * 5
+    bus.write_string(0x3F8, 2, [0x12345, 2, 3])
+    assert dev.log[5:] == [("w", 0, 2, 0x2345), ("w", 0, 2, 2), ("w", 0, 2, 3)]
+    assert bus.counts == {0x3F8: 2}
+    assert bus.write_string(0x80, 1, b"xyz") is None and bus.read_string(0x80, 2, 2) == [0xFFFF, 0xFFFF]
+    assert bus.unhandled == {0x80: 2}
+
+
+def test_unclaimed_mmio_state_is_bounded_with_an_other_bucket(caplog):
+    """A scan of 20000 RAM-less addresses (a hostile guest, or rep insb past RAM): exact counts for the first
+    TRACKED_ADDRESSES, the rest in one bucket; LOGGED_MISSES warning lines, then one summary line."""
+    bus = MmioBus()
+    n = 20000
+    with caplog.at_level(logging.WARNING, logger="hvm.mmio.bus"):
+        for i in range(n):
+            bus.write(0xD0000000 + 4 * i, 4, i)
+        bus.read(0xD0000000, 4)                       # a tracked address stays exact
+        bus.log_summary()
+    tracked = busmod.TRACKED_ADDRESSES
+    assert len(bus._hits) == tracked + 1 and len(bus._routes) == tracked and len(bus._seen) == tracked
+    assert len(bus._unlogged) <= busmod.OTHER_DISTINCT_LIMIT
+    assert bus.unhandled == {0xD0000000: 2, **{0xD0000000 + 4 * i: 1 for i in range(1, tracked)}}
+    assert bus.other == n - tracked
+    messages = [r.getMessage() for r in caplog.records]
+    logged = busmod.LOGGED_MISSES
+    assert len(messages) == logged + 2
+    assert messages[logged] == "mmio: further accesses to unclaimed addresses are not logged one by one (a summary follows)"
+    assert messages[-1] == (f"{n - logged} more unclaimed mmio accesses not logged (to more than "
+                            f"{busmod.OTHER_DISTINCT_LIMIT} addresses in all)")
+
+
+def test_unclaimed_port_logs_are_rate_limited(caplog):
+    bus = PioBus()
+    with caplog.at_level(logging.WARNING, logger="hvm.mmio.bus"):
+        for port in range(0x1000, 0x1000 + 1000):
+            bus.read(port, 1)
+            bus.read(port, 1)
+        bus.log_summary()
+    assert len(bus.unhandled) == 1000 and set(bus.unhandled.values()) == {2}     # ports: exact, 64 K at most
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == busmod.LOGGED_MISSES + 2
+    assert messages[0] == "port read (1 bytes) from 0x1000: no device there, reads as all ones"
+    assert messages[-1] == (f"{2 * (1000 - busmod.LOGGED_MISSES)} more unclaimed port accesses not logged "
+                            f"(to {1000 - busmod.LOGGED_MISSES} addresses in all)")
+
+
+def test_summary_lines_come_periodically_while_misses_go_on(caplog, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(busmod.time, "monotonic", lambda: now[0])
+    bus = PioBus()
+    with caplog.at_level(logging.WARNING, logger="hvm.mmio.bus"):
+        for port in range(100):
+            now[0] += 1.0
+            bus.write(port, 1, 0)
+        bus.log_summary()           # the machine's, at the end
+    summaries = [r.getMessage() for r in caplog.records if "more unclaimed" in r.getMessage()]
+    # misses of ports 8..99 (not logged) span 91 s: a line every SUMMARY_INTERVAL (10 s), counting what is new
+    assert summaries == (["11 more unclaimed port accesses not logged (to 11 addresses in all)"]
+                         + [f"10 more unclaimed port accesses not logged (to {n} addresses in all)"
+                            for n in range(21, 92, 10)]
+                         + ["1 more unclaimed port accesses not logged (to 92 addresses in all)"])

@@ -113,3 +113,74 @@ def test_fifo_reset_drops_what_the_guest_could_see():
     assert uart.read(u.LSR, 1) & u.LSR_DR
     uart.write(u.IIR_FCR, 1, u.FCR_ENABLE | u.FCR_CLEAR_RX)
     assert not uart.read(u.LSR, 1) & u.LSR_DR
+
+
+# --- hardening (issue 11) -------------------------------------------------------------------------------
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+def test_reading_lsr_clears_an_overrun_and_its_interrupt():
+    uart, _, levels = make()
+    uart.read(u.LSR, 1)                                 # the receiver is in use (the polling fast path)
+    uart.write(u.MCR, 1, u.MCR_LOOP | u.MCR_OUT2)
+    uart.write(u.IER_DLM, 1, u.IER_RLSI)
+    uart.write(u.RBR_THR_DLL, 1, 1)
+    uart.write(u.RBR_THR_DLL, 1, 2)                     # no FIFO: one byte of room, so this one overruns
+    assert levels[-1] is True
+    assert uart.read(u.IIR_FCR, 1) & 0x0F == u.IIR_RLSI
+    assert uart.read(u.LSR, 1) & u.LSR_OE
+    assert levels[-1] is False                          # cleared with the error bit, by that same read
+    assert uart.read(u.IIR_FCR, 1) & 0x0F == u.IIR_NO_INT
+
+
+def test_toggling_fifo_enable_empties_the_fifo_and_data_ready():
+    uart, _, _ = make()
+    uart.write(u.IIR_FCR, 1, u.FCR_ENABLE)
+    uart.feed(b"abc")
+    assert uart.read(u.LSR, 1) & u.LSR_DR
+    uart.write(u.IIR_FCR, 1, 0)                         # FIFO off: both FIFOs reset
+    assert not uart.read(u.LSR, 1) & u.LSR_DR           # no phantom byte to read
+    assert uart.rx_fifo == type(uart.rx_fifo)()
+
+
+def test_output_goes_to_the_sink_outside_the_uart_lock():
+    held = []
+    uart = SerialUart(lambda data: held.append(uart._lock.locked()))
+    uart.write(u.RBR_THR_DLL, 1, 0x41)                  # the hot path
+    uart.write(u.LCR, 1, 0x03)
+    uart.write(u.IER_DLM, 1, u.IER_THRI)
+    uart.write(u.RBR_THR_DLL, 1, 0x42)                  # through _write (interrupts on)
+    assert held == [False, False]
+
+
+def test_host_input_is_bounded_and_the_feeder_waits_for_the_guest():
+    uart, _, _ = make()
+    uart.write(u.IIR_FCR, 1, u.FCR_ENABLE)
+    uart.read(u.LSR, 1)
+    data = bytes(i & 0xFF for i in range(3 * u.INPUT_QUEUE_LIMIT))
+    done = threading.Event()
+    feeder = threading.Thread(target=lambda: (uart.feed(data), done.set()), daemon=True)
+    feeder.start()
+    time.sleep(0.3)
+    assert not done.is_set()                                      # blocked: the queue is full
+    assert len(uart._pending_input) == u.INPUT_QUEUE_LIMIT
+    got = bytearray()
+    deadline = time.monotonic() + 10
+    while len(got) < len(data) and time.monotonic() < deadline:
+        if uart.read(u.LSR, 1) & u.LSR_DR:
+            got.append(uart.read(u.RBR_THR_DLL, 1))
+        assert uart.input_pending <= u.INPUT_QUEUE_LIMIT + u.FIFO_SIZE
+    assert bytes(got) == data                                     # nothing lost, in order
+    assert done.wait(5)
+
+
+def test_closing_the_uart_lets_a_blocked_feeder_go():
+    uart, _, _ = make()
+    done = threading.Event()
+    threading.Thread(target=lambda: (uart.feed(bytes(2 * u.INPUT_QUEUE_LIMIT)), done.set()), daemon=True).start()
+    assert not done.wait(0.3)
+    uart.close()
+    assert done.wait(2)
+    uart.feed(b"more")                                            # after close: dropped, never blocks
+    assert len(uart._pending_input) == u.INPUT_QUEUE_LIMIT

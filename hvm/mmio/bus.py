@@ -1,8 +1,18 @@
 """Buses route guest port-I/O and MMIO accesses to devices (as Firecracker's devices/bus.rs).
 
 A device is registered for [base, base+length); overlaps are rejected. A bus turns an address into
-(device, offset). An access no device claims reads as all ones and is dropped on write, counted and
-logged once per address, and the VM keeps running (as on real hardware, and as QEMU does).
+(device, offset). An access no device claims reads as all ones and is dropped on write, counted, and
+the VM keeps running (as on real hardware, and as QEMU does).
+
+The bus is also the boundary between a hostile guest and hvm's devices:
+- values are masked to the access size on the way in (writes) and out (reads), so no device sees or
+  returns more bits than the access has;
+- an exception inside a device becomes one DeviceFault naming the device, the address, the access and
+  the exception (the vCPU then ends the VM with status 70: a device that raises is a bug in hvm);
+- what it keeps per unclaimed address is bounded: exact counts for the first TRACKED_ADDRESSES distinct
+  unclaimed MMIO addresses, then one counted "other" bucket (ports: 64 K counters, fixed); and the first
+  LOGGED_MISSES distinct unclaimed addresses of each bus are logged, the rest summed up in a line at most
+  every SUMMARY_INTERVAL seconds and once at the end (log_summary).
 """
 from __future__ import annotations
 
@@ -10,6 +20,7 @@ import array
 import bisect
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -17,9 +28,29 @@ from hvm.mmio.device import Device
 
 log = logging.getLogger(__name__)
 
+TRACKED_ADDRESSES = 64     # distinct unclaimed MMIO addresses counted one by one; the rest share OTHER
+LOGGED_MISSES = 8          # distinct unclaimed addresses per bus that get their own warning line
+SUMMARY_INTERVAL = 10.0    # seconds between "N more unclaimed accesses ... not logged" lines
+OTHER_DISTINCT_LIMIT = 4096  # distinct addresses of the OTHER bucket counted exactly (then "more than")
+OTHER = -1                 # the key of the OTHER bucket in hit counts (no address is negative)
+
+# Access size -> mask, indexed by size (KVM's sizes are 1, 2, 4 and, for MMIO, 8).
+MASK = [0, 0xFF, 0xFFFF, 0xFFFFFF, 0xFFFFFFFF, (1 << 40) - 1, (1 << 48) - 1, (1 << 56) - 1, (1 << 64) - 1]
+
 
 class BusError(ValueError):
     """A device registration that conflicts with another one."""
+
+
+class DeviceFault(Exception):
+    """A device raised while handling a guest access: a bug in hvm, never something a guest may cause.
+    str() is one line naming the device, the address, the access and the exception."""
+
+    def __init__(self, device: str, kind: str, addr: int, access: str, error: BaseException) -> None:
+        self.device, self.kind, self.addr, self.access, self.error = device, kind, addr, access, error
+        width = 6 if kind == "port" else 10
+        super().__init__(f"device {device} ({kind} {addr:#0{width}x}, {access}) raised "
+                         f"{type(error).__name__}: {error}")
 
 
 @dataclass(frozen=True)
@@ -34,7 +65,7 @@ class BusRange:
 
 
 class RouteListener(Protocol):
-    """Told when an address turns out to be unclaimed (after its one log line) and when a device claims
+    """Told when an address turns out to be unclaimed (at its first access) and when a device claims
     a range. The vCPU fast loop listens, to handle repeated accesses to unclaimed addresses without Python."""
 
     def unclaimed(self, addr: int) -> None: ...
@@ -49,13 +80,21 @@ class _Bus:
     def __init__(self) -> None:
         self.ranges: list[BusRange] = []
         self._bases: list[int] = []
-        self._logged: set[int] = set()
+        # Unclaimed addresses seen and told to the listeners (bounded: ports by 64 K, MMIO by TRACKED_ADDRESSES).
+        self._seen: set[int] = set()
         self.listeners: list[RouteListener] = []
         # Registration and the first miss at an address may happen on different threads: the lock makes
         # "claimed" and "unclaimed" reach the listeners in the order the routes really changed.
         self._route_lock = threading.Lock()
         # Accesses counted elsewhere (by the fast loop), merged into counts/unhandled: {addr: n} each.
         self.hit_sources: list[Callable[[], dict[int, int]]] = []
+        # Rate-limited logging of misses: distinct addresses logged, and those that were not.
+        self._logged_n = 0
+        self._unlogged: set[int] = set()       # at most OTHER_DISTINCT_LIMIT
+        self._unlogged_more = False            # the set above overflowed
+        self._summary_at = 0.0                 # when the last summary line was written
+        self._summarized = 0                   # unlogged accesses the summary lines have reported
+        self._summary_lock = threading.Lock()
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0:
@@ -84,6 +123,14 @@ class _Bus:
                 return r
         return None
 
+    # --- faults ----------------------------------------------------------------------------------
+    def _fault(self, addr: int, size: int, value: int | None, error: BaseException) -> DeviceFault:
+        r = self.find(addr)
+        name = r.device.name if r is not None else "(none: the bus's miss path)"
+        access = f"{size}-byte read" if value is None else f"{size}-byte write of {value:#x}"
+        return DeviceFault(name, self.kind, addr, access, error)
+
+    # --- counts ----------------------------------------------------------------------------------
     def _own_hits(self) -> dict[int, int]:
         raise NotImplementedError
 
@@ -96,26 +143,31 @@ class _Bus:
 
     @property
     def counts(self) -> dict[int, int]:
-        """Accesses per address that a device handled (for --stats)."""
-        return {a: n for a, n in self._hit_counts().items() if self.find(a) is not None}
+        """Accesses (exits: a string I/O exit counts once) per address that a device handled (for --stats)."""
+        return {a: n for a, n in self._hit_counts().items() if a != OTHER and self.find(a) is not None}
 
     @property
     def unhandled(self) -> dict[int, int]:
-        """Accesses per address that no device claimed."""
-        return {a: n for a, n in self._hit_counts().items() if self.find(a) is None}
+        """Accesses per address that no device claimed (the tracked addresses; see `other`)."""
+        return {a: n for a, n in self._hit_counts().items() if a != OTHER and self.find(a) is None}
+
+    @property
+    def other(self) -> int:
+        """Accesses to unclaimed addresses beyond the first TRACKED_ADDRESSES distinct ones (counted together)."""
+        return self._hit_counts().get(OTHER, 0)
 
     def attach(self, listener: RouteListener, hits: Callable[[], dict[int, int]]) -> None:
         """Add a route listener (told at once of the unclaimed addresses seen so far) and its hit counts."""
         with self._route_lock:
             self.listeners.append(listener)
             self.hit_sources.append(hits)
-            for addr in sorted(self._logged):
+            for addr in sorted(self._seen):
                 if self.find(addr) is None:
                     listener.unclaimed(addr)
 
     def _first_miss(self, addr: int) -> None:
         with self._route_lock:
-            self._logged.add(addr)
+            self._seen.add(addr)
             if self.find(addr) is not None:
                 return   # a device registered meanwhile: the miss was a stale route, nothing to tell
             for listener in self.listeners:
@@ -128,19 +180,55 @@ class _Bus:
             out[name] = out.get(name, 0) + n
         return out
 
-    # An address nobody claims is served by these two, so the hot path has no branch for it.
+    # --- the miss path: an address nobody claims is served by these, so the hot path has no branch for it
     def _miss_read(self, addr: int, size: int) -> int:
-        if addr not in self._logged:
-            log.warning("%s read (%d bytes) from %#0*x: no device there, reads as all ones",
-                        self.kind, size, self.width, addr)
-            self._first_miss(addr)
-        return (1 << (8 * size)) - 1
+        if addr not in self._seen:
+            self._new_miss(addr, f"{self.kind} read ({size} bytes) from %s: no device there, reads as all ones")
+        return MASK[size]
 
     def _miss_write(self, addr: int, size: int, value: int) -> None:
-        if addr not in self._logged:
-            log.warning("%s write of %#x (%d bytes) to %#0*x: no device there, dropped",
-                        self.kind, value, size, self.width, addr)
-            self._first_miss(addr)
+        if addr not in self._seen:
+            self._new_miss(addr, f"{self.kind} write of {value:#x} ({size} bytes) to %s: no device there, dropped")
+
+    def _new_miss(self, addr: int, message: str) -> None:
+        """The first access to an unclaimed address: tracked, told to the listeners, logged (rate-limited)."""
+        self._first_miss(addr)
+        self._log_miss(addr, message)
+
+    def _log_miss(self, addr: int, message: str) -> None:
+        if self._logged_n < LOGGED_MISSES:
+            self._logged_n += 1
+            log.warning(message, f"{addr:#0{self.width}x}")
+            if self._logged_n == LOGGED_MISSES:
+                log.warning("%s: further accesses to unclaimed addresses are not logged one by one "
+                            "(a summary follows)", self.kind)
+            return
+        if len(self._unlogged) < OTHER_DISTINCT_LIMIT:
+            self._unlogged.add(addr)
+        elif addr not in self._unlogged:
+            self._unlogged_more = True
+        now = time.monotonic()
+        if now - self._summary_at >= SUMMARY_INTERVAL:
+            if self._summary_at:
+                self.log_summary()
+            else:
+                self._summary_at = now   # the first summary comes one interval after the last logged miss
+
+    def log_summary(self) -> None:
+        """Log one line for the unclaimed accesses not logged one by one since the last such line (if any):
+        called at most every SUMMARY_INTERVAL seconds by the miss path, and by the machine when the VM ends."""
+        with self._summary_lock:
+            self._summary_at = time.monotonic()
+            if not self._unlogged:
+                return
+            hits = self._hit_counts()
+            total = sum(hits.get(a, 0) for a in self._unlogged if self.find(a) is None) + hits.get(OTHER, 0)
+            accesses, self._summarized = total - self._summarized, total
+            if accesses <= 0:
+                return
+            addresses = f"more than {len(self._unlogged)}" if self._unlogged_more else str(len(self._unlogged))
+            log.warning("%d more unclaimed %s accesses not logged (to %s addresses in all)",
+                        accesses, self.kind, addresses)
 
 
 class PioBus(_Bus):
@@ -171,17 +259,49 @@ class PioBus(_Bus):
     def _own_hits(self) -> dict[int, int]:
         return {port: n for port, n in enumerate(self._hits) if n}
 
+    # Python 3.11's try costs nothing until something raises: the fault handling is free on the hot path.
     def read(self, port: int, size: int) -> int:
         self._hits[port] += 1
-        return self._handlers[port][0](self._offsets[port], size)
+        try:
+            return self._handlers[port][0](self._offsets[port], size) & MASK[size]
+        except Exception as e:
+            raise self._fault(port, size, None, e) from e
 
     def write(self, port: int, size: int, value: int) -> None:
         self._hits[port] += 1
-        self._handlers[port][1](self._offsets[port], size, value)
+        value &= MASK[size]
+        try:
+            self._handlers[port][1](self._offsets[port], size, value)
+        except Exception as e:
+            raise self._fault(port, size, value, e) from e
+
+    def read_string(self, port: int, size: int, count: int) -> list[int]:
+        """`rep ins`: `count` reads of the port in one exit (counted as one access, as the trace counts it)."""
+        self._hits[port] += 1
+        read, offset, mask = self._handlers[port][0], self._offsets[port], MASK[size]
+        try:
+            return [read(offset, size) & mask for _ in range(count)]
+        except Exception as e:
+            raise self._fault(port, size, None, e) from e
+
+    def write_string(self, port: int, size: int, values) -> None:
+        """`rep outs`: the values, written one after the other in one exit (counted as one access)."""
+        self._hits[port] += 1
+        write, offset, mask = self._handlers[port][1], self._offsets[port], MASK[size]
+        value = None
+        try:
+            for value in values:
+                write(offset, size, value & mask)
+        except Exception as e:
+            raise self._fault(port, size, value, e) from e
 
 
 class MmioBus(_Bus):
-    """Guest-physical MMIO space: sorted ranges found by bisection, each address's route cached."""
+    """Guest-physical MMIO space: sorted ranges found by bisection, each address's route cached.
+
+    Routes and counts are kept per address for addresses a device claims (hvm's own ranges bound them)
+    and for the first TRACKED_ADDRESSES distinct unclaimed ones; any other unclaimed address shares one
+    route, not cached, counted under OTHER."""
 
     kind = "mmio"
     width = 10
@@ -190,29 +310,51 @@ class MmioBus(_Bus):
         super().__init__()
         self._hits: dict[int, int] = {}
         self._routes: dict[int, tuple] = {}
+        self._tracked = 0                     # distinct unclaimed addresses with their own route and count
+        self._other_route = (self._other_read, self._other_write, OTHER, OTHER)
 
     def _install(self, base: int, length: int, device: Device) -> None:
         self._routes.clear()
 
     def _route(self, addr: int) -> tuple:
-        route = self._routes.get(addr)
-        if route is None:
-            r = self.find(addr)
-            route = (r.device.read, r.device.write, addr - r.base) if r else (self._miss_read, self._miss_write, addr)
-            self._routes[addr] = route
+        """(read, write, offset, key of the hit count) for an address not in the route cache."""
+        r = self.find(addr)
+        if r is not None:
+            route = (r.device.read, r.device.write, addr - r.base, addr)
+        elif addr in self._hits or self._tracked < TRACKED_ADDRESSES:
+            if addr not in self._hits:
+                self._tracked += 1
+            route = (self._miss_read, self._miss_write, addr, addr)
+        else:
+            return (self._other_read, self._other_write, addr, OTHER)
+        self._routes[addr] = route
         return route
+
+    def _other_read(self, addr: int, size: int) -> int:
+        self._log_miss(addr, f"mmio read ({size} bytes) from %s: no device there, reads as all ones")
+        return MASK[size]
+
+    def _other_write(self, addr: int, size: int, value: int) -> None:
+        self._log_miss(addr, f"mmio write of {value:#x} ({size} bytes) to %s: no device there, dropped")
 
     def _own_hits(self) -> dict[int, int]:
         return dict(self._hits)
 
     def read(self, addr: int, size: int) -> int:
-        read, _, offset = self._route(addr)
-        hits = self._hits
-        hits[addr] = hits.get(addr, 0) + 1
-        return read(offset, size)
+        route = self._routes.get(addr) or self._route(addr)
+        hits, key = self._hits, route[3]
+        hits[key] = hits.get(key, 0) + 1
+        try:
+            return route[0](route[2], size) & MASK[size]
+        except Exception as e:
+            raise self._fault(addr, size, None, e) from e
 
     def write(self, addr: int, size: int, value: int) -> None:
-        _, write, offset = self._route(addr)
-        hits = self._hits
-        hits[addr] = hits.get(addr, 0) + 1
-        write(offset, size, value)
+        route = self._routes.get(addr) or self._route(addr)
+        hits, key = self._hits, route[3]
+        hits[key] = hits.get(key, 0) + 1
+        value &= MASK[size]
+        try:
+            route[1](route[2], size, value)
+        except Exception as e:
+            raise self._fault(addr, size, value, e) from e

@@ -25,6 +25,9 @@ CMD_ENABLE_KBD = 0xAE
 CMD_READ_OUTPUT = 0xD0
 CMD_WRITE_OUTPUT = 0xD1
 CMD_PULSE_RESET = 0xFE
+# The real controller holds one byte for the CPU; like QEMU's PS/2 queue, hvm keeps a few, the oldest
+# overwritten when the guest issues commands without reading the answers (a command flood stays bounded).
+OUT_QUEUE = 16
 
 
 class I8042:
@@ -36,7 +39,7 @@ class I8042:
         self._on_reset = on_reset
         self.ctr = 0x61              # keyboard interrupt on, translation, system flag
         self.status = STATUS_SYS
-        self.out: deque[int] = deque()
+        self.out: deque[int] = deque(maxlen=OUT_QUEUE)
         self._pending_write: int | None = None
 
     def port(self, which: int) -> "_Port":

@@ -47,6 +47,7 @@ class Rtc:
     def read(self, offset: int, size: int) -> int:
         if offset == 0:
             return 0xFF  # the index port is write-only
+        # (every value read back is a byte: cmos[] holds bytes, the time fields are < 100 BCD or binary)
         reg = self.index
         if reg in (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR, REG_CENTURY):
             return self._time_field(reg)
@@ -56,6 +57,7 @@ class Rtc:
         return self.cmos[reg]
 
     def write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF   # both ports are 8 bits wide: a wider access carries nothing more for the chip
         if offset == 0:
             self.index = value & 0x7F
             return
@@ -72,8 +74,12 @@ class Rtc:
             import calendar  # only when the guest sets the clock: calendar pulls in locale (~3 ms at start-up)
 
             try:
-                self.offset = calendar.timegm(tuple(fields) + (0, 0, 0)) - self._clock()
-            except (ValueError, OverflowError):
+                offset = calendar.timegm(tuple(fields) + (0, 0, 0)) - self._clock()
+                # Out-of-range fields roll over (day 0x99...): keep the clock within four-digit years, so
+                # that repeated writes cannot walk it to where gmtime() or the century byte overflow.
+                if 1900 <= time.gmtime(self._clock() + offset).tm_year <= 9999:
+                    self.offset = offset
+            except (ValueError, OverflowError, OSError):
                 pass
             return
         self.cmos[reg] = value & 0xFF

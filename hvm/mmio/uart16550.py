@@ -16,6 +16,9 @@ from hvm.mmio.device import IrqLine
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 FIFO_SIZE = 16
+# Host input waiting for room in the receive FIFO. When it is full, feed() blocks (the host feeder stops
+# reading stdin or the file: backpressure) until the guest reads or the UART is closed.
+INPUT_QUEUE_LIMIT = 4096
 
 # register offsets
 RBR_THR_DLL = 0
@@ -85,6 +88,9 @@ class SerialUart:
         self._output = output
         self.irq = irq or IrqLine(COM1_IRQ)
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)   # a feeder waits here for room in the input queue
+        self._feeders = 0
+        self._closed = False
         self.ier = 0
         self.lcr = 0x03  # 8N1 as left by a PC BIOS
         self.mcr = MCR_OUT2
@@ -94,7 +100,7 @@ class SerialUart:
         self.fcr = 0
         self.divisor = 12  # 9600 baud from the 1.8432 MHz clock
         self.rx_fifo: deque[int] = deque()
-        self._pending_input: deque[int] = deque()  # host input not yet in the FIFO: never dropped
+        self._pending_input: deque[int] = deque()  # host input not yet in the FIFO (bounded; see feed)
         self._thr_interrupt = False
         # Host input is held back until the guest first looks at the receiver (reads RBR/LSR/IIR or
         # enables the receive interrupt), so the FIFO reset every driver does at init cannot eat it.
@@ -104,11 +110,35 @@ class SerialUart:
 
     # --- host side -----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
-        """Queue bytes from the host (stdin, a pipe, a test) for the guest to receive."""
+        """Queue bytes from the host (stdin, a pipe, a test) for the guest to receive. Blocks while
+        INPUT_QUEUE_LIMIT bytes are waiting (the guest is not reading): never grows without bound, never
+        drops what the guest has not refused. Returns at once, dropping the rest, once close() is called."""
+        view = memoryview(bytes(data))
         with self._lock:
-            self._pending_input.extend(data)
-            self._refill_rx()
-            self._update_irq()
+            while view and not self._closed:
+                room = INPUT_QUEUE_LIMIT - len(self._pending_input)
+                if room <= 0:
+                    self._feeders += 1
+                    try:
+                        self._room.wait(0.5)
+                    finally:
+                        self._feeders -= 1
+                    continue
+                self._pending_input.extend(view[:room])
+                view = view[room:]
+                self._refill_rx()
+                self._update_irq()
+
+    def close(self) -> None:
+        """The machine is stopping: let blocked feeders go; later input is dropped. Never blocks (it may run
+        in a signal handler that interrupted a thread holding the lock): a feeder looks at the flag at least
+        every 0.5 s, and is woken at once when the lock is free."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._room.notify_all()
+            finally:
+                self._lock.release()
 
     @property
     def input_pending(self) -> int:
@@ -121,8 +151,12 @@ class SerialUart:
         if self.mcr & MCR_LOOP or not self._rx_active:
             return  # in loopback the receiver is disconnected from the line
         cap = self._fifo_capacity()
-        while self._pending_input and len(self.rx_fifo) < cap:
-            self.rx_fifo.append(self._pending_input.popleft())
+        pending = self._pending_input
+        if pending and len(self.rx_fifo) < cap:
+            while pending and len(self.rx_fifo) < cap:
+                self.rx_fifo.append(pending.popleft())
+            if self._feeders:
+                self._room.notify_all()
         if self.rx_fifo:
             self.lsr |= LSR_DR
 
@@ -165,26 +199,32 @@ class SerialUart:
             if offset == LSR and self._rx_active:
                 # The hot path of a polling driver: LSR before every byte.
                 value = self.lsr
-                self.lsr &= ~(LSR_OE | LSR_BI)
+                if value & (LSR_OE | LSR_BI):
+                    self.lsr = value & ~(LSR_OE | LSR_BI)   # error bits clear on read ...
+                    self._update_irq()                       # ... and with them a line-status interrupt
                 return value
             value = self._read(offset)
             self._update_irq()
             return value
 
     def write(self, offset: int, size: int, value: int) -> None:
+        # What the guest transmits goes to the output sink after the lock is released: a sink that blocks
+        # (a stalled terminal or pipe) then holds up this vCPU only, never another thread taking the lock
+        # (host input, a second vCPU polling LSR).
         with self._lock:
             if offset == RBR_THR_DLL and not (self.lcr & LCR_DLAB or self.mcr & MCR_LOOP):
                 # The hot path: one byte to transmit.
                 self.tx_bytes += 1
-                if self._output is not None:
-                    self._output(_BYTE[value & 0xFF])
                 self.lsr |= LSR_THRE | LSR_TEMT
                 self._thr_interrupt = True
                 if self.ier or self.irq.level:
                     self._update_irq()
-                return
-            self._write(offset, value & 0xFF)
-            self._update_irq()
+                sent = _BYTE[value & 0xFF]
+            else:
+                sent = self._write(offset, value & 0xFF)
+                self._update_irq()
+        if sent is not None and self._output is not None:
+            self._output(sent)
 
     def _read(self, offset: int) -> int:
         dlab = self.lcr & LCR_DLAB
@@ -228,24 +268,26 @@ class SerialUart:
             return value
         return self.scr  # SCR
 
-    def _write(self, offset: int, value: int) -> None:
+    def _write(self, offset: int, value: int) -> bytes | None:
+        """A register write (under the lock); returns the byte to send to the output sink, if any."""
         dlab = self.lcr & LCR_DLAB
+        sent = None
         if offset == RBR_THR_DLL:
             if dlab:
                 self.divisor = (self.divisor & 0xFF00) | value
-                return
+                return None
             self.tx_bytes += 1
             if self.mcr & MCR_LOOP:
                 self._receive(value)
-            elif self._output is not None:
-                self._output(bytes((value,)))
+            else:
+                sent = _BYTE[value]
             # Sent at once: the holding register is empty again and says so.
             self.lsr |= LSR_THRE | LSR_TEMT
             self._thr_interrupt = True
         elif offset == IER_DLM:
             if dlab:
                 self.divisor = (self.divisor & 0x00FF) | (value << 8)
-                return
+                return None
             was = self.ier
             self.ier = value & 0x0F
             if self.ier & IER_RDI and not self._rx_active:
@@ -254,9 +296,9 @@ class SerialUart:
             if self.ier & IER_THRI and not was & IER_THRI and self.lsr & LSR_THRE:
                 self._thr_interrupt = True  # enabling THRI with THR empty raises it (as the 16550 does)
         elif offset == IIR_FCR:
-            if (value ^ self.fcr) & FCR_ENABLE:
-                self.rx_fifo.clear()  # changing FIFO mode resets both FIFOs
-            if value & FCR_CLEAR_RX:
+            if (value ^ self.fcr) & FCR_ENABLE or value & FCR_CLEAR_RX:
+                # Changing FIFO mode resets both FIFOs; CLEAR_RX the receive one. Nothing left: no data
+                # ready (host input still waiting refills it below).
                 self.rx_fifo.clear()
                 self.lsr &= ~LSR_DR
             self.fcr = value & (FCR_ENABLE | 0xC0)
@@ -274,3 +316,4 @@ class SerialUart:
             pass  # read-only
         else:
             self.scr = value
+        return sent

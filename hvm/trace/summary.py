@@ -1,17 +1,21 @@
 """`hvm trace summary`: stream a JSON-lines trace once, in bounded memory, into counts, shares and
 handling-time statistics by reason, port, MMIO region and device, plus exits per second over time.
 Percentiles come from log-spaced histograms (about 3% wide buckets): memory does not grow with the
-number of exits, only with the number of distinct keys and seconds."""
+number of exits, only with the number of distinct keys (bounded by the input's size), and the exit rate
+over time is kept in at most TIME_BINS bins however long the span (two records 1e17 s apart included)."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from hvm.trace.record import BadRecord, Skipped, parse_line, read_lines
+
 BUCKETS_PER_OCTAVE = 24
 MMIO_REGION = 0x1000  # MMIO addresses are grouped by 4 KiB page unless a device claims them
+TIME_BINS = 120       # at most this many rows of "exits per ..." over time: 1 s each, or wider for long spans
+SECOND = 1_000_000_000
 
 
 @dataclass
@@ -55,13 +59,16 @@ class Summary:
     by_port: dict[int, Stat] = field(default_factory=dict)
     by_mmio: dict[int, Stat] = field(default_factory=dict)
     by_device: dict[str, Stat] = field(default_factory=dict)
-    per_second: dict[int, int] = field(default_factory=dict)
+    # exits per time bin: bin i covers [i * bin_ns, (i + 1) * bin_ns); bin_ns starts at 1 s and doubles
+    # whenever the bins in use would span more than TIME_BINS, so the table stays bounded.
+    bin_ns: int = SECOND
+    per_bin: dict[int, int] = field(default_factory=dict)
     bad_lines: int = 0
 
     def add(self, d: dict) -> None:
         t, ns = d["t"], d.get("handle_ns", 0)
         self.total += 1
-        if self.first_ns is None:
+        if self.first_ns is None or t < self.first_ns:
             self.first_ns = t
         self.last_ns = max(self.last_ns, t)
         self.by_reason.setdefault(d["reason"], Stat()).add(ns)
@@ -73,25 +80,50 @@ class Summary:
         dev = d.get("device")
         if dev:
             self.by_device.setdefault(dev, Stat()).add(ns)
-        sec = t // 1_000_000_000
-        self.per_second[sec] = self.per_second.get(sec, 0) + 1
+        self._count_time(t)
+
+    def _count_time(self, t: int) -> None:
+        b = t // self.bin_ns
+        bins = self.per_bin
+        if b not in bins and bins:
+            lo, hi = min(b, min(bins)), max(b, max(bins))
+            while hi - lo >= TIME_BINS:   # coarsen: merge pairs of bins until the span fits
+                self.bin_ns *= 2
+                merged: dict[int, int] = {}
+                for k, n in bins.items():
+                    merged[k // 2] = merged.get(k // 2, 0) + n
+                bins = self.per_bin = merged
+                lo, hi = lo // 2, hi // 2
+            b = t // self.bin_ns
+        bins[b] = bins.get(b, 0) + 1
+
+    @property
+    def per_second(self) -> dict[int, int]:
+        """Exits per second since t = 0 (only while the span is within TIME_BINS seconds, else {})."""
+        return dict(self.per_bin) if self.bin_ns == SECOND else {}
 
 
-def iter_lines(path: Path) -> Iterator[str]:
-    with open(path) as f:
-        yield from f
+def iter_lines(path: Path) -> Iterator[bytes | None]:
+    """A trace file's lines, in bounded memory (see record.read_lines)."""
+    return read_lines(path)
 
 
-def summarize(lines: Iterable[str]) -> Summary:
-    """Lines of a trace (any iterable, e.g. an open file) -> Summary, in one streaming pass."""
+def summarize(lines: Iterable[str | bytes | None], skipped: Skipped | None = None) -> Summary:
+    """Lines of a trace (any iterable, e.g. an open file) -> Summary, in one streaming pass. Lines that
+    are not records (e.g. the last one of a killed run, cut short) are counted in bad_lines and, when
+    given, `skipped`."""
     s = Summary()
-    for line in lines:
-        if not line.strip():
+    for lineno, line in enumerate(lines, 1):
+        if line is not None and not line.strip():
             continue
         try:
-            s.add(json.loads(line))
-        except (ValueError, KeyError):
-            s.bad_lines += 1  # e.g. a line cut short by a killed process: count it, keep going
+            d = parse_line(line)
+        except BadRecord as e:
+            s.bad_lines += 1
+            if skipped is not None:
+                skipped.add(lineno, str(e))
+            continue
+        s.add(d)
     return s
 
 
@@ -116,10 +148,15 @@ def format_summary(s: Summary) -> str:
         lines += [""] + _table("by MMIO region", s.by_mmio, s.total, lambda a: f"{a:#x}")
     if s.by_device:
         lines += [""] + _table("by device", s.by_device, s.total, str)
-    if s.per_second:
-        lines += ["", "exits per second:"]
-        first = min(s.per_second)
-        for sec in range(first, max(s.per_second) + 1):
-            n = s.per_second.get(sec, 0)
-            lines.append(f"  {sec - first:>5} s {n:>10}")
+    if s.per_bin:
+        first = min(s.per_bin)
+        if s.bin_ns == SECOND:
+            lines += ["", "exits per second:"]
+            for b in range(first, max(s.per_bin) + 1):
+                lines.append(f"  {b - first:>5} s {s.per_bin.get(b, 0):>10}")
+        else:
+            width = s.bin_ns / SECOND
+            lines += ["", f"exits per {width:g} s:"]
+            for b in range(first, max(s.per_bin) + 1):
+                lines.append(f"  {(b - first) * width:>12g} s {s.per_bin.get(b, 0):>10}")
     return "\n".join(lines)

@@ -57,7 +57,7 @@ struct hvm_fastloop {{
     uint32_t mmio_unclaimed_n;
     uint64_t resume_mask;                   /* exit reasons < 64 to re-enter at once */
     uint64_t handled[64];                   /* exits the fast loop handled, by reason */
-    uint64_t pio_hits[65536];               /* accesses it handled, per port (rep counts each element) */
+    uint64_t pio_hits[65536];               /* exits it handled, per port (a string I/O exit counts once) */
     uint64_t mmio_hits[{MMIO_SLOTS}];
     struct hvm_exit_rec last[{LAST_EXITS}];
     uint64_t seq;                           /* exits recorded in last[] */
@@ -228,7 +228,7 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
                 memset((uint8_t *)run + run->io.data_offset, 0xff, bytes);
                 hvm_take_value(r, run);
             }
-            f->pio_hits[port] += run->io.count;
+            f->pio_hits[port]++;
         } else if (reason == KVM_EXIT_MMIO) {
             int slot = hvm_mmio_slot(f, run->mmio.phys_addr);
             if (slot < 0) {

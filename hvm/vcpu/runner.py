@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import struct
 import threading
@@ -26,7 +27,7 @@ from hvm.kvm import KICK_SIGNAL, Vcpu, ffi
 from hvm.kvm import constants as k
 from hvm.kvm._ffi import API_MODE, lib
 from hvm.kvm.ioctls import KVM_RUN
-from hvm.mmio.bus import MmioBus, PioBus
+from hvm.mmio.bus import DeviceFault, MmioBus, PioBus
 from hvm.vcpu import fastloop
 from hvm.vcpu.report import CrashReport
 
@@ -39,6 +40,7 @@ _MMIO = struct.Struct("<QQIB")      # phys_addr, data[8] (as u64), len, is_write
 _EXIT_UNION = 32
 _UINT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 8: struct.Struct("<Q")}
 _UINT_BY_SIZE = [None, _UINT[1], _UINT[2], None, _UINT[4], None, None, None, _UINT[8]]
+_CAST_BY_SIZE = [None, "B", "H", None, "I"]      # struct codes for string I/O elements
 _IO_OF = _IO.unpack_from
 _EXIT_IO = k.EXIT_IO
 LAST_EXITS = 16
@@ -61,6 +63,12 @@ class VmControl(Protocol):
     def vcpu_halted(self, index: int) -> None: ...
 
     def vcpu_crashed(self, report: CrashReport) -> None: ...
+
+    def device_fault(self, index: int, fault: DeviceFault) -> None: ...
+
+    def host_error(self, index: int, message: str) -> None: ...
+
+    def internal_error(self, index: int, message: str) -> None: ...
 
     def system_event(self, index: int, kind: int) -> None: ...
 
@@ -87,6 +95,8 @@ class VcpuThread(threading.Thread):
         # Bound once: the I/O handler is the hottest code in hvm.
         self._pio_read = machine.pio.read
         self._pio_write = machine.pio.write
+        self._pio_read_string = machine.pio.read_string
+        self._pio_write_string = machine.pio.write_string
         self.halted = False
         # Emulation failures hvm completed itself, by instruction (see _complete_emulation).
         self.completed: dict[str, int] = {}
@@ -147,9 +157,14 @@ class VcpuThread(threading.Thread):
                 self._loop_traced()
             else:
                 self._loop()
-        except Exception as e:  # a bug in the VMM or a device: report it like a crash, never hang
-            log.exception("vCPU %d: VMM error", self.index)
-            self.machine.vcpu_crashed(self.crash_report("VMM error", f"{type(e).__name__}: {e}"))
+        except DeviceFault as e:
+            # A device raised on a guest access (the bus caught it and named it): a bug in hvm, reported
+            # in one line; the traceback only with -v.
+            log.info("vCPU %d: device fault", self.index, exc_info=True)
+            self.machine.device_fault(self.index, e)
+        except Exception as e:  # a bug in the VMM itself: one line (traceback with -v), never a hang
+            log.info("vCPU %d: internal error", self.index, exc_info=True)
+            self.machine.internal_error(self.index, f"{type(e).__name__}: {e}")
 
     def _loop(self) -> None:
         fd = self.vcpu.fd
@@ -161,7 +176,8 @@ class VcpuThread(threading.Thread):
         machine = self.machine
         while not machine.stopping:
             if ioctl(fd, KVM_RUN, arg) < 0:
-                self._run_failed(ffi.errno)
+                if self._run_failed(ffi.errno):
+                    return
                 continue
             reason = reason_of(view, _REASON_OFFSET)[0]
             counts[reason] += 1
@@ -181,8 +197,8 @@ class VcpuThread(threading.Thread):
             if reason < 0:
                 if reason == fastloop.TRACE_FLUSH:
                     self._trace_flush()
-                else:
-                    self._run_failed(-reason)
+                elif self._run_failed(-reason):
+                    return
                 continue
             counts[reason] += 1
             if dispatch[reason]():
@@ -209,7 +225,8 @@ class VcpuThread(threading.Thread):
         EXIT_IO, EXIT_MMIO, EXIT_INTERNAL = k.EXIT_IO, k.EXIT_MMIO, k.EXIT_INTERNAL_ERROR
         while not machine.stopping:
             if ioctl(fd, KVM_RUN, arg) < 0:
-                self._run_failed(ffi.errno)
+                if self._run_failed(ffi.errno):
+                    return
                 continue
             t = clock()
             reason = reason_of(view, _REASON_OFFSET)[0]
@@ -240,11 +257,15 @@ class VcpuThread(threading.Thread):
         for rec in self.fast.take_trace(self.t0_ns, self.index):
             self.trace_sink(rec)
 
-    def _run_failed(self, err: int) -> None:
-        """KVM_RUN returned -1: EINTR/EAGAIN is a kick (stop, pause); anything else is fatal."""
-        if err != errno.EINTR and err != errno.EAGAIN:
-            raise OSError(err, f"KVM_RUN: {errno.errorcode.get(err, err)}")
-        self._kicked()
+    def _run_failed(self, err: int) -> bool:
+        """KVM_RUN returned -1: EINTR/EAGAIN is a kick (stop, pause): False, run on. Anything else (EFAULT,
+        ENOMEM, ...) is the host failing, not the guest: the machine ends with status 6; True."""
+        if err == errno.EINTR or err == errno.EAGAIN:
+            self._kicked()
+            return False
+        self.machine.host_error(self.index, f"KVM_RUN failed on vCPU {self.index}: "
+                                f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})")
+        return True
 
     def _kicked(self) -> None:
         """KVM_RUN returned EINTR: someone wants this thread (stop, pause). Clear the request flag."""
@@ -273,17 +294,15 @@ class VcpuThread(threading.Thread):
             if count == 1:
                 value = fmt.unpack_from(view, offset)[0]
                 self._pio_write(port, size, value)
-            else:  # string I/O (rep outs): count elements back to back
-                for i in range(count):
-                    value = fmt.unpack_from(view, offset + i * size)[0]
-                    self._pio_write(port, size, value)
+            else:  # string I/O (rep outs): count elements back to back, one exit (one access counted)
+                # (unpacked into a tuple: no view of kvm_run may outlive the exit, e.g. in a fault's traceback)
+                self._pio_write_string(port, size, struct.unpack_from(f"<{count}{_CAST_BY_SIZE[size]}", view, offset))
         elif count == 1:
             value = self._pio_read(port, size)
             fmt.pack_into(view, offset, value)
         else:  # rep ins
-            for i in range(count):
-                value = self._pio_read(port, size)
-                fmt.pack_into(view, offset + i * size, value)
+            values = self._pio_read_string(port, size, count)
+            struct.pack_into(f"<{count}{_CAST_BY_SIZE[size]}", view, offset, *values)
         self._last_exit((_EXIT_IO, port, direction, size, count, value if count == 1 else None))
         return False
 
