@@ -287,15 +287,18 @@ class Machine:
         if len(boot.initrd) > 1:
             raise BootError(f"{boot.kernel}: a Linux kernel takes one initrd, not {len(boot.initrd)}")
         cmdline = boot.cmdline
+        missing = []
         if self.host.linux_cmdline:
             missing = [o for o in self.host.linux_cmdline if o.split("=")[0] + "=" not in cmdline
                        and o not in cmdline.split()]
             if missing:
                 cmdline = (cmdline + " " + " ".join(missing)).strip()
-                log.warning("%s host: added to the kernel command line: %s", self.host.backend, " ".join(missing))
         self.is_linux = True
-        return load_linux(mem, boot.kernel, cmdline, boot.initrd[0] if boot.initrd else None,
-                          acpi_rsdp=ACPI_BASE if self.spec.machine == "pc" else 0)
+        state = load_linux(mem, boot.kernel, cmdline, boot.initrd[0] if boot.initrd else None,
+                           acpi_rsdp=ACPI_BASE if self.spec.machine == "pc" else 0)
+        if missing:   # said once the kernel loaded: a refused kernel gets its one line and nothing else
+            log.warning("%s host: added to the kernel command line: %s", self.host.backend, " ".join(missing))
+        return state
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:

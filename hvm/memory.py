@@ -9,12 +9,12 @@ import mmap
 from dataclasses import dataclass
 
 MiB = 1 << 20
+PAGE_SIZE = mmap.PAGESIZE
 GiB = 1 << 30
 # RAM above this is moved to 4 GiB, leaving the 32-bit PCI/MMIO hole (LAPIC, IOAPIC, devices) empty,
 # as on a PC (QEMU's pc machine uses the same 3 GiB split point for large guests).
 PCI_HOLE_START = 3 * GiB
 PCI_HOLE_END = 4 * GiB
-FILL_CHUNK = 1 * MiB      # bytes written at a time by GuestMemory.fill
 
 
 class GuestMemoryError(Exception):
@@ -93,16 +93,27 @@ class GuestMemory:
         region, off = self._locate(gpa, len(data))
         region.mapping[off:off + len(data)] = data
 
-    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
-        """Set [gpa, gpa+length) to `byte`, a chunk at a time: the host cost stays FILL_CHUNK whatever the
-        length (an ELF's 1 GiB bss used to build 1 GiB of zeros in a bytes object first)."""
-        region, off = self._locate(gpa, length)
-        chunk = bytes([byte]) * min(length, FILL_CHUNK)
-        end = off + length
-        while off < end:
-            n = min(len(chunk), end - off)
-            region.mapping[off:off + n] = chunk[:n] if n < len(chunk) else chunk
-            off += n
+    def zero(self, gpa: int, length: int) -> None:
+        """Zero [gpa, gpa+length) without building the zeros on the host (an ELF's 1 GiB bss used to cost
+        a 1 GiB bytes object): the partial pages at either end are written (< 4 KiB each), whole pages in
+        between are dropped (MADV_DONTNEED: private anonymous memory reads back as zeros and costs nothing
+        until the guest touches it)."""
+        end = gpa + length
+        if not self.contains(gpa, length) and not all(self.contains(a) for a in (gpa, end - 1)):
+            raise GuestMemoryError(f"guest access {gpa:#x}..{end:#x} is outside guest RAM")
+        for region in self.regions:
+            lo, hi = max(gpa, region.gpa), min(end, region.end)
+            if lo >= hi:
+                continue
+            off, stop = lo - region.gpa, hi - region.gpa
+            first = min(-(-off // PAGE_SIZE) * PAGE_SIZE, stop)
+            last = max(stop // PAGE_SIZE * PAGE_SIZE, first)
+            if first > off:
+                region.mapping[off:first] = bytes(first - off)
+            if last > first:
+                region.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+            if stop > last:
+                region.mapping[last:stop] = bytes(stop - last)
 
     def read_u32(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 4), "little")

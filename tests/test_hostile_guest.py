@@ -250,26 +250,6 @@ def test_a_failing_kvm_run_is_a_host_error(tmp_path, monkeypatch, caplog, fast_l
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [expected]
 
 
-# --- guest memory ------------------------------------------------------------------------------------------
-def test_filling_guest_memory_costs_a_bounded_amount_of_host_memory():
-    """A loader zeroing a huge bss (an ELF's p_memsz of 1 GiB) built the whole length as one bytes object."""
-    import tracemalloc
-
-    from hvm.memory import FILL_CHUNK, GuestMemory
-
-    with GuestMemory(64 * MiB) as mem:
-        mem.write(0x1000, b"\xAA" * 16)
-        tracemalloc.start()
-        try:
-            mem.fill(0x1004, 48 * MiB + 3, 0x5A)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert peak < 2 * FILL_CHUNK + 65536
-        assert mem.read(0x1000, 6) == b"\xAA" * 4 + b"\x5A" * 2
-        assert mem.read(0x1004 + 48 * MiB, 4) == b"\x5A" * 3 + b"\x00"
-
-
 def test_a_device_fault_in_string_io_is_reported_and_the_vm_closes(tmp_path):
     image = tmp_path / "g.bin"
     image.write_bytes(STRING_IO)

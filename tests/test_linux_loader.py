@@ -187,11 +187,9 @@ def test_elf_with_tiny_program_headers(mem, tmp_path):
 def test_host_executable_as_kernel_is_refused_in_one_line():
     """`hvm run --kernel /bin/true` (a PIE linked at 0): status 2 and one line, not a triple fault."""
     from conftest import run_hvm
-    import os
-    true = os.path.realpath("/bin/true")
-    r = run_hvm("run", "-q", "--kernel", "/bin/true", "--timeout", "5")
+    r = run_hvm("run", "--kernel", "/bin/true", "--timeout", "5")   # no -q: the host's line waits for a load
     assert r.status == 2, r.stderr
-    assert r.stderr.startswith(f"hvm: {true}: segment 0x0..") and r.stderr.endswith(
+    assert r.stderr.startswith("hvm: /bin/true: segment 0x0..") and r.stderr.endswith(   # the path as given
         " overlaps the real-mode IVT (machine pc) at 0x0..0x400\n")
     assert r.stderr.count("\n") == 1
 

@@ -205,11 +205,10 @@ def test_a_1gib_bss_costs_no_host_memory(tmp_path, kind):
 
 
 def test_bss_is_zeroed_even_over_old_contents(mem):
-    """zero() drops whole pages and writes the partial ones: exact boundaries, over memory that was not
-    fresh."""
-    from hvm.boot.layout import zero
+    """GuestMemory.zero drops whole pages and writes the partial ones: exact boundaries, over memory that
+    was not fresh."""
     mem.write(0x300000, b"\xaa" * 0x5000)
-    zero(mem, 0x300123, 0x3000)
+    mem.zero(0x300123, 0x3000)
     got = mem.read(0x300000, 0x5000)
     assert got[:0x123] == b"\xaa" * 0x123
     assert got[0x123:0x3123] == bytes(0x3000)

@@ -113,32 +113,12 @@ class Layout:
         return max((r.end for r in self.loaded), default=0)
 
 
-def zero(mem: GuestMemory, gpa: int, length: int) -> None:
-    """Zero guest memory without building the zeros on the host: the partial pages at either end are
-    written (< 4 KiB each), whole pages in between are dropped (MADV_DONTNEED: private anonymous memory
-    reads back as zeros and costs nothing until the guest touches it)."""
-    end = gpa + length
-    for region in mem.regions:
-        lo, hi = max(gpa, region.gpa), min(end, region.end)
-        if lo >= hi:
-            continue
-        off, stop = lo - region.gpa, hi - region.gpa
-        first = min(-(-off // PAGE) * PAGE, stop)
-        last = max(stop // PAGE * PAGE, first)
-        if first > off:
-            region.mapping[off:first] = bytes(first - off)
-        if last > first:
-            region.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-        if stop > last:
-            region.mapping[last:stop] = bytes(stop - last)
-
-
 def load_piece(mem: GuestMemory, start: int, data: bytes | memoryview, memsz: int) -> None:
     """Write `data` at `start` and zero the rest of `memsz` (a segment's bss). The region was taken."""
     if data:
         mem.write(start, data)
     if memsz > len(data):
-        zero(mem, start + len(data), memsz - len(data))
+        mem.zero(start + len(data), memsz - len(data))
 
 
 def read_input(path: Path, what: str, max_bytes: int, too_big: str | None = None) -> bytes:
