@@ -283,16 +283,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
-    def terminate(signo, frame):  # unwind through `with machine` so the terminal is restored and fds closed
-        machine.request_stop(128 + signo, f"terminated by signal {signo}")
+    # SIGTERM/SIGHUP unwind like Ctrl-C: the handler only raises (taking the machine's locks in a handler
+    # could deadlock with the main thread inside them), and the stop runs in ordinary code. Once the run
+    # is over they are ignored, so nothing interrupts the teardown (terminal, fds, mappings).
+    stop_signals = (signal.SIGTERM, signal.SIGHUP)
 
-    previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    def terminate(signo, frame):
+        raise _Terminated(signo)
+
+    previous = {s: signal.signal(s, terminate) for s in stop_signals}
     try:
         with machine:
             try:
                 result = machine.run()
             except KeyboardInterrupt:
                 result = machine.stop(130, "interrupted (Ctrl-C)")
+            except _Terminated as t:
+                result = machine.stop(128 + t.signo, f"terminated by signal {t.signo}")
+            finally:
+                for s in stop_signals:
+                    signal.signal(s, signal.SIG_IGN)
+    except _Terminated as t:  # before the run began: the machine is closed by now
+        print(f"hvm: terminated by signal {t.signo}", file=sys.stderr)
+        return 128 + t.signo
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -395,9 +408,19 @@ def cmd_kut(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "kut": cmd_kut, "doctor": cmd_doctor, "trace": cmd_trace}
 
 
+class _Terminated(Exception):
+    """SIGTERM or SIGHUP arrived during a run."""
+
+    def __init__(self, signo: int):
+        super().__init__(signo)
+        self.signo = signo
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    # A parent may have started hvm with stop signals blocked (the mask survives exec): hvm must hear them.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     parser = build_parser(argv[0] if argv and argv[0] in SUBPARSERS else None)
     try:
         args = parser.parse_args(argv)

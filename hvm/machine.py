@@ -166,8 +166,7 @@ class Machine:
         self.console = console
         try:
             self._build()
-            # The output file last: a VM that cannot be built (status 2) leaves the old console log as it was.
-            console.open()
+            self._open_outputs()
         except BaseException:
             self.close()
             raise
@@ -225,6 +224,11 @@ class Machine:
             # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
         self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host, fast_loop=self.fast_loop)
                         for v in self.vcpus]
+
+    def _open_outputs(self) -> None:
+        """The output files last, once the VM is built: a VM that cannot be (status 2) leaves an old console
+        log and an old trace as they were."""
+        self.console.open()
         if self.trace_config is not None:
             from hvm.trace.tracer import Tracer  # the trace package (json, filters, a writer) only for traced runs
 
@@ -339,7 +343,6 @@ class Machine:
         # host call) is reported, not waited for again by close(). Console output, the usual suspect, gives
         # up on a stalled sink within hvm.console.STALL_POLL once the machine stops (see _finish).
         if not self._joined:
-            self._joined = True
             deadline = time.monotonic() + JOIN_TIMEOUT
             for t in self.threads:
                 if t is threading.current_thread() or t.ident is None:   # this thread, or never started
@@ -347,6 +350,7 @@ class Machine:
                 t.join(max(0.0, deadline - time.monotonic()))
                 if t.is_alive():
                     log.error("vCPU thread %s did not stop", t.name)
+            self._joined = True   # after the joins: a Ctrl-C during one leaves them to the next wait()
             self.pio.log_summary()
             self.mmio.log_summary()
         if self.tracer is not None:

@@ -4,6 +4,7 @@ and a second SIGINT. Every case ends in status 2 with one line or a clean result
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from hvm.kvm import constants as kc
 from hvm.trace import TraceConfig, Tracer
 from hvm.trace.record import BadRecord, Skipped, iter_records, parse_line, validate
 from hvm.trace.summary import TIME_BINS, format_summary, summarize
+from hvm.trace import tracer as tracer_module
 from hvm.trace.tracer import STALL_LIMIT
 
 GOOD = '{"t":1000,"vcpu":0,"reason":"IO","port":1016,"size":1,"dir":"out","count":1,"data":"41","device":"com1","handle_ns":900}'
@@ -192,7 +194,8 @@ def test_trace_symlink_refused_and_nothing_truncated_before_the_config_is_valid(
         assert (r.status, r.stderr) == (2, f"hvm: trace file {path}: {msg}\n")
     old = tmp_path / "old.jsonl"
     old.write_text(GOOD + "\n")
-    for bad in (["--memory", "0"], ["--kernel", str(tmp_path / "nosuch")], ["--trace-filter", "colour=red"]):
+    for bad in (["--memory", "0"], ["--kernel", str(tmp_path / "nosuch")], ["--trace-filter", "colour=red"],
+                ["--serial", f"file:{tmp_path}"]):   # the console's output file is opened before the trace
         r = hvm("run", str(CONFIGS / "hello.yaml"), "--trace", str(old), *bad)
         assert r.status == 2 and r.stderr.count("\n") == 1, r.stderr
         assert old.read_text() == GOOD + "\n"
@@ -219,7 +222,6 @@ def test_records_reach_the_file_while_the_vm_runs(tmp_path):
 
 def test_a_second_sigint_ends_the_write_out_cleanly(tmp_path, monkeypatch):
     """close() writing out a long queue when SIGINT arrives: no KeyboardInterrupt, the file keeps whole lines."""
-    from hvm.trace import tracer as tracer_module
 
     monkeypatch.setattr(tracer_module, "WRITE_INTERVAL", 1000.0)   # everything waits for close()
     monkeypatch.setattr(tracer_module, "HIGH_WATER", 10**9)
@@ -547,6 +549,26 @@ def test_fuzz_cli_subprocess(real_trace, tmp_path, seed):
         status, out, err = run_tool(tool, src, tmp_path)
         assert status == 0 and "Traceback" not in err, err
         assert err == "" or err.startswith(f"hvm: {src}: skipped ")
+
+
+def test_a_writer_that_falls_behind_drops_the_oldest_records_not_memory(tmp_path, monkeypatch, caplog):
+    """The queue between the vCPUs and the writer is bounded (QUEUE_LIMIT): past it the oldest records
+    go, with one warning, instead of hvm's memory growing while the writer is behind."""
+    monkeypatch.setattr(tracer_module, "WRITE_INTERVAL", 1000.0)   # the writer waits for close()
+    monkeypatch.setattr(tracer_module, "HIGH_WATER", 10**9)
+    monkeypatch.setattr(tracer_module, "QUEUE_LIMIT", 50)
+    path = tmp_path / "t.jsonl"
+    tracer = Tracer(TraceConfig(path=path), lambda reason, where: "com1")
+    for i in range(1000):
+        tracer.append(raw_io(i))
+    assert len(tracer.queue) == 50
+    with caplog.at_level(logging.WARNING):
+        tracer.close()
+    assert [json.loads(line)["t"] for line in path.read_text().splitlines()] == [i * 1000 for i in range(950, 1000)]
+    assert tracer.overflowed
+    assert [r.getMessage() for r in caplog.records] == [
+        "trace: the writer fell 50 records behind the guest: the oldest queued ones are dropped while it "
+        "catches up (the trace has gaps)"]
 
 
 def test_device_cache_is_bounded(tmp_path):

@@ -183,22 +183,24 @@ class _Bus:
     # --- the miss path: an address nobody claims is served by these, so the hot path has no branch for it
     def _miss_read(self, addr: int, size: int) -> int:
         if addr not in self._seen:
-            self._new_miss(addr, f"{self.kind} read ({size} bytes) from %s: no device there, reads as all ones")
+            self._new_miss(addr, "%s read (%d bytes) from %s: no device there, reads as all ones", self.kind, size)
         return MASK[size]
 
     def _miss_write(self, addr: int, size: int, value: int) -> None:
         if addr not in self._seen:
-            self._new_miss(addr, f"{self.kind} write of {value:#x} ({size} bytes) to %s: no device there, dropped")
+            self._new_miss(addr, "%s write of %#x (%d bytes) to %s: no device there, dropped", self.kind, value, size)
 
-    def _new_miss(self, addr: int, message: str) -> None:
+    def _new_miss(self, addr: int, message: str, *args) -> None:
         """The first access to an unclaimed address: tracked, told to the listeners, logged (rate-limited)."""
         self._first_miss(addr)
-        self._log_miss(addr, message)
+        self._log_miss(addr, message, *args)
 
-    def _log_miss(self, addr: int, message: str) -> None:
+    def _log_miss(self, addr: int, message: str, *args) -> None:
+        """`message % (*args, address)` is logged for the first LOGGED_MISSES addresses only: formatted
+        then, and never for the accesses after them (a scanning guest makes them by the million)."""
         if self._logged_n < LOGGED_MISSES:
             self._logged_n += 1
-            log.warning(message, f"{addr:#0{self.width}x}")
+            log.warning(message, *args, f"{addr:#0{self.width}x}")
             if self._logged_n == LOGGED_MISSES:
                 log.warning("%s: further accesses to unclaimed addresses are not logged one by one "
                             "(a summary follows)", self.kind)
@@ -331,11 +333,11 @@ class MmioBus(_Bus):
         return route
 
     def _other_read(self, addr: int, size: int) -> int:
-        self._log_miss(addr, f"mmio read ({size} bytes) from %s: no device there, reads as all ones")
+        self._log_miss(addr, "mmio read (%d bytes) from %s: no device there, reads as all ones", size)
         return MASK[size]
 
     def _other_write(self, addr: int, size: int, value: int) -> None:
-        self._log_miss(addr, f"mmio write of {value:#x} ({size} bytes) to %s: no device there, dropped")
+        self._log_miss(addr, "mmio write of %#x (%d bytes) to %s: no device there, dropped", value, size)
 
     def _own_hits(self) -> dict[int, int]:
         return dict(self._hits)

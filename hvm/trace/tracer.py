@@ -35,6 +35,9 @@ WRITE_INTERVAL = 0.25   # s: records reach the file at most this long after they
 CHUNK = 8192            # records encoded and written at a time (also how often an interrupted close checks)
 # Past this many queued records the writer does not wait for its interval (bounded memory).
 HIGH_WATER = 250_000
+# And past this many the oldest are dropped (a deque's maxlen: nothing on the vCPU's side), so a writer
+# that cannot keep up (a slow disk, several busy vCPUs) cannot make hvm's memory grow without bound.
+QUEUE_LIMIT = 1_000_000
 # The device-name cache is emptied past this many addresses: a guest that touches every port or MMIO
 # page must not grow it without bound.
 DEVICE_CACHE_LIMIT = 4096
@@ -59,7 +62,8 @@ class Tracer:
         self._resolve = resolve_device
         self._devices: dict[tuple[int, int], str | None] = {}
         self._match = parse_filter(config.filter) if config.filter else None
-        self.queue: deque = deque()              # vCPU threads append raw tuples here
+        self.queue: deque = deque(maxlen=QUEUE_LIMIT)   # vCPU threads append raw tuples here
+        self.overflowed = False                  # the queue was full at least once: records were lost
         self.append = self.queue.append
         self._ring: deque | None = deque(maxlen=config.ring) if config.ring else None
         self.records: list[ExitRecord] = []
@@ -89,6 +93,10 @@ class Tracer:
     def _drain(self) -> None:
         """Take everything queued now, CHUNK records at a time: filter, resolve, encode, write, deliver."""
         q = self.queue
+        if len(q) == QUEUE_LIMIT and not self.overflowed:
+            self.overflowed = True
+            log.warning("trace: the writer fell %d records behind the guest: the oldest queued ones are "
+                        "dropped while it catches up (the trace has gaps)", QUEUE_LIMIT)
         match, ring = self._match, self._ring
         rip = self.config.rip
         keep = self.config.memory or bool(self.callbacks)

@@ -27,7 +27,7 @@ from hvm.kvm import KICK_SIGNAL, Vcpu, ffi
 from hvm.kvm import constants as k
 from hvm.kvm._ffi import API_MODE, lib
 from hvm.kvm.ioctls import KVM_RUN
-from hvm.mmio.bus import DeviceFault, MmioBus, PioBus
+from hvm.mmio.bus import MASK, DeviceFault, MmioBus, PioBus
 from hvm.vcpu import fastloop
 from hvm.vcpu.report import CrashReport
 
@@ -310,11 +310,11 @@ class VcpuThread(threading.Thread):
         view = self._view
         addr, data, length, is_write = _MMIO.unpack_from(view, _EXIT_UNION)
         mmio = self.machine.mmio
-        if is_write:
-            value = data & ((1 << (8 * length)) - 1)
+        if is_write:   # masked here for the record of this exit; the bus masks reads itself
+            value = data & MASK[length]
             mmio.write(addr, length, value)
         else:
-            value = mmio.read(addr, length) & ((1 << (8 * length)) - 1)
+            value = mmio.read(addr, length)
             view[_EXIT_UNION + 8:_EXIT_UNION + 8 + length] = value.to_bytes(length, "little")
         self.last_exits.append((k.EXIT_MMIO, addr, is_write, length, 1, value))
         return False
