@@ -85,11 +85,11 @@ def check_regular_input(path: str | os.PathLike, what: str, max_bytes: int | Non
     return st.st_size
 
 
-def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int) -> bytes:
-    """Read a whole regular file of at most `max_bytes` (checked on the open file too, so a file that grows
-    or is swapped for a FIFO between the check and the read cannot get past the bound)."""
+def open_regular_input(path: str | os.PathLike, what: str, max_bytes: int | None = None) -> int:
+    """Open a regular file for reading (a blocking fd, close-on-exec), checked on the open file itself: a
+    path swapped for a FIFO or a device after an earlier check can neither hang the open (O_NONBLOCK) nor be
+    read (fstat), and a file over `max_bytes` is refused."""
     path = os.fspath(path)
-    check_regular_input(path, what, max_bytes)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
@@ -98,7 +98,23 @@ def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int) -> byt
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise HostFileError(f"{what} {path}: is {_describe(st.st_mode)}, not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as f:
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise HostFileError(f"{what} {path}: {st.st_size} bytes, more than the {max_bytes} allowed")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int) -> bytes:
+    """Read a whole regular file of at most `max_bytes` (checked on the open file too, so a file that grows
+    or is swapped for a FIFO between the check and the read cannot get past the bound)."""
+    path = os.fspath(path)
+    check_regular_input(path, what, max_bytes)
+    fd = open_regular_input(path, what, max_bytes)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
         raise HostFileError(f"{what} {path}: {e.strerror}") from None

@@ -260,3 +260,34 @@ def test_guest_ram_the_host_cannot_provide(hvm):
     if r.status == 0:
         pytest.skip("this host maps 1 TiB of guest RAM")
     one_line_error(r, "hvm: --memory: this host cannot provide 1048576 MiB of guest RAM (Cannot allocate memory)")
+
+
+# --- hvm/files.py: the one place user files are opened -----------------------------------------------------
+
+def test_files_open_output_and_regular_inputs(tmp_path):
+    from hvm.files import HostFileError, expand_user, open_output, open_regular_input, read_regular_file
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    # a FIFO with no writer neither hangs the open nor is read; one with no reader cannot be written
+    with pytest.raises(HostFileError, match=f"^input {fifo}: is a FIFO, not a regular file$"):
+        open_regular_input(fifo, "input")
+    with pytest.raises(HostFileError, match=f"^out {fifo}: a FIFO with no reader$"):
+        open_output(fifo, "out")
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 100)
+    with pytest.raises(HostFileError, match=f"^input {big}: 100 bytes, more than the 99 allowed$"):
+        read_regular_file(big, "input", 99)
+    assert read_regular_file(big, "input", 100) == b"x" * 100
+    # outputs: a regular file is truncated only once opened; a symlink is never followed
+    out = tmp_path / "out"
+    out.write_text("old")
+    fd = open_output(out, "out")
+    os.close(fd)
+    assert out.read_text() == ""
+    (tmp_path / "link").symlink_to(big)
+    with pytest.raises(HostFileError, match="is a symbolic link"):
+        open_output(tmp_path / "link", "out")
+    assert big.read_bytes() == b"x" * 100
+    with pytest.raises(HostFileError, match="no user named 'nosuchuser'"):
+        expand_user("~nosuchuser/x", "image")

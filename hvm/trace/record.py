@@ -3,11 +3,12 @@ JSON-lines encoding (hand-written f-strings: measurably cheaper than json.dumps 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from hvm.files import HostFileError, check_regular_input
+from hvm.files import check_regular_input, open_regular_input
 from hvm.kvm import constants as kc
 
 # Raw record, built on the vCPU thread right after the handler returns:
@@ -221,12 +222,8 @@ def read_lines(path) -> Iterator[bytes | None]:
     """The lines of a trace file as bytes, read in bounded memory: a line longer than MAX_LINE (random
     bytes with no newline) is consumed in pieces and yielded as None. The file must be a regular file
     (a FIFO would hang, /dev/zero would never end): HostFileError otherwise."""
-    check_regular_input(path, "trace file")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise HostFileError(f"trace file {path}: {e.strerror}") from None
-    with f:
+    check_regular_input(path, "trace file")   # the message for a FIFO or a device names what it is
+    with os.fdopen(open_regular_input(path, "trace file"), "rb") as f:
         while True:
             line = f.readline(MAX_LINE + 1)
             if not line:
