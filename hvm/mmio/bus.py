@@ -233,6 +233,24 @@ class _Bus:
                         accesses, self.kind, addresses)
 
 
+class _PortSet:
+    """The set of ports seen, as a fixed 64 KiB map (a set of up to 65536 ints costs ~4 MiB)."""
+
+    __slots__ = ("_bits",)
+
+    def __init__(self) -> None:
+        self._bits = bytearray(0x10000)
+
+    def __contains__(self, port: int) -> bool:
+        return self._bits[port] != 0
+
+    def add(self, port: int) -> None:
+        self._bits[port] = 1
+
+    def __iter__(self):
+        return (port for port, seen in enumerate(self._bits) if seen)
+
+
 class PioBus(_Bus):
     """x86 port I/O space (64 K ports). Per port: one (read, write) pair -- by default the shared miss
     handlers -- an offset and a hit counter, in flat sequences: two list indexes and one increment per
@@ -244,6 +262,7 @@ class PioBus(_Bus):
     def __init__(self) -> None:
         super().__init__()
         self._hits = [0] * 0x10000
+        self._seen = _PortSet()
         self._handlers: list[tuple] = [(self._miss_read, self._miss_write)] * 0x10000
         self._offsets = array.array("l", range(0x10000))   # a miss handler gets the port itself
 
