@@ -59,8 +59,21 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--trace-filter", metavar="EXPR", help="only exits matching e.g. 'reason=io,port=0x3f8'")
     p.add_argument("--trace-ring", type=int, metavar="N", help="keep only the last N exits; write them at the end")
     p.add_argument("--trace-rip", action="store_true", help="record RIP per exit (one KVM_GET_REGS each)")
+    p.add_argument("--qmp", metavar="unix:PATH[,server=on][,wait=off]",
+                   help="listen for QMP clients (QEMU Machine Protocol) on a UNIX socket; wait=on: boot once "
+                        "a first client connected")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors (no unhandled-access warnings)")
+
+
+def _add_ctl_parser(sub) -> None:
+    p = sub.add_parser("ctl", help="send one QMP command to a running VM's socket (hvm run --qmp)",
+                       description="Connect to a QMP socket, send COMMAND and print its return value as JSON. "
+                                   "Status 0; 1 on a QMP error (its message on stderr); 2 when the socket "
+                                   "or the arguments are unusable.")
+    p.add_argument("socket", help="the socket path given to --qmp")
+    p.add_argument("qmp_command", metavar="COMMAND", help="e.g. query-status, stop, cont, quit")
+    p.add_argument("arguments", metavar="JSON-ARGS", nargs="?", help="the arguments, a JSON object")
 
 
 def _kut_timeout(text: str) -> float:
@@ -107,7 +120,7 @@ def _add_doctor_parser(sub) -> None:
 
 
 SUBPARSERS = {"run": _add_run_parser, "kut": _add_kut_parser, "trace": _add_trace_parser,
-              "doctor": _add_doctor_parser}
+              "doctor": _add_doctor_parser, "ctl": _add_ctl_parser}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -197,6 +210,9 @@ def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None
     if args.no_pit:
         over["pit"] = False
         origins["pit"] = "--no-pit"
+    if getattr(args, "qmp", None) is not None:
+        over["qmp"] = args.qmp
+        origins["qmp"] = "--qmp"
     devices = _device_overrides(args.device, origins)
     if args.serial is not None:
         devices["serial"] = {"output": args.serial}
@@ -291,22 +307,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     def terminate(signo, frame):
         raise _Terminated(signo)
 
+    qmp = None
+    if spec.qmp is not None:
+        # After the Machine is built (a VM that cannot be leaves no socket behind), before it runs.
+        from hvm.qmp.server import QmpServer, QmpSocketError
+
+        qmp = QmpServer(machine, spec.qmp)
+        try:
+            qmp.start()
+        except QmpSocketError as e:
+            machine.close()
+            print(f"hvm: --qmp: {e}" if args.qmp is not None else f"hvm: {spec.source}: qmp: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        except BaseException:
+            qmp.close()
+            machine.close()
+            raise
+
     previous = {s: signal.signal(s, terminate) for s in stop_signals}
     try:
         with machine:
             try:
+                if qmp is not None and spec.qmp.wait:
+                    print(f"hvm: waiting for a QMP client on {spec.qmp.path}", file=sys.stderr)
+                    qmp.wait_for_client()
                 result = machine.run()
             except KeyboardInterrupt:
-                result = machine.stop(130, "interrupted (Ctrl-C)")
+                result = _stop_or_end(machine, 130, "interrupted (Ctrl-C)")
             except _Terminated as t:
-                result = machine.stop(128 + t.signo, f"terminated by signal {t.signo}")
+                result = _stop_or_end(machine, 128 + t.signo, f"terminated by signal {t.signo}")
             finally:
                 for s in stop_signals:
                     signal.signal(s, signal.SIG_IGN)
+                if qmp is not None:
+                    qmp.close()     # clients get the SHUTDOWN event; the socket file is removed
     except _Terminated as t:  # before the run began: the machine is closed by now
         print(f"hvm: terminated by signal {t.signo}", file=sys.stderr)
         return 128 + t.signo
     finally:
+        if qmp is not None:
+            qmp.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if result.reason in ("crash", "timeout", "panic") or result.status >= 128:
@@ -321,6 +361,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(machine.stats().format(), file=sys.stderr)
         print(f"run time: {result.seconds * 1000:.1f} ms", file=sys.stderr)
     return result.status
+
+
+def _stop_or_end(machine: Machine, status: int, message: str):
+    """Ctrl-C or a stop signal: stop the VM; one still waiting for its first QMP client never started."""
+    if machine.state == "created":
+        from hvm.machine import RunResult
+
+        return RunResult(status, "stopped", message)
+    return machine.stop(status, message)
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from hvm.qmp.client import CtlError, ctl
+
+    try:
+        return ctl(args.socket, args.qmp_command, args.arguments)
+    except CtlError as e:
+        print(f"hvm: ctl: {e}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -405,7 +464,7 @@ def cmd_kut(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 
-COMMANDS = {"run": cmd_run, "kut": cmd_kut, "doctor": cmd_doctor, "trace": cmd_trace}
+COMMANDS = {"run": cmd_run, "kut": cmd_kut, "doctor": cmd_doctor, "trace": cmd_trace, "ctl": cmd_ctl}
 
 
 class _Terminated(Exception):

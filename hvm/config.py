@@ -17,6 +17,7 @@ from typing import Any
 from hvm.files import HostFileError, _describe, check_regular_input, expand_user
 from hvm.mmio.debugcon import DEBUGCON_PORT
 from hvm.mmio.pvconsole import PVCONSOLE_LEN, PVCONSOLE_PORT
+from hvm.qmp.address import QmpAddress, QmpAddressError, parse_qmp_address
 
 DEFAULT_MEMORY = 128 << 20   # as QEMU
 MIN_MEMORY = 2 << 20
@@ -111,6 +112,7 @@ class VmSpec:
     debugcon: int | None = None     # port of QEMU's isa-debugcon (one exit per byte), usually 0xe9
     pvconsole: int | None = None    # port of hvm's paravirtual console (one exit per buffer), usually 0xe00
     source: str = "command line"
+    qmp: QmpAddress | None = None   # a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md)
 
     def __post_init__(self) -> None:
         # A VmSpec built in code (not by parse_spec) gets the checks that keep the watchdog working.
@@ -294,7 +296,7 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
-TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices")
+TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices", "qmp")
 MACHINES = ("auto", "pc", "none")
 BOOT_KEYS = ("image", "load", "entry", "mode", "regs", "kernel", "initrd", "cmdline")
 GP_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
@@ -570,9 +572,21 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     debugcon = _optional_port(devices, "debugcon", DEBUGCON_PORT, 1)
     pvconsole = _optional_port(devices, "pvconsole", PVCONSOLE_PORT, PVCONSOLE_LEN)
 
+    qmp = None
+    raw_qmp = top.get("qmp")
+    if raw_qmp is not None and raw_qmp is not False:
+        if not isinstance(raw_qmp, str):
+            raise top.error("qmp", f"expected a socket path or unix:PATH[,server=on][,wait=off], got {_kind(raw_qmp)}")
+        # A path from --qmp is the current directory's, one from the YAML file the file's directory's.
+        qmp_base = Path.cwd() if top.origins.get("qmp") else base
+        try:
+            qmp = parse_qmp_address(raw_qmp, qmp_base)
+        except QmpAddressError as e:
+            raise top.error("qmp", str(e)) from None
+
     return VmSpec(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
                   irqchip=irqchip, pit=pit, testdev=testdev, serial=serial, debug_exit=debug_exit,
-                  debugcon=debugcon, pvconsole=pvconsole, source=source)
+                  debugcon=debugcon, pvconsole=pvconsole, source=source, qmp=qmp)
 
 
 def _optional_port(devices: _Fields, key: str, default: int, length: int) -> int | None:

@@ -400,6 +400,40 @@ class Machine:
             self._pause_cond.notify_all()
         self.state = "running"
 
+    def set_trace(self, config: TraceConfig | None, pause_timeout: float = 5.0) -> None:
+        """Start exit tracing to `config` (None: stop it) while the VM runs (QMP's x-hvm-trace). The vCPUs
+        are parked, their run loops handed the new tracer (or none) and chosen again as they run on; a VM
+        that was paused stays paused. The trace file is opened first: a bad path changes nothing
+        (HostFileError). Stopping writes out everything recorded and closes the file."""
+        from hvm.trace.tracer import Tracer
+
+        if self.stopping or self.state == "stopped":
+            raise RuntimeError("the VM has ended")
+        if config is None and self.tracer is None:
+            return
+        new = Tracer(config, self._device_at) if config is not None else None
+        started = self.state != "created"
+        park = started and self.run_state == "running"
+        try:
+            if park:
+                self.pause(timeout=pause_timeout)
+        except BaseException:
+            if new is not None:
+                new.close()
+            raise
+        old = self.tracer
+        try:
+            in_c = new is not None and not (config.memory or (config.ring and len(self.threads) > 1))
+            for t in self.threads:
+                t.set_tracing(new.append if new is not None else None, config.rip if config else False, in_c)
+            self.tracer = new
+            self.trace_config = config
+        finally:
+            if park:
+                self.resume()
+        if old is not None:
+            old.close()     # after the vCPUs handed it their last records
+
     @property
     def running(self) -> bool:
         return self.state in ("running", "paused") and not self._done.is_set()

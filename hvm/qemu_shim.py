@@ -70,6 +70,11 @@ def translate(argv: list[str]) -> list[str]:
                     continue
                 else:
                     raise ShimError(f"-machine {opt}: not supported by hvm")
+        elif a == "-qmp":
+            v = value()
+            if not v.startswith("unix:"):
+                raise ShimError(f"-qmp {v[:60]}: hvm's QMP listens on a UNIX socket (-qmp unix:PATH,server=on,wait=off)")
+            out += ["--qmp", v]   # QEMU's syntax, also the older `unix:PATH,server,nowait`
         elif a == "-cpu":
             value()  # hvm always gives the guest the host's supported CPUID
         elif a in IGNORED_WITH_VALUE:
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(VERSION)
         if "version" not in argv[0]:
             print("usage: hvm-qemu [-kernel FILE] [-append ARGS] [-initrd FILE] [-smp N] [-m SIZE] "
-                  "[-device pc-testdev|isa-debug-exit,...] [-machine pit=off] [-serial stdio|none]")
+                  "[-device pc-testdev|isa-debug-exit,...] [-machine pit=off] [-serial stdio|none] "
+                  "[-qmp unix:PATH,server=on,wait=off]")
         return 0
     if len(argv) == 2 and argv[0] == "-device" and argv[1] in ("?", "help"):
         print(DEVICES_HELP, end="")

@@ -44,6 +44,7 @@ class FastLoop:
         # the C side only reads what they write.
         self._lock = threading.Lock()
         self.run = lib.hvm_fastloop_run   # (fd, run address, state) -> exit reason, or -errno
+        self.tracing = False
 
     # --- what Python tells the C side --------------------------------------------------------------
     def port_unclaimed(self, port: int) -> None:
@@ -94,6 +95,12 @@ class FastLoop:
         tr.flush_ns = TRACE_FLUSH_NS
         tr.want_rip = want_rip
         self.state.trace = tr
+        self.tracing = True
+
+    def stop_trace(self) -> None:
+        """Record no more exits (take_trace what is recorded first). Only while the vCPU does not run."""
+        self.state.trace = ffi.NULL
+        self.tracing = False
 
     def take_trace(self, t0_ns: int, vcpu: int) -> list[tuple]:
         """The records written so far, as the raw tuples of hvm/trace/record.py; empties the buffer. Called

@@ -109,6 +109,7 @@ class VcpuThread(threading.Thread):
         # exit; they reach the sink in batches (at least every 50 ms while exits come, and at the end).
         self.trace_in_c = True
         self.t0_ns = 0
+        self.reselect = False    # set while parked: leave the run loop and choose it again (set_tracing)
         self._view = vcpu.run_view
         # One table keyed by exit reason; anything not listed is an unexpected exit.
         self.dispatch: list[Callable[[], bool]] = [self._exit_unexpected] * k.NUM_EXIT_REASONS
@@ -145,18 +146,14 @@ class VcpuThread(threading.Thread):
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> None:
         try:
-            if self.fast is not None and (self.trace_sink is None or self.trace_in_c):
-                if self.trace_sink is not None:
-                    self.fast.start_trace(self.trace_rip)
-                try:
-                    self._loop_fast()
-                finally:
-                    if self.trace_sink is not None:
-                        self._trace_flush()   # everything up to the last exit, crash or not
-            elif self.trace_sink is not None:
-                self._loop_traced()
-            else:
-                self._loop()
+            # The loop is chosen once per pass; Machine.set_trace (QMP's x-hvm-trace) parks the vCPUs, swaps
+            # the tracer and sets `reselect`, and the loop returns through its kick path (where nothing is
+            # hot) to be chosen again. An untraced loop so pays nothing for tracing that may start later.
+            while True:
+                self.reselect = False
+                self._run_loop()
+                if not self.reselect or self.machine.stopping:
+                    break
         except DeviceFault as e:
             # A device raised on a guest access (the bus caught it and named it): a bug in hvm, reported
             # in one line; the traceback only with -v.
@@ -165,6 +162,33 @@ class VcpuThread(threading.Thread):
         except Exception as e:  # a bug in the VMM itself: one line (traceback with -v), never a hang
             log.info("vCPU %d: internal error", self.index, exc_info=True)
             self.machine.internal_error(self.index, f"{type(e).__name__}: {e}")
+
+    def _run_loop(self) -> None:
+        if self.fast is not None and (self.trace_sink is None or self.trace_in_c):
+            traced = self.trace_sink is not None
+            if traced and not self.fast.tracing:
+                self.fast.start_trace(self.trace_rip)
+            try:
+                self._loop_fast()
+            finally:
+                if traced and self.trace_sink is not None:
+                    self._trace_flush()   # everything up to the last exit, crash or not
+        elif self.trace_sink is not None:
+            self._loop_traced()
+        else:
+            self._loop()
+
+    def set_tracing(self, sink: Callable[[tuple], None] | None, rip: bool = False, in_c: bool = True) -> None:
+        """Start or stop exit tracing on a vCPU that is parked (paused) or not started: the records the C
+        loop holds go to the old sink first; the loop is chosen again when the vCPU runs on."""
+        if self.fast is not None and self.fast.tracing:
+            if self.trace_sink is not None:
+                self._trace_flush()
+            self.fast.stop_trace()
+        self.trace_sink = sink
+        self.trace_rip = rip
+        self.trace_in_c = in_c
+        self.reselect = True
 
     def _loop(self) -> None:
         fd = self.vcpu.fd
@@ -176,7 +200,7 @@ class VcpuThread(threading.Thread):
         machine = self.machine
         while not machine.stopping:
             if ioctl(fd, KVM_RUN, arg) < 0:
-                if self._run_failed(ffi.errno):
+                if self._run_failed(ffi.errno) or self.reselect:
                     return
                 continue
             reason = reason_of(view, _REASON_OFFSET)[0]
@@ -197,7 +221,7 @@ class VcpuThread(threading.Thread):
             if reason < 0:
                 if reason == fastloop.TRACE_FLUSH:
                     self._trace_flush()
-                elif self._run_failed(-reason):
+                elif self._run_failed(-reason) or self.reselect:
                     return
                 continue
             counts[reason] += 1
@@ -225,7 +249,7 @@ class VcpuThread(threading.Thread):
         EXIT_IO, EXIT_MMIO, EXIT_INTERNAL = k.EXIT_IO, k.EXIT_MMIO, k.EXIT_INTERNAL_ERROR
         while not machine.stopping:
             if ioctl(fd, KVM_RUN, arg) < 0:
-                if self._run_failed(ffi.errno):
+                if self._run_failed(ffi.errno) or self.reselect:
                     return
                 continue
             t = clock()
