@@ -365,11 +365,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _stop_or_end(machine: Machine, status: int, message: str):
     """Ctrl-C or a stop signal: stop the VM; one still waiting for its first QMP client never started."""
-    if machine.state == "created":
+    if machine.run_state == "prelaunch":
         from hvm.machine import RunResult
 
         return RunResult(status, "stopped", message)
-    return machine.stop(status, message)
+    return machine.stop(status, message, cause="host-signal")
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:
