@@ -33,6 +33,9 @@ MAX_MESSAGE = 64 * 1024       # bytes in one message
 MAX_CLIENTS = 16
 MAX_OUTPUT = 1 << 20          # bytes queued for a client that does not read, before it is dropped
 READ_SIZE = 64 * 1024
+# Commands that may wait (for the vCPUs to park, for a device): run on the command thread, one at a time,
+# their client's input held meanwhile. The others only read state and answer on the I/O thread at once.
+WAITING_COMMANDS = frozenset({"stop", "cont", "system_reset", "system_powerdown", "quit", "migrate", "x-hvm-trace"})
 FLUSH_TIMEOUT = 1.0           # s given to clients to take their last events when the server closes
 
 
@@ -457,8 +460,11 @@ class QmpServer:
             self._send(c, _error("Capabilities negotiation is already complete, command ignored",
                                  "CommandNotFound", id_, has_id))
             return
-        c.busy = True
-        self._jobs.put((c, name, args, id_, has_id))
+        if name in WAITING_COMMANDS:
+            c.busy = True
+            self._jobs.put((c, name, args, id_, has_id))
+        else:
+            self._run_command(c, name, args, id_, has_id)
 
     @staticmethod
     def _check_request(msg: dict) -> tuple[str, dict]:
@@ -488,17 +494,21 @@ class QmpServer:
             if job is None or self._stopping:
                 return
             c, name, args, id_, has_id = job
-            try:
-                reply: dict = {"return": self.commands.execute(name, args)}
-                if has_id:
-                    reply["id"] = id_
-            except QmpError as e:
-                reply = _error(e.desc, e.cls, id_, has_id)
-            except Exception as e:   # a bug in a command: a reply, never a dead QMP thread
-                log.warning("QMP: %s failed", name, exc_info=True)
-                reply = _error(f"internal error in {name}: {type(e).__name__}: {e}", "GenericError", id_, has_id)
-            self._send(c, reply)
+            ok = self._run_command(c, name, args, id_, has_id)
             c.busy = False
             self._wake()
-            if name == "quit" and "return" in reply:
-                self.commands.after_quit()
+            if name == "quit" and ok:
+                self.commands.after_quit()   # after the reply was queued: the client sees it, then SHUTDOWN
+
+    def _run_command(self, c: _Client, name: str, args: dict, id_: Any, has_id: bool) -> bool:
+        try:
+            reply: dict = {"return": self.commands.execute(name, args)}
+            if has_id:
+                reply["id"] = id_
+        except QmpError as e:
+            reply = _error(e.desc, e.cls, id_, has_id)
+        except Exception as e:   # a bug in a command: a reply, never a dead QMP thread
+            log.warning("QMP: %s failed", name, exc_info=True)
+            reply = _error(f"internal error in {name}: {type(e).__name__}: {e}", "GenericError", id_, has_id)
+        self._send(c, reply)
+        return "return" in reply
