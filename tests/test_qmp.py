@@ -722,3 +722,98 @@ def test_parse_qmp_address(tmp_path):
     for bad in ("", "unix:", "unix:/a,server=off", "telnet:1", "unix:/a,bogus"):
         with pytest.raises(QmpAddressError):
             parse_qmp_address(bad)
+
+
+# --- in process: the QMP side of migrate, reset and powerdown, with the Machine's methods stubbed -----------
+@pytest.fixture
+def inproc(tmp_path):
+    """A ticker Machine in this process with a QmpServer; yields (machine, server)."""
+    from hvm.config import FlatBoot, VmSpec
+    from hvm.console import Console
+    from hvm.machine import Machine
+    from hvm.qmp.address import QmpAddress
+    from hvm.qmp.server import QmpServer
+
+    spec = VmSpec(name="ticker", boot=FlatBoot(TICKER, 0x7C00, 0x7C00, "real"), memory=4 << 20, timeout=VM_TIMEOUT)
+    m = Machine(spec, console=Console("none", "none", open_now=False))
+    server = QmpServer(m, QmpAddress(tmp_path / "in.sock"))
+    try:
+        server.start()
+        m.start()
+        yield m, server
+    finally:
+        server.close()
+        m.close()
+    assert not (tmp_path / "in.sock").exists()
+    assert m.result is not None and m.result.status == 0
+
+
+def test_migrate_events_and_query_migrate_with_a_stub_snapshot(inproc, tmp_path):
+    m, server = inproc
+    saved = []
+    gate = threading.Event()
+
+    def snapshot(path, *, resume=False):   # the contract's Machine.snapshot: pauses, saves, postmigrate
+        gate.wait(WAIT)
+        m.pause()
+        m._set_run_state("postmigrate")
+        if "bad" in str(path):
+            m.resume()
+            raise RuntimeError(f"{path}: No space left on device")
+        saved.append(path)
+
+    m.snapshot = snapshot
+
+    async def go():
+        c = await connect(server.path)
+        assert await c.execute("migrate", {"uri": f"file:{tmp_path / 'a.snap'}"}) == {}
+        during = await c.execute("query-migrate")
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("migrate", {"uri": f"file:{tmp_path / 'b.snap'}"})
+        busy = str(e.value)
+        gate.set()
+        statuses = []
+        while not statuses or statuses[-1] not in ("completed", "failed"):
+            statuses.append((await next_event(c, "MIGRATION"))["data"]["status"])
+        done = await c.execute("query-migrate")
+        status = await c.execute("query-status")
+        assert await c.execute("cont") == {}             # postmigrate runs on, as QEMU's does
+        assert await c.execute("migrate", {"uri": f"file:{tmp_path / 'bad.snap'}"}) == {}
+        failed_statuses = []
+        while not failed_statuses or failed_statuses[-1] not in ("completed", "failed"):
+            failed_statuses.append((await next_event(c, "MIGRATION"))["data"]["status"])
+        failed = await c.execute("query-migrate")
+        after = await c.execute("query-status")
+        await c.disconnect()
+        return during, busy, statuses, done, status, failed_statuses, failed, after
+
+    during, busy, statuses, done, status, failed_statuses, failed, after = run(go())
+    assert during["status"] in ("setup", "active")
+    assert busy == "There's a migration process in progress"
+    assert statuses == ["setup", "active", "completed"]    # setup came before the reply: skipped by nothing
+    assert done["status"] == "completed" and isinstance(done["total-time"], int)
+    assert saved == [tmp_path / "a.snap"]
+    assert status == {"running": False, "status": "postmigrate"}
+    assert failed_statuses == ["setup", "active", "failed"]
+    assert failed["status"] == "failed"
+    assert failed["error-desc"] == f"{tmp_path / 'bad.snap'}: No space left on device"
+    assert after["status"] == "running"
+
+
+def test_reset_and_powerdown_call_the_machine(inproc):
+    m, server = inproc
+    calls = []
+    m.system_reset = lambda: calls.append("reset")
+    m.system_powerdown = lambda: calls.append("powerdown")
+
+    async def go():
+        c = await connect(server.path)
+        assert await c.execute("system_reset") == {}
+        assert await c.execute("system_powerdown") == {}
+        event = await next_event(c, "POWERDOWN")
+        await c.disconnect()
+        return event
+
+    event = run(go())
+    assert calls == ["reset", "powerdown"]
+    assert event["data"] == {}

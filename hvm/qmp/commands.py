@@ -156,6 +156,7 @@ class Commands:
             powerdown()
         except (RuntimeError, OSError, ValueError) as e:
             raise QmpError(f"system_powerdown failed: {e}") from None
+        self._emit("POWERDOWN", {})    # QEMU's event for the button press (the guest decides what follows)
         return {}
 
     def cmd_quit(self) -> dict:
