@@ -250,6 +250,10 @@ class Commands:
         set_trace = getattr(self.machine, "set_trace", None)
         if set_trace is None:
             raise QmpError("x-hvm-trace is not available in this hvm")
+        with self._migration_lock:
+            migrating = self._migration.get("status") in ("setup", "active")
+        if migrating:   # the swap's pause and resume would run a VM the save means to leave stopped
+            raise QmpError("There's a migration process in progress")
         if not enable:
             if file is not None or filter is not None or rip:
                 raise QmpError("x-hvm-trace: 'file', 'filter' and 'rip' go with \"enable\": true")
