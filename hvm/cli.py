@@ -264,6 +264,7 @@ def spec_from_args(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
+        qmp_address = _qmp_address(args, spec)   # checked before the VM is built, like every flag
     except ConfigError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -308,16 +309,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise _Terminated(signo)
 
     qmp = None
-    if spec.qmp is not None:
+    if qmp_address is not None:
         # After the Machine is built (a VM that cannot be leaves no socket behind), before it runs.
         from hvm.qmp.server import QmpServer, QmpSocketError
 
-        qmp = QmpServer(machine, spec.qmp)
+        qmp = QmpServer(machine, qmp_address)
         try:
             qmp.start()
         except QmpSocketError as e:
             machine.close()
-            print(f"hvm: --qmp: {e}" if args.qmp is not None else f"hvm: {spec.source}: qmp: {e}", file=sys.stderr)
+            where = "--qmp" if args.qmp is not None else f"{spec.source}: qmp"
+            print(f"hvm: {where}: {e}", file=sys.stderr)
             return EXIT_CONFIG
         except BaseException:
             qmp.close()
@@ -328,8 +330,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with machine:
             try:
-                if qmp is not None and spec.qmp.wait:
-                    print(f"hvm: waiting for a QMP client on {spec.qmp.path}", file=sys.stderr)
+                if qmp is not None and qmp_address.wait:
+                    print(f"hvm: waiting for a QMP client on {qmp_address.path}", file=sys.stderr)
                     qmp.wait_for_client()
                 result = machine.run()
             except KeyboardInterrupt:
@@ -361,6 +363,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(machine.stats().format(), file=sys.stderr)
         print(f"run time: {result.seconds * 1000:.1f} ms", file=sys.stderr)
     return result.status
+
+
+def _qmp_address(args: argparse.Namespace, spec):
+    """The QMP socket to listen on: the spec's (YAML `qmp:` or --qmp, validated with it), or, for a VM that
+    has no spec from the command line (a restore), the --qmp flag's. None: no QMP."""
+    if spec is not None:
+        return spec.qmp
+    if getattr(args, "qmp", None) is None:
+        return None
+    from hvm.qmp.address import QmpAddressError, parse_qmp_address
+
+    try:
+        return parse_qmp_address(args.qmp)
+    except QmpAddressError as e:
+        raise ConfigError("command line", "qmp", str(e), flag="--qmp") from None
 
 
 def _stop_or_end(machine: Machine, status: int, message: str):
