@@ -309,26 +309,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise _Terminated(signo)
 
     qmp = None
-    if qmp_address is not None:
-        # After the Machine is built (a VM that cannot be leaves no socket behind), before it runs.
-        from hvm.qmp.server import QmpServer, QmpSocketError
-
-        qmp = QmpServer(machine, qmp_address)
-        try:
-            qmp.start()
-        except QmpSocketError as e:
-            machine.close()
-            where = "--qmp" if args.qmp is not None else f"{spec.source}: qmp"
-            print(f"hvm: {where}: {e}", file=sys.stderr)
-            return EXIT_CONFIG
-        except BaseException:
-            qmp.close()
-            machine.close()
-            raise
-
     previous = {s: signal.signal(s, terminate) for s in stop_signals}
     try:
         with machine:
+            if qmp_address is not None:
+                # After the Machine is built (a VM that cannot be leaves no socket behind), before it runs,
+                # with the stop signals handled (the socket file is removed whatever ends hvm).
+                from hvm.qmp.server import QmpServer, QmpSocketError
+
+                qmp = QmpServer(machine, qmp_address)
+                try:
+                    qmp.start()
+                except QmpSocketError as e:
+                    where = "--qmp" if args.qmp is not None else f"{spec.source}: qmp"
+                    print(f"hvm: {where}: {e}", file=sys.stderr)
+                    return EXIT_CONFIG
             try:
                 if qmp is not None and qmp_address.wait:
                     print(f"hvm: waiting for a QMP client on {qmp_address.path}", file=sys.stderr)

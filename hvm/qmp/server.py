@@ -33,6 +33,13 @@ MAX_MESSAGE = 64 * 1024       # bytes in one message
 MAX_CLIENTS = 16
 MAX_OUTPUT = 1 << 20          # bytes queued for a client that does not read, before it is dropped
 READ_SIZE = 64 * 1024
+# The I/O thread shares the GIL with the vCPU threads, whose exits need it: a client flooding messages
+# must not take it from them. Messages are handled at most BATCH per client per round, and after a round
+# that took T seconds the thread sleeps BACKOFF * T (GIL released), so it uses at most 1 / (1 + BACKOFF) of
+# the interpreter however busy its clients are. A command answered in microseconds waits microseconds.
+BATCH = 16
+BACKOFF = 4.0
+BACKOFF_MAX = 0.05   # s
 # Commands that may wait (for the vCPUs to park, for a device): run on the command thread, one at a time,
 # their client's input held meanwhile. The others only read state and answer on the I/O thread at once.
 WAITING_COMMANDS = frozenset({"stop", "cont", "system_reset", "system_powerdown", "quit", "migrate", "x-hvm-trace"})
@@ -267,13 +274,17 @@ class QmpServer:
     # --- the I/O thread ---------------------------------------------------------------------------
     def _io_loop(self) -> None:
         sel = self._sel
+        clock = time.perf_counter
         while not self._stopping:
+            # Messages already read and not handled (past a round's BATCH): look, but do not wait.
+            ready = any(c.pending and not c.busy and not c.dead for c in self._clients.values())
             try:
-                events = sel.select()
+                events = sel.select(0 if ready else None)
             except (OSError, ValueError):
                 if self._stopping:
                     return
                 raise
+            t0 = clock()
             for key, mask in events:
                 if key.data is None:
                     self._accept()
@@ -294,6 +305,9 @@ class QmpServer:
                         log.warning("QMP: internal error on a connection: dropped", exc_info=True)
                         c.dead = True
             self._update()
+            spent = clock() - t0
+            if spent > 0.0002:
+                time.sleep(min(spent * BACKOFF, BACKOFF_MAX))
 
     def _update(self) -> None:
         """Each client's interest, after whatever happened: read when idle, write when output waits."""
@@ -416,7 +430,9 @@ class QmpServer:
 
     # --- messages -------------------------------------------------------------------------------
     def _handle_pending(self, c: _Client) -> None:
-        while c.pending and not c.busy and not c.dead:
+        for _ in range(BATCH):
+            if not c.pending or c.busy or c.dead:
+                return
             self._handle(c, c.pending.popleft())
 
     def _handle(self, c: _Client, raw: bytes | None) -> None:
