@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import selectors
+import signal
 import socket
 import stat
 import threading
@@ -32,7 +33,9 @@ log = logging.getLogger("hvm.qmp")
 MAX_MESSAGE = 64 * 1024       # bytes in one message
 MAX_CLIENTS = 16
 MAX_OUTPUT = 1 << 20          # bytes queued for a client that does not read, before it is dropped
-READ_SIZE = 64 * 1024
+# Read per round: a client's socket is read again only once what it sent was handled, so this bounds its
+# parsed, waiting messages (8 KiB of `{}` is 4096 of them).
+READ_SIZE = 8 * 1024
 # The I/O thread shares the GIL with the vCPU threads, whose exits need it: a client flooding messages
 # must not take it from them. Messages are handled at most BATCH per client per round, and after a round
 # that took T seconds the thread sleeps BACKOFF * T (GIL released), so it uses at most 1 / (1 + BACKOFF) of
@@ -44,6 +47,9 @@ BACKOFF_MAX = 0.05   # s
 # their client's input held meanwhile. The others only read state and answer on the I/O thread at once.
 WAITING_COMMANDS = frozenset({"stop", "cont", "system_reset", "system_powerdown", "quit", "migrate", "x-hvm-trace"})
 FLUSH_TIMEOUT = 1.0           # s given to clients to take their last events when the server closes
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class QmpSocketError(Exception):
@@ -102,19 +108,27 @@ class QmpServer:
 
     # --- setup and teardown ----------------------------------------------------------------------
     def start(self) -> None:
-        self._bind()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._listener, selectors.EVENT_READ, None)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        add = getattr(self.machine, "add_listener", None)
-        if add is not None:
-            add(self._on_event)
-            self._listening = True
-        self._io_thread = threading.Thread(target=self._io_loop, name="qmp-io", daemon=True)
-        self._cmd_thread = threading.Thread(target=self._command_loop, name="qmp-commands", daemon=True)
-        self._io_thread.start()
-        self._cmd_thread.start()
+        # The stop signals are held off while the socket is made and the threads start: a SIGTERM handler
+        # that raises (hvm run's) landing inside Thread.start() leaves a thread that can be neither used nor
+        # joined. The threads keep them blocked (they never need them); a signal that came meanwhile is
+        # delivered to this thread when the mask is restored, once close() can undo everything.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            self._bind()
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._sel = selectors.DefaultSelector()
+            self._sel.register(self._listener, selectors.EVENT_READ, None)
+            self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            add = getattr(self.machine, "add_listener", None)
+            if add is not None:
+                add(self._on_event)
+                self._listening = True
+            self._io_thread = threading.Thread(target=self._io_loop, name="qmp-io", daemon=True)
+            self._cmd_thread = threading.Thread(target=self._command_loop, name="qmp-commands", daemon=True)
+            self._io_thread.start()
+            self._cmd_thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         log.info("QMP listening on %s", self.path)
 
     def _bind(self) -> None:
@@ -146,7 +160,7 @@ class QmpServer:
                 pass
             except OSError as e:
                 raise QmpSocketError(f"{path}: cannot remove the stale socket: {e.strerror}") from None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # umask for the bind: the socket file is made 0600 from the start (a chmod after the bind would
         # leave a window in which anyone could connect). Done before the vCPUs run, on the main thread.
         old = os.umask(0o177)
@@ -154,6 +168,7 @@ class QmpServer:
             sock.bind(path)
         except OSError as e:
             sock.close()
+            self._listener = None
             raise QmpSocketError(f"{path}: {e.strerror or e}") from None
         finally:
             os.umask(old)
@@ -161,7 +176,6 @@ class QmpServer:
         self._ident = (st.st_dev, st.st_ino)
         sock.listen(8)
         sock.setblocking(False)
-        self._listener = sock
 
     def wait_for_client(self, timeout: float | None = None) -> bool:
         """wait=on: block until a first client connects (True) or `timeout` passes (False)."""
@@ -192,7 +206,7 @@ class QmpServer:
         self._jobs.put(None)
         self._wake()
         for t in (self._io_thread, self._cmd_thread):
-            if t is not None and t is not threading.current_thread():
+            if t is not None and t.ident is not None and t is not threading.current_thread():
                 t.join(2.0)
         for c in list(self._clients.values()):
             self._drop(c)
