@@ -3,6 +3,7 @@ PM1a event block (status/enable), PM1a control block (SCI_EN, sleep type and ena
 and the 3.579545 MHz PM timer at 0x608, which guests (kvm-unit-tests, Linux) use as a clock."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
@@ -29,6 +30,8 @@ class AcpiPm:
         self.pm1_sts = 0
         self.pm1_en = 0
         self.pm1_cnt = SCI_EN  # no SMI_CMD in the FADT: the machine is always in ACPI mode
+        # Several vCPUs: read-modify-writes of the registers are atomic; poweroff is called unlocked.
+        self._lock = threading.Lock()
 
     def timer(self) -> int:
         """24-bit counter at 3.579545 MHz since the machine started (FADT does not set TMR_VAL_EXT)."""
@@ -37,10 +40,18 @@ class AcpiPm:
     def read(self, offset: int, size: int) -> int:
         if offset >= PM_TMR:
             return self.timer() >> (8 * (offset - PM_TMR)) & ((1 << (8 * size)) - 1)
-        regs = self.pm1_sts | self.pm1_en << 16 | self.pm1_cnt << 32
+        with self._lock:
+            regs = self.pm1_sts | self.pm1_en << 16 | self.pm1_cnt << 32
         return (regs >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            poweroff = self._write(offset, size, value)
+        if poweroff and self._on_poweroff:
+            self._on_poweroff()
+
+    def _write(self, offset: int, size: int, value: int) -> bool:
+        """Returns True when the write asks for S5 (power off)."""
         if offset == PM1_EVT and size >= 2:
             self.pm1_sts &= ~(value & 0xFFFF)  # write 1 to clear
             if size == 4:
@@ -50,5 +61,5 @@ class AcpiPm:
         elif offset == PM1_CNT:
             value &= 0xFFFF
             self.pm1_cnt = (value & ~SLP_EN) | SCI_EN
-            if value & SLP_EN and (value >> SLP_TYP_SHIFT) & 7 == S5_SLEEP_TYPE and self._on_poweroff:
-                self._on_poweroff()
+            return bool(value & SLP_EN) and (value >> SLP_TYP_SHIFT) & 7 == S5_SLEEP_TYPE
+        return False

@@ -3,6 +3,7 @@ kvm-unit-tests read to learn the CPU count and memory size. An unknown item read
 from __future__ import annotations
 
 import struct
+import threading
 
 FW_CFG_PORT = 0x510
 FW_CFG_SIGNATURE = 0x00
@@ -22,6 +23,8 @@ class FwCfg:
         self.items = dict(items)
         self._selected = b""
         self._pos = 0
+        # Several vCPUs may select and read at once: the selector and position change together.
+        self._lock = threading.Lock()
 
     @classmethod
     def for_machine(cls, ram_size: int, cpus: int) -> "FwCfg":
@@ -36,15 +39,17 @@ class FwCfg:
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset == 0:
-            self._selected = self.items.get(value & 0xFFFF & 0x3FFF, b"")
-            self._pos = 0
+            with self._lock:
+                self._selected = self.items.get(value & 0xFFFF & 0x3FFF, b"")
+                self._pos = 0
 
     def read(self, offset: int, size: int) -> int:
         if offset != 1:
             return 0
         value = 0
-        for i in range(size):  # a wider read returns consecutive bytes, as on QEMU
-            byte = self._selected[self._pos] if self._pos < len(self._selected) else 0
-            self._pos += 1
-            value |= byte << (8 * i)
+        with self._lock:
+            for i in range(size):  # a wider read returns consecutive bytes, as on QEMU
+                byte = self._selected[self._pos] if self._pos < len(self._selected) else 0
+                self._pos += 1
+                value |= byte << (8 * i)
         return value

@@ -3,6 +3,7 @@ keyboard: the status and command ports (0x60 data, 0x64 status/command), the con
 command byte, and the CPU reset line (command 0xFE), which Linux's `reboot` uses."""
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Callable
 
@@ -41,6 +42,9 @@ class I8042:
         self.status = STATUS_SYS
         self.out: deque[int] = deque(maxlen=OUT_QUEUE)
         self._pending_write: int | None = None
+        # Several vCPUs may use the ports at once: the ports take it around each access (the reset
+        # callback runs after it is released: it stops the machine, which needs no device lock).
+        self.lock = threading.Lock()
 
     def port(self, which: int) -> "_Port":
         return _Port(self, which)
@@ -54,17 +58,19 @@ class I8042:
     def read_status(self) -> int:
         return self.status | (STATUS_OBF if self.out else 0)
 
-    def write_data(self, value: int) -> None:
+    def write_data(self, value: int) -> bool:
+        """Returns True when the write asks for a CPU reset (the caller calls on_reset, unlocked)."""
         self.status &= ~STATUS_CMD
         cmd, self._pending_write = self._pending_write, None
         if cmd == CMD_WRITE_CTR:
             self.ctr = value
         elif cmd == CMD_WRITE_OUTPUT:
-            if not value & 1 and self._on_reset:  # bit 0 low = CPU reset
-                self._on_reset()
+            return not value & 1          # bit 0 low = CPU reset
         # A byte for the (absent) keyboard itself: nobody answers, as with no keyboard plugged in.
+        return False
 
-    def write_command(self, value: int) -> None:
+    def write_command(self, value: int) -> bool:
+        """Returns True when the command asks for a CPU reset (see write_data)."""
         self.status |= STATUS_CMD
         if value == CMD_READ_CTR:
             self._push(self.ctr)
@@ -77,8 +83,12 @@ class I8042:
         elif value == CMD_READ_OUTPUT:
             self._push(0x01)  # reset line high (not in reset), A20 as the machine has it
         elif value == CMD_PULSE_RESET:
-            if self._on_reset:
-                self._on_reset()
+            return True
+        return False
+
+    def reset_requested(self) -> None:
+        if self._on_reset:
+            self._on_reset()
 
 
 class _Port:
@@ -88,10 +98,16 @@ class _Port:
         self.name = chip.name
 
     def read(self, offset: int, size: int) -> int:
-        return self.chip.read_data() if self.which == I8042_DATA_PORT else self.chip.read_status()
+        chip = self.chip
+        with chip.lock:
+            return chip.read_data() if self.which == I8042_DATA_PORT else chip.read_status()
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if self.which == I8042_DATA_PORT:
-            self.chip.write_data(value & 0xFF)
-        else:
-            self.chip.write_command(value & 0xFF)
+        chip = self.chip
+        with chip.lock:
+            if self.which == I8042_DATA_PORT:
+                reset = chip.write_data(value & 0xFF)
+            else:
+                reset = chip.write_command(value & 0xFF)
+        if reset:
+            chip.reset_requested()

@@ -3,6 +3,7 @@ real time (UTC), BCD and 24-hour mode as a PC BIOS leaves it. The clock is read,
 writes to the time registers are kept as an offset from host time."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
@@ -35,6 +36,7 @@ class Rtc:
         self.cmos[REG_B] = B_24H     # BCD, 24-hour, no interrupts
         self.cmos[REG_D] = 0x80      # battery good: RAM and time valid
         self.offset = 0.0            # seconds the guest set the clock away from host time
+        self._lock = threading.Lock()  # several vCPUs: the index and the register it selects go together
 
     def _time_field(self, reg: int) -> int:
         t = time.gmtime(self._clock() + self.offset)
@@ -47,6 +49,10 @@ class Rtc:
     def read(self, offset: int, size: int) -> int:
         if offset == 0:
             return 0xFF  # the index port is write-only
+        with self._lock:
+            return self._read_data()
+
+    def _read_data(self) -> int:
         # (every value read back is a byte: cmos[] holds bytes, the time fields are < 100 BCD or binary)
         reg = self.index
         if reg in (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR, REG_CENTURY):
@@ -57,6 +63,10 @@ class Rtc:
         return self.cmos[reg]
 
     def write(self, offset: int, size: int, value: int) -> None:
+        with self._lock:
+            self._write(offset, value)
+
+    def _write(self, offset: int, value: int) -> None:
         value &= 0xFF   # both ports are 8 bits wide: a wider access carries nothing more for the chip
         if offset == 0:
             self.index = value & 0x7F

@@ -3,6 +3,7 @@ back), a flush-page port at 0xe4 (accepted, nothing to flush here), and 24 ports
 ISA/IOAPIC interrupt line levels."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 TESTDEV_PORT = 0xE0
@@ -16,6 +17,7 @@ class PcTestDev:
 
     def __init__(self) -> None:
         self.data = 0
+        self._lock = threading.Lock()   # partial writes are read-modify-writes; several vCPUs may make them
 
     def read(self, offset: int, size: int) -> int:
         if offset < 4:
@@ -25,7 +27,8 @@ class PcTestDev:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset < 4:
             mask = ((1 << (8 * size)) - 1) << (8 * offset)
-            self.data = (self.data & ~mask) | ((value << (8 * offset)) & mask)
+            with self._lock:
+                self.data = (self.data & ~mask) | ((value << (8 * offset)) & mask)
 
 
 class PcTestDevIrq:
