@@ -14,6 +14,7 @@
         .set MMIO_HOLE, 0xd0000000      /* in the PCI hole: MMIO that no device claims */
         .code32
         PATCHED_HEADER
+halt_sti:       .long 0                 /* at +8: nonzero = vCPU 0 ends in `sti; hlt` (PICs masked), not `cli; hlt` */
 start:
         mov $0x18, %ax
         mov %ax, %ds
@@ -38,9 +39,17 @@ start:
         jmp 1b
 2:      xor %eax, %eax
         out %eax, $0xf4                 /* debug-exit, if the VM has one */
-        cli
+        cmpl $0, halt_sti
+        jne 6f
+5:      cli
         hlt
-        jmp 2b
+        jmp 5b
+6:      mov $0xff, %al                  /* both 8259s masked: no interrupt will come, but hvm cannot know */
+        out %al, $0x21
+        out %al, $0xa1
+        sti
+7:      hlt
+        jmp 7b
 
 /* The loop both vCPUs run (needs no stack: no call inside). */
 hammer:

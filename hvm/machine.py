@@ -28,6 +28,7 @@ from hvm.memory import GuestMemory
 from hvm.boot import bios
 from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
+from hvm.boot.mptable import write_mp_table
 from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
 from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
@@ -51,6 +52,12 @@ EXIT_HOST = 6
 EXIT_TIMEOUT = 124
 EXIT_INTERNAL = 70  # a bug in hvm itself (EX_SOFTWARE)
 JOIN_TIMEOUT = 2.0  # seconds to wait, in all, for the vCPU threads once the VM has ended
+# Several vCPUs with the in-kernel irqchip: how often the vCPUs are asked whether they all halted (HLT
+# sleeps in the kernel there, so hvm must ask), how long an answer may take, and how many rounds in a row
+# must find them all halted (a vCPU woken by an IPI between two answers is seen in the next round).
+HALT_POLL = 0.1
+PROBE_TIMEOUT = 1.0
+HALT_ROUNDS = 2
 
 # Console lines whose first appearance --stats reports, in the spirit of Firecracker's boot timer:
 # the last one is the kernel handing over to user space.
@@ -150,6 +157,11 @@ class Machine:
         self._parked = 0
         self._halted = 0
         self._timer: threading.Timer | None = None
+        self._halt_watch: threading.Thread | None = None
+        self._vm_teardown_pending = False   # close() left the VM objects to the last vCPU thread
+        self._threads_ended: set[int] = set()   # vCPU threads past their last use of kvm_run and guest RAM
+        self._probe_cond = threading.Condition()
+        self._probes: dict[int, str] = {}
         self._started_at = 0.0
         self._joined = False
         if console is None:
@@ -189,6 +201,7 @@ class Machine:
 
         if self.spec.machine == "pc":
             write_acpi_tables(mem, spec.vcpus, PM_BASE)
+            write_mp_table(mem, spec.vcpus)    # the same CPUs and interrupts for guests without ACPI
         self.boot_state = self._load(mem)
         log.info("%s", self.boot_state.description)
 
@@ -327,6 +340,11 @@ class Machine:
             self._timer.start()
         for t in self.threads:
             t.start()
+        if len(self.threads) > 1 and self.spec.irqchip:
+            # HLT never leaves the kernel with the in-kernel LAPIC: ask the vCPUs now and then (see
+            # _watch_halts) so that a guest whose started vCPUs all halted ends as a one-vCPU one does.
+            self._halt_watch = threading.Thread(target=self._watch_halts, name="halt-watch", daemon=True)
+            self._halt_watch.start()
         # Host input last, from the console's own thread: it reads only as far ahead of the guest as the
         # UART's pending input allows, and a feed may block (the UART's input queue is bounded) until the
         # guest reads; the watchdog and the vCPUs already run then, and a stop lets a blocked feed go.
@@ -441,6 +459,45 @@ class Machine:
         if everyone:
             self._finish(EXIT_OK, "halt", "all vCPUs halted")
 
+    def vcpu_probed(self, index: int, activity: str) -> None:
+        """A vCPU thread's answer to VcpuThread.probe(): "waiting", "halted" or "running"."""
+        with self._probe_cond:
+            self._probes[index] = activity
+            self._probe_cond.notify_all()
+
+    def _watch_halts(self) -> None:
+        """The halt rule with several vCPUs (docs/config.md): the VM ends with status 0 ("halt") once every
+        vCPU that was started halted with interrupts off, vCPUs still waiting for INIT/SIPI not counting as
+        running (nothing is left to start them). Checked every HALT_POLL s by asking each vCPU thread, which
+        answers between two KVM_RUNs; HALT_ROUNDS rounds in a row must agree. A paused VM is not asked."""
+        rounds = 0
+        while not self._done.wait(HALT_POLL):
+            if self.state != "running" or self.stopping:
+                rounds = 0
+                continue
+            with self._probe_cond:
+                self._probes = {}
+            for t in self.threads:
+                t.probe()
+            deadline = time.monotonic() + PROBE_TIMEOUT
+            with self._probe_cond:
+                while len(self._probes) < len(self.threads) and not self._done.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._probe_cond.wait(left)
+                answers = dict(self._probes)
+            activities = list(answers.values())
+            if (len(answers) == len(self.threads) and "running" not in activities and "halted" in activities):
+                rounds += 1
+            else:
+                rounds = 0
+            if rounds >= HALT_ROUNDS:
+                waiting = activities.count("waiting")
+                detail = f" ({waiting} never started: waiting for INIT/SIPI)" if waiting else ""
+                self._finish(EXIT_OK, "halt", f"all started vCPUs halted{detail}")
+                return
+
     def vcpu_crashed(self, report: CrashReport) -> None:
         panic = self._panic_report() if report.reason.startswith("SHUTDOWN") else None
         if panic:  # a panicked kernel rebooting by triple fault: the panic is the news
@@ -541,29 +598,87 @@ class Machine:
 
     # --- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
+        """Release every fd and mapping. Every step runs even when one raises (each failure logged; the first
+        re-raised at the end). A vCPU thread still alive after the join deadline may be inside KVM_RUN or the
+        C loop, using its kvm_run mapping and guest memory: then the vCPU fds and mappings, guest memory and
+        the VM fd are deliberately left open (one log line), and the last vCPU thread to end closes them."""
+        errors: list[BaseException] = []
+
+        def step(what: str, fn) -> None:
+            try:
+                fn()
+            except BaseException as e:   # a Ctrl-C in one step must not skip the others either
+                log.error("close: %s failed: %s: %s", what, type(e).__name__, e)
+                log.debug("close: %s", what, exc_info=True)
+                errors.append(e)
+
         if self.threads and any(t.is_alive() for t in self.threads):
-            self._finish(EXIT_OK, "stopped", "closed")
-            self.wait(5.0)
+            step("stopping the vCPUs", self._stop_for_close)
+        step("the watchdog", self._cancel_watchdog)
+        with self._lock:
+            alive = [t.name for t in self._unfinished_threads()]
+            self._vm_teardown_pending = bool(alive)
+        if alive:
+            log.error("close: vCPU thread%s %s still running: leaving %s kvm_run mapping%s, vCPU fds, guest "
+                      "memory and the VM fd open until %s", "s" if len(alive) > 1 else "", ", ".join(alive),
+                      "its" if len(alive) == 1 else "their", "" if len(alive) == 1 else "s",
+                      "it ends" if len(alive) == 1 else "the last of them ends")
+        else:
+            self._close_vm_objects(step)
+        if self.kvm is not None:   # /dev/kvm: a VM fd keeps what it needs of it
+            step("/dev/kvm", self.kvm.close)
+            self.kvm = None
+        if self.tracer is not None:
+            step("the tracer", self.tracer.close)
+        step("the console", self.console.close)
+        if self.state != "created":
+            self.state = "stopped"
+        if errors:
+            raise errors[0]
+
+    def _stop_for_close(self) -> None:
+        self._finish(EXIT_OK, "stopped", "closed")
+        self.wait(5.0)
+
+    def _cancel_watchdog(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vcpus = []
+
+    def _close_vm_objects(self, step) -> None:
+        """What a running vCPU thread may touch: the vCPUs (fd, kvm_run mapping), the VM fd, guest memory."""
+        vcpus, self.vcpus = self.vcpus, []
+        for vcpu in vcpus:
+            step(f"vCPU {vcpu.index}", vcpu.close)
         if self.vm is not None:
-            self.vm.close()
+            step("the VM fd", self.vm.close)
             self.vm = None
         if self.memory is not None:
-            self.memory.close()
+            step("guest memory", self.memory.close)
             self.memory = None
-        if self.kvm is not None:
-            self.kvm.close()
-            self.kvm = None
-        if self.tracer is not None:
-            self.tracer.close()
-        self.console.close()
-        if self.state != "created":
-            self.state = "stopped"
+
+    def _unfinished_threads(self) -> list[VcpuThread]:
+        """vCPU threads started and not yet past vcpu_thread_ended (call with self._lock held)."""
+        return [t for t in self.threads if t.ident is not None and t.index not in self._threads_ended
+                and t.is_alive()]
+
+    def vcpu_thread_ended(self, index: int) -> None:
+        """Called by each vCPU thread as its last act. If close() left the VM objects to the vCPU threads,
+        the last one to end closes them (no thread can touch them any more)."""
+        with self._lock:
+            self._threads_ended.add(index)
+            if not self._vm_teardown_pending or self._unfinished_threads():
+                return
+            self._vm_teardown_pending = False
+
+        def step(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as e:
+                log.error("closing %s after vCPU %d ended: %s: %s", what, index, type(e).__name__, e)
+
+        self._close_vm_objects(step)
+        log.info("vCPU %d ended: closed the vCPUs, VM fd and guest memory close() had left open", index)
 
     def __enter__(self) -> "Machine":
         return self
