@@ -3,7 +3,7 @@
  * 0x8000 and starts vCPU 1 with INIT + SIPI (vector 0x08) through its in-kernel LAPIC. The trampoline
  * enters protected mode on hvm's GDT (0x500: CS 0x10, DS 0x18). Then each vCPU runs `iterations` times:
  *   IN 0x64 (i8042 status), OUT 0x510 (fw_cfg selector, 16-bit), OUT 0x80 (no device: the C fast loop's),
- *   a 4-byte MMIO write to 0xd0000000 (no device there either)
+ *   a 4-byte MMIO write to 0xd0000000 (no device there either), and a `lock incl` of the word at +12
  * and counts itself done; vCPU 0 waits for both, writes 0 to the debug-exit port (status 1 when the VM has
  * one) and halts with interrupts off, as vCPU 1 does. Counts: 2 * iterations for each of the four, exactly. */
 #include "header.inc"
@@ -15,6 +15,7 @@
         .code32
         PATCHED_HEADER
 halt_sti:       .long 0                 /* at +8: nonzero = vCPU 0 ends in `sti; hlt` (PICs masked), not `cli; hlt` */
+shared:         .long 0                 /* at +12: `lock incl` by both vCPUs each round: 2 * iterations at the end */
 start:
         mov $0x18, %ax
         mov %ax, %ds
@@ -60,6 +61,7 @@ hammer:
         out %ax, %dx
         out %al, $0x80
         mov %eax, MMIO_HOLE
+        lock incl shared
         loop 3b
         lock incl done
         ret

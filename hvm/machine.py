@@ -305,8 +305,9 @@ class Machine:
             raise BootError(f"{boot.kernel}: a Linux kernel takes one initrd, not {len(boot.initrd)}")
         cmdline = boot.cmdline
         missing = []
-        if self.host.linux_cmdline:
-            missing = [o for o in self.host.linux_cmdline if o.split("=")[0] + "=" not in cmdline
+        wanted = self.host.linux_cmdline + (self.host.smp_linux_cmdline if self.spec.vcpus > 1 else [])
+        if wanted:
+            missing = [o for o in wanted if o.split("=")[0] + "=" not in cmdline
                        and o not in cmdline.split()]
             if missing:
                 cmdline = (cmdline + " " + " ".join(missing)).strip()

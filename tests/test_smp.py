@@ -281,3 +281,30 @@ def boot_linux_smp(extra_cmdline: str = "", timeout: int = 300):
     return run_hvm("run", "--kernel", str(LINUX / "vmlinux-minimal"), "--initrd", str(LINUX / "initramfs-ud2.cpio"),
                    "--append", ("console=ttyS0 earlyprintk=serial panic=-1 " + extra_cmdline).strip(),
                    "--memory", "256M", "--vcpus", "2", "--timeout", str(timeout), input=b"", timeout=timeout + 60)
+
+
+def assert_two_cpus_and_init(r):
+    out = r.out
+    assert "smp: Brought up 1 node, 2 CPUs" in out, out[-3000:]
+    assert "Run /init as init process" in out, out[-3000:]
+    # /init's first instruction is UD2 (initramfs-ud2): the kernel kills it and panics, hvm reports status 4
+    assert "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000004" in out
+    assert r.status == 4, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_linux_brings_up_two_cpus_from_the_madt(linux_assets):
+    """About 1.5 minutes on kvm_pvm. There hvm adds `nopv` (hvm/host.py, docs/lifecycle.md): with Linux's KVM
+    paravirtual features the boot stops for good at the first cross-CPU wait."""
+    r = boot_linux_smp()
+    assert_two_cpus_and_init(r)
+    assert "ACPI: APIC 0x00000000000E0140" in r.out                  # the MADT is where the CPUs came from
+
+
+@pytest.mark.slow
+def test_linux_brings_up_two_cpus_from_the_mp_table(linux_assets):
+    """acpi=off: Linux finds the CPUs in the MP table alone."""
+    r = boot_linux_smp("acpi=off")
+    assert "found SMP MP-table at [mem 0x000f0000-0x000f000f]" in r.out, r.out[-3000:]
+    assert "ACPI: APIC" not in r.out
+    assert_two_cpus_and_init(r)
