@@ -160,12 +160,13 @@ class Machine:
                 console = Console("stdio" if other else "none", "none", open_now=False)
             else:
                 inp = serial.input
-                if inp == "auto":
-                    inp = "stdin" if serial.output == "stdio" else "none"
+                if inp == "auto":   # a script: steps drive the input, not the terminal
+                    inp = "stdin" if serial.output == "stdio" and not spec.script else "none"
                 console = Console(serial.output, inp, open_now=False)
         self.console = console
         try:
             self._build()
+            self._attach_console()
             self._open_outputs()
         except BaseException:
             self.close()
@@ -224,6 +225,20 @@ class Machine:
             # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
         self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host, fast_loop=self.fast_loop)
                         for v in self.vcpus]
+
+    def _attach_console(self) -> None:
+        """The console's pexpect side (hvm/console.py): send() feeds the UART (blocking while its input queue
+        is full, let go when the VM stops); EOF once the VM ended and no vCPU can write any more."""
+        uart = self.uart
+        self.console.attach(uart.feed if uart is not None else None,
+                            (lambda: uart.input_pending) if uart is not None else None, self._ended_status)
+
+    def _ended_status(self) -> int | None:
+        """The exit status once the VM ended and its vCPU threads are gone (all output written), else None."""
+        result = self.result
+        if result is None or not self._done.is_set() or any(t.is_alive() for t in self.threads):
+            return None
+        return result.status
 
     def _open_outputs(self) -> None:
         """The output files last, once the VM is built: a VM that cannot be (status 2) leaves an old console
