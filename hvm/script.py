@@ -225,7 +225,7 @@ def _run_step(machine: Machine, step: Step) -> None:
         except TIMEOUT:
             raise ScriptFailure(step, f"the guest did not read its input within {step.timeout:g} s") from None
     elif kind == "sleep":
-        time.sleep(step.value)
+        _sleep(machine, step.value)
     elif kind == "pause":
         try:
             machine.pause(timeout=step.timeout)
@@ -255,6 +255,10 @@ def _run_step(machine: Machine, step: Step) -> None:
         if result.status != step.value:
             raise ScriptFailure(step, f"the guest ended with status {result.status} ({result.message}), "
                                 f"not {step.value}")
+
+
+def _sleep(machine: Machine, seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def console_tail(machine: Machine, lines: int = TAIL_LINES) -> list[str]:
