@@ -4,12 +4,16 @@ Guests: firmware/echo.S (echoes input upper-cased; 'q' prints "bye" and halts: s
 ends), hello. Every run is bounded by hvm's --timeout and run_hvm's subprocess timeout."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, FIRMWARE, run_hvm, write_yaml
+from conftest import CONFIGS, FIRMWARE, ROOT, run_hvm, write_yaml
 from hvm import Machine
 from hvm.config import ConfigError, FlatBoot, VmSpec, parse_spec
 from hvm.console import Console
@@ -227,3 +231,18 @@ def test_snapshot_step(tmp_path):
     run = run_hvm("run", "--incoming", f"file:{snap}", "--script", str(cont))
     assert run.status == 0, run.stderr
     assert run.stdout.endswith(b"EFbye\n")
+
+
+def test_the_readme_python_example(tmp_path):
+    """The README's pexpect example (boot, expect, send, snapshot, restore, stop), run as printed."""
+    if not hasattr(Machine, "snapshot"):
+        pytest.skip("needs Machine.snapshot")
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    code = next(b for b in blocks if "Machine.restore" in b)
+    for name in ("configs", "firmware"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "b'\\nbye\\n' 0\n"
+    assert (tmp_path / "echo.snap").stat().st_size > 0
