@@ -39,7 +39,7 @@ INPUT_POLL = 0.01         # seconds between looks at whether the guest took its 
 # PEXPECT_LIMIT: memory stays bounded however long an expect waits.
 READ_CHUNK = 1 << 20
 READ_SPACING = 0.002
-READ_RATE = 200 << 20
+READ_RATE = 50 << 20
 PEXPECT_LIMIT = 8 << 20
 PEXPECT_KEEP = 4 << 20
 EOF_POLL = 0.05           # seconds between looks at whether the VM ended, for a reader with nothing to read

@@ -246,3 +246,17 @@ def test_the_readme_python_example(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout == "b'\\nbye\\n' 0\n"
     assert (tmp_path / "echo.snap").stat().st_size > 0
+
+
+def test_expect_not_reads_nothing_away(tmp_path):
+    path = config(tmp_path, "echo", '  - send: "ab"\n  - expect_not: Z\n    timeout: 0.3\n  - expect: "^AB$"\n'
+                                    '  - send: q\n  - exit: 0\n')
+    run = run_hvm("run", str(path), "--serial", "none")
+    assert run.status == 0, run.stderr
+
+
+def test_hvm_run_without_a_script_does_not_import_pexpect():
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "hvm", "run", str(CONFIGS / "hello.yaml")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "Hello from real mode!\n"
+    assert "| hvm.cli" in proc.stderr and "pexpect" not in proc.stderr
