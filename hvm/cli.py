@@ -297,9 +297,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 result = machine.run()
             except KeyboardInterrupt:
-                result = machine.stop(130, "interrupted (Ctrl-C)")
+                result = machine.stop(130, "interrupted (Ctrl-C)", cause="host-signal")
             except _Terminated as t:
-                result = machine.stop(128 + t.signo, f"terminated by signal {t.signo}")
+                result = machine.stop(128 + t.signo, f"terminated by signal {t.signo}", cause="host-signal")
             finally:
                 for s in stop_signals:
                     signal.signal(s, signal.SIG_IGN)
