@@ -473,13 +473,15 @@ class Machine:
         self._emit("RESUME")
 
     def system_powerdown(self) -> None:
-        """QMP system_powerdown: press the ACPI power button. The guest decides what to do (Linux needs
-        its ACPI button driver and user space acting on the key); the VM runs on meanwhile."""
+        """QMP system_powerdown: press the ACPI power button and emit POWERDOWN (as QEMU does). The guest
+        decides what to do (Linux needs its ACPI button driver and user space acting on the key); the VM runs
+        on meanwhile. A paused VM sees the press when it resumes."""
         if self.acpi_pm is None:
             raise RuntimeError("system_powerdown needs the ACPI power button of machine: pc")
         if self._done.is_set() or self.vm is None:
             raise RuntimeError("cannot press the power button of a VM that has ended")
         self.acpi_pm.press_power_button()
+        self._emit("POWERDOWN", {})
 
     @property
     def running(self) -> bool:

@@ -560,9 +560,12 @@ def test_system_powerdown_reaches_the_guest(tmp_path):
     spec = VmSpec(name="pwrbtn", boot=FlatBoot(image, 0x7C00, 0x7C00, "real"), memory=4 << 20, machine="pc",
                   timeout=GUEST_TIMEOUT)
     with Machine(spec, console=Console("none", "none")) as vm:
+        events = []
+        vm.add_listener(lambda event, data: events.append((event, data)))
         vm.start()
         vm.wait_for_console(b"R", timeout=GUEST_TIMEOUT)
         vm.system_powerdown()
+        assert ("POWERDOWN", {}) in events
         result = vm.wait(GUEST_TIMEOUT)
         assert result is not None and (result.status, result.reason) == (67, "debug-exit"), result
         assert not vm.acpi_pm.sci.level          # the guest's clear lowered the SCI on the irqchip
