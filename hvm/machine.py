@@ -29,7 +29,7 @@ from hvm.boot import bios
 from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
-from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
+from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, SCI_IRQ, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
 from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
 from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
@@ -150,6 +150,7 @@ class Machine:
         self.pio = PioBus()
         self.mmio = MmioBus()
         self.uart: SerialUart | None = None
+        self.acpi_pm: AcpiPm | None = None   # machine: pc only (its power button is system_powerdown's)
         self.boot_state: BootState | None = None
         self.host = detect_host() if adapt_to_host else HostProfile("as-is", False)
         self.is_linux = False
@@ -215,7 +216,8 @@ class Machine:
         if spec.machine == "pc":
             self._bios_state(mem)
             self.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
-            self.pio.register(PM_BASE, PM_LEN, AcpiPm(self._acpi_poweroff))
+            self.acpi_pm = AcpiPm(self._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter))
+            self.pio.register(PM_BASE, PM_LEN, self.acpi_pm)
             self.pio.register(RTC_PORT, RTC_LEN, Rtc())
             kbc = I8042(self._cpu_reset)
             self.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
@@ -484,6 +486,17 @@ class Machine:
                 self._pause_cond.notify_all()
             self.run_state = "running"
         self._emit("RESUME")
+
+    def system_powerdown(self) -> None:
+        """QMP system_powerdown: press the ACPI power button and emit POWERDOWN (as QEMU does). The guest
+        decides what to do (Linux needs its ACPI button driver and user space acting on the key); the VM runs
+        on meanwhile. A paused VM sees the press when it resumes."""
+        if self.acpi_pm is None:
+            raise RuntimeError("system_powerdown needs the ACPI power button of machine: pc")
+        if self._done.is_set() or self.vm is None:
+            raise RuntimeError("cannot press the power button of a VM that has ended")
+        self.acpi_pm.press_power_button()
+        self._emit("POWERDOWN", {})
 
     @property
     def running(self) -> bool:
