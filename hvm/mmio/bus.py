@@ -102,6 +102,9 @@ class _Bus:
         self._summary_at = 0.0                 # when the last summary line was written
         self._summarized = 0                   # unlogged accesses the summary lines have reported
         self._summary_lock = threading.Lock()
+        # Several vCPUs miss at once: which misses get a line of their own is decided under this lock, so
+        # exactly LOGGED_MISSES are logged (the lines themselves are written outside it).
+        self._miss_lock = threading.Lock()
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0:
@@ -205,37 +208,42 @@ class _Bus:
     def _log_miss(self, addr: int, message: str, *args) -> None:
         """`message % (*args, address)` is logged for the first LOGGED_MISSES addresses only: formatted
         then, and never for the accesses after them (a scanning guest makes them by the million)."""
-        if self._logged_n < LOGGED_MISSES:
-            self._logged_n += 1
+        with self._miss_lock:
+            n = self._logged_n = min(self._logged_n + 1, LOGGED_MISSES + 1)
+            if n > LOGGED_MISSES:
+                if len(self._unlogged) < OTHER_DISTINCT_LIMIT:
+                    self._unlogged.add(addr)
+                elif addr not in self._unlogged:
+                    self._unlogged_more = True
+                now = time.monotonic()
+                due = now - self._summary_at >= SUMMARY_INTERVAL
+                if due and not self._summary_at:
+                    self._summary_at = now   # the first summary comes one interval after the last logged miss
+                    due = False
+        if n <= LOGGED_MISSES:
             log.warning(message, *args, f"{addr:#0{self.width}x}")
-            if self._logged_n == LOGGED_MISSES:
+            if n == LOGGED_MISSES:
                 log.warning("%s: further accesses to unclaimed addresses are not logged one by one "
                             "(a summary follows)", self.kind)
             return
-        if len(self._unlogged) < OTHER_DISTINCT_LIMIT:
-            self._unlogged.add(addr)
-        elif addr not in self._unlogged:
-            self._unlogged_more = True
-        now = time.monotonic()
-        if now - self._summary_at >= SUMMARY_INTERVAL:
-            if self._summary_at:
-                self.log_summary()
-            else:
-                self._summary_at = now   # the first summary comes one interval after the last logged miss
+        if due:
+            self.log_summary()
 
     def log_summary(self) -> None:
         """Log one line for the unclaimed accesses not logged one by one since the last such line (if any):
         called at most every SUMMARY_INTERVAL seconds by the miss path, and by the machine when the VM ends."""
         with self._summary_lock:
-            self._summary_at = time.monotonic()
-            if not self._unlogged:
+            with self._miss_lock:   # a copy: vCPUs add to the set meanwhile
+                self._summary_at = time.monotonic()
+                unlogged, more = list(self._unlogged), self._unlogged_more
+            if not unlogged:
                 return
             hits = self._hit_counts()
-            total = sum(hits.get(a, 0) for a in self._unlogged if self.find(a) is None) + hits.get(OTHER, 0)
+            total = sum(hits.get(a, 0) for a in unlogged if self.find(a) is None) + hits.get(OTHER, 0)
             accesses, self._summarized = total - self._summarized, total
             if accesses <= 0:
                 return
-            addresses = f"more than {len(self._unlogged)}" if self._unlogged_more else str(len(self._unlogged))
+            addresses = f"more than {len(unlogged)}" if more else str(len(unlogged))
             log.warning("%d more unclaimed %s accesses not logged (to %s addresses in all)",
                         accesses, self.kind, addresses)
 
