@@ -302,11 +302,14 @@ class VcpuThread(threading.Thread):
         """From this thread, between two KVM_RUNs: "waiting" (never started: the vCPU waits for INIT/SIPI),
         "halted" (HLT with interrupts off: only an NMI, INIT or SIPI from another vCPU could wake it), or
         "running" (anything else, including HLT with interrupts on: a timer may wake it)."""
-        mp_state = self.vcpu.get_mp_state()
-        if mp_state in (k.MP_STATE_UNINITIALIZED, k.MP_STATE_INIT_RECEIVED):
-            return "waiting"
-        if mp_state == k.MP_STATE_HALTED and not self.vcpu.get_regs().rflags & RFLAGS_IF:
-            return "halted"
+        try:
+            mp_state = self.vcpu.get_mp_state()
+            if mp_state in (k.MP_STATE_UNINITIALIZED, k.MP_STATE_INIT_RECEIVED):
+                return "waiting"
+            if mp_state == k.MP_STATE_HALTED and not self.vcpu.get_regs().rflags & RFLAGS_IF:
+                return "halted"
+        except OSError as e:   # a host that will not say: the VM is not ended on a guess
+            log.debug("vCPU %d: activity unknown: %s", self.index, e)
         return "running"
 
     def kick(self) -> None:
