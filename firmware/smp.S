@@ -16,6 +16,8 @@
         PATCHED_HEADER
 halt_sti:       .long 0                 /* at +8: nonzero = vCPU 0 ends in `sti; hlt` (PICs masked), not `cli; hlt` */
 shared:         .long 0                 /* at +12: `lock incl` by both vCPUs each round: 2 * iterations at the end */
+ap_kvm_features: .long 0                /* at +16: vCPU 1's CPUID 0x40000001 EAX (KVM paravirtual features) */
+ap_leaf1_ebx:   .long 0                 /* at +20: vCPU 1's CPUID 1 EBX (bits 31..24: its initial APIC id) */
 start:
         mov $0x18, %ax
         mov %ax, %ds
@@ -72,6 +74,12 @@ ap32:
         mov %ax, %es
         mov %ax, %ss
         mov $ap_stack_top, %esp
+        mov $0x40000001, %eax
+        cpuid
+        mov %eax, ap_kvm_features
+        mov $1, %eax
+        cpuid
+        mov %ebx, ap_leaf1_ebx
         call hammer
 4:      cli
         hlt

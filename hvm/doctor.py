@@ -160,9 +160,9 @@ def diagnose(out=print) -> dict:
         out("  => system calls reach the guest kernel: Linux guests get a working user space and shell.")
     if host.linux_cmdline:
         out(f"  => hvm run adds to Linux command lines: {' '.join(host.linux_cmdline)}")
-    if host.smp_linux_cmdline:
-        out(f"  => and, with several vCPUs: {' '.join(host.smp_linux_cmdline)}")
     if host.hidden_features:
         out(f"  => hvm asks KVM to hide these CPUID features: {', '.join(n for *_, n in host.hidden_features)}")
+    if host.smp_hidden_features:
+        out(f"  => and, with several vCPUs: {', '.join(n for *_, n in host.smp_hidden_features)}")
     results["elapsed_s"] = time.monotonic() - t0
     return results

@@ -33,13 +33,17 @@ PVM_CLEARCPUID = ("xsave,cx16,popcnt,smap,smep,fsgsbase,invpcid,rdpid,rdtscp,sss
                   "movbe,sha_ni,avx,avx2,rdrand,rdseed")
 PVM_LINUX_CMDLINE = ["nokaslr", "noxsave", "nopcid", f"clearcpuid={PVM_CLEARCPUID}", "nowatchdog", "nosoftlockup",
                      "mitigations=off", "init_on_alloc=0", "cryptomgr.notests", "tsc=reliable"]
-# With several vCPUs, Linux's paravirtual features hang the boot on this backend. Measured with the 6.12
-# minimal kernel and 2 vCPUs: as is, it stops for good at the clocksource switch (stop_machine; "rcu_sched
-# self-detected stall on CPU 1", CPU 0 never runs again); with `nopvspin` (no PV spinlocks: halt-and-kick
-# through KVM_HC_KICK_CPU) it gets further and stalls the same way after the initramfs (both vCPU threads
-# busy in KVM, CPU 0 answering not even an NMI); with `nopv` (no KVM paravirtual features at all: PV IPIs,
-# PV TLB flush, PV EOI, kvmclock, steal time) it boots to /init as with one vCPU.
-PVM_SMP_LINUX_CMDLINE = ["nopv"]
+# With several vCPUs, the KVM paravirtual features through which one vCPU acts on another hang a Linux
+# boot on this backend: halt-and-kick spinlocks (KVM_HC_KICK_CPU), IPIs, remote TLB flushes and directed
+# yields by hypercall. Measured with the 6.12 minimal kernel and 2 vCPUs: with them, the boot stops for good
+# at the clocksource switch (stop_machine; "rcu_sched self-detected stall on CPU 1", CPU 0 never runs
+# again); with `nopvspin` (no PV spinlocks) it stalls the same way after the initramfs; with `nopv`, or with
+# these four CPUID bits hidden (kvmclock, steal time and PV EOI kept), it boots to /init. The backend
+# honours hvm's leaf 0x40000001 (checked from a guest), so hiding them is enough.
+PVM_SMP_HIDDEN_FEATURES = [
+    (0x40000001, None, "eax", 7, "kvm-pv-unhalt"), (0x40000001, None, "eax", 9, "kvm-pv-tlb-flush"),
+    (0x40000001, None, "eax", 11, "kvm-pv-send-ipi"), (0x40000001, None, "eax", 13, "kvm-pv-sched-yield"),
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class HostProfile:
     cpl0_emulated: bool
     hidden_features: list = field(default_factory=list)
     linux_cmdline: list[str] = field(default_factory=list)
-    smp_linux_cmdline: list[str] = field(default_factory=list)   # added too when the VM has several vCPUs
+    smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
 
     def describe(self) -> str:
         if self.backend == "kvm_pvm":
@@ -69,7 +73,7 @@ def _cpu_flags() -> set[str]:
 
 def detect() -> HostProfile:
     if os.path.isdir("/sys/module/kvm_pvm"):
-        return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_LINUX_CMDLINE)
+        return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_HIDDEN_FEATURES)
     flags = _cpu_flags()
     if "vmx" in flags:
         return HostProfile("vmx", False)

@@ -243,7 +243,8 @@ class Machine:
             self.pio.register(TESTDEV_PORT, TESTDEV_LEN, PcTestDev())
             self.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, PcTestDevIrq(irq_setter))
 
-        supported = hide_features(self.kvm.supported_cpuid(), self.host.hidden_features)
+        hidden = self.host.hidden_features + (self.host.smp_hidden_features if spec.vcpus > 1 else [])
+        supported = hide_features(self.kvm.supported_cpuid(), hidden)
         for index in range(spec.vcpus):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(vcpu)
@@ -335,9 +336,8 @@ class Machine:
             raise BootError(f"{boot.kernel}: a Linux kernel takes one initrd, not {len(boot.initrd)}")
         cmdline = boot.cmdline
         missing = []
-        wanted = self.host.linux_cmdline + (self.host.smp_linux_cmdline if self.spec.vcpus > 1 else [])
-        if wanted:
-            missing = [o for o in wanted if o.split("=")[0] + "=" not in cmdline
+        if self.host.linux_cmdline:
+            missing = [o for o in self.host.linux_cmdline if o.split("=")[0] + "=" not in cmdline
                        and o not in cmdline.split()]
             if missing:
                 cmdline = (cmdline + " " + " ".join(missing)).strip()
