@@ -17,6 +17,18 @@ PCI_HOLE_START = 3 * GiB
 PCI_HOLE_END = 4 * GiB
 
 
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)
+_MAP_FIXED = 0x10
+
+
+def _libc_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    result = libc.mmap(addr, length, prot, flags, fd, offset)
+    return -1 if result in (None, ctypes.c_void_p(-1).value) else result
+
+
 class GuestMemoryError(Exception):
     """An access fell outside guest RAM."""
 
@@ -45,25 +57,65 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
 class GuestMemory:
     """RAM of one guest. Use as a context manager; close() unmaps every region."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, _file: tuple[int, list[tuple[int, int, int]]] | None = None):
         if size <= 0 or size % 4096:
             raise ValueError(f"guest memory size must be a positive multiple of 4 KiB, not {size}")
         self.size = size
         self.regions: list[MemoryRegion] = []
+        # Regions mapped copy-on-write from a snapshot file (from_file): MADV_DONTNEED would bring back the
+        # file's contents, not zeros, so zero() and reset_to_zero() treat them differently.
+        self.file_backed = _file is not None
         try:
-            for gpa, length in ram_layout(size):
-                mapping = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-                # As QEMU does for guest RAM: a child of the VMM (fork before exec) gets none of it, and
-                # the flag keeps the region its own mapping, never merged by the kernel with a
-                # neighbouring anonymous one (bench/startup.py finds guest RAM in smaps by its size).
-                mapping.madvise(mmap.MADV_DONTFORK)
-                anchor = ctypes.c_char.from_buffer(mapping)
-                host_addr = ctypes.addressof(anchor)
-                del anchor  # drop the buffer export so the mapping can be closed later
-                self.regions.append(MemoryRegion(gpa, length, mapping, host_addr))
+            if _file is None:
+                for gpa, length in ram_layout(size):
+                    mapping = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+                    self._add(gpa, length, mapping)
+            else:
+                fd, layout = _file
+                for gpa, length, offset in layout:
+                    # MAP_PRIVATE: the guest's writes go to private copies of the pages, never to the file; a
+                    # page nobody writes stays the page cache's (shared by every VM restored from this file).
+                    mapping = mmap.mmap(fd, length, mmap.MAP_PRIVATE | _NORESERVE,
+                                        mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                    self._add(gpa, length, mapping)
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_file(cls, fd: int, layout: list[tuple[int, int, int]]) -> "GuestMemory":
+        """Guest RAM mapped copy-on-write from a file: (gpa, size, file offset) per region, each offset page
+        aligned. Nothing is read here: pages come in as they are touched."""
+        return cls(sum(size for _, size, _ in layout), _file=(fd, layout))
+
+    def _add(self, gpa: int, length: int, mapping: mmap.mmap) -> None:
+        try:
+            # As QEMU does for guest RAM: a child of the VMM (fork before exec) gets none of it, and
+            # the flag keeps the region its own mapping, never merged by the kernel with a
+            # neighbouring anonymous one (bench/startup.py finds guest RAM in smaps by its size).
+            mapping.madvise(mmap.MADV_DONTFORK)
+            anchor = ctypes.c_char.from_buffer(mapping)
+            host_addr = ctypes.addressof(anchor)
+            del anchor  # drop the buffer export so the mapping can be closed later
+        except BaseException:
+            mapping.close()
+            raise
+        self.regions.append(MemoryRegion(gpa, length, mapping, host_addr))
+
+    def reset_to_zero(self) -> None:
+        """Every byte of guest RAM zero again, at the same host addresses (KVM's memory slots keep pointing
+        at them): anonymous pages are dropped; a file-backed region is replaced by anonymous memory mapped
+        over it (MAP_FIXED), so the snapshot file is no longer used."""
+        for region in self.regions:
+            if not self.file_backed:
+                region.mapping.madvise(mmap.MADV_DONTNEED)
+                continue
+            addr = _libc_mmap(region.host_addr, region.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE | _MAP_FIXED, -1, 0)
+            if addr != region.host_addr:
+                raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED) over guest RAM failed")
+            region.mapping.madvise(mmap.MADV_DONTFORK)
+        self.file_backed = False
 
     def close(self) -> None:
         for region in self.regions:
@@ -110,8 +162,12 @@ class GuestMemory:
             last = max(stop // PAGE_SIZE * PAGE_SIZE, first)
             if first > off:
                 region.mapping[off:first] = bytes(first - off)
-            if last > first:
+            if last > first and not self.file_backed:
                 region.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+            elif last > first:   # a private file mapping would read the file's pages back: write the zeros
+                for at in range(first, last, 1 << 20):
+                    n = min(1 << 20, last - at)
+                    region.mapping[at:at + n] = bytes(n)
             if stop > last:
                 region.mapping[last:stop] = bytes(stop - last)
 

@@ -76,6 +76,11 @@ class Vcpu:
             bad = list(msrs)[n]
             raise OSError(0, f"KVM_SET_MSRS: MSR {bad:#x} was refused")
 
+    def set_msrs_partial(self, pairs: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS; returns how many of `pairs` KVM took (it stops at the first it refuses)."""
+        buf, kmsrs = _msr_buffer(list(pairs))
+        return ioctl_ptr(self.fd, ioctls.KVM_SET_MSRS, kmsrs)
+
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         idx = list(indices)
         buf, kmsrs = _msr_buffer([(i, 0) for i in idx])
