@@ -583,7 +583,8 @@ class Machine:
         released everything it opened."""
         from dataclasses import replace
 
-        from hvm.snapshot import SnapshotFile, spec_from_snapshot
+        from hvm.snapshot import spec_from_snapshot
+        from hvm.snapshot.format import SnapshotFile
 
         with SnapshotFile(path) as snap:
             spec = spec_from_snapshot(snap)
@@ -609,7 +610,8 @@ class Machine:
         return mem
 
     def _restore_vm_state(self, snap: SnapshotFile) -> None:
-        from hvm.snapshot import SnapshotError, kvmstate
+        from hvm.snapshot import SnapshotError
+        from hvm.snapshot import kvmstate
 
         desc = snap.description
         self.is_linux = desc.get("is_linux") is True
@@ -622,7 +624,8 @@ class Machine:
             raise SnapshotError(f"{snap.path}: section vm: {e}") from None
 
     def _restore_vcpus_and_devices(self, snap: SnapshotFile) -> None:
-        from hvm.snapshot import SnapshotError, kvmstate, load_devices
+        from hvm.snapshot import SnapshotError, load_devices
+        from hvm.snapshot import kvmstate
 
         xsave_size = self.vm.xsave_size()
         for vcpu, state in zip(self.vcpus, snap.vcpu_states):

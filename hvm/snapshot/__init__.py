@@ -11,18 +11,28 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hvm.snapshot.codec import CodecError, spec_from_dict, spec_to_dict
-from hvm.snapshot.format import FORMAT_VERSION, SnapshotError, SnapshotFile, write_snapshot
-from hvm.snapshot import kvmstate
-
 if TYPE_CHECKING:
     from hvm.config import VmSpec
     from hvm.machine import Machine
+    from hvm.snapshot.format import SnapshotFile
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "SnapshotError", "SnapshotFile", "device_key", "parse_incoming", "save_machine",
            "spec_from_snapshot"]
+
+
+class SnapshotError(Exception):
+    """A snapshot could not be written or read; str() is one line naming the file and the problem."""
+
+
+def __getattr__(name: str):
+    # The file format (json, zlib) is imported when a snapshot is written or read, not by every `hvm run`.
+    if name in ("SnapshotFile", "FORMAT_VERSION"):
+        from hvm.snapshot import format as _format
+
+        return getattr(_format, name)
+    raise AttributeError(name)
 
 
 def device_key(kind: str, base: int) -> str:
@@ -77,6 +87,9 @@ def load_devices(machine: "Machine", states: Any, path: Path) -> None:
 def save_machine(machine: "Machine", path: Path | str) -> int:
     """Write `machine` (stopped: not started, paused, or postmigrate) to `path`; returns the file size."""
     from hvm import __version__
+    from hvm.snapshot import kvmstate
+    from hvm.snapshot.codec import spec_to_dict
+    from hvm.snapshot.format import write_snapshot
 
     path = Path(path)
     spec = machine.spec
@@ -102,7 +115,9 @@ def save_machine(machine: "Machine", path: Path | str) -> int:
     return write_snapshot(path, meta, machine.memory)
 
 
-def spec_from_snapshot(snap: SnapshotFile) -> "VmSpec":
+def spec_from_snapshot(snap: "SnapshotFile") -> "VmSpec":
+    from hvm.snapshot.codec import CodecError, spec_from_dict
+
     desc = snap.description
     try:
         spec = spec_from_dict(desc.get("spec"), f"snapshot {snap.path}")

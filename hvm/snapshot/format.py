@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hvm.memory import PAGE_SIZE, GuestMemory
+from hvm.snapshot import SnapshotError
 from hvm.snapshot.codec import CodecError, decode, encode
 
 MAGIC = b"HVMSNAP\0"
@@ -49,10 +50,6 @@ META_LIMIT = 64 << 20                          # no metadata section is anywhere
 SCAN_BLOCK = 256 << 10                         # zero detection: blocks first, pages only in non-zero blocks
 _ZERO_BLOCK = bytes(SCAN_BLOCK)
 _ZERO_PAGE = bytes(PAGE_SIZE)
-
-
-class SnapshotError(Exception):
-    """A snapshot could not be written or read; str() is one line naming the file and the problem."""
 
 
 @dataclass
