@@ -6,8 +6,8 @@ shows SNAP_LINE (late in the boot, just before init), lets it run on and records
 the cold boot's time from process start (fork) to NEXT_LINE, less the time the save itself took.
 
 Then REPS restores, each a new `hvm run --incoming file:SNAP` process, as a user runs it: the time from
-fork to the first console byte the restored guest prints (the guest is running: "restore to running"),
-and to NEXT_LINE (the same console line as the cold figure, so the two compare like for like). A second
+fork to the first console byte the restored guest prints (the guest is running: "restore to running");
+the first restore also runs on to NEXT_LINE (the same console line as the cold figure). A second
 worker (`python -m bench.restore restore`) times the parts inside one process: Machine.restore()
 (open and check the file, map memory, create the VM and set every state) and start() to the first byte.
 """
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import ROOT, Figure, Row, hvm_command
+from bench.common import ROOT, Figure, Row
 
 LINUX_BUILD = ROOT / "build" / "linux"
 KERNEL = LINUX_BUILD / "vmlinux-minimal"
@@ -78,14 +78,12 @@ def worker_restore(snap: Path) -> dict:
         t2 = time.monotonic()
         vm.wait_for_console(re.compile(rb"[\s\S]"), timeout=RESTORE_WALL)     # any byte
         t3 = time.monotonic()
-        vm.wait_for_console(NEXT_LINE, timeout=RESTORE_WALL)
-        t4 = time.monotonic()
         vm.stop()
-    return {"restore_s": t1 - t0, "start_s": t2 - t1, "first_byte_s": t3 - t1, "next_line_s": t4 - t1}
+    return {"restore_s": t1 - t0, "start_s": t2 - t1, "first_byte_s": t3 - t1}
 
 
-def _watch(argv: list[str], wall: float) -> dict:
-    """Run argv; seconds from fork to its first stdout byte and to NEXT_LINE, then kill it."""
+def _watch(argv: list[str], wall: float, to_next_line: bool) -> dict:
+    """Run argv; seconds from fork to its first stdout byte (and to NEXT_LINE), then kill it."""
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
@@ -103,6 +101,7 @@ def _watch(argv: list[str], wall: float) -> dict:
             out += chunk
             if NEXT_LINE in out:
                 nxt = at
+            if nxt is not None or not to_next_line:
                 break
     finally:
         if proc.poll() is None:
@@ -141,25 +140,29 @@ def bench_restore(quick: bool, work: Path, log) -> tuple[list[Row], dict]:
     cold_next = cold["t_next"] - cold["t_fork"] - cold["save_s"]
     log(f"  restore: cold {cold_next:.1f} s to {NEXT_LINE.decode()!r}; snapshot {cold['file_bytes'] >> 20} MiB "
         f"({cold['file_used_bytes'] >> 20} MiB written) in {cold['save_s'] * 1000:.0f} ms")
-    argv = hvm_command() + ["run", "--incoming", f"file:{snap}", "--serial", "stdio", "--timeout", str(RESTORE_WALL)]
+    # `python -m hvm` from the repository (as the workers): the hvm that wrote the snapshot restores it.
+    argv = [sys.executable, "-m", "hvm", "run", "--incoming", f"file:{snap}", "--serial", "stdio", "--timeout", str(RESTORE_WALL)]
     first, nxt, inproc = [], [], []
-    for _ in range(REPS):
+    for rep in range(REPS):
         # Each restore starts with the file's pages in the page cache (as after the save): what a restore
-        # costs when the snapshot is hot. Dropping the cache would measure the disk instead.
-        r = _watch(argv, RESTORE_WALL)
-        if r["first_byte"] is None or r["next_line"] is None:
+        # costs when the snapshot is hot. Dropping the cache would measure the disk instead. Only the first
+        # (seconds after the save) runs on to NEXT_LINE: on kvm_pvm the guest's TSC clocksource has jumped
+        # by the time since the save, and Linux then runs its periodic tick once per missed tick first.
+        r = _watch(argv, RESTORE_WALL, to_next_line=rep == 0)
+        if r["first_byte"] is None or (rep == 0 and r["next_line"] is None):
             return [Row("restore.linux", TITLE, REFERENCE, status="error",
                         note=f"the restored guest printed {r['console_head'][:100]!r}")], {"cold": cold, "cli": r}
         first.append(r["first_byte"])
-        nxt.append(r["next_line"])
+        if r["next_line"] is not None:
+            nxt.append(r["next_line"])
         inproc.append(_worker("restore", snap, RESTORE_WALL + 30))
     med = lambda xs: sorted(xs)[len(xs) // 2]      # noqa: E731
     restore_ms = med([x["restore_s"] for x in inproc]) * 1000
     first_ms = med([x["first_byte_s"] for x in inproc]) * 1000
     note = (f"restore: fork to the restored guest's first console byte, {REPS} runs of `hvm run --incoming`; "
             f"cold: fork to {NEXT_LINE.decode()!r} in the boot the snapshot was taken from (save time "
-            f"excluded); to that same line the restores took {med(nxt):.2f} s; in one process: "
-            f"Machine.restore() {restore_ms:.1f} ms, then start() to the first byte {first_ms - restore_ms:.1f} ms "
+            f"excluded); to that same line the first restore (seconds after the save) took {nxt[0]:.2f} s; in one process: "
+            f"Machine.restore() {restore_ms:.1f} ms, then start() to the first byte {first_ms:.1f} ms "
             f"(medians); snapshot {cold['file_bytes'] >> 20} MiB sparse, {cold['file_used_bytes'] / (1 << 20):.1f} "
             f"MiB written, saved in {cold['save_s'] * 1000:.0f} ms; page cache hot")
     log(f"  restore: first byte {med(first) * 1000:.0f} ms from fork; Machine.restore() {restore_ms:.1f} ms")
