@@ -54,6 +54,9 @@ def _add_run_parser(sub) -> None:
                    help="add a device: pc-testdev, isa-debug-exit[,iobase=0xf4,iosize=4], "
                         "isa-debugcon[,iobase=0xe9], pvconsole[,iobase=0xe00]")
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
+    p.add_argument("--script", type=Path, metavar="FILE",
+                   help="run the script: steps in FILE (a YAML list) against the serial console, replacing the "
+                        "config's (a failing step: exit status 8)")
     p.add_argument("--stats", action="store_true", help="print exit counters when the VM ends")
     p.add_argument("--trace", type=Path, metavar="FILE", help="record every VM exit as JSON lines in FILE")
     p.add_argument("--trace-filter", metavar="EXPR", help="only exits matching e.g. 'reason=io,port=0x3f8'")
@@ -245,6 +248,12 @@ def spec_from_args(args: argparse.Namespace):
         if isinstance(data["boot"], dict):
             data["boot"] = dict(data["boot"], cmdline=args.append)
             origins["boot.cmdline"] = "--append"
+    if getattr(args, "script", None) is not None:
+        from hvm.script import load_script
+
+        # Steps checked here, so that errors name the script file; they replace the config's script.
+        data["script"] = load_script(args.script)
+        origins["script"] = str(args.script)
     return parse_spec(data, source, base, origins)
 
 
@@ -332,14 +341,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise _Terminated(signo)
 
     previous = {s: signal.signal(s, terminate) for s in stop_signals}
+    failure = None
     try:
         with machine:
             try:
-                result = machine.run()
+                if spec.script:
+                    from hvm.script import run_script
+
+                    result, failure = run_script(machine, spec.script)
+                else:
+                    result = machine.run()
             except KeyboardInterrupt:
-                result = machine.stop(130, "interrupted (Ctrl-C)")
+                result = machine.stop(130, "interrupted (Ctrl-C)", cause="host-signal")
             except _Terminated as t:
-                result = machine.stop(128 + t.signo, f"terminated by signal {t.signo}")
+                result = machine.stop(128 + t.signo, f"terminated by signal {t.signo}", cause="host-signal")
             finally:
                 for s in stop_signals:
                     signal.signal(s, signal.SIG_IGN)
@@ -349,7 +364,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if result.reason in ("crash", "timeout", "panic") or result.status >= 128:
+    if failure is not None:
+        from hvm.script import EXIT_SCRIPT, console_tail
+
+        # One line naming the step, then what the guest said last.
+        print(f"\nhvm: {failure}", file=sys.stderr)
+        tail = console_tail(machine)
+        print("hvm: last console lines:" if tail else "hvm: no console output", file=sys.stderr)
+        for line in tail:
+            print(f"  | {line}", file=sys.stderr)
+    elif result.reason in ("crash", "timeout", "panic") or result.status >= 128:
         print(f"\nhvm: {result.message}", file=sys.stderr)
     else:
         log.info("%s (exit status %d)", result.message, result.status)
@@ -360,6 +384,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stats:
         print(machine.stats().format(), file=sys.stderr)
         print(f"run time: {result.seconds * 1000:.1f} ms", file=sys.stderr)
+    if failure is not None:
+        return EXIT_SCRIPT
     return result.status
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from hvm.boot import BootError, BootState, Module, is_multiboot, load_flat, load_multiboot
 from hvm.config import FlatBoot, KernelBoot, VmSpec
@@ -29,7 +29,7 @@ from hvm.boot import bios
 from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
-from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
+from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, SCI_IRQ, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
 from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
 from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
@@ -56,6 +56,13 @@ JOIN_TIMEOUT = 2.0  # seconds to wait, in all, for the vCPU threads once the VM 
 # Console lines whose first appearance --stats reports, in the spirit of Firecracker's boot timer:
 # the last one is the kernel handing over to user space.
 BOOT_MILESTONES = ("Linux version", "Freeing SMP alternatives", "Freeing unused kernel", "Run /init as init process")
+
+
+# How the VM ended (RunResult.reason) -> QMP RunState after it, and the ShutdownCause of its SHUTDOWN event.
+_END_STATE = {"crash": "guest-panicked", "panic": "guest-panicked", "device-fault": "internal-error",
+              "internal-error": "internal-error", "host-error": "internal-error"}
+_GUEST_CAUSE = {"halt": "guest-shutdown", "poweroff": "guest-shutdown", "debug-exit": "guest-shutdown",
+                "reset": "guest-reset", "crash": "guest-panic", "panic": "guest-panic"}
 
 
 @dataclass
@@ -131,7 +138,10 @@ class Machine:
         self.trace_config = trace
         self.tracer: Tracer | None = None
         self.stopping = False
-        self.state = "created"
+        # QMP's RunState (qapi/run-state.json): "prelaunch", "inmigrate", "running", "paused", "postmigrate",
+        # "shutdown", "guest-panicked", "internal-error". Changed under _lifecycle, or by _finish (once).
+        self.run_state = "prelaunch"
+        self.listeners: list[Callable[[str, dict], None]] = []
         self.result: RunResult | None = None
         self.kvm: Kvm | None = None
         self.vm = None
@@ -141,6 +151,7 @@ class Machine:
         self.pio = PioBus()
         self.mmio = MmioBus()
         self.uart: SerialUart | None = None
+        self.acpi_pm: AcpiPm | None = None   # machine: pc only (its power button is system_powerdown's)
         self.boot_state: BootState | None = None
         self.host = detect_host() if adapt_to_host else HostProfile("as-is", False)
         self.is_linux = False
@@ -153,6 +164,9 @@ class Machine:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._pause_cond = threading.Condition()
+        # Serializes start/pause/resume (and snapshots): callers on several threads (QMP, a script, Python)
+        # see one transition at a time. Re-entrant: a snapshot pauses while holding it.
+        self._lifecycle = threading.RLock()
         self._paused = False
         self._parked = 0
         self._halted = 0
@@ -167,12 +181,13 @@ class Machine:
                 console = Console("stdio" if other else "none", "none", open_now=False)
             else:
                 inp = serial.input
-                if inp == "auto":
-                    inp = "stdin" if serial.output == "stdio" else "none"
+                if inp == "auto":   # a script: steps drive the input, not the terminal
+                    inp = "stdin" if serial.output == "stdio" and not spec.script else "none"
                 console = Console(serial.output, inp, open_now=False)
         self.console = console
         try:
             self._build()
+            self._attach_console()
             self._open_outputs()
         except BaseException:
             self.close()
@@ -218,7 +233,8 @@ class Machine:
             if snap is None:
                 self._bios_state(mem)
             self.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
-            self.pio.register(PM_BASE, PM_LEN, AcpiPm(self._acpi_poweroff))
+            self.acpi_pm = AcpiPm(self._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter))
+            self.pio.register(PM_BASE, PM_LEN, self.acpi_pm)
             self.pio.register(RTC_PORT, RTC_LEN, Rtc())
             kbc = I8042(self._cpu_reset)
             self.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
@@ -244,6 +260,20 @@ class Machine:
             self._restore_vcpus_and_devices(snap)
         self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host, fast_loop=self.fast_loop)
                         for v in self.vcpus]
+
+    def _attach_console(self) -> None:
+        """The console's pexpect side (hvm/console.py): send() feeds the UART (blocking while its input queue
+        is full, let go when the VM stops); EOF once the VM ended and no vCPU can write any more."""
+        uart = self.uart
+        self.console.attach(uart.feed if uart is not None else None,
+                            (lambda: uart.input_pending) if uart is not None else None, self._ended_status)
+
+    def _ended_status(self) -> int | None:
+        """The exit status once the VM ended and its vCPU threads are gone (all output written), else None."""
+        result = self.result
+        if result is None or not self._done.is_set() or any(t.is_alive() for t in self.threads):
+            return None
+        return result.status
 
     def _open_outputs(self) -> None:
         """The output files last, once the VM is built: a VM that cannot be (status 2) leaves an old console
@@ -325,10 +355,48 @@ class Machine:
         return state
 
     # --- lifecycle -------------------------------------------------------------------------------
+    # QMP RunState -> the coarse state older callers read (Machine.state).
+    _COARSE_STATE = {"prelaunch": "created", "inmigrate": "created", "running": "running", "paused": "paused",
+                     "postmigrate": "paused"}
+
+    @property
+    def state(self) -> str:
+        """"created", "running", "paused" or "stopped" (run_state has QMP's finer names)."""
+        return self._COARSE_STATE.get(self.run_state, "stopped")
+
+    def _describe_state(self) -> str:
+        return self.state if self.state == self.run_state else f"{self.state} ({self.run_state})"
+
+    def _set_run_state(self, name: str) -> None:
+        self.run_state = name
+
+    def add_listener(self, callback: Callable[[str, dict], None]) -> None:
+        """Call `callback(event, data)` for each lifecycle event, with QMP's event names and data: STOP,
+        RESUME, SHUTDOWN {"guest", "reason"}, RESET, GUEST_PANICKED, MIGRATION. It runs on the thread that
+        made the change, with no machine lock held; it must not block (queue the event and return)."""
+        self.listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[str, dict], None]) -> None:
+        try:
+            self.listeners.remove(callback)
+        except ValueError:
+            pass
+
+    def _emit(self, event: str, data: dict | None = None) -> None:
+        for callback in list(self.listeners):
+            try:
+                callback(event, data or {})
+            except Exception:   # a listener's bug must not change the VM's course
+                log.exception("event listener %r failed on %s", callback, event)
+
     def start(self) -> None:
-        if self.state != "created":
-            raise RuntimeError(f"cannot start a VM that is {self.state}")
-        self.state = "running"
+        with self._lifecycle:
+            if self.run_state not in ("prelaunch", "inmigrate"):
+                raise RuntimeError(f"cannot start a VM that is {self._describe_state()}")
+            self.run_state = "running"
+            self._start()
+
+    def _start(self) -> None:
         self._started_at = time.monotonic()
         t0 = time.monotonic_ns()
         for t in self.threads:
@@ -351,7 +419,8 @@ class Machine:
         # UART's pending input allows, and a feed may block (the UART's input queue is bounded) until the
         # guest reads; the watchdog and the vCPUs already run then, and a stop lets a blocked feed go.
         if self.uart is not None:
-            self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)")
+            self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)",
+                                                        cause="host-ui")
             uart = self.uart
             self.console.start_input(uart.feed, pending=lambda: uart.input_pending)
 
@@ -375,7 +444,6 @@ class Machine:
             self.mmio.log_summary()
         if self.tracer is not None:
             self.tracer.close()  # everything recorded up to the last exit is out, crash or not
-        self.state = "stopped"
         return self.result
 
     def run(self) -> RunResult:
@@ -384,45 +452,75 @@ class Machine:
         assert result is not None
         return result
 
-    def request_stop(self, status: int = EXIT_OK, message: str = "stopped by request") -> None:
-        """Ask the VM to stop without waiting (safe from signal handlers and other threads)."""
-        self._finish(status, "stopped", message)
+    def request_stop(self, status: int = EXIT_OK, message: str = "stopped by request",
+                     cause: str = "host-qmp-quit") -> None:
+        """Ask the VM to stop without waiting (from any thread). `cause` is QMP's ShutdownCause for the
+        SHUTDOWN event ("host-qmp-quit", "host-signal", ...)."""
+        self._finish(status, "stopped", message, cause=cause)
 
-    def stop(self, status: int = EXIT_OK, message: str = "stopped by request") -> RunResult:
-        self._finish(status, "stopped", message)
+    def stop(self, status: int = EXIT_OK, message: str = "stopped by request",
+             cause: str = "host-qmp-quit") -> RunResult:
+        self._finish(status, "stopped", message, cause=cause)
         result = self.wait()
         assert result is not None
         return result
 
     def pause(self, timeout: float = 5.0) -> None:
-        """Stop all vCPUs at an instruction boundary; they stay stopped until resume()."""
-        if self.state != "running":
-            raise RuntimeError(f"cannot pause a VM that is {self.state}")
-        with self._pause_cond:
-            self._paused = True
-        live = [t for t in self.threads if t.is_alive() and not t.halted]
-        for t in live:
-            t.kick()
-        deadline = time.monotonic() + timeout
-        with self._pause_cond:
-            while self._parked < len(live) and not self.stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("vCPUs did not pause in time")
-                self._pause_cond.wait(left)
-        self.state = "paused"
+        """Stop all vCPUs at an instruction boundary; they stay stopped until resume(). A paused VM stays
+        paused (no-op). If the vCPUs do not all stop within `timeout`, they are let go again, the VM is still
+        running, and TimeoutError is raised: a pause never leaves the machine half paused."""
+        with self._lifecycle:
+            if self.run_state in ("paused", "postmigrate"):
+                return
+            if self.run_state != "running" or self._done.is_set():
+                raise RuntimeError(f"cannot pause a VM that is {self._describe_state()}")
+            with self._pause_cond:
+                self._paused = True
+            for t in self.threads:
+                if t.is_alive() and not t.halted:
+                    t.kick()
+            deadline = time.monotonic() + timeout
+            with self._pause_cond:
+                # Re-counted each round: a vCPU that ends (halts, crashes) instead of parking is not waited for.
+                while self._parked < sum(1 for t in self.threads if t.is_alive() and not t.halted):
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self.stopping:
+                        self._paused = False
+                        self._pause_cond.notify_all()
+                        if self.stopping:
+                            raise RuntimeError("cannot pause a VM that is stopping")
+                        raise TimeoutError(f"vCPUs did not pause within {timeout:g} s; the VM runs on")
+                    self._pause_cond.wait(min(left, 0.05))
+            self.run_state = "paused"
+        self._emit("STOP")
 
     def resume(self) -> None:
-        if self.state != "paused":
-            raise RuntimeError(f"cannot resume a VM that is {self.state}")
-        with self._pause_cond:
-            self._paused = False
-            self._pause_cond.notify_all()
-        self.state = "running"
+        """Run a paused (or postmigrate) VM on; a running VM is left as it is."""
+        with self._lifecycle:
+            if self.run_state == "running" and not self._done.is_set():
+                return
+            if self.run_state not in ("paused", "postmigrate") or self._done.is_set():
+                raise RuntimeError(f"cannot resume a VM that is {self._describe_state()}")
+            with self._pause_cond:
+                self._paused = False
+                self._pause_cond.notify_all()
+            self.run_state = "running"
+        self._emit("RESUME")
+
+    def system_powerdown(self) -> None:
+        """QMP system_powerdown: press the ACPI power button and emit POWERDOWN (as QEMU does). The guest
+        decides what to do (Linux needs its ACPI button driver and user space acting on the key); the VM runs
+        on meanwhile. A paused VM sees the press when it resumes."""
+        if self.acpi_pm is None:
+            raise RuntimeError("system_powerdown needs the ACPI power button of machine: pc")
+        if self._done.is_set() or self.vm is None:
+            raise RuntimeError("cannot press the power button of a VM that has ended")
+        self.acpi_pm.press_power_button()
+        self._emit("POWERDOWN", {})
 
     @property
     def running(self) -> bool:
-        return self.state in ("running", "paused") and not self._done.is_set()
+        return self.run_state in ("running", "paused", "postmigrate") and not self._done.is_set()
 
     def exits(self):
         """The recorded exits (ExitRecord), when the VM was made with TraceConfig(memory=True)."""
@@ -516,14 +614,20 @@ class Machine:
         self._finish(status, "debug-exit", f"guest wrote to the debug-exit port: status {status}")
 
     def _watchdog(self) -> None:
-        self._finish(EXIT_TIMEOUT, "timeout", f"timeout: the guest was still running after {self.spec.timeout:g} s")
+        # QMP has no "timeout" cause: the watchdog acts for the host, as a signal from it would.
+        self._finish(EXIT_TIMEOUT, "timeout", f"timeout: the guest was still running after {self.spec.timeout:g} s",
+                     cause="host-signal")
 
-    def _finish(self, status: int, reason: str, message: str, crash: CrashReport | None = None) -> None:
+    def _finish(self, status: int, reason: str, message: str, crash: CrashReport | None = None,
+                cause: str | None = None) -> None:
+        """End the VM (the first call wins). `cause`: QMP's ShutdownCause when the host ends it; a guest's
+        own end takes its cause from `reason`."""
         with self._lock:
             if self.result is not None:
                 return  # the first reason to stop wins
             self.result = RunResult(status, reason, message, crash, time.monotonic() - self._started_at)
             self.stopping = True
+            self.run_state = _END_STATE.get(reason, "shutdown")
         with self._pause_cond:
             self._pause_cond.notify_all()
         # Nothing may keep a vCPU from seeing the stop: a host feeder blocked on a full UART queue is let go,
@@ -535,6 +639,10 @@ class Machine:
             if t is not threading.current_thread():
                 t.kick()
         self._done.set()
+        if self.run_state == "guest-panicked":
+            self._emit("GUEST_PANICKED", {"action": "poweroff"})
+        self._emit("SHUTDOWN", {"guest": cause is None and reason in _GUEST_CAUSE,
+                                "reason": cause or _GUEST_CAUSE.get(reason, "host-error")})
 
     # --- snapshot, restore, reset (hvm/snapshot/) -------------------------------------------------------
     def snapshot(self, path: str | os.PathLike, *, resume: bool = False) -> None:
@@ -733,8 +841,6 @@ class Machine:
         if self.tracer is not None:
             self.tracer.close()
         self.console.close()
-        if self.state != "created":
-            self.state = "stopped"
 
     def __enter__(self) -> "Machine":
         return self

@@ -171,3 +171,128 @@ def test_terminal_raw_mode_ctrl_a_x_and_restore(tmp_path):
     assert termios.tcgetattr(slave) == before
     os.close(master)
     os.close(slave)
+
+
+# --- run states and events (QMP's RunState names and event shapes) -----------------------------------
+
+def recorder(vm: Machine) -> list:
+    events: list = []
+    vm.add_listener(lambda name, data: events.append((name, data)))
+    return events
+
+
+def test_run_states_and_events_through_pause_resume_stop():
+    with Machine(ticker_spec(), console=quiet()) as vm:
+        events = recorder(vm)
+        assert (vm.run_state, vm.state) == ("prelaunch", "created")
+        vm.start()
+        assert vm.run_state == "running"
+        assert vm.wait_for_console(b"tick\n", timeout=10)
+        vm.pause()
+        vm.pause()                                  # paused already: nothing happens, no second STOP
+        assert (vm.run_state, vm.state) == ("paused", "paused")
+        vm.resume()
+        vm.resume()                                 # running already: no second RESUME
+        assert vm.run_state == "running"
+        vm.stop()
+        assert (vm.run_state, vm.state) == ("shutdown", "stopped")
+        assert events == [("STOP", {}), ("RESUME", {}),
+                          ("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})]
+        with pytest.raises(RuntimeError, match=r"cannot pause a VM that is stopped \(shutdown\)"):
+            vm.pause()
+        with pytest.raises(RuntimeError, match=r"cannot resume a VM that is stopped \(shutdown\)"):
+            vm.resume()
+
+
+def test_a_guest_that_ends_reports_a_guest_shutdown():
+    with Machine(load_config(CONFIGS / "hello.yaml"), console=quiet()) as vm:
+        events = recorder(vm)
+        assert vm.run().reason == "halt"
+        assert vm.run_state == "shutdown"
+        assert events == [("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})]
+
+
+def test_a_crashing_guest_is_guest_panicked():
+    spec = VmSpec(name="triple", boot=FlatBoot(FIRMWARE / "triple.bin", 0x7C00, 0x7C00, "real"), memory=4 << 20,
+                  timeout=20, irqchip=False)
+    with Machine(spec, console=quiet()) as vm:
+        events = recorder(vm)
+        assert vm.run().status == 4
+        assert vm.run_state == "guest-panicked"
+        assert events == [("GUEST_PANICKED", {"action": "poweroff"}),
+                          ("SHUTDOWN", {"guest": True, "reason": "guest-panic"})]
+
+
+def test_watchdog_is_a_host_signal_shutdown():
+    with Machine(ticker_spec(timeout=0.3), console=quiet()) as vm:
+        events = recorder(vm)
+        assert vm.run().status == 124
+        assert events == [("SHUTDOWN", {"guest": False, "reason": "host-signal"})]
+
+
+def test_a_pause_that_times_out_leaves_the_vm_running_and_usable(monkeypatch):
+    # A vCPU that cannot be stopped (its kick is lost here) must not wedge the machine: the pause gives up,
+    # lets the others go, and the VM is running and can be paused again once kicks work.
+    with Machine(ticker_spec(), console=quiet()) as vm:
+        events = recorder(vm)
+        vm.start()
+        assert vm.wait_for_console(b"tick\n", timeout=10)
+        thread = vm.threads[0]
+        monkeypatch.setattr(thread, "kick", lambda: None)
+        with pytest.raises(TimeoutError, match="did not pause within 0.3 s; the VM runs on"):
+            vm.pause(timeout=0.3)
+        assert vm.run_state == "running"
+        mark = len(vm.console.history)
+        assert vm.wait_for_console(b"tick\n", timeout=10, start=mark)   # still ticking
+        vm.resume()                                                      # a no-op, not an error
+        monkeypatch.undo()
+        vm.pause(timeout=5)
+        assert vm.run_state == "paused"
+        vm.resume()
+        assert vm.wait_for_console(b"tick\n", timeout=10, start=len(vm.console.history))
+        vm.stop()
+        assert [e for e, _ in events] == ["STOP", "RESUME", "SHUTDOWN"]
+
+
+def test_a_failing_listener_does_not_change_the_run(caplog):
+    with Machine(ticker_spec(), console=quiet()) as vm:
+        def broken(name, data):
+            raise ValueError("listener bug")
+        vm.add_listener(broken)
+        events = recorder(vm)
+        vm.start()
+        vm.pause()
+        vm.resume()
+        vm.remove_listener(broken)
+        vm.stop()
+        assert [e for e, _ in events] == ["STOP", "RESUME", "SHUTDOWN"]
+        assert "listener" in caplog.text and "failed on STOP" in caplog.text
+
+
+def test_pause_and_resume_from_several_threads_at_once():
+    import threading
+
+    with Machine(ticker_spec(), console=quiet()) as vm:
+        events = recorder(vm)
+        vm.start()
+        errors = []
+
+        def flip(n):
+            try:
+                for i in range(n):
+                    (vm.pause if i % 2 == 0 else vm.resume)()
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=flip, args=(20,)) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors
+        vm.resume()
+        assert vm.run_state == "running"
+        # Each STOP is followed by a RESUME before the next STOP: transitions never interleave.
+        names = [e for e, _ in events]
+        assert names and all(a != b for a, b in zip(names, names[1:]))
+        assert vm.wait_for_console(b"tick\n", timeout=10, start=len(vm.console.history))
+        vm.stop()

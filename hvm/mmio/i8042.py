@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
+from hvm.mmio.device import StateReader, state_lock
+
 I8042_DATA_PORT = 0x60
 I8042_CMD_PORT = 0x64
 
@@ -37,10 +39,35 @@ class I8042:
 
     def __init__(self, on_reset: Callable[[], None] | None = None):
         self._on_reset = on_reset
+        self._power_on()
+
+    def _power_on(self) -> None:
         self.ctr = 0x61              # keyboard interrupt on, translation, system flag
         self.status = STATUS_SYS
         self.out: deque[int] = deque(maxlen=OUT_QUEUE)
-        self._pending_write: int | None = None
+        self._pending_write: int | None = None   # a command waiting for its data byte at 0x60
+
+    # --- device state (hvm.mmio.device); the two port objects delegate here --------------------------
+    STATE_FIELDS = ("ctr", "status", "out", "pending_write")
+
+    def save(self) -> dict:
+        with state_lock(self):
+            return {"ctr": self.ctr, "status": self.status, "out": bytes(self.out),
+                    "pending_write": self._pending_write}
+
+    def load(self, state: dict) -> None:
+        r = StateReader(self.name, state, self.STATE_FIELDS)
+        ctr = r.integer("ctr", 0, 0xFF)
+        status = r.integer("status", 0, 0xFF)
+        out = r.blob("out", OUT_QUEUE)
+        pending = r.optional_int("pending_write", (CMD_WRITE_CTR, CMD_WRITE_OUTPUT))
+        with state_lock(self):
+            self.ctr, self.status, self._pending_write = ctr, status, pending
+            self.out = deque(out, maxlen=OUT_QUEUE)
+
+    def reset(self) -> None:
+        with state_lock(self):
+            self._power_on()
 
     def port(self, which: int) -> "_Port":
         return _Port(self, which)
@@ -86,6 +113,16 @@ class _Port:
         self.chip = chip
         self.which = which
         self.name = chip.name
+
+    # Both ports save the whole chip (a snapshot keys state by bus range, so it is loaded twice: the same).
+    def save(self) -> dict:
+        return self.chip.save()
+
+    def load(self, state: dict) -> None:
+        self.chip.load(state)
+
+    def reset(self) -> None:
+        self.chip.reset()
 
     def read(self, offset: int, size: int) -> int:
         return self.chip.read_data() if self.which == I8042_DATA_PORT else self.chip.read_status()

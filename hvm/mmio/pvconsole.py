@@ -24,6 +24,7 @@ import struct
 from typing import Callable, Protocol
 
 from hvm.memory import GuestMemoryError
+from hvm.mmio.device import no_state
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,17 @@ class PvConsole:
         self._output = output
         self.buffers = 0          # doorbells answered with the buffer taken
         self.refused = 0          # doorbells refused or dropped
+
+    # --- device state (hvm.mmio.device): none: a doorbell is handled whole in one
+    # exit (the counters are this process's statistics)
+    def save(self) -> dict:
+        return {}
+
+    def load(self, state: dict) -> None:
+        no_state(self.name, state)
+
+    def reset(self) -> None:
+        pass
 
     def read(self, offset: int, size: int) -> int:
         return (PVCONSOLE_MAGIC >> (8 * offset)) & ((1 << (8 * size)) - 1)
