@@ -64,7 +64,7 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--trace-rip", action="store_true", help="record RIP per exit (one KVM_GET_REGS each)")
     p.add_argument("--incoming", metavar="file:PATH",
                    help="restore the VM saved in PATH (QMP migrate or Machine.snapshot) and run it on; "
-                        "no config needed (--serial, --timeout, --trace, --stats may be given)")
+                        "no config needed (--serial, --timeout, --trace, --stats, --script may be given)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors (no unhandled-access warnings)")
 
@@ -275,7 +275,8 @@ def _incoming_console(args: argparse.Namespace):
     return Console(out, "stdin" if out == "stdio" else "none", open_now=False)
 
 
-def _restore_machine(args: argparse.Namespace, trace) -> Machine:
+def _restore_machine(args: argparse.Namespace, trace) -> tuple[Machine, tuple]:
+    """The VM restored from --incoming file:PATH, and the --script steps to run against it (if given)."""
     from hvm.snapshot import parse_incoming
 
     for attr, flag in INCOMING_CONFLICTS:
@@ -286,7 +287,12 @@ def _restore_machine(args: argparse.Namespace, trace) -> Machine:
         raise ConfigError("command line", "", f"{args.timeout!r} is not a number of seconds in 0..1000000",
                           flag="--timeout")
     path = parse_incoming(args.incoming)
-    return Machine.restore(path, console=_incoming_console(args), trace=trace, timeout=args.timeout)
+    script: tuple = ()
+    if getattr(args, "script", None) is not None:
+        from hvm.script import load_script
+
+        script = tuple(load_script(args.script))
+    return Machine.restore(path, console=_incoming_console(args), trace=trace, timeout=args.timeout), script
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -316,7 +322,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return EXIT_CONFIG
         trace = TraceConfig(path=args.trace, filter=args.trace_filter, ring=args.trace_ring, rip=args.trace_rip)
     try:
-        machine = _restore_machine(args, trace) if incoming else Machine(spec, trace=trace)
+        if incoming:
+            machine, script = _restore_machine(args, trace)
+        else:
+            machine, script = Machine(spec, trace=trace), spec.script
     except (ConfigError, BootError, BusError, HostFileError, SnapshotError) as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -345,10 +354,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with machine:
             try:
-                if spec.script:
+                if script:
                     from hvm.script import run_script
 
-                    result, failure = run_script(machine, spec.script)
+                    result, failure = run_script(machine, script)
                 else:
                     result = machine.run()
             except KeyboardInterrupt:

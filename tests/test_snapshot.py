@@ -120,9 +120,7 @@ def test_snapshot_of_a_paused_vm(tmp_path):
         vm.snapshot(path)
         time.sleep(0.1)
         assert bytes(vm.console.history) == at_pause        # still stopped after the save
-        assert vm.state == "paused"
-        if hasattr(vm, "run_state"):
-            assert vm.run_state == "postmigrate"
+        assert vm.state == "paused" and vm.run_state == "postmigrate"
         vm.resume()
         result = vm.wait(20)
         assert result.status == STATUS
@@ -138,8 +136,7 @@ def test_restored_vm_snapshotted_again_from_python_then_restored_by_the_cli(tmp_
     second = tmp_path / "second.snap"
     vm = Machine.restore(first, console=quiet(), timeout=20)
     with vm:
-        if hasattr(vm, "run_state"):
-            assert vm.run_state == "inmigrate"
+        assert vm.run_state == "inmigrate"
         vm.start()
         vm.wait_for_console(b"\n30\n", timeout=15)
         vm.snapshot(second)
@@ -227,8 +224,7 @@ def test_snapshot_of_an_ended_vm_is_refused(tmp_path):
 def test_system_reset_starts_the_guest_again(tmp_path):
     events = []
     with Machine(load_config(count_yaml(tmp_path)), console=quiet()) as vm:
-        if hasattr(vm, "add_listener"):
-            vm.add_listener(lambda e, d: events.append((e, d)))
+        vm.add_listener(lambda e, d: events.append((e, d)))
         vm.start()
         vm.wait_for_console(b"\n7\n", timeout=15)
         vm.system_reset()
@@ -238,8 +234,7 @@ def test_system_reset_starts_the_guest_again(tmp_path):
     first, _, again = text.partition("\n0\n")            # the count starts over from 0
     assert EXPECTED.startswith(first + "\n") and first.count("\n") >= 7    # 0..7 (or a little more)
     assert "0\n" + again == EXPECTED
-    if hasattr(Machine, "add_listener"):
-        assert ("RESET", {"guest": False, "reason": "host-qmp-system-reset"}) in events
+    assert ("RESET", {"guest": False, "reason": "host-qmp-system-reset"}) in events
 
 
 # --- bad files: one line, status 2, nothing left open ------------------------------------------------------
