@@ -373,3 +373,18 @@ def test_linux_snapshotted_mid_boot_continues_to_the_same_lines(linux_snapshots)
     assert masked(r.out) == masked(snaps.console[before:])
     positions = [combined.find(line, before) for line in LATER_LINES]
     assert -1 not in positions and positions == sorted(positions)
+
+
+def test_snapshot_from_a_cli_script_then_incoming(tmp_path):
+    """The CLI path: `hvm run` with a `script:` whose snapshot step saves mid-count (and runs on), then
+    `hvm run --incoming` in a new process: both outputs are the count, the second from where it was saved."""
+    snap = tmp_path / "cli.snap"
+    cfg = count_yaml(tmp_path)
+    cfg.write_text(cfg.read_text() + f'script:\n  - expect: "\\n12\\n"\n  - snapshot: {snap}\n  - exit: {STATUS}\n')
+    first = run_hvm("run", str(cfg))
+    assert first.status == STATUS, first.stderr
+    assert first.out == EXPECTED
+    second = restore_cli(snap)
+    assert second.status == STATUS
+    assert second.out.endswith("done\n") and len(second.out) <= len(EXPECTED) - len("0\n1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n11\n12\n")
+    assert EXPECTED.endswith("\n" + second.out)          # a whole-line suffix: no gap, no repeat
