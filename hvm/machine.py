@@ -161,6 +161,8 @@ class Machine:
         self._reset_vcpu_states: list[dict] = []
         self._reset_vm_state: dict | None = None
         self._msrs: list[int] | None = None
+        # One snapshot or system reset at a time (QMP clients, scripts and Python may ask concurrently).
+        self._save_lock = threading.Lock()
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._pause_cond = threading.Condition()
@@ -649,9 +651,13 @@ class Machine:
         """Save the whole VM to `path` (QEMU's migrate to file:). A running VM is paused for the save; then
         with resume=True it runs on, otherwise it stays stopped ("postmigrate": resume() runs it on). Raises
         SnapshotError; a failed save leaves no file and the VM as it was (a running VM runs on)."""
+        with self._save_lock:
+            self._snapshot_locked(path, resume)
+
+    def _snapshot_locked(self, path: str | os.PathLike, resume: bool) -> None:
         from hvm.snapshot import SnapshotError, save_machine
 
-        if self.result is not None or self.state == "stopped":
+        if self.result is not None or self.state == "stopped" or self.memory is None:
             reason = self.result.reason if self.result is not None else "closed"
             raise SnapshotError(f"{path}: the VM has ended ({reason}): there is nothing to save")
         was_running = self.state == "running"
@@ -761,9 +767,13 @@ class Machine:
         """QMP system_reset: the machine starts again from its boot state: guest RAM zeroed and the boot
         image loaded again, the irqchip, PIT and every vCPU as created (vCPU 0 then given the boot state),
         devices reset. A running VM runs on from the reset; a paused one stays paused. Emits RESET."""
+        with self._save_lock:
+            self._system_reset_locked()
+
+    def _system_reset_locked(self) -> None:
         from hvm.snapshot import kvmstate
 
-        if self.result is not None or self.state == "stopped":
+        if self.result is not None or self.state == "stopped" or self.memory is None:
             raise RuntimeError("cannot reset a VM that has ended")
         was_running = self.state == "running"
         if was_running:
