@@ -388,3 +388,24 @@ def test_snapshot_from_a_cli_script_then_incoming(tmp_path):
     assert second.status == STATUS
     assert second.out.endswith("done\n") and len(second.out) <= len(EXPECTED) - len("0\n1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n11\n12\n")
     assert EXPECTED.endswith("\n" + second.out)          # a whole-line suffix: no gap, no repeat
+
+
+def test_restore_needs_no_config_and_no_boot_image(tmp_path):
+    """The file carries the VM description and its memory: the image it booted from may be gone."""
+    import shutil
+
+    image = tmp_path / "count-copy.bin"
+    shutil.copy(FIRMWARE / "count.bin", image)
+    cfg = count_yaml(tmp_path)
+    cfg.write_text(cfg.read_text().replace(str(FIRMWARE / "count.bin"), str(image)))
+    path = tmp_path / "vm.snap"
+    with Machine(load_config(cfg), console=quiet()) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n4\n", timeout=15)
+        vm.snapshot(path)
+        before = vm.console.text()
+        vm.stop()
+    image.unlink()
+    cfg.unlink()
+    r = restore_cli(path)
+    assert r.status == STATUS and before + r.out == EXPECTED
