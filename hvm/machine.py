@@ -775,6 +775,13 @@ class Machine:
 
         if self.result is not None or self.state == "stopped" or self.memory is None:
             raise RuntimeError("cannot reset a VM that has ended")
+        # The boot image is loaded again: check it is still there before anything is zeroed (a restored VM
+        # never needed it until now), so a failed reset leaves the VM as it was.
+        boot = self.spec.boot
+        paths = [boot.image] if isinstance(boot, FlatBoot) else [boot.kernel, *boot.initrd]
+        for p in paths:
+            if not os.access(p, os.R_OK):
+                raise RuntimeError(f"cannot reset: the boot image {p} is not readable any more")
         was_running = self.state == "running"
         if was_running:
             self.pause()

@@ -409,3 +409,39 @@ def test_restore_needs_no_config_and_no_boot_image(tmp_path):
     cfg.unlink()
     r = restore_cli(path)
     assert r.status == STATUS and before + r.out == EXPECTED
+
+
+def test_system_reset_of_a_restored_vm(tmp_path):
+    """A restored VM's RAM is the snapshot file, mapped copy-on-write: a reset replaces it with zeroed
+    anonymous memory at the same addresses and boots the image again; the file is left as it was."""
+    path, _, _ = snapshot_at(tmp_path, b"\n30\n")
+    before = path.read_bytes()
+    with Machine.restore(path, console=quiet(), timeout=20) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n40\n", timeout=15)
+        vm.system_reset()
+        assert not mapped(path)                          # RAM no longer the file
+        result = vm.wait(20)
+        text = vm.console.text()
+    assert result.status == STATUS
+    head, _, again = text.partition("\n0\n")
+    assert head.startswith("31\n") and "0\n" + again == EXPECTED
+    assert path.read_bytes() == before
+
+
+def test_system_reset_refused_when_the_boot_image_is_gone(tmp_path):
+    import shutil
+
+    image = tmp_path / "count-copy.bin"
+    shutil.copy(FIRMWARE / "count.bin", image)
+    cfg = count_yaml(tmp_path)
+    cfg.write_text(cfg.read_text().replace(str(FIRMWARE / "count.bin"), str(image)))
+    with Machine(load_config(cfg), console=quiet()) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n3\n", timeout=15)
+        image.unlink()
+        with pytest.raises(RuntimeError, match="cannot reset: the boot image .* is not readable any more"):
+            vm.system_reset()
+        assert vm.run_state == "running"                 # untouched: it counts on to its end
+        assert vm.wait(20).status == STATUS
+        assert vm.console.text() == EXPECTED
