@@ -324,6 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if incoming:
             machine, script = _restore_machine(args, trace)
+            spec = machine.spec       # what was saved (no script: or qmp: keys: those come from flags)
         else:
             machine, script = Machine(spec, trace=trace), spec.script
     except (ConfigError, BootError, BusError, HostFileError, SnapshotError) as e:
