@@ -684,9 +684,7 @@ class Machine:
 
     def _snapshot_stopped(self) -> None:
         """After a save without resume: QMP's "postmigrate" (stopped; resume() runs on)."""
-        setter = getattr(self, "_set_run_state", None)
-        if setter is not None:
-            setter("postmigrate")
+        self._set_run_state("postmigrate")
 
     @classmethod
     def restore(cls, path: str | os.PathLike, *, console: Console | None = None, trace: TraceConfig | None = None,
@@ -707,9 +705,8 @@ class Machine:
             adapt = snap.description.get("adapt_to_host", True) is not False
             machine = cls(spec, console=console, adapt_to_host=adapt, trace=trace, fast_loop=fast_loop,
                           _snapshot=snap)
-        setter = getattr(machine, "_set_run_state", None)
-        if setter is not None:
-            setter("inmigrate")
+        machine._snapshot = None        # closed with the file; the mappings hold what they need
+        machine._set_run_state("inmigrate")
         return machine
 
     def _restore_memory(self, snap: SnapshotFile) -> GuestMemory:
@@ -808,9 +805,7 @@ class Machine:
         finally:
             if was_running and self.result is None:
                 self.resume()
-        emit = getattr(self, "_emit", None)
-        if emit is not None:
-            emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     # --- results ---------------------------------------------------------------------------------
     def stats(self) -> ExitStats:
