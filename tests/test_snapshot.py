@@ -445,3 +445,25 @@ def test_system_reset_refused_when_the_boot_image_is_gone(tmp_path):
         assert vm.run_state == "running"                 # untouched: it counts on to its end
         assert vm.wait(20).status == STATUS
         assert vm.console.text() == EXPECTED
+
+
+def test_the_pagemap_scan_finds_the_same_pages_as_reading_all_of_them():
+    """Saving skips the blocks /proc/self/pagemap shows were never touched (or were dropped); what it
+    writes must be exactly the non-zero pages a full read finds."""
+    import mmap
+
+    from hvm.memory import GuestMemory
+    from hvm.snapshot.format import _nonzero_runs, _untouched_blocks
+
+    with GuestMemory(64 << 20) as mem:
+        mem.write(0x100000, b"x" * 10000)                      # two runs, one across a page boundary
+        mem.write((64 << 20) - 4096, b"y")                     # the last page
+        mem.write(0x800000, b"z" * 8192)                       # written, then dropped: reads as zeros
+        mem.regions[0].mapping.madvise(mmap.MADV_DONTNEED, 0x800000, 8192)
+        mem.write(0x900000, bytes(4096))                       # touched but zero: not saved
+        region = mem.regions[0]
+        untouched = _untouched_blocks(region.host_addr, region.size)
+        assert untouched is not None and untouched.count(0) <= 4
+        fast = list(_nonzero_runs(region.mapping, region.size, untouched))
+        assert fast == list(_nonzero_runs(region.mapping, region.size))
+        assert fast == [(0x100000, 12288), ((64 << 20) - 4096, 4096)]
