@@ -302,6 +302,22 @@ def test_a_flipped_byte_in_any_section_is_refused(tmp_path, good_snapshot):
     assert r.stderr == f"hvm: {bad}: section devices: checksum mismatch (the file is corrupted)\n"
 
 
+def test_padding_and_appended_bytes_are_refused(tmp_path, good_snapshot):
+    good, _ = good_snapshot
+    data = good.read_bytes()
+    with SnapshotFile(good) as snap:
+        meta_end = max(s.offset + s.length for s in snap.sections.values() if not s.flags & FLAG_MEMORY)
+        mem_start = min(s.offset for s in snap.sections.values() if s.flags & FLAG_MEMORY)
+    assert mem_start > meta_end                          # there is padding to corrupt
+    bad = tmp_path / "bad.snap"
+    flipped = bytearray(data)
+    flipped[(meta_end + mem_start) // 2] ^= 1
+    bad.write_bytes(flipped)
+    refused(bad, "the padding before section mem0 is not zero")
+    bad.write_bytes(data + b"\0")
+    refused(bad, "1 bytes after the last section")
+
+
 def test_foreign_and_future_files_are_refused(tmp_path, good_snapshot):
     good, _ = good_snapshot
     data = bytearray(good.read_bytes())

@@ -282,6 +282,7 @@ class SnapshotFile:
         for name in ("description", "vm", "devices", "memmap"):
             if name not in self.sections:
                 raise self._error(f"section {name} is missing")
+        self._check_gaps(size)
         self.description = self._meta("description")
         if not isinstance(self.description, dict):
             raise self._error("section description: not a mapping")
@@ -308,6 +309,23 @@ class SnapshotFile:
                 extents.append((r[0], r[1]))
                 end = r[0] + r[1]
             self.memory.append(MemoryImage(sec.aux, sec.length, sec.offset, sec.crc, extents))
+
+    def _check_gaps(self, size: int) -> None:
+        """Every byte of the file belongs to the header or a section, except the zero padding before the
+        first memory section (page alignment): a byte changed there, or bytes appended, refuse the file too."""
+        pos = HEADER_SIZE
+        for sec in sorted(self.sections.values(), key=lambda s: s.offset):
+            if sec.offset < pos:
+                raise self._error(f"section {sec.name} overlaps the one before it")
+            gap = sec.offset - pos
+            if gap:
+                if gap >= PAGE_SIZE:
+                    raise self._error(f"{gap} bytes before section {sec.name} belong to no section")
+                if os.pread(self.fd, gap, pos).count(0) != gap:
+                    raise self._error(f"the padding before section {sec.name} is not zero (the file is corrupted)")
+            pos = sec.offset + sec.length
+        if size != pos:
+            raise self._error(f"{size - pos} bytes after the last section (the file is corrupted)")
 
     def _meta(self, name: str) -> Any:
         sec = self.sections.get(name)
