@@ -39,6 +39,9 @@ class MemoryRegion:
     size: int
     mapping: mmap.mmap
     host_addr: int
+    # Mapped from a file (a snapshot): the (offset, length) runs of the region the file holds data for; the
+    # rest of the file is holes. A page neither touched since nor in a run reads as zero.
+    file_extents: list[tuple[int, int]] | None = None
 
     @property
     def end(self) -> int:
@@ -57,7 +60,7 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
 class GuestMemory:
     """RAM of one guest. Use as a context manager; close() unmaps every region."""
 
-    def __init__(self, size: int, _file: tuple[int, list[tuple[int, int, int]]] | None = None):
+    def __init__(self, size: int, _file: tuple[int, list[tuple[int, int, int]], list | None] | None = None):
         if size <= 0 or size % 4096:
             raise ValueError(f"guest memory size must be a positive multiple of 4 KiB, not {size}")
         self.size = size
@@ -71,24 +74,27 @@ class GuestMemory:
                     mapping = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
                     self._add(gpa, length, mapping)
             else:
-                fd, layout = _file
-                for gpa, length, offset in layout:
+                fd, layout, extents = _file
+                for i, (gpa, length, offset) in enumerate(layout):
                     # MAP_PRIVATE: the guest's writes go to private copies of the pages, never to the file; a
                     # page nobody writes stays the page cache's (shared by every VM restored from this file).
                     mapping = mmap.mmap(fd, length, mmap.MAP_PRIVATE | _NORESERVE,
                                         mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-                    self._add(gpa, length, mapping)
+                    self._add(gpa, length, mapping, extents[i] if extents is not None else None)
         except BaseException:
             self.close()
             raise
 
     @classmethod
-    def from_file(cls, fd: int, layout: list[tuple[int, int, int]]) -> "GuestMemory":
+    def from_file(cls, fd: int, layout: list[tuple[int, int, int]],
+                  extents: list[list[tuple[int, int]]] | None = None) -> "GuestMemory":
         """Guest RAM mapped copy-on-write from a file: (gpa, size, file offset) per region, each offset page
-        aligned. Nothing is read here: pages come in as they are touched."""
-        return cls(sum(size for _, size, _ in layout), _file=(fd, layout))
+        aligned; `extents`, per region, the runs the file holds data for (the rest being holes). Nothing is
+        read here: pages come in as they are touched."""
+        return cls(sum(size for _, size, _ in layout), _file=(fd, layout, extents))
 
-    def _add(self, gpa: int, length: int, mapping: mmap.mmap) -> None:
+    def _add(self, gpa: int, length: int, mapping: mmap.mmap,
+             file_extents: list[tuple[int, int]] | None = None) -> None:
         try:
             # As QEMU does for guest RAM: a child of the VMM (fork before exec) gets none of it, and
             # the flag keeps the region its own mapping, never merged by the kernel with a
@@ -100,7 +106,7 @@ class GuestMemory:
         except BaseException:
             mapping.close()
             raise
-        self.regions.append(MemoryRegion(gpa, length, mapping, host_addr))
+        self.regions.append(MemoryRegion(gpa, length, mapping, host_addr, file_extents))
 
     def reset_to_zero(self) -> None:
         """Every byte of guest RAM zero again, at the same host addresses (KVM's memory slots keep pointing
@@ -115,6 +121,7 @@ class GuestMemory:
             if addr != region.host_addr:
                 raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED) over guest RAM failed")
             region.mapping.madvise(mmap.MADV_DONTFORK)
+            region.file_extents = None
         self.file_backed = False
 
     def close(self) -> None:

@@ -483,3 +483,23 @@ def test_the_pagemap_scan_finds_the_same_pages_as_reading_all_of_them():
         fast = list(_nonzero_runs(region.mapping, region.size, untouched))
         assert fast == list(_nonzero_runs(region.mapping, region.size))
         assert fast == [(0x100000, 12288), ((64 << 20) - 4096, 4096)]
+
+
+def test_the_scan_of_a_restored_vm_finds_the_same_pages_as_reading_all_of_them(tmp_path):
+    """A restored VM's RAM is the file, mapped: a page not touched since may still hold the file's data.
+    The scan skips only blocks with no touched page and no data in the file."""
+    from hvm.snapshot.format import _nonzero_runs, _skippable_blocks
+
+    path, _, _ = snapshot_at(tmp_path, b"\n5\n")
+    with Machine.restore(path, console=quiet(), timeout=20) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n9\n", timeout=15)
+        vm.pause()
+        region = vm.memory.regions[0]
+        vm.memory.write(0xA00000, b"new page")                  # a page only the restored VM wrote
+        skip = _skippable_blocks(region, vm.memory.file_backed)
+        assert vm.memory.file_backed and skip is not None and skip.count(0) < len(skip)
+        fast = list(_nonzero_runs(region.mapping, region.size, skip))
+        assert fast == list(_nonzero_runs(region.mapping, region.size))
+        assert (0xA00000, 4096) in fast
+        vm.stop()

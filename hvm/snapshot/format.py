@@ -108,6 +108,21 @@ def _untouched_blocks(host_addr: int, size: int) -> bytearray | None:
                      for i in range(0, pages, _PAGES_PER_BLOCK))
 
 
+def _skippable_blocks(region, file_backed: bool) -> bytearray | None:
+    """Blocks of a region that read as zero without reading them: no page present or swapped (pagemap) and,
+    for a region mapped from a snapshot file, no data of the file in them (the file's holes read as zero;
+    its data does not, touched or not). None: read every block."""
+    untouched = _untouched_blocks(region.host_addr, region.size)
+    if untouched is None or not file_backed:
+        return untouched
+    if region.file_extents is None:
+        return None
+    for off, n in region.file_extents:
+        for block in range(off // SCAN_BLOCK, (off + n - 1) // SCAN_BLOCK + 1):
+            untouched[block] = 0
+    return untouched
+
+
 def _nonzero_runs(mapping: mmap.mmap, size: int, untouched: bytearray | None = None) -> Iterator[tuple[int, int]]:
     """(offset, length) of the runs of non-zero pages in a mapping. Blocks `untouched` marks are skipped
     without reading them; reading a never-touched page of anonymous memory would map the shared zero page
@@ -151,10 +166,8 @@ def write_snapshot(path: Path, meta: list[tuple[str, Any]], memory: GuestMemory)
         sections: list[Section] = []
         pos = HEADER_SIZE
         blobs = [(name, encode(value)) for name, value in meta]
-        # The pagemap tells which blocks of anonymous RAM were never touched; a file-backed region (a restored
-        # VM's) has pages that are not present but hold the file's data, so it is read in full.
-        runs_of = [list(_nonzero_runs(r.mapping, r.size, None if memory.file_backed else
-                                      _untouched_blocks(r.host_addr, r.size))) for r in memory.regions]
+        runs_of = [list(_nonzero_runs(r.mapping, r.size, _skippable_blocks(r, memory.file_backed)))
+                   for r in memory.regions]
         blobs.append(("memmap", encode([[[o, n] for o, n in runs] for runs in runs_of])))
         if len(blobs) + len(memory.regions) > MAX_SECTIONS:
             raise SnapshotError(f"{path}: too many sections ({len(blobs) + len(memory.regions)})")
@@ -354,7 +367,8 @@ class SnapshotFile:
         layout = [(m.gpa, m.size) for m in self.memory]
         if layout != expected:
             raise self._error(f"memory sections {layout} do not match the described RAM {expected}")
-        return GuestMemory.from_file(self.fd, [(m.gpa, m.size, m.offset) for m in self.memory])
+        return GuestMemory.from_file(self.fd, [(m.gpa, m.size, m.offset) for m in self.memory],
+                                     [list(m.extents) for m in self.memory])
 
     def verify_memory(self, memory: GuestMemory) -> None:
         for image, region in zip(self.memory, memory.regions):
