@@ -62,6 +62,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--trace-filter", metavar="EXPR", help="only exits matching e.g. 'reason=io,port=0x3f8'")
     p.add_argument("--trace-ring", type=int, metavar="N", help="keep only the last N exits; write them at the end")
     p.add_argument("--trace-rip", action="store_true", help="record RIP per exit (one KVM_GET_REGS each)")
+    p.add_argument("--incoming", metavar="file:PATH",
+                   help="restore the VM saved in PATH (QMP migrate or Machine.snapshot) and run it on; "
+                        "no config needed (--serial, --timeout, --trace, --stats, --script may be given)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors (no unhandled-access warnings)")
 
@@ -254,9 +257,52 @@ def spec_from_args(args: argparse.Namespace):
     return parse_spec(data, source, base, origins)
 
 
+# Flags that describe the VM: a restore takes the description from the snapshot, so they cannot be given.
+INCOMING_CONFLICTS = (("config", "a config file"), ("kernel", "--kernel"), ("append", "--append"),
+                      ("initrd", "--initrd"), ("memory", "--memory"), ("vcpus", "--vcpus"), ("machine", "--machine"),
+                      ("device", "--device"), ("no_pit", "--no-pit"))
+
+
+def _incoming_console(args: argparse.Namespace):
+    """--serial given anew for a restored VM: its console (None: the saved description's)."""
+    if args.serial is None:
+        return None
+    from hvm.console import Console
+
+    out = args.serial
+    if out not in ("stdio", "none") and not (out.startswith("file:") and len(out) > 5 and "\0" not in out):
+        raise ConfigError("command line", "", f"{out[:60]!r} is not one of: stdio, none, file:PATH", flag="--serial")
+    return Console(out, "stdin" if out == "stdio" else "none", open_now=False)
+
+
+def _restore_machine(args: argparse.Namespace, trace) -> tuple[Machine, tuple]:
+    """The VM restored from --incoming file:PATH, and the --script steps to run against it (if given)."""
+    from hvm.snapshot import parse_incoming
+
+    for attr, flag in INCOMING_CONFLICTS:
+        if getattr(args, attr, None):
+            raise ConfigError("command line", "", f"{flag} cannot be given: the snapshot carries the VM "
+                              "description", flag="--incoming")
+    if args.timeout is not None and not (args.timeout >= 0 and args.timeout <= 1e6):
+        raise ConfigError("command line", "", f"{args.timeout!r} is not a number of seconds in 0..1000000",
+                          flag="--timeout")
+    path = parse_incoming(args.incoming)
+    script: tuple = ()
+    if getattr(args, "script", None) is not None:
+        from hvm.script import load_script
+
+        script = tuple(load_script(args.script))
+    return Machine.restore(path, console=_incoming_console(args), trace=trace, timeout=args.timeout), script
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from hvm.snapshot import SnapshotError
+
+    incoming = getattr(args, "incoming", None) is not None
+    spec = None
     try:
-        spec = spec_from_args(args)
+        if not incoming:
+            spec = spec_from_args(args)
     except ConfigError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -276,15 +322,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return EXIT_CONFIG
         trace = TraceConfig(path=args.trace, filter=args.trace_filter, ring=args.trace_ring, rip=args.trace_rip)
     try:
-        machine = Machine(spec, trace=trace)
-    except (ConfigError, BootError, BusError, HostFileError) as e:
+        if incoming:
+            machine, script = _restore_machine(args, trace)
+            spec = machine.spec       # what was saved (no script: or qmp: keys: those come from flags)
+        else:
+            machine, script = Machine(spec, trace=trace), spec.script
+    except (ConfigError, BootError, BusError, HostFileError, SnapshotError) as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except KvmError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_HOST
     except OSError as e:
-        if e.errno == errno.ENOMEM:  # the host cannot back the guest RAM asked for: say which setting
+        if e.errno == errno.ENOMEM and spec is not None:  # the host cannot back the guest RAM asked for
             where = "--memory" if args.memory is not None else f"{spec.source}: memory"
             print(f"hvm: {where}: this host cannot provide {spec.memory >> 20} MiB of guest RAM "
                   f"({e.strerror})", file=sys.stderr)
@@ -305,10 +355,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with machine:
             try:
-                if spec.script:
+                if script:
                     from hvm.script import run_script
 
-                    result, failure = run_script(machine, spec.script)
+                    result, failure = run_script(machine, script)
                 else:
                     result = machine.run()
             except KeyboardInterrupt:

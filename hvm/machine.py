@@ -41,6 +41,7 @@ from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, 
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
 
 if TYPE_CHECKING:
+    from hvm.snapshot.format import SnapshotFile
     from hvm.trace.tracer import TraceConfig, Tracer
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class Machine:
     Always close() it (or use `with`), which releases every fd and mapping."""
 
     def __init__(self, spec: VmSpec, console: Console | None = None, adapt_to_host: bool = True,
-                 trace: TraceConfig | None = None, fast_loop: bool = True):
+                 trace: TraceConfig | None = None, fast_loop: bool = True, *, _snapshot: SnapshotFile | None = None):
         """adapt_to_host=False runs the guest on the backend as it is: no CPUID features hidden, no kernel
         command-line additions, no emulation failures completed (what `hvm doctor` needs to measure).
         fast_loop=False keeps every exit in the all-Python run loop (for comparisons; same results)."""
@@ -161,6 +162,14 @@ class Machine:
         self.boot_state: BootState | None = None
         self.host = detect_host() if adapt_to_host else HostProfile("as-is", False)
         self.is_linux = False
+        # Restore (Machine.restore): the open snapshot the VM is built from, only during construction.
+        self._snapshot = _snapshot
+        # What system_reset() puts back: each vCPU's and the VM's KVM state as created, before any boot state.
+        self._reset_vcpu_states: list[dict] = []
+        self._reset_vm_state: dict | None = None
+        self._msrs: list[int] | None = None
+        # One snapshot or system reset at a time (QMP clients, scripts and Python may ask concurrently).
+        self._save_lock = threading.Lock()
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._pause_cond = threading.Condition()
@@ -210,15 +219,24 @@ class Machine:
             vm.create_irqchip()
             if spec.pit:
                 vm.create_pit2()
-        self.memory = mem = GuestMemory(spec.memory)
+        snap = self._snapshot
+        if snap is None:
+            self.memory = mem = GuestMemory(spec.memory)
+        else:   # restore: RAM mapped copy-on-write from the snapshot, checked before anything runs
+            self.memory = mem = self._restore_memory(snap)
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        if spec.irqchip:
+            self._reset_vm_state = self._save_vm_state()
 
-        if self.spec.machine == "pc":
-            write_acpi_tables(mem, spec.vcpus, PM_BASE)
-            write_mp_table(mem, spec.vcpus)    # the same CPUs and interrupts for guests without ACPI
-        self.boot_state = self._load(mem)
-        log.info("%s", self.boot_state.description)
+        if snap is not None:
+            self._restore_vm_state(snap)
+        else:
+            if self.spec.machine == "pc":
+                write_acpi_tables(mem, spec.vcpus, PM_BASE)
+                write_mp_table(mem, spec.vcpus)    # the same CPUs and interrupts for guests without ACPI
+            self.boot_state = self._load(mem)
+            log.info("%s", self.boot_state.description)
 
         irq_setter = vm.set_irq_line if spec.irqchip else None
         if spec.serial is not None:
@@ -227,7 +245,8 @@ class Machine:
         if spec.debug_exit is not None:
             self.pio.register(spec.debug_exit.port, spec.debug_exit.size, DebugExit(self._debug_exit))
         if spec.machine == "pc":
-            self._bios_state(mem)
+            if snap is None:
+                self._bios_state(mem)
             self.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
             self.acpi_pm = AcpiPm(self._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter))
             self.pio.register(PM_BASE, PM_LEN, self.acpi_pm)
@@ -249,9 +268,12 @@ class Machine:
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(vcpu)
             vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
-            if index == 0:
+            self._reset_vcpu_states.append(self._save_vcpu_state(vcpu))
+            if index == 0 and snap is None:
                 apply_boot_state(vcpu, self.boot_state)
             # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
+        if snap is not None:
+            self._restore_vcpus_and_devices(snap)
         self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host, fast_loop=self.fast_loop)
                         for v in self.vcpus]
 
@@ -682,6 +704,168 @@ class Machine:
         self._emit("SHUTDOWN", {"guest": cause is None and reason in _GUEST_CAUSE,
                                 "reason": cause or _GUEST_CAUSE.get(reason, "host-error")})
 
+    # --- snapshot, restore, reset (hvm/snapshot/) -------------------------------------------------------
+    def snapshot(self, path: str | os.PathLike, *, resume: bool = False) -> None:
+        """Save the whole VM to `path` (QEMU's migrate to file:). A running VM is paused for the save; then
+        with resume=True it runs on, otherwise it stays stopped ("postmigrate": resume() runs it on). Raises
+        SnapshotError; a failed save leaves no file and the VM as it was (a running VM runs on)."""
+        with self._save_lock:
+            self._snapshot_locked(path, resume)
+
+    def _snapshot_locked(self, path: str | os.PathLike, resume: bool) -> None:
+        from hvm.snapshot import SnapshotError, save_machine
+
+        if self.result is not None or self.state == "stopped" or self.memory is None:
+            reason = self.result.reason if self.result is not None else "closed"
+            raise SnapshotError(f"{path}: the VM has ended ({reason}): there is nothing to save")
+        was_running = self.state == "running"
+        if was_running:
+            try:
+                self.pause()
+            except TimeoutError as e:
+                raise SnapshotError(f"{path}: the vCPUs did not stop for the save ({e})") from None
+            except RuntimeError as e:   # ended meanwhile
+                raise SnapshotError(f"{path}: {e}") from None
+        t0 = time.monotonic()
+        try:
+            size = save_machine(self, path)
+        except BaseException:
+            if was_running and self.result is None:
+                self.resume()
+            raise
+        log.info("snapshot %s: %d bytes in %.1f ms", path, size, (time.monotonic() - t0) * 1000)
+        if self.state == "paused":
+            if resume:
+                self.resume()
+            else:
+                self._snapshot_stopped()
+
+    def _snapshot_stopped(self) -> None:
+        """After a save without resume: QMP's "postmigrate" (stopped; resume() runs on)."""
+        self._set_run_state("postmigrate")
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, *, console: Console | None = None, trace: TraceConfig | None = None,
+                timeout: float | None = None, fast_loop: bool = True) -> "Machine":
+        """A Machine built from a snapshot file alone (it carries the VM description), not started
+        ("inmigrate"): start() runs the guest on from the saved instruction. `timeout` (seconds; 0 for
+        none) replaces the saved watchdog. Raises SnapshotError for any problem with the file, having
+        released everything it opened."""
+        from dataclasses import replace
+
+        from hvm.snapshot import spec_from_snapshot
+        from hvm.snapshot.format import SnapshotFile
+
+        with SnapshotFile(path) as snap:
+            spec = spec_from_snapshot(snap)
+            if timeout is not None:
+                spec = replace(spec, timeout=timeout or None)
+            adapt = snap.description.get("adapt_to_host", True) is not False
+            machine = cls(spec, console=console, adapt_to_host=adapt, trace=trace, fast_loop=fast_loop,
+                          _snapshot=snap)
+        machine._snapshot = None        # closed with the file; the mappings hold what they need
+        machine._set_run_state("inmigrate")
+        return machine
+
+    def _restore_memory(self, snap: SnapshotFile) -> GuestMemory:
+        from hvm.memory import ram_layout
+
+        mem = snap.map_memory(ram_layout(self.spec.memory))
+        try:
+            snap.verify_memory(mem)
+        except BaseException:
+            mem.close()
+            raise
+        return mem
+
+    def _restore_vm_state(self, snap: SnapshotFile) -> None:
+        from hvm.snapshot import SnapshotError
+        from hvm.snapshot import kvmstate
+
+        desc = snap.description
+        self.is_linux = desc.get("is_linux") is True
+        if desc.get("host") != self.host.backend:
+            log.warning("%s: saved on a %s host, restored on %s", snap.path, desc.get("host"), self.host.backend)
+        try:
+            kvmstate.restore_vm(self.vm, snap.vm_state if isinstance(snap.vm_state, dict) else {},
+                                self.spec.irqchip, self.spec.irqchip and self.spec.pit)
+        except (ValueError, OSError) as e:
+            raise SnapshotError(f"{snap.path}: section vm: {e}") from None
+
+    def _restore_vcpus_and_devices(self, snap: SnapshotFile) -> None:
+        from hvm.snapshot import SnapshotError, load_devices
+        from hvm.snapshot import kvmstate
+
+        xsave_size = self.vm.xsave_size()
+        for vcpu, state in zip(self.vcpus, snap.vcpu_states):
+            if not isinstance(state, dict) or state.get("index") != vcpu.index:
+                raise SnapshotError(f"{snap.path}: section vcpu{vcpu.index}: malformed")
+            try:
+                kvmstate.restore_vcpu(vcpu, state, xsave_size, self.spec.irqchip)
+            except (ValueError, OSError) as e:
+                raise SnapshotError(f"{snap.path}: section vcpu{vcpu.index}: {e}") from None
+        load_devices(self, snap.devices, snap.path)
+
+    def _save_vcpu_state(self, vcpu) -> dict:
+        from hvm.snapshot import kvmstate
+
+        if self._msrs is None:
+            self._msrs = kvmstate.msrs_to_save(self.kvm)
+        return kvmstate.save_vcpu(vcpu, self._msrs, self.vm.xsave_size(), self.spec.irqchip)
+
+    def _save_vm_state(self) -> dict:
+        from hvm.snapshot import kvmstate
+
+        return kvmstate.save_vm(self.vm, self.spec.irqchip, self.spec.irqchip and self.spec.pit)
+
+    def system_reset(self) -> None:
+        """QMP system_reset: the machine starts again from its boot state: guest RAM zeroed and the boot
+        image loaded again, the irqchip, PIT and every vCPU as created (vCPU 0 then given the boot state),
+        devices reset. A running VM runs on from the reset; a paused one stays paused. Emits RESET."""
+        with self._save_lock:
+            self._system_reset_locked()
+
+    def _system_reset_locked(self) -> None:
+        from hvm.snapshot import kvmstate
+
+        if self.result is not None or self.state == "stopped" or self.memory is None:
+            raise RuntimeError("cannot reset a VM that has ended")
+        # The boot image is loaded again: check it is still there before anything is zeroed (a restored VM
+        # never needed it until now), so a failed reset leaves the VM as it was.
+        boot = self.spec.boot
+        paths = [boot.image] if isinstance(boot, FlatBoot) else [boot.kernel, *boot.initrd]
+        for p in paths:
+            if not os.access(p, os.R_OK):
+                raise RuntimeError(f"cannot reset: the boot image {p} is not readable any more")
+        was_running = self.state == "running"
+        if was_running:
+            self.pause()
+        try:
+            mem = self.memory
+            mem.reset_to_zero()
+            if self.spec.machine == "pc":
+                write_acpi_tables(mem, self.spec.vcpus, PM_BASE)
+                write_mp_table(mem, self.spec.vcpus)
+            self.boot_state = self._load(mem)
+            if self._reset_vm_state is not None:
+                kvmstate.restore_vm(self.vm, self._reset_vm_state, self.spec.irqchip,
+                                    self.spec.irqchip and self.spec.pit)
+            if self.spec.machine == "pc":
+                self._bios_state(mem)
+            xsave_size = self.vm.xsave_size()
+            for vcpu, state in zip(self.vcpus, self._reset_vcpu_states):
+                kvmstate.restore_vcpu(vcpu, state, xsave_size, self.spec.irqchip)
+                if vcpu.index == 0:
+                    apply_boot_state(vcpu, self.boot_state)
+            for _, device in _devices(self):
+                reset = getattr(device, "reset", None)
+                if callable(reset):
+                    reset()
+        finally:
+            if was_running and self.result is None:
+                self.resume()
+        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+
     # --- results ---------------------------------------------------------------------------------
     def stats(self) -> ExitStats:
         by_reason: dict[str, int] = {}
@@ -792,6 +976,12 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _devices(machine: Machine):
+    from hvm.snapshot import devices_of
+
+    return devices_of(machine)
 
 
 def _read_head(path: Path, n: int = 16384) -> bytes:
