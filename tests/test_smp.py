@@ -122,6 +122,28 @@ def test_stats_on_the_command_line_with_two_vcpus(tmp_path):
     assert "  fw-cfg                 1000\n" in r.stderr and "  0x00d0000000           1000\n" in r.stderr
 
 
+@pytest.mark.skipif(not hasattr(Machine, "snapshot"), reason="needs Machine.snapshot")
+def test_two_vcpus_snapshot_mid_run_and_restore_finish_the_count(tmp_path):
+    """Both vCPUs are in their loop when the VM is saved; the restored VM runs both on from there: the word
+    they `lock incl` ends at exactly 2 * iterations and vCPU 0 reaches its debug exit."""
+    n = 200000
+    snap = tmp_path / "smp.snap"
+    with Machine(smp_spec(smp_image(tmp_path, n), timeout=60), console=quiet()) as vm:
+        vm.start()
+        deadline = time.monotonic() + 20
+        while struct.unpack("<I", vm.memory.read(0x100000 + 12, 4))[0] < 1000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        vm.snapshot(snap)
+        saved = struct.unpack("<I", vm.memory.read(0x100000 + 12, 4))[0]
+        assert 1000 <= saved < 2 * n, saved
+        vm.stop()
+    with Machine.restore(snap, console=quiet(), timeout=60) as vm2:
+        vm2.start()
+        result = vm2.wait(60)
+        assert result is not None and (result.status, result.reason) == (1, "debug-exit")
+        assert struct.unpack("<I", vm2.memory.read(0x100000 + 12, 4))[0] == 2 * n
+
+
 # --- the halt rule ------------------------------------------------------------------------------
 def test_flat_guest_with_two_vcpus_ends_when_its_only_started_vcpu_halts(tmp_path):
     """hello32 never starts vCPU 1: it waits for INIT/SIPI and does not count as running, so vCPU 0's
