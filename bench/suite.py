@@ -17,9 +17,10 @@ from bench.console import bench_console
 from bench.exits import bench_exits
 from bench.kut import bench_kut
 from bench.linux import bench_linux
+from bench.restore import bench_restore
 from bench.startup import bench_memory, bench_startup
 
-GROUPS = ("exits", "console", "startup", "memory", "kut", "linux")
+GROUPS = ("exits", "console", "startup", "memory", "kut", "linux", "restore")
 
 # (exit-loop iterations, exit reps, console reps, warm-up, start-up reps, memory reps, kvm-unit-tests reps,
 #  kut in parallel)
@@ -128,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                 r, data = bench_memory(p["memory_reps"], work, log)
             elif group == "kut":
                 r, data = bench_kut(p["kut_reps"], p["kut_parallel"], log, args.kut)
-            else:
+            elif group == "linux":
                 r, data = bench_linux(args.quick, log)
+            else:
+                r, data = bench_restore(args.quick, work, log)
             rows += r
             raw[group] = data
             log(f"bench: {group} took {time.monotonic() - t0:.1f} s")

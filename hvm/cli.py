@@ -54,11 +54,17 @@ def _add_run_parser(sub) -> None:
                    help="add a device: pc-testdev, isa-debug-exit[,iobase=0xf4,iosize=4], "
                         "isa-debugcon[,iobase=0xe9], pvconsole[,iobase=0xe00]")
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
+    p.add_argument("--script", type=Path, metavar="FILE",
+                   help="run the script: steps in FILE (a YAML list) against the serial console, replacing the "
+                        "config's (a failing step: exit status 8)")
     p.add_argument("--stats", action="store_true", help="print exit counters when the VM ends")
     p.add_argument("--trace", type=Path, metavar="FILE", help="record every VM exit as JSON lines in FILE")
     p.add_argument("--trace-filter", metavar="EXPR", help="only exits matching e.g. 'reason=io,port=0x3f8'")
     p.add_argument("--trace-ring", type=int, metavar="N", help="keep only the last N exits; write them at the end")
     p.add_argument("--trace-rip", action="store_true", help="record RIP per exit (one KVM_GET_REGS each)")
+    p.add_argument("--incoming", metavar="file:PATH",
+                   help="restore the VM saved in PATH (QMP migrate or Machine.snapshot) and run it on; "
+                        "no config needed (--serial, --timeout, --trace, --stats, --script, --qmp may be given)")
     p.add_argument("--qmp", metavar="unix:PATH[,server=on][,wait=off]",
                    help="listen for QMP clients (QEMU Machine Protocol) on a UNIX socket; wait=on: boot once "
                         "a first client connected")
@@ -258,12 +264,61 @@ def spec_from_args(args: argparse.Namespace):
         if isinstance(data["boot"], dict):
             data["boot"] = dict(data["boot"], cmdline=args.append)
             origins["boot.cmdline"] = "--append"
+    if getattr(args, "script", None) is not None:
+        from hvm.script import load_script
+
+        # Steps checked here, so that errors name the script file; they replace the config's script.
+        data["script"] = load_script(args.script)
+        origins["script"] = str(args.script)
     return parse_spec(data, source, base, origins)
 
 
+# Flags that describe the VM: a restore takes the description from the snapshot, so they cannot be given.
+INCOMING_CONFLICTS = (("config", "a config file"), ("kernel", "--kernel"), ("append", "--append"),
+                      ("initrd", "--initrd"), ("memory", "--memory"), ("vcpus", "--vcpus"), ("machine", "--machine"),
+                      ("device", "--device"), ("no_pit", "--no-pit"))
+
+
+def _incoming_console(args: argparse.Namespace):
+    """--serial given anew for a restored VM: its console (None: the saved description's)."""
+    if args.serial is None:
+        return None
+    from hvm.console import Console
+
+    out = args.serial
+    if out not in ("stdio", "none") and not (out.startswith("file:") and len(out) > 5 and "\0" not in out):
+        raise ConfigError("command line", "", f"{out[:60]!r} is not one of: stdio, none, file:PATH", flag="--serial")
+    return Console(out, "stdin" if out == "stdio" else "none", open_now=False)
+
+
+def _restore_machine(args: argparse.Namespace, trace) -> tuple[Machine, tuple]:
+    """The VM restored from --incoming file:PATH, and the --script steps to run against it (if given)."""
+    from hvm.snapshot import parse_incoming
+
+    for attr, flag in INCOMING_CONFLICTS:
+        if getattr(args, attr, None):
+            raise ConfigError("command line", "", f"{flag} cannot be given: the snapshot carries the VM "
+                              "description", flag="--incoming")
+    if args.timeout is not None and not (args.timeout >= 0 and args.timeout <= 1e6):
+        raise ConfigError("command line", "", f"{args.timeout!r} is not a number of seconds in 0..1000000",
+                          flag="--timeout")
+    path = parse_incoming(args.incoming)
+    script: tuple = ()
+    if getattr(args, "script", None) is not None:
+        from hvm.script import load_script
+
+        script = tuple(load_script(args.script))
+    return Machine.restore(path, console=_incoming_console(args), trace=trace, timeout=args.timeout), script
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from hvm.snapshot import SnapshotError
+
+    incoming = getattr(args, "incoming", None) is not None
+    spec = None
     try:
-        spec = spec_from_args(args)
+        if not incoming:
+            spec = spec_from_args(args)
         qmp_address = _qmp_address(args, spec)   # checked before the VM is built, like every flag
     except ConfigError as e:
         print(f"hvm: {e}", file=sys.stderr)
@@ -284,15 +339,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return EXIT_CONFIG
         trace = TraceConfig(path=args.trace, filter=args.trace_filter, ring=args.trace_ring, rip=args.trace_rip)
     try:
-        machine = Machine(spec, trace=trace)
-    except (ConfigError, BootError, BusError, HostFileError) as e:
+        if incoming:
+            machine, script = _restore_machine(args, trace)
+            spec = machine.spec       # what was saved (no script: or qmp: keys: those come from flags)
+        else:
+            machine, script = Machine(spec, trace=trace), spec.script
+    except (ConfigError, BootError, BusError, HostFileError, SnapshotError) as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except KvmError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_HOST
     except OSError as e:
-        if e.errno == errno.ENOMEM:  # the host cannot back the guest RAM asked for: say which setting
+        if e.errno == errno.ENOMEM and spec is not None:  # the host cannot back the guest RAM asked for
             where = "--memory" if args.memory is not None else f"{spec.source}: memory"
             print(f"hvm: {where}: this host cannot provide {spec.memory >> 20} MiB of guest RAM "
                   f"({e.strerror})", file=sys.stderr)
@@ -310,6 +369,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     qmp = None
     previous = {s: signal.signal(s, terminate) for s in stop_signals}
+    failure = None
     try:
         with machine:
             if qmp_address is not None:
@@ -328,7 +388,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if qmp is not None and qmp_address.wait:
                     print(f"hvm: waiting for a QMP client on {qmp_address.path}", file=sys.stderr)
                     qmp.wait_for_client()
-                result = machine.run()
+                if script:
+                    from hvm.script import run_script
+
+                    result, failure = run_script(machine, script)
+                else:
+                    result = machine.run()
             except KeyboardInterrupt:
                 result = _stop_or_end(machine, 130, "interrupted (Ctrl-C)")
             except _Terminated as t:
@@ -346,7 +411,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             qmp.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if result.reason in ("crash", "timeout", "panic") or result.status >= 128:
+    if failure is not None:
+        from hvm.script import EXIT_SCRIPT, console_tail
+
+        # One line naming the step, then what the guest said last.
+        print(f"\nhvm: {failure}", file=sys.stderr)
+        tail = console_tail(machine)
+        print("hvm: last console lines:" if tail else "hvm: no console output", file=sys.stderr)
+        for line in tail:
+            print(f"  | {line}", file=sys.stderr)
+    elif result.reason in ("crash", "timeout", "panic") or result.status >= 128:
         print(f"\nhvm: {result.message}", file=sys.stderr)
     else:
         log.info("%s (exit status %d)", result.message, result.status)
@@ -357,6 +431,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stats:
         print(machine.stats().format(), file=sys.stderr)
         print(f"run time: {result.seconds * 1000:.1f} ms", file=sys.stderr)
+    if failure is not None:
+        return EXIT_SCRIPT
     return result.status
 
 
@@ -377,7 +453,7 @@ def _qmp_address(args: argparse.Namespace, spec):
 
 def _stop_or_end(machine: Machine, status: int, message: str):
     """Ctrl-C or a stop signal: stop the VM; one still waiting for its first QMP client never started."""
-    if machine.run_state == "prelaunch":
+    if machine.run_state in ("prelaunch", "inmigrate"):
         from hvm.machine import RunResult
 
         return RunResult(status, "stopped", message)

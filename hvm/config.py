@@ -112,6 +112,7 @@ class VmSpec:
     debugcon: int | None = None     # port of QEMU's isa-debugcon (one exit per byte), usually 0xe9
     pvconsole: int | None = None    # port of hvm's paravirtual console (one exit per buffer), usually 0xe00
     source: str = "command line"
+    script: tuple = ()              # hvm.script.Step: `script:` steps `hvm run` runs against the console
     qmp: QmpAddress | None = None   # a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md)
 
     def __post_init__(self) -> None:
@@ -296,7 +297,7 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
-TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices", "qmp")
+TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices", "script", "qmp")
 MACHINES = ("auto", "pc", "none")
 BOOT_KEYS = ("image", "load", "entry", "mode", "regs", "kernel", "initrd", "cmdline")
 GP_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
@@ -308,7 +309,18 @@ DEBUG_EXIT_KEYS = ("port", "size")
 
 
 def load_yaml(path: Path) -> dict:
-    """Read a YAML file into a mapping; every failure is a ConfigError naming the file.
+    """Read a YAML file into a mapping; every failure is a ConfigError naming the file (load_yaml_document)."""
+    source = str(path)
+    data = load_yaml_document(path)
+    if data is None:
+        raise ConfigError(source, "", "file is empty (expected a VM description)")
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", f"expected a mapping of VM settings at the top level, got {_kind(data)}")
+    return data
+
+
+def load_yaml_document(path: Path) -> Any:
+    """Read a YAML file (any document: a script file is a list); every failure is a ConfigError naming it.
 
     The file must be a regular file of at most MAX_CONFIG_BYTES (a FIFO would hang, /dev/zero would be read
     until memory runs out), and the YAML at most MAX_YAML_DEPTH deep and MAX_YAML_NODES nodes with aliases
@@ -345,12 +357,7 @@ def load_yaml(path: Path) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(source, "", f"not UTF-8 text (byte {e.start})") from None
-    data = parse_yaml(text, source)
-    if data is None:
-        raise ConfigError(source, "", "file is empty (expected a VM description)")
-    if not isinstance(data, dict):
-        raise ConfigError(source, "", f"expected a mapping of VM settings at the top level, got {_kind(data)}")
-    return data
+    return parse_yaml(text, source)
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -572,6 +579,16 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     debugcon = _optional_port(devices, "debugcon", DEBUGCON_PORT, 1)
     pvconsole = _optional_port(devices, "pvconsole", PVCONSOLE_PORT, PVCONSOLE_LEN)
 
+    script: tuple = ()
+    if top.has("script"):
+        from hvm.script import check_steps, parse_steps  # (hvm.script imports this module)
+
+        if "script" in top.origins:     # set by a flag (--script FILE): its steps were checked with its name
+            script = tuple(top.get("script"))
+        else:
+            script = parse_steps(top.get("script"), source)
+        check_steps(script, serial is not None, top.origins.get("script", source))
+
     qmp = None
     raw_qmp = top.get("qmp")
     if raw_qmp is not None and raw_qmp is not False:
@@ -586,7 +603,7 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
 
     return VmSpec(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
                   irqchip=irqchip, pit=pit, testdev=testdev, serial=serial, debug_exit=debug_exit,
-                  debugcon=debugcon, pvconsole=pvconsole, source=source, qmp=qmp)
+                  debugcon=debugcon, pvconsole=pvconsole, source=source, qmp=qmp, script=script)
 
 
 def _optional_port(devices: _Fields, key: str, default: int, length: int) -> int | None:

@@ -1,5 +1,11 @@
 """The host end of the serial console: where guest output goes, where guest input comes from,
-and a searchable history that scripts can wait on."""
+and a searchable history that scripts can wait on.
+
+The console is also a pexpect object (expect, expect_exact, send, sendline, before/after/match, EOF,
+TIMEOUT, logfile, interact): pexpect's own SpawnBase and Expecter do the matching, over a reader of the
+history (`_PexpectSide.read_nonblocking`). No thread and no pipe: a console nobody expects on costs nothing
+and never holds up the guest, and what pexpect reads is what the history kept (bounded, HISTORY_LIMIT).
+pexpect is imported on the first use of its API only (it costs ~8 ms at startup otherwise)."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +32,17 @@ CTRL_A = 0x01
 INPUT_CHUNK = 4096        # bytes of host input read (and fed to the UART) at a time
 INPUT_AHEAD = 4096        # host input read ahead of the guest at most: the rest waits in the file or pipe
 INPUT_POLL = 0.01         # seconds between looks at whether the guest took its input
+# The pexpect side. READ_CHUNK: the most one read hands pexpect (its `maxread`). While output streams in,
+# reads are spaced READ_SPACING apart plus 1 s per READ_RATE bytes pexpect holds unmatched: each read makes
+# pexpect search all of that again, so this keeps a long expect on a chatty guest from costing a core.
+# pexpect's own buffers (`before`, the search window) are cut to their last PEXPECT_KEEP bytes past
+# PEXPECT_LIMIT: memory stays bounded however long an expect waits.
+READ_CHUNK = 1 << 20
+READ_SPACING = 0.002
+READ_RATE = 50 << 20
+PEXPECT_LIMIT = 8 << 20
+PEXPECT_KEEP = 4 << 20
+EOF_POLL = 0.05           # seconds between looks at whether the VM ended, for a reader with nothing to read
 
 
 class Console:
@@ -50,8 +67,47 @@ class Console:
         self._input_thread: threading.Thread | None = None
         self._saved_tty: list | None = None
         self.on_quit: Callable[[], None] | None = None
+        # The pexpect side's state (cheap: pexpect itself is set up on first use, see __getattr__).
+        self._read_pos = 0            # bytes of output (since the start, trimmed ones included) pexpect has read
+        self._last_read = 0.0
+        self._feed: Callable[[bytes], None] | None = None       # the UART's feed (Machine.attach)
+        self._pending: Callable[[], int] | None = None          # bytes fed the guest has not read yet
+        self._ended: Callable[[], int | None] | None = None     # the VM's status once all its output is in
         if open_now:
             self.open()
+
+    def attach(self, feed: Callable[[bytes], None] | None, pending: Callable[[], int] | None,
+               ended: Callable[[], int | None]) -> None:
+        """Wired by Machine: `feed` passes send()'s bytes to the UART (it blocks while the UART's input queue
+        is full and lets go once the VM stops); `ended()` is the VM's exit status once it ended and no vCPU
+        can write any more, else None (then EOF comes after the last byte is read)."""
+        self._feed = feed
+        self._pending = pending
+        self._ended = ended
+
+    def __getattr__(self, name: str):
+        # Only for attributes the console does not have: the first use of pexpect's API (expect, before,
+        # logfile, ...) turns this console into a pexpect object, then looks again.
+        if name.startswith("__") or "_pexpect_ready" in self.__dict__ or "_cond" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._become_pexpect()
+        return getattr(self, name)
+
+    def _become_pexpect(self) -> None:
+        from pexpect.spawnbase import SpawnBase
+
+        kept = dict(self.__dict__)    # attributes a caller set before (console.logfile = f) stay set
+        self.__class__ = _pexpect_class(type(self))
+        SpawnBase.__init__(self, timeout=30, maxread=READ_CHUNK)
+        for key, value in kept.items():
+            self.__dict__[key] = value
+        if "delaybeforesend" not in kept:
+            self.delaybeforesend = None   # pexpect's 50 ms pause before a send is for a pty's echo: no pty here
+        if "delayafterread" not in kept:
+            self.delayafterread = None    # read_nonblocking spaces reads itself (READ_SPACING)
+        self.name = "<hvm console>"
+        self.closed = False
+        self._pexpect_ready = True
 
     def open(self) -> None:
         """Open the output sink (once). A file: is opened without following a symlink, created 0644, and
@@ -328,6 +384,204 @@ class Console:
         if self._sink is not None and self._sink[2]:
             os.close(self._sink[0])
         self._sink = None
+
+
+_PEXPECT_CLASSES: dict[type, type] = {}
+
+
+def _pexpect_class(cls: type) -> type:
+    """`cls` with pexpect's SpawnBase mixed in (made once per console class, on first use)."""
+    made = _PEXPECT_CLASSES.get(cls)
+    if made is None:
+        from pexpect.spawnbase import SpawnBase
+
+        made = _PEXPECT_CLASSES[cls] = type(cls.__name__, (cls, _PexpectSide, SpawnBase),
+                                            {"__module__": cls.__module__, "__doc__": cls.__doc__})
+    return made
+
+
+_CONTROL = {"@": 0, "`": 0, "[": 27, "{": 27, "\\": 28, "|": 28, "]": 29, "}": 29, "^": 30, "~": 30, "_": 31,
+            "?": 127}
+
+
+class _PexpectSide:
+    """What a pexpect spawn has that SpawnBase leaves to its subclasses: reading (from the console history),
+    sending (to the UART), isalive, interact. Mixed into a Console on first use of pexpect's API; bytes mode
+    (before/after are bytes; str patterns and str to send are encoded, as pexpect's spawn does)."""
+
+    def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> bytes:
+        """The next output bytes after what pexpect read before (at most `size`): waits up to `timeout`
+        (-1: self.timeout, None: forever) for output, then TIMEOUT; EOF once the VM ended and every byte
+        of its output was read. Bytes the bounded history dropped before they were read are skipped."""
+        from pexpect import EOF, TIMEOUT
+
+        if timeout == -1:
+            timeout = self.timeout
+        self._bound_pexpect_buffers()
+        now = time.monotonic()
+        deadline = None if timeout is None else now + max(0.0, timeout)
+        # Streaming output: space reads out (see READ_SPACING), so each search covers more new bytes.
+        spacing = READ_SPACING + self._buffer.tell() / READ_RATE
+        gather_until = min(self._last_read + spacing, deadline if deadline is not None else float("inf"))
+        with self._cond:
+            while True:
+                # "ended" first: output written before the VM ended is in the history by the time it says so
+                ended = self._closed if self._ended is None else self._ended() is not None or self._closed
+                start = self._read_pos - self._trimmed
+                if start < 0:
+                    log.warning("console: %d bytes of output were dropped (the history keeps %d MiB) before "
+                                "pexpect read them", -start, HISTORY_LIMIT >> 20)
+                    self._read_pos = self._trimmed
+                    start = 0
+                available = len(self.history) - start
+                now = time.monotonic()
+                if available >= size or (available and (ended or now >= gather_until)):
+                    data = bytes(self.history[start:start + size])
+                    self._read_pos += len(data)
+                    break
+                if ended and not available:
+                    if self._ended is not None:
+                        self.exitstatus = self._ended()
+                    self.flag_eof = True
+                    raise EOF("End Of File (EOF): the VM ended and all its console output was read.")
+                wake = deadline if not available else gather_until
+                if wake is not None and now >= wake:
+                    raise TIMEOUT("Timeout exceeded.")
+                pause = EOF_POLL if wake is None else min(EOF_POLL, wake - now)
+                if available:
+                    self._cond.wait(pause)          # gathering: no need to be woken by each write
+                else:
+                    self._waiters += 1
+                    try:
+                        self._cond.wait(pause)
+                    finally:
+                        self._waiters -= 1
+        self._last_read = time.monotonic()
+        self._log(data, "read")
+        return data
+
+    def _bound_pexpect_buffers(self) -> None:
+        """pexpect keeps everything since the last match (for `before`, and to search): past PEXPECT_LIMIT
+        bytes, only the last PEXPECT_KEEP of it. Cut the same for both, so `before` still ends where a
+        match in the window starts (pexpect computes it from the end)."""
+        for name in ("_buffer", "_before"):
+            buf = getattr(self, name)
+            if buf.tell() > PEXPECT_LIMIT:
+                tail = buf.getvalue()[-PEXPECT_KEEP:]
+                fresh = self.buffer_type()
+                fresh.write(tail)
+                setattr(self, name, fresh)
+
+    # --- input to the guest -------------------------------------------------------------------------
+    def send(self, s) -> int:
+        """Send bytes (a str is UTF-8 encoded) to the guest's serial input; returns the number of bytes.
+        Blocks while the UART's input queue is full (the guest is not reading), as a write to a pty does;
+        returns once the VM stopped (bytes the guest can no longer read are dropped)."""
+        data = self._coerce_send_string(s)
+        self._log(data, "send")
+        self._send_bytes(data, None)
+        return len(data)
+
+    def sendline(self, s="") -> int:
+        s = self._coerce_send_string(s)
+        return self.send(s + self.linesep)
+
+    def sendcontrol(self, char: str) -> int:
+        """Send Ctrl-`char` (sendcontrol('c') sends 0x03), as pexpect's spawn."""
+        char = char.lower()
+        if "a" <= char <= "z":
+            code = ord(char) - ord("a") + 1
+        elif char in _CONTROL:
+            code = _CONTROL[char]
+        else:
+            return 0
+        return self.send(bytes([code]))
+
+    def _send_bytes(self, data: bytes, timeout: float | None) -> None:
+        """Feed `data` to the UART. timeout=None: block as long as the guest does not read (backpressure)
+        until the VM stops. Else at most `timeout` seconds, then TIMEOUT (what was not sent by then is not)."""
+        from pexpect import TIMEOUT
+        from pexpect.exceptions import ExceptionPexpect
+
+        if self._feed is None:
+            raise ExceptionPexpect("this console has no serial input (the VM has no serial port)")
+        if timeout is None or self._pending is None:
+            self._feed(data)
+            return
+        deadline = time.monotonic() + timeout
+        view = memoryview(data)
+        while view:
+            if self._ended is not None and self._ended() is not None:
+                return  # the VM is gone: nobody will read it
+            room = INPUT_AHEAD - self._pending()
+            if room > 0:
+                # at most what the UART's queue has room for (it holds INPUT_AHEAD bytes): no blocking
+                self._feed(bytes(view[:room]))
+                view = view[room:]
+                continue
+            if time.monotonic() >= deadline:
+                raise TIMEOUT(f"the guest did not read its input: {len(view)} bytes not sent")
+            time.sleep(INPUT_POLL)
+
+    def isalive(self) -> bool:
+        """True until the VM ended and all of its output was written."""
+        return not self._closed and (self._ended is None or self._ended() is None)
+
+    def interact(self, escape_character: str | None = chr(29), input_filter=None, output_filter=None) -> None:
+        """Hand the console to the user, as pexpect's interact: keystrokes (stdin, raw mode on a terminal)
+        go to the guest, its output to stdout, until the escape character (Ctrl-], not sent) or the VM's
+        end. Console output already written to stdout (serial: stdio) is not written twice."""
+        import tty
+
+        from pexpect import EOF, TIMEOUT
+        from pexpect.exceptions import ExceptionPexpect
+
+        if self._input_thread is not None:
+            raise ExceptionPexpect("interact(): this console already passes stdin to the guest "
+                                   "(serial input: stdin)")
+        stdin = sys.stdin.fileno()
+        stdout = sys.stdout.fileno()
+        show = self.output != "stdio"     # else the console writes the output to stdout itself
+        escape = escape_character.encode() if escape_character else None
+        if show and self.buffer:
+            os.write(stdout, self.buffer)
+        self.buffer = b""
+        self._before = self.buffer_type()
+        saved = None
+        if os.isatty(stdin):
+            saved = termios.tcgetattr(stdin)
+            tty.setraw(stdin)
+        reading = True
+        try:
+            while True:
+                if reading:
+                    ready, _, _ = select.select([stdin], [], [], 0.02)
+                    if ready:
+                        data = os.read(stdin, 1000)
+                        if not data:
+                            reading = False      # stdin ended: the guest's output still comes through
+                        else:
+                            if input_filter:
+                                data = input_filter(data)
+                            at = data.find(escape) if escape else -1
+                            if at >= 0:
+                                if at:
+                                    self.send(data[:at])
+                                return
+                            self.send(data)
+                try:
+                    out = self.read_nonblocking(self.maxread, 0 if reading else 0.05)
+                except TIMEOUT:
+                    continue
+                except EOF:
+                    return
+                if output_filter:
+                    out = output_filter(out)
+                if show:
+                    os.write(stdout, out)
+        finally:
+            if saved is not None:
+                termios.tcsetattr(stdin, termios.TCSAFLUSH, saved)
 
 
 def _open_sink(fd: int) -> tuple[int, str, bool]:

@@ -162,5 +162,7 @@ def diagnose(out=print) -> dict:
         out(f"  => hvm run adds to Linux command lines: {' '.join(host.linux_cmdline)}")
     if host.hidden_features:
         out(f"  => hvm asks KVM to hide these CPUID features: {', '.join(n for *_, n in host.hidden_features)}")
+    if host.smp_hidden_features:
+        out(f"  => and, with several vCPUs: {', '.join(n for *_, n in host.smp_hidden_features)}")
     results["elapsed_s"] = time.monotonic() - t0
     return results

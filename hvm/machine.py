@@ -28,8 +28,9 @@ from hvm.memory import GuestMemory
 from hvm.boot import bios
 from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
+from hvm.boot.mptable import write_mp_table
 from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
-from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, AcpiPm
+from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, SCI_IRQ, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
 from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
 from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
@@ -40,6 +41,7 @@ from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, 
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
 
 if TYPE_CHECKING:
+    from hvm.snapshot.format import SnapshotFile
     from hvm.trace.tracer import TraceConfig, Tracer
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,12 @@ EXIT_HOST = 6
 EXIT_TIMEOUT = 124
 EXIT_INTERNAL = 70  # a bug in hvm itself (EX_SOFTWARE)
 JOIN_TIMEOUT = 2.0  # seconds to wait, in all, for the vCPU threads once the VM has ended
+# Several vCPUs with the in-kernel irqchip: how often the vCPUs are asked whether they all halted (HLT
+# sleeps in the kernel there, so hvm must ask), how long an answer may take, and how many rounds in a row
+# must find them all halted (a vCPU woken by an IPI between two answers is seen in the next round).
+HALT_POLL = 0.1
+PROBE_TIMEOUT = 1.0
+HALT_ROUNDS = 2
 
 # Console lines whose first appearance --stats reports, in the spirit of Firecracker's boot timer:
 # the last one is the kernel handing over to user space.
@@ -127,7 +135,7 @@ class Machine:
     Always close() it (or use `with`), which releases every fd and mapping."""
 
     def __init__(self, spec: VmSpec, console: Console | None = None, adapt_to_host: bool = True,
-                 trace: TraceConfig | None = None, fast_loop: bool = True):
+                 trace: TraceConfig | None = None, fast_loop: bool = True, *, _snapshot: SnapshotFile | None = None):
         """adapt_to_host=False runs the guest on the backend as it is: no CPUID features hidden, no kernel
         command-line additions, no emulation failures completed (what `hvm doctor` needs to measure).
         fast_loop=False keeps every exit in the all-Python run loop (for comparisons; same results)."""
@@ -150,9 +158,18 @@ class Machine:
         self.pio = PioBus()
         self.mmio = MmioBus()
         self.uart: SerialUart | None = None
+        self.acpi_pm: AcpiPm | None = None   # machine: pc only (its power button is system_powerdown's)
         self.boot_state: BootState | None = None
         self.host = detect_host() if adapt_to_host else HostProfile("as-is", False)
         self.is_linux = False
+        # Restore (Machine.restore): the open snapshot the VM is built from, only during construction.
+        self._snapshot = _snapshot
+        # What system_reset() puts back: each vCPU's and the VM's KVM state as created, before any boot state.
+        self._reset_vcpu_states: list[dict] = []
+        self._reset_vm_state: dict | None = None
+        self._msrs: list[int] | None = None
+        # One snapshot or system reset at a time (QMP clients, scripts and Python may ask concurrently).
+        self._save_lock = threading.Lock()
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._pause_cond = threading.Condition()
@@ -163,6 +180,11 @@ class Machine:
         self._parked = 0
         self._halted = 0
         self._timer: threading.Timer | None = None
+        self._halt_watch: threading.Thread | None = None
+        self._vm_teardown_pending = False   # close() left the VM objects to the last vCPU thread
+        self._threads_ended: set[int] = set()   # vCPU threads past their last use of kvm_run and guest RAM
+        self._probe_cond = threading.Condition()
+        self._probes: dict[int, str] = {}
         self._started_at = 0.0
         self._joined = False
         if console is None:
@@ -173,12 +195,13 @@ class Machine:
                 console = Console("stdio" if other else "none", "none", open_now=False)
             else:
                 inp = serial.input
-                if inp == "auto":
-                    inp = "stdin" if serial.output == "stdio" else "none"
+                if inp == "auto":   # a script: steps drive the input, not the terminal
+                    inp = "stdin" if serial.output == "stdio" and not spec.script else "none"
                 console = Console(serial.output, inp, open_now=False)
         self.console = console
         try:
             self._build()
+            self._attach_console()
             self._open_outputs()
         except BaseException:
             self.close()
@@ -196,14 +219,24 @@ class Machine:
             vm.create_irqchip()
             if spec.pit:
                 vm.create_pit2()
-        self.memory = mem = GuestMemory(spec.memory)
+        snap = self._snapshot
+        if snap is None:
+            self.memory = mem = GuestMemory(spec.memory)
+        else:   # restore: RAM mapped copy-on-write from the snapshot, checked before anything runs
+            self.memory = mem = self._restore_memory(snap)
         for slot, region in enumerate(mem.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        if spec.irqchip:
+            self._reset_vm_state = self._save_vm_state()
 
-        if self.spec.machine == "pc":
-            write_acpi_tables(mem, spec.vcpus, PM_BASE)
-        self.boot_state = self._load(mem)
-        log.info("%s", self.boot_state.description)
+        if snap is not None:
+            self._restore_vm_state(snap)
+        else:
+            if self.spec.machine == "pc":
+                write_acpi_tables(mem, spec.vcpus, PM_BASE)
+                write_mp_table(mem, spec.vcpus)    # the same CPUs and interrupts for guests without ACPI
+            self.boot_state = self._load(mem)
+            log.info("%s", self.boot_state.description)
 
         irq_setter = vm.set_irq_line if spec.irqchip else None
         if spec.serial is not None:
@@ -212,9 +245,11 @@ class Machine:
         if spec.debug_exit is not None:
             self.pio.register(spec.debug_exit.port, spec.debug_exit.size, DebugExit(self._debug_exit))
         if spec.machine == "pc":
-            self._bios_state(mem)
+            if snap is None:
+                self._bios_state(mem)
             self.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
-            self.pio.register(PM_BASE, PM_LEN, AcpiPm(self._acpi_poweroff))
+            self.acpi_pm = AcpiPm(self._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter))
+            self.pio.register(PM_BASE, PM_LEN, self.acpi_pm)
             self.pio.register(RTC_PORT, RTC_LEN, Rtc())
             kbc = I8042(self._cpu_reset)
             self.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
@@ -227,16 +262,34 @@ class Machine:
             self.pio.register(TESTDEV_PORT, TESTDEV_LEN, PcTestDev())
             self.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, PcTestDevIrq(irq_setter))
 
-        supported = hide_features(self.kvm.supported_cpuid(), self.host.hidden_features)
+        hidden = self.host.hidden_features + (self.host.smp_hidden_features if spec.vcpus > 1 else [])
+        supported = hide_features(self.kvm.supported_cpuid(), hidden)
         for index in range(spec.vcpus):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(vcpu)
             vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
-            if index == 0:
+            self._reset_vcpu_states.append(self._save_vcpu_state(vcpu))
+            if index == 0 and snap is None:
                 apply_boot_state(vcpu, self.boot_state)
             # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
+        if snap is not None:
+            self._restore_vcpus_and_devices(snap)
         self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host, fast_loop=self.fast_loop)
                         for v in self.vcpus]
+
+    def _attach_console(self) -> None:
+        """The console's pexpect side (hvm/console.py): send() feeds the UART (blocking while its input queue
+        is full, let go when the VM stops); EOF once the VM ended and no vCPU can write any more."""
+        uart = self.uart
+        self.console.attach(uart.feed if uart is not None else None,
+                            (lambda: uart.input_pending) if uart is not None else None, self._ended_status)
+
+    def _ended_status(self) -> int | None:
+        """The exit status once the VM ended and its vCPU threads are gone (all output written), else None."""
+        result = self.result
+        if result is None or not self._done.is_set() or any(t.is_alive() for t in self.threads):
+            return None
+        return result.status
 
     def _open_outputs(self) -> None:
         """The output files last, once the VM is built: a VM that cannot be (status 2) leaves an old console
@@ -378,6 +431,11 @@ class Machine:
             self._timer.start()
         for t in self.threads:
             t.start()
+        if len(self.threads) > 1 and self.spec.irqchip:
+            # HLT never leaves the kernel with the in-kernel LAPIC: ask the vCPUs now and then (see
+            # _watch_halts) so that a guest whose started vCPUs all halted ends as a one-vCPU one does.
+            self._halt_watch = threading.Thread(target=self._watch_halts, name="halt-watch", daemon=True)
+            self._halt_watch.start()
         # Host input last, from the console's own thread: it reads only as far ahead of the guest as the
         # UART's pending input allows, and a feed may block (the UART's input queue is bounded) until the
         # guest reads; the watchdog and the vCPUs already run then, and a stop lets a blocked feed go.
@@ -505,6 +563,17 @@ class Machine:
         if old is not None:
             old.close()     # after the vCPUs handed it their last records
 
+    def system_powerdown(self) -> None:
+        """QMP system_powerdown: press the ACPI power button and emit POWERDOWN (as QEMU does). The guest
+        decides what to do (Linux needs its ACPI button driver and user space acting on the key); the VM runs
+        on meanwhile. A paused VM sees the press when it resumes."""
+        if self.acpi_pm is None:
+            raise RuntimeError("system_powerdown needs the ACPI power button of machine: pc")
+        if self._done.is_set() or self.vm is None:
+            raise RuntimeError("cannot press the power button of a VM that has ended")
+        self.acpi_pm.press_power_button()
+        self._emit("POWERDOWN", {})
+
     @property
     def running(self) -> bool:
         return self.run_state in ("running", "paused", "postmigrate") and not self._done.is_set()
@@ -545,6 +614,45 @@ class Machine:
         log.info("vCPU %d halted", index)
         if everyone:
             self._finish(EXIT_OK, "halt", "all vCPUs halted")
+
+    def vcpu_probed(self, index: int, activity: str) -> None:
+        """A vCPU thread's answer to VcpuThread.probe(): "waiting", "halted" or "running"."""
+        with self._probe_cond:
+            self._probes[index] = activity
+            self._probe_cond.notify_all()
+
+    def _watch_halts(self) -> None:
+        """The halt rule with several vCPUs (docs/config.md): the VM ends with status 0 ("halt") once every
+        vCPU that was started halted with interrupts off, vCPUs still waiting for INIT/SIPI not counting as
+        running (nothing is left to start them). Checked every HALT_POLL s by asking each vCPU thread, which
+        answers between two KVM_RUNs; HALT_ROUNDS rounds in a row must agree. A paused VM is not asked."""
+        rounds = 0
+        while not self._done.wait(HALT_POLL):
+            if self.run_state != "running" or self.stopping:
+                rounds = 0
+                continue
+            with self._probe_cond:
+                self._probes = {}
+            for t in self.threads:
+                t.probe()
+            deadline = time.monotonic() + PROBE_TIMEOUT
+            with self._probe_cond:
+                while len(self._probes) < len(self.threads) and not self._done.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._probe_cond.wait(left)
+                answers = dict(self._probes)
+            activities = list(answers.values())
+            if (len(answers) == len(self.threads) and "running" not in activities and "halted" in activities):
+                rounds += 1
+            else:
+                rounds = 0
+            if rounds >= HALT_ROUNDS:
+                waiting = activities.count("waiting")
+                detail = f" ({waiting} never started: waiting for INIT/SIPI)" if waiting else ""
+                self._finish(EXIT_OK, "halt", f"all started vCPUs halted{detail}")
+                return
 
     def vcpu_crashed(self, report: CrashReport) -> None:
         panic = self._panic_report() if report.reason.startswith("SHUTDOWN") else None
@@ -631,6 +739,168 @@ class Machine:
         self._emit("SHUTDOWN", {"guest": cause is None and reason in _GUEST_CAUSE,
                                 "reason": cause or _GUEST_CAUSE.get(reason, "host-error")})
 
+    # --- snapshot, restore, reset (hvm/snapshot/) -------------------------------------------------------
+    def snapshot(self, path: str | os.PathLike, *, resume: bool = False) -> None:
+        """Save the whole VM to `path` (QEMU's migrate to file:). A running VM is paused for the save; then
+        with resume=True it runs on, otherwise it stays stopped ("postmigrate": resume() runs it on). Raises
+        SnapshotError; a failed save leaves no file and the VM as it was (a running VM runs on)."""
+        with self._save_lock:
+            self._snapshot_locked(path, resume)
+
+    def _snapshot_locked(self, path: str | os.PathLike, resume: bool) -> None:
+        from hvm.snapshot import SnapshotError, save_machine
+
+        if self.result is not None or self.state == "stopped" or self.memory is None:
+            reason = self.result.reason if self.result is not None else "closed"
+            raise SnapshotError(f"{path}: the VM has ended ({reason}): there is nothing to save")
+        was_running = self.state == "running"
+        if was_running:
+            try:
+                self.pause()
+            except TimeoutError as e:
+                raise SnapshotError(f"{path}: the vCPUs did not stop for the save ({e})") from None
+            except RuntimeError as e:   # ended meanwhile
+                raise SnapshotError(f"{path}: {e}") from None
+        t0 = time.monotonic()
+        try:
+            size = save_machine(self, path)
+        except BaseException:
+            if was_running and self.result is None:
+                self.resume()
+            raise
+        log.info("snapshot %s: %d bytes in %.1f ms", path, size, (time.monotonic() - t0) * 1000)
+        if self.state == "paused":
+            if resume:
+                self.resume()
+            else:
+                self._snapshot_stopped()
+
+    def _snapshot_stopped(self) -> None:
+        """After a save without resume: QMP's "postmigrate" (stopped; resume() runs on)."""
+        self._set_run_state("postmigrate")
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, *, console: Console | None = None, trace: TraceConfig | None = None,
+                timeout: float | None = None, fast_loop: bool = True) -> "Machine":
+        """A Machine built from a snapshot file alone (it carries the VM description), not started
+        ("inmigrate"): start() runs the guest on from the saved instruction. `timeout` (seconds; 0 for
+        none) replaces the saved watchdog. Raises SnapshotError for any problem with the file, having
+        released everything it opened."""
+        from dataclasses import replace
+
+        from hvm.snapshot import spec_from_snapshot
+        from hvm.snapshot.format import SnapshotFile
+
+        with SnapshotFile(path) as snap:
+            spec = spec_from_snapshot(snap)
+            if timeout is not None:
+                spec = replace(spec, timeout=timeout or None)
+            adapt = snap.description.get("adapt_to_host", True) is not False
+            machine = cls(spec, console=console, adapt_to_host=adapt, trace=trace, fast_loop=fast_loop,
+                          _snapshot=snap)
+        machine._snapshot = None        # closed with the file; the mappings hold what they need
+        machine._set_run_state("inmigrate")
+        return machine
+
+    def _restore_memory(self, snap: SnapshotFile) -> GuestMemory:
+        from hvm.memory import ram_layout
+
+        mem = snap.map_memory(ram_layout(self.spec.memory))
+        try:
+            snap.verify_memory(mem)
+        except BaseException:
+            mem.close()
+            raise
+        return mem
+
+    def _restore_vm_state(self, snap: SnapshotFile) -> None:
+        from hvm.snapshot import SnapshotError
+        from hvm.snapshot import kvmstate
+
+        desc = snap.description
+        self.is_linux = desc.get("is_linux") is True
+        if desc.get("host") != self.host.backend:
+            log.warning("%s: saved on a %s host, restored on %s", snap.path, desc.get("host"), self.host.backend)
+        try:
+            kvmstate.restore_vm(self.vm, snap.vm_state if isinstance(snap.vm_state, dict) else {},
+                                self.spec.irqchip, self.spec.irqchip and self.spec.pit)
+        except (ValueError, OSError) as e:
+            raise SnapshotError(f"{snap.path}: section vm: {e}") from None
+
+    def _restore_vcpus_and_devices(self, snap: SnapshotFile) -> None:
+        from hvm.snapshot import SnapshotError, load_devices
+        from hvm.snapshot import kvmstate
+
+        xsave_size = self.vm.xsave_size()
+        for vcpu, state in zip(self.vcpus, snap.vcpu_states):
+            if not isinstance(state, dict) or state.get("index") != vcpu.index:
+                raise SnapshotError(f"{snap.path}: section vcpu{vcpu.index}: malformed")
+            try:
+                kvmstate.restore_vcpu(vcpu, state, xsave_size, self.spec.irqchip)
+            except (ValueError, OSError) as e:
+                raise SnapshotError(f"{snap.path}: section vcpu{vcpu.index}: {e}") from None
+        load_devices(self, snap.devices, snap.path)
+
+    def _save_vcpu_state(self, vcpu) -> dict:
+        from hvm.snapshot import kvmstate
+
+        if self._msrs is None:
+            self._msrs = kvmstate.msrs_to_save(self.kvm)
+        return kvmstate.save_vcpu(vcpu, self._msrs, self.vm.xsave_size(), self.spec.irqchip)
+
+    def _save_vm_state(self) -> dict:
+        from hvm.snapshot import kvmstate
+
+        return kvmstate.save_vm(self.vm, self.spec.irqchip, self.spec.irqchip and self.spec.pit)
+
+    def system_reset(self) -> None:
+        """QMP system_reset: the machine starts again from its boot state: guest RAM zeroed and the boot
+        image loaded again, the irqchip, PIT and every vCPU as created (vCPU 0 then given the boot state),
+        devices reset. A running VM runs on from the reset; a paused one stays paused. Emits RESET."""
+        with self._save_lock:
+            self._system_reset_locked()
+
+    def _system_reset_locked(self) -> None:
+        from hvm.snapshot import kvmstate
+
+        if self.result is not None or self.state == "stopped" or self.memory is None:
+            raise RuntimeError("cannot reset a VM that has ended")
+        # The boot image is loaded again: check it is still there before anything is zeroed (a restored VM
+        # never needed it until now), so a failed reset leaves the VM as it was.
+        boot = self.spec.boot
+        paths = [boot.image] if isinstance(boot, FlatBoot) else [boot.kernel, *boot.initrd]
+        for p in paths:
+            if not os.access(p, os.R_OK):
+                raise RuntimeError(f"cannot reset: the boot image {p} is not readable any more")
+        was_running = self.state == "running"
+        if was_running:
+            self.pause()
+        try:
+            mem = self.memory
+            mem.reset_to_zero()
+            if self.spec.machine == "pc":
+                write_acpi_tables(mem, self.spec.vcpus, PM_BASE)
+                write_mp_table(mem, self.spec.vcpus)
+            self.boot_state = self._load(mem)
+            if self._reset_vm_state is not None:
+                kvmstate.restore_vm(self.vm, self._reset_vm_state, self.spec.irqchip,
+                                    self.spec.irqchip and self.spec.pit)
+            if self.spec.machine == "pc":
+                self._bios_state(mem)
+            xsave_size = self.vm.xsave_size()
+            for vcpu, state in zip(self.vcpus, self._reset_vcpu_states):
+                kvmstate.restore_vcpu(vcpu, state, xsave_size, self.spec.irqchip)
+                if vcpu.index == 0:
+                    apply_boot_state(vcpu, self.boot_state)
+            for _, device in _devices(self):
+                reset = getattr(device, "reset", None)
+                if callable(reset):
+                    reset()
+        finally:
+            if was_running and self.result is None:
+                self.resume()
+        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+
     # --- results ---------------------------------------------------------------------------------
     def stats(self) -> ExitStats:
         by_reason: dict[str, int] = {}
@@ -656,33 +926,97 @@ class Machine:
 
     # --- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
+        """Release every fd and mapping. Every step runs even when one raises (each failure logged; the first
+        re-raised at the end). A vCPU thread still alive after the join deadline may be inside KVM_RUN or the
+        C loop, using its kvm_run mapping and guest memory: then the vCPU fds and mappings, guest memory and
+        the VM fd are deliberately left open (one log line), and the last vCPU thread to end closes them."""
+        errors: list[BaseException] = []
+
+        def step(what: str, fn) -> None:
+            try:
+                fn()
+            except BaseException as e:   # a Ctrl-C in one step must not skip the others either
+                log.error("close: %s failed: %s: %s", what, type(e).__name__, e)
+                log.debug("close: %s", what, exc_info=True)
+                errors.append(e)
+
         if self.threads and any(t.is_alive() for t in self.threads):
-            self._finish(EXIT_OK, "stopped", "closed")
-            self.wait(5.0)
+            step("stopping the vCPUs", self._stop_for_close)
+        step("the watchdog", self._cancel_watchdog)
+        with self._lock:
+            alive = [t.name for t in self._unfinished_threads()]
+            self._vm_teardown_pending = bool(alive)
+        if alive:
+            log.error("close: vCPU thread%s %s still running: leaving %s kvm_run mapping%s, vCPU fds, guest "
+                      "memory and the VM fd open until %s", "s" if len(alive) > 1 else "", ", ".join(alive),
+                      "its" if len(alive) == 1 else "their", "" if len(alive) == 1 else "s",
+                      "it ends" if len(alive) == 1 else "the last of them ends")
+        else:
+            self._close_vm_objects(step)
+        if self.kvm is not None:   # /dev/kvm: a VM fd keeps what it needs of it
+            step("/dev/kvm", self.kvm.close)
+            self.kvm = None
+        if self.tracer is not None:
+            step("the tracer", self.tracer.close)
+        step("the console", self.console.close)
+        if errors:
+            raise errors[0]
+
+    def _stop_for_close(self) -> None:
+        self._finish(EXIT_OK, "stopped", "closed")
+        self.wait(5.0)
+
+    def _cancel_watchdog(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vcpus = []
+
+    def _close_vm_objects(self, step) -> None:
+        """What a running vCPU thread may touch: the vCPUs (fd, kvm_run mapping), the VM fd, guest memory."""
+        vcpus, self.vcpus = self.vcpus, []
+        for vcpu in vcpus:
+            step(f"vCPU {vcpu.index}", vcpu.close)
         if self.vm is not None:
-            self.vm.close()
+            step("the VM fd", self.vm.close)
             self.vm = None
         if self.memory is not None:
-            self.memory.close()
+            step("guest memory", self.memory.close)
             self.memory = None
-        if self.kvm is not None:
-            self.kvm.close()
-            self.kvm = None
-        if self.tracer is not None:
-            self.tracer.close()
-        self.console.close()
+
+    def _unfinished_threads(self) -> list[VcpuThread]:
+        """vCPU threads started and not yet past vcpu_thread_ended (call with self._lock held)."""
+        return [t for t in self.threads if t.ident is not None and t.index not in self._threads_ended
+                and t.is_alive()]
+
+    def vcpu_thread_ended(self, index: int) -> None:
+        """Called by each vCPU thread as its last act. If close() left the VM objects to the vCPU threads,
+        the last one to end closes them (no thread can touch them any more)."""
+        with self._lock:
+            self._threads_ended.add(index)
+            if not self._vm_teardown_pending or self._unfinished_threads():
+                return
+            self._vm_teardown_pending = False
+
+        def step(what: str, fn) -> None:
+            try:
+                fn()
+            except Exception as e:
+                log.error("closing %s after vCPU %d ended: %s: %s", what, index, type(e).__name__, e)
+
+        self._close_vm_objects(step)
+        log.info("vCPU %d ended: closed the vCPUs, VM fd and guest memory close() had left open", index)
 
     def __enter__(self) -> "Machine":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _devices(machine: Machine):
+    from hvm.snapshot import devices_of
+
+    return devices_of(machine)
 
 
 def _read_head(path: Path, n: int = 16384) -> bytes:

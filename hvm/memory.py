@@ -17,6 +17,18 @@ PCI_HOLE_START = 3 * GiB
 PCI_HOLE_END = 4 * GiB
 
 
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)
+_MAP_FIXED = 0x10
+
+
+def _libc_mmap(addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    result = libc.mmap(addr, length, prot, flags, fd, offset)
+    return -1 if result in (None, ctypes.c_void_p(-1).value) else result
+
+
 class GuestMemoryError(Exception):
     """An access fell outside guest RAM."""
 
@@ -27,6 +39,9 @@ class MemoryRegion:
     size: int
     mapping: mmap.mmap
     host_addr: int
+    # Mapped from a file (a snapshot): the (offset, length) runs of the region the file holds data for; the
+    # rest of the file is holes. A page neither touched since nor in a run reads as zero.
+    file_extents: list[tuple[int, int]] | None = None
 
     @property
     def end(self) -> int:
@@ -45,25 +60,69 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
 class GuestMemory:
     """RAM of one guest. Use as a context manager; close() unmaps every region."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, _file: tuple[int, list[tuple[int, int, int]], list | None] | None = None):
         if size <= 0 or size % 4096:
             raise ValueError(f"guest memory size must be a positive multiple of 4 KiB, not {size}")
         self.size = size
         self.regions: list[MemoryRegion] = []
+        # Regions mapped copy-on-write from a snapshot file (from_file): MADV_DONTNEED would bring back the
+        # file's contents, not zeros, so zero() and reset_to_zero() treat them differently.
+        self.file_backed = _file is not None
         try:
-            for gpa, length in ram_layout(size):
-                mapping = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-                # As QEMU does for guest RAM: a child of the VMM (fork before exec) gets none of it, and
-                # the flag keeps the region its own mapping, never merged by the kernel with a
-                # neighbouring anonymous one (bench/startup.py finds guest RAM in smaps by its size).
-                mapping.madvise(mmap.MADV_DONTFORK)
-                anchor = ctypes.c_char.from_buffer(mapping)
-                host_addr = ctypes.addressof(anchor)
-                del anchor  # drop the buffer export so the mapping can be closed later
-                self.regions.append(MemoryRegion(gpa, length, mapping, host_addr))
+            if _file is None:
+                for gpa, length in ram_layout(size):
+                    mapping = mmap.mmap(-1, length, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+                    self._add(gpa, length, mapping)
+            else:
+                fd, layout, extents = _file
+                for i, (gpa, length, offset) in enumerate(layout):
+                    # MAP_PRIVATE: the guest's writes go to private copies of the pages, never to the file; a
+                    # page nobody writes stays the page cache's (shared by every VM restored from this file).
+                    mapping = mmap.mmap(fd, length, mmap.MAP_PRIVATE | _NORESERVE,
+                                        mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                    self._add(gpa, length, mapping, extents[i] if extents is not None else None)
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_file(cls, fd: int, layout: list[tuple[int, int, int]],
+                  extents: list[list[tuple[int, int]]] | None = None) -> "GuestMemory":
+        """Guest RAM mapped copy-on-write from a file: (gpa, size, file offset) per region, each offset page
+        aligned; `extents`, per region, the runs the file holds data for (the rest being holes). Nothing is
+        read here: pages come in as they are touched."""
+        return cls(sum(size for _, size, _ in layout), _file=(fd, layout, extents))
+
+    def _add(self, gpa: int, length: int, mapping: mmap.mmap,
+             file_extents: list[tuple[int, int]] | None = None) -> None:
+        try:
+            # As QEMU does for guest RAM: a child of the VMM (fork before exec) gets none of it, and
+            # the flag keeps the region its own mapping, never merged by the kernel with a
+            # neighbouring anonymous one (bench/startup.py finds guest RAM in smaps by its size).
+            mapping.madvise(mmap.MADV_DONTFORK)
+            anchor = ctypes.c_char.from_buffer(mapping)
+            host_addr = ctypes.addressof(anchor)
+            del anchor  # drop the buffer export so the mapping can be closed later
+        except BaseException:
+            mapping.close()
+            raise
+        self.regions.append(MemoryRegion(gpa, length, mapping, host_addr, file_extents))
+
+    def reset_to_zero(self) -> None:
+        """Every byte of guest RAM zero again, at the same host addresses (KVM's memory slots keep pointing
+        at them): anonymous pages are dropped; a file-backed region is replaced by anonymous memory mapped
+        over it (MAP_FIXED), so the snapshot file is no longer used."""
+        for region in self.regions:
+            if not self.file_backed:
+                region.mapping.madvise(mmap.MADV_DONTNEED)
+                continue
+            addr = _libc_mmap(region.host_addr, region.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE | _MAP_FIXED, -1, 0)
+            if addr != region.host_addr:
+                raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED) over guest RAM failed")
+            region.mapping.madvise(mmap.MADV_DONTFORK)
+            region.file_extents = None
+        self.file_backed = False
 
     def close(self) -> None:
         for region in self.regions:
@@ -110,8 +169,12 @@ class GuestMemory:
             last = max(stop // PAGE_SIZE * PAGE_SIZE, first)
             if first > off:
                 region.mapping[off:first] = bytes(first - off)
-            if last > first:
+            if last > first and not self.file_backed:
                 region.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+            elif last > first:   # a private file mapping would read the file's pages back: write the zeros
+                for at in range(first, last, 1 << 20):
+                    n = min(1 << 20, last - at)
+                    region.mapping[at:at + n] = bytes(n)
             if stop > last:
                 region.mapping[last:stop] = bytes(stop - last)
 

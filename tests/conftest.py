@@ -105,3 +105,55 @@ def run_measured(*args: str, tmp_path: Path, stdin=subprocess.DEVNULL, stdout=su
             pytest.fail(f"hvm {' '.join(args)} did not end within {timeout} s")
     status, maxrss, seconds = report.read_text().split()
     return MeasuredRun(int(status), err_path.read_text("utf-8", "replace"), int(maxrss), float(seconds))
+
+
+# --- a booted Linux guest, once per session (snapshot/restore: tests/test_snapshot.py, test_linux.py) -----------
+LINUX_BUILD = ROOT / "build" / "linux"
+# clocksource=kvm-clock: on kvm_pvm a vCPU's TSC cannot be set, so a restored guest whose clocksource is the
+# TSC (what tsc=reliable, which hvm adds there, selects) sees time jump by the wall time since the save and
+# runs its tick once per missed tick first (seconds to minutes of emulated code); kvmclock is restored.
+LINUX_CMDLINE = "console=ttyS0 earlyprintk=serial panic=-1 clocksource=kvm-clock"
+LINUX_MID_LINE = b"clocksource: Switched to clocksource"           # about a third of the boot
+LINUX_LATE_LINE = b"Write protecting the kernel read-only data"    # the last line before the init memory is freed
+LINUX_BOOT_TIMEOUT = 300
+
+
+@dataclass
+class LinuxSnapshots:
+    mid: Path               # saved when the console showed LINUX_MID_LINE
+    late: Path              # saved at LINUX_LATE_LINE
+    mid_console: str        # the console output at each save
+    late_console: str
+    console: str            # the whole output of the boot the snapshots were taken from
+    status: int             # and its hvm status
+
+
+@pytest.fixture(scope="session")
+def linux_snapshots(tmp_path_factory) -> LinuxSnapshots:
+    """Boot the minimal kernel (vmlinux-minimal, initramfs-ud2, 256 MiB: tests/test_linux.py's guest) once
+    and snapshot it twice on the way; the boot then runs on to its end (on kvm_pvm: /init's UD2, the
+    panic, status 4). Tests that need a kernel well into its boot restore a snapshot (seconds) instead of
+    booting (about a minute here)."""
+    from hvm.config import parse_spec
+    from hvm.console import Console
+    from hvm.machine import Machine
+
+    subprocess.run(["make", "-s", "linux"], cwd=ROOT, check=True, timeout=3600)
+    tmp = tmp_path_factory.mktemp("linux-snapshots")
+    spec = parse_spec({"memory": "256M", "timeout": LINUX_BOOT_TIMEOUT, "boot": {
+        "kernel": str(LINUX_BUILD / "vmlinux-minimal"), "initrd": [str(LINUX_BUILD / "initramfs-ud2.cpio")],
+        "cmdline": LINUX_CMDLINE}})
+    saved = []
+    with Machine(spec, console=Console("none", "none", open_now=False)) as vm:
+        vm.start()
+        for line, path in ((LINUX_MID_LINE, tmp / "mid.snap"), (LINUX_LATE_LINE, tmp / "late.snap")):
+            if vm.wait_for_console(line, timeout=LINUX_BOOT_TIMEOUT) is None:
+                pytest.fail(f"the kernel never printed {line!r}: {vm.console.text()[-2000:]}")
+            vm.snapshot(path)                 # stopped: the console is exactly what the file has seen
+            saved.append((path, vm.console.text()))
+            vm.resume()
+        result = vm.wait(LINUX_BOOT_TIMEOUT + 30)
+        assert result is not None
+        console = vm.console.text()
+    (mid, mid_console), (late, late_console) = saved
+    return LinuxSnapshots(mid, late, mid_console, late_console, console, result.status)

@@ -17,7 +17,12 @@ def test_ioctl_numbers_match_linux_headers(tmp_path):
              "KVM_SET_USER_MEMORY_REGION", "KVM_GET_SUPPORTED_CPUID", "KVM_SET_CPUID2", "KVM_SET_MSRS",
              "KVM_IRQ_LINE", "KVM_CREATE_PIT2", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_GET_VCPU_EVENTS",
              "KVM_GET_MP_STATE", "KVM_SET_FPU", "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP",
-             "KVM_GET_PIT2", "KVM_SET_PIT2"]
+             "KVM_GET_PIT2", "KVM_SET_PIT2",
+             # the snapshot's state (hvm/snapshot/kvmstate.py)
+             "KVM_GET_MSR_INDEX_LIST", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_GET_XSAVE", "KVM_SET_XSAVE",
+             "KVM_GET_XSAVE2", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
+             "KVM_GET_CLOCK", "KVM_SET_CLOCK", "KVM_SET_VCPU_EVENTS", "KVM_SET_MP_STATE", "KVM_GET_MSRS",
+             "KVM_GET_SREGS", "KVM_GET_FPU"]
     src = tmp_path / "n.c"
     src.write_text("#include <stdio.h>\n#include <linux/kvm.h>\nint main(void){\n" + "".join(
         f'printf("%lu\\n", (unsigned long){n});\n' for n in names) + "return 0;}\n")

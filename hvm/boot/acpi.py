@@ -36,7 +36,9 @@ def fadt_body(facs: int, dsdt: int, pm_base: int, sci_irq: int = 9) -> bytes:
         4, 2, 0, 4, 0, 0, 0, 0,                      # pm1_evt_len, pm1_cnt_len, pm2, pm_tmr_len, gpe...
         0x65, 0x3E9, 0, 0, 0, 0, 0, 0, 0x32,         # C2/C3 not supported; century at CMOS 0x32
         0, 0,                                        # IA-PC boot arch flags, reserved
-        (1 << 0) | (1 << 4) | (1 << 5),              # WBINVD, PWR_BUTTON (control method), SLP_BUTTON
+        # WBINVD; SLP_BUTTON set: no sleep button. PWR_BUTTON (bit 4) clear: the power button is the
+        # fixed-feature one in PM1 (PWRBTN_STS/EN, hvm/mmio/acpi_pm.py), QMP system_powerdown's.
+        (1 << 0) | (1 << 5),
     )
 
 

@@ -212,6 +212,46 @@ struct kvm_vcpu_events {
     unsigned long long exception_payload;
 };
 
+struct kvm_msr_list {
+    unsigned int nmsrs;
+    unsigned int indices[];
+};
+
+struct kvm_debugregs {
+    unsigned long long db[4];
+    unsigned long long dr6;
+    unsigned long long dr7;
+    unsigned long long flags;
+    unsigned long long reserved[9];
+};
+
+struct kvm_xsave {
+    unsigned int region[1024];
+    unsigned int extra[];
+};
+
+struct kvm_xcr {
+    unsigned int xcr;
+    unsigned int reserved;
+    unsigned long long value;
+};
+
+struct kvm_xcrs {
+    unsigned int nr_xcrs;
+    unsigned int flags;
+    struct kvm_xcr xcrs[16];
+    unsigned long long padding[16];
+};
+
+struct kvm_clock_data {
+    unsigned long long clock;
+    unsigned int flags;
+    unsigned int pad0;
+    unsigned long long realtime;
+    unsigned long long host_tsc;
+    unsigned int pad[4];
+};
+
 struct kvm_run {
     unsigned char request_interrupt_window;
     unsigned char immediate_exit;

@@ -1,6 +1,7 @@
 """Kvm: the /dev/kvm system fd (API version, capabilities, supported CPUID)."""
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,19 @@ class Kvm:
         ioctl_ptr(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID, cpuid)
         fields = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
         return [{f: getattr(cpuid.entries[i], f) for f in fields} for i in range(cpuid.nent)]
+
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: every MSR KVM saves and restores for a vCPU (TSC, SYSCALL, PAT, kvmclock...).
+        The first call with room for none returns E2BIG and the count; the second fills the list."""
+        count = ffi.new("struct kvm_msr_list *")
+        if lib.ioctl(self.fd, ioctls.KVM_GET_MSR_INDEX_LIST, count) < 0 and ffi.errno != errno.E2BIG:
+            _check(-1, ioctls.KVM_GET_MSR_INDEX_LIST)
+        n = count.nmsrs
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msr_list") + 4 * n)
+        msrs = ffi.cast("struct kvm_msr_list *", buf)
+        msrs.nmsrs = n
+        ioctl_ptr(self.fd, ioctls.KVM_GET_MSR_INDEX_LIST, msrs)
+        return [msrs.indices[i] for i in range(msrs.nmsrs)]
 
     def create_vm(self) -> "Vm":
         from hvm.kvm.vm import Vm

@@ -76,6 +76,11 @@ class Vcpu:
             bad = list(msrs)[n]
             raise OSError(0, f"KVM_SET_MSRS: MSR {bad:#x} was refused")
 
+    def set_msrs_partial(self, pairs: list[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS; returns how many of `pairs` KVM took (it stops at the first it refuses)."""
+        buf, kmsrs = _msr_buffer(list(pairs))
+        return ioctl_ptr(self.fd, ioctls.KVM_SET_MSRS, kmsrs)
+
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         idx = list(indices)
         buf, kmsrs = _msr_buffer([(i, 0) for i in idx])
@@ -107,6 +112,44 @@ class Vcpu:
 
     def set_vcpu_events(self, ev) -> None:
         ioctl_ptr(self.fd, ioctls.KVM_SET_VCPU_EVENTS, ev)
+
+    # --- the rest of the state a snapshot needs (struct copies; see hvm/snapshot/kvmstate.py) ------------
+    def get_lapic(self):
+        lapic = ffi.new("struct kvm_lapic_state *")
+        ioctl_ptr(self.fd, ioctls.KVM_GET_LAPIC, lapic)
+        return lapic
+
+    def set_lapic(self, lapic) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_SET_LAPIC, lapic)
+
+    def get_xsave(self, size: int = 4096):
+        """The XSAVE area: KVM_GET_XSAVE (4 KiB), or KVM_GET_XSAVE2 when KVM_CAP_XSAVE2 reports a larger
+        area (dynamically enabled features such as AMX). Returns a char[] of `size` bytes."""
+        size = max(size, ffi.sizeof("struct kvm_xsave"))
+        buf = ffi.new("char[]", size)
+        request = ioctls.KVM_GET_XSAVE2 if size > ffi.sizeof("struct kvm_xsave") else ioctls.KVM_GET_XSAVE
+        ioctl_ptr(self.fd, request, ffi.cast("struct kvm_xsave *", buf))
+        return buf
+
+    def set_xsave(self, buf) -> None:
+        # KVM_SET_XSAVE reads as many bytes as KVM_CAP_XSAVE2 says: the caller passes a buffer that large.
+        ioctl_ptr(self.fd, ioctls.KVM_SET_XSAVE, ffi.cast("struct kvm_xsave *", buf))
+
+    def get_xcrs(self):
+        xcrs = ffi.new("struct kvm_xcrs *")
+        ioctl_ptr(self.fd, ioctls.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_SET_XCRS, xcrs)
+
+    def get_debugregs(self):
+        dregs = ffi.new("struct kvm_debugregs *")
+        ioctl_ptr(self.fd, ioctls.KVM_GET_DEBUGREGS, dregs)
+        return dregs
+
+    def set_debugregs(self, dregs) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_SET_DEBUGREGS, dregs)
 
     def run(self) -> None:
         """One KVM_RUN (GIL released by cffi). Raises KvmError; EINTR means a kick arrived."""

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 DEFAULT_IDENTITY_MAP_ADDR = 0xFEFFC000
 DEFAULT_TSS_ADDR = 0xFEFFD000
 KVM_PIT_SPEAKER_DUMMY = 1
+KVM_CAP_XSAVE2 = 208
 
 
 class Vm:
@@ -68,6 +69,29 @@ class Vm:
 
     def set_pic(self, irqchip) -> None:
         ioctl_ptr(self.fd, ioctls.KVM_SET_IRQCHIP, irqchip)
+
+    def get_irqchip(self, chip: int):
+        """Any in-kernel irqchip: 0 = master PIC, 1 = slave PIC, 2 = IOAPIC (a struct kvm_irqchip)."""
+        return self.get_pic(chip)
+
+    def set_irqchip(self, irqchip) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_SET_IRQCHIP, irqchip)
+
+    def get_clock(self):
+        """The kvmclock base (struct kvm_clock_data): what a guest's kvm-clock reads, in ns."""
+        data = ffi.new("struct kvm_clock_data *")
+        ioctl_ptr(self.fd, ioctls.KVM_GET_CLOCK, data)
+        return data
+
+    def set_clock(self, data) -> None:
+        ioctl_ptr(self.fd, ioctls.KVM_SET_CLOCK, data)
+
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE area: KVM_CAP_XSAVE2's answer (at least 4096), or 4096 without it."""
+        try:
+            return max(self.check_extension(KVM_CAP_XSAVE2), 4096)
+        except OSError:
+            return 4096
 
     def get_pit2(self):
         state = ffi.new("struct kvm_pit_state2 *")

@@ -13,6 +13,11 @@ The bus is also the boundary between a hostile guest and hvm's devices:
   unclaimed MMIO addresses, then one counted "other" bucket (ports: 64 K counters, fixed); and the first
   LOGGED_MISSES distinct unclaimed addresses of each bus are logged, the rest summed up in a line at most
   every SUMMARY_INTERVAL seconds and once at the end (log_summary).
+
+Several vCPU threads use one bus at once. Each vCPU counts its accesses in counters of its own (a
+`for_vcpu()` view: the bus's routes, its own hit counts), summed when counts are read, so `--stats` stays
+exact with no lock on the hot path and without relying on how CPython schedules threads between bytecodes.
+Routes change under the bus's route lock; devices lock their own state (hvm/mmio/*.py).
 """
 from __future__ import annotations
 
@@ -88,6 +93,8 @@ class _Bus:
         self._route_lock = threading.Lock()
         # Accesses counted elsewhere (by the fast loop), merged into counts/unhandled: {addr: n} each.
         self.hit_sources: list[Callable[[], dict[int, int]]] = []
+        # Per-vCPU views (for_vcpu): each counts its own accesses; their counts are merged with the bus's.
+        self._views: list = []
         # Rate-limited logging of misses: distinct addresses logged, and those that were not.
         self._logged_n = 0
         self._unlogged: set[int] = set()       # at most OTHER_DISTINCT_LIMIT
@@ -95,6 +102,9 @@ class _Bus:
         self._summary_at = 0.0                 # when the last summary line was written
         self._summarized = 0                   # unlogged accesses the summary lines have reported
         self._summary_lock = threading.Lock()
+        # Several vCPUs miss at once: which misses get a line of their own is decided under this lock, so
+        # exactly LOGGED_MISSES are logged (the lines themselves are written outside it).
+        self._miss_lock = threading.Lock()
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0:
@@ -136,7 +146,7 @@ class _Bus:
 
     def _hit_counts(self) -> dict[int, int]:
         hits = self._own_hits()
-        for source in self.hit_sources:
+        for source in [view._own_hits for view in self._views] + self.hit_sources:
             for a, n in source().items():
                 hits[a] = hits.get(a, 0) + n
         return hits
@@ -198,37 +208,42 @@ class _Bus:
     def _log_miss(self, addr: int, message: str, *args) -> None:
         """`message % (*args, address)` is logged for the first LOGGED_MISSES addresses only: formatted
         then, and never for the accesses after them (a scanning guest makes them by the million)."""
-        if self._logged_n < LOGGED_MISSES:
-            self._logged_n += 1
+        with self._miss_lock:
+            n = self._logged_n = min(self._logged_n + 1, LOGGED_MISSES + 1)
+            if n > LOGGED_MISSES:
+                if len(self._unlogged) < OTHER_DISTINCT_LIMIT:
+                    self._unlogged.add(addr)
+                elif addr not in self._unlogged:
+                    self._unlogged_more = True
+                now = time.monotonic()
+                due = now - self._summary_at >= SUMMARY_INTERVAL
+                if due and not self._summary_at:
+                    self._summary_at = now   # the first summary comes one interval after the last logged miss
+                    due = False
+        if n <= LOGGED_MISSES:
             log.warning(message, *args, f"{addr:#0{self.width}x}")
-            if self._logged_n == LOGGED_MISSES:
+            if n == LOGGED_MISSES:
                 log.warning("%s: further accesses to unclaimed addresses are not logged one by one "
                             "(a summary follows)", self.kind)
             return
-        if len(self._unlogged) < OTHER_DISTINCT_LIMIT:
-            self._unlogged.add(addr)
-        elif addr not in self._unlogged:
-            self._unlogged_more = True
-        now = time.monotonic()
-        if now - self._summary_at >= SUMMARY_INTERVAL:
-            if self._summary_at:
-                self.log_summary()
-            else:
-                self._summary_at = now   # the first summary comes one interval after the last logged miss
+        if due:
+            self.log_summary()
 
     def log_summary(self) -> None:
         """Log one line for the unclaimed accesses not logged one by one since the last such line (if any):
         called at most every SUMMARY_INTERVAL seconds by the miss path, and by the machine when the VM ends."""
         with self._summary_lock:
-            self._summary_at = time.monotonic()
-            if not self._unlogged:
+            with self._miss_lock:   # a copy: vCPUs add to the set meanwhile
+                self._summary_at = time.monotonic()
+                unlogged, more = list(self._unlogged), self._unlogged_more
+            if not unlogged:
                 return
             hits = self._hit_counts()
-            total = sum(hits.get(a, 0) for a in self._unlogged if self.find(a) is None) + hits.get(OTHER, 0)
+            total = sum(hits.get(a, 0) for a in unlogged if self.find(a) is None) + hits.get(OTHER, 0)
             accesses, self._summarized = total - self._summarized, total
             if accesses <= 0:
                 return
-            addresses = f"more than {len(self._unlogged)}" if self._unlogged_more else str(len(self._unlogged))
+            addresses = f"more than {len(unlogged)}" if more else str(len(unlogged))
             log.warning("%d more unclaimed %s accesses not logged (to %s addresses in all)",
                         accesses, self.kind, addresses)
 
@@ -251,34 +266,14 @@ class _PortSet:
         return (port for port, seen in enumerate(self._bits) if seen)
 
 
-class PioBus(_Bus):
-    """x86 port I/O space (64 K ports). Per port: one (read, write) pair -- by default the shared miss
-    handlers -- an offset and a hit counter, in flat sequences: two list indexes and one increment per
-    exit, whether a device is there or not. (About 1.5 MiB and a millisecond to build.)"""
+class _PioAccess:
+    """The port-I/O hot path: route by port, count, call the device. PioBus is one (accesses made through
+    the bus itself); each vCPU has its own (PioBus.for_vcpu), with the same routes and counters of its own."""
 
-    kind = "port"
-    width = 6
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._hits = [0] * 0x10000
-        self._seen = _PortSet()
-        self._handlers: list[tuple] = [(self._miss_read, self._miss_write)] * 0x10000
-        self._offsets = array.array("l", range(0x10000))   # a miss handler gets the port itself
-
-    def register(self, base: int, length: int, device: Device) -> None:
-        if base < 0 or base + length > 0x10000:
-            raise BusError(f"port range {base:#x}+{length} of {device.name} is outside 0..0xffff")
-        super().register(base, length, device)
-
-    def _install(self, base: int, length: int, device: Device) -> None:
-        pair = (device.read, device.write)
-        for port in range(base, base + length):
-            self._handlers[port] = pair
-            self._offsets[port] = port - base
-
-    def _own_hits(self) -> dict[int, int]:
-        return {port: n for port, n in enumerate(self._hits) if n}
+    _hits: list[int]
+    _handlers: list[tuple]
+    _offsets: array.array
+    _fault: Callable[..., DeviceFault]
 
     # Python 3.11's try costs nothing until something raises: the fault handling is free on the hot path.
     def read(self, port: int, size: int) -> int:
@@ -317,49 +312,64 @@ class PioBus(_Bus):
             raise self._fault(port, size, value, e) from e
 
 
-class MmioBus(_Bus):
-    """Guest-physical MMIO space: sorted ranges found by bisection, each address's route cached.
+class PioView(_PioAccess):
+    """One vCPU's access to a PioBus: the bus's routes (shared lists, changed in place by registration)
+    and a 64 K counter list of its own."""
 
-    Routes and counts are kept per address for addresses a device claims (hvm's own ranges bound them)
-    and for the first TRACKED_ADDRESSES distinct unclaimed ones; any other unclaimed address shares one
-    route, not cached, counted under OTHER."""
+    def __init__(self, bus: "PioBus") -> None:
+        self._hits = [0] * 0x10000
+        self._handlers = bus._handlers
+        self._offsets = bus._offsets
+        self._fault = bus._fault
 
-    kind = "mmio"
-    width = 10
+    def _own_hits(self) -> dict[int, int]:
+        return {port: n for port, n in enumerate(self._hits) if n}
+
+
+class PioBus(_Bus, _PioAccess):
+    """x86 port I/O space (64 K ports). Per port: one (read, write) pair -- by default the shared miss
+    handlers -- an offset and a hit counter, in flat sequences: two list indexes and one increment per
+    exit, whether a device is there or not. (About 1.5 MiB and a millisecond to build.)"""
+
+    kind = "port"
+    width = 6
 
     def __init__(self) -> None:
         super().__init__()
-        self._hits: dict[int, int] = {}
-        self._routes: dict[int, tuple] = {}
-        self._tracked = 0                     # distinct unclaimed addresses with their own route and count
-        self._other_route = (self._other_read, self._other_write, OTHER, OTHER)
+        self._hits = [0] * 0x10000
+        self._seen = _PortSet()
+        self._handlers: list[tuple] = [(self._miss_read, self._miss_write)] * 0x10000
+        self._offsets = array.array("l", range(0x10000))   # a miss handler gets the port itself
+
+    def register(self, base: int, length: int, device: Device) -> None:
+        if base < 0 or base + length > 0x10000:
+            raise BusError(f"port range {base:#x}+{length} of {device.name} is outside 0..0xffff")
+        super().register(base, length, device)
 
     def _install(self, base: int, length: int, device: Device) -> None:
-        self._routes.clear()
-
-    def _route(self, addr: int) -> tuple:
-        """(read, write, offset, key of the hit count) for an address not in the route cache."""
-        r = self.find(addr)
-        if r is not None:
-            route = (r.device.read, r.device.write, addr - r.base, addr)
-        elif addr in self._hits or self._tracked < TRACKED_ADDRESSES:
-            if addr not in self._hits:
-                self._tracked += 1
-            route = (self._miss_read, self._miss_write, addr, addr)
-        else:
-            return (self._other_read, self._other_write, addr, OTHER)
-        self._routes[addr] = route
-        return route
-
-    def _other_read(self, addr: int, size: int) -> int:
-        self._log_miss(addr, "mmio read (%d bytes) from %s: no device there, reads as all ones", size)
-        return MASK[size]
-
-    def _other_write(self, addr: int, size: int, value: int) -> None:
-        self._log_miss(addr, "mmio write of %#x (%d bytes) to %s: no device there, dropped", value, size)
+        pair = (device.read, device.write)
+        for port in range(base, base + length):
+            self._handlers[port] = pair
+            self._offsets[port] = port - base
 
     def _own_hits(self) -> dict[int, int]:
-        return dict(self._hits)
+        return {port: n for port, n in enumerate(self._hits) if n}
+
+    def for_vcpu(self) -> PioView:
+        """A view for one vCPU thread: its accesses counted apart, merged into counts/unhandled."""
+        view = PioView(self)
+        self._views.append(view)
+        return view
+
+
+class _MmioAccess:
+    """The MMIO hot path: the cached route, count, call the device. MmioBus is one; each vCPU has its own
+    (MmioBus.for_vcpu): the bus's route cache and route lookup, hit counts of its own."""
+
+    _hits: dict[int, int]
+    _routes: dict[int, tuple]
+    _route: Callable[[int], tuple]
+    _fault: Callable[..., DeviceFault]
 
     def read(self, addr: int, size: int) -> int:
         route = self._routes.get(addr) or self._route(addr)
@@ -379,3 +389,69 @@ class MmioBus(_Bus):
             route[1](route[2], size, value)
         except Exception as e:
             raise self._fault(addr, size, value, e) from e
+
+
+class MmioView(_MmioAccess):
+    """One vCPU's access to an MmioBus (see PioView)."""
+
+    def __init__(self, bus: "MmioBus") -> None:
+        self._hits = {}
+        self._routes = bus._routes          # the bus clears it in place when a device registers
+        self._route = bus._route
+        self._fault = bus._fault
+
+    def _own_hits(self) -> dict[int, int]:
+        return dict(self._hits)
+
+
+class MmioBus(_Bus, _MmioAccess):
+    """Guest-physical MMIO space: sorted ranges found by bisection, each address's route cached.
+
+    Routes and counts are kept per address for addresses a device claims (hvm's own ranges bound them)
+    and for the first TRACKED_ADDRESSES distinct unclaimed ones; any other unclaimed address shares one
+    route, not cached, counted under OTHER."""
+
+    kind = "mmio"
+    width = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hits: dict[int, int] = {}
+        self._routes: dict[int, tuple] = {}
+        self._tracked: set[int] = set()       # distinct unclaimed addresses with their own route and count
+        self._track_lock = threading.Lock()   # vCPUs miss the route cache at once
+        self._other_route = (self._other_read, self._other_write, OTHER, OTHER)
+
+    def _install(self, base: int, length: int, device: Device) -> None:
+        self._routes.clear()
+
+    def _route(self, addr: int) -> tuple:
+        """(read, write, offset, key of the hit count) for an address not in the route cache."""
+        r = self.find(addr)
+        if r is not None:
+            route = (r.device.read, r.device.write, addr - r.base, addr)
+        else:
+            with self._track_lock:
+                if addr not in self._tracked:
+                    if len(self._tracked) >= TRACKED_ADDRESSES:
+                        return (self._other_read, self._other_write, addr, OTHER)
+                    self._tracked.add(addr)
+            route = (self._miss_read, self._miss_write, addr, addr)
+        self._routes[addr] = route
+        return route
+
+    def _other_read(self, addr: int, size: int) -> int:
+        self._log_miss(addr, "mmio read (%d bytes) from %s: no device there, reads as all ones", size)
+        return MASK[size]
+
+    def _other_write(self, addr: int, size: int, value: int) -> None:
+        self._log_miss(addr, "mmio write of %#x (%d bytes) to %s: no device there, dropped", value, size)
+
+    def _own_hits(self) -> dict[int, int]:
+        return dict(self._hits)
+
+    def for_vcpu(self) -> MmioView:
+        """A view for one vCPU thread: its accesses counted apart, merged into counts/unhandled/other."""
+        view = MmioView(self)
+        self._views.append(view)
+        return view

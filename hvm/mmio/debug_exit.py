@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from hvm.mmio.device import no_state
+
 DEFAULT_PORT = 0xF4
 DEFAULT_SIZE = 4
 
@@ -12,6 +14,16 @@ class DebugExit:
 
     def __init__(self, on_exit: Callable[[int], None]):
         self._on_exit = on_exit
+
+    # --- device state (hvm.mmio.device): none: a write ends the VM at once
+    def save(self) -> dict:
+        return {}
+
+    def load(self, state: dict) -> None:
+        no_state(self.name, state)
+
+    def reset(self) -> None:
+        pass
 
     def read(self, offset: int, size: int) -> int:
         return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from hvm.mmio.device import no_state
+
 DEBUGCON_PORT = 0xE9
 DEBUGCON_READBACK = 0xE9
 
@@ -17,6 +19,16 @@ class DebugCon:
 
     def __init__(self, output: Callable[[bytes], None]):
         self._output = output
+
+    # --- device state (hvm.mmio.device): none: every byte goes out at once
+    def save(self) -> dict:
+        return {}
+
+    def load(self, state: dict) -> None:
+        no_state(self.name, state)
+
+    def reset(self) -> None:
+        pass
 
     def read(self, offset: int, size: int) -> int:
         return DEBUGCON_READBACK

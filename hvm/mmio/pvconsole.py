@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from typing import Callable, Protocol
 
 from hvm.memory import GuestMemoryError
+from hvm.mmio.device import no_state
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,18 @@ class PvConsole:
         self._output = output
         self.buffers = 0          # doorbells answered with the buffer taken
         self.refused = 0          # doorbells refused or dropped
+        self._count_lock = threading.Lock()   # several vCPUs may ring at once: the counts stay exact
+
+    # --- device state (hvm.mmio.device): none: a doorbell is handled whole in one
+    # exit (the counters are this process's statistics)
+    def save(self) -> dict:
+        return {}
+
+    def load(self, state: dict) -> None:
+        no_state(self.name, state)
+
+    def reset(self) -> None:
+        pass
 
     def read(self, offset: int, size: int) -> int:
         return (PVCONSOLE_MAGIC >> (8 * offset)) & ((1 << (8 * size)) - 1)
@@ -76,7 +90,8 @@ class PvConsole:
                 used = 0
             else:
                 self._output(data)
-                self.buffers += 1
+                with self._count_lock:
+                    self.buffers += 1
                 used = length
         # cannot fail: the descriptor was just read from the same RAM
         self._ram.write(value + USED_OFFSET, used.to_bytes(4, "little"))
@@ -84,5 +99,7 @@ class PvConsole:
     def _refuse(self, why: str) -> None:
         # A guest can ring the doorbell in a loop: the first refusal is a warning, the rest debug lines
         # (as the bus warns once per unclaimed address).
-        self.refused += 1
-        log.log(logging.WARNING if self.refused == 1 else logging.DEBUG, "pvconsole: %s", why)
+        with self._count_lock:
+            self.refused += 1
+            first = self.refused == 1
+        log.log(logging.WARNING if first else logging.DEBUG, "pvconsole: %s", why)

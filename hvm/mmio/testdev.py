@@ -3,7 +3,10 @@ back), a flush-page port at 0xe4 (accepted, nothing to flush here), and 24 ports
 ISA/IOAPIC interrupt line levels."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
+
+from hvm.mmio.device import StateReader
 
 TESTDEV_PORT = 0xE0
 TESTDEV_LEN = 8
@@ -16,6 +19,17 @@ class PcTestDev:
 
     def __init__(self) -> None:
         self.data = 0
+        self._lock = threading.Lock()   # partial writes are read-modify-writes; several vCPUs may make them
+
+    # --- device state (hvm.mmio.device): the scratch register (the flush-page port keeps nothing)
+    def save(self) -> dict:
+        return {"data": self.data}
+
+    def load(self, state: dict) -> None:
+        self.data = StateReader(self.name, state, ("data",)).integer("data", 0, 0xFFFFFFFF)
+
+    def reset(self) -> None:
+        self.data = 0
 
     def read(self, offset: int, size: int) -> int:
         if offset < 4:
@@ -25,7 +39,8 @@ class PcTestDev:
     def write(self, offset: int, size: int, value: int) -> None:
         if offset < 4:
             mask = ((1 << (8 * size)) - 1) << (8 * offset)
-            self.data = (self.data & ~mask) | ((value << (8 * offset)) & mask)
+            with self._lock:
+                self.data = (self.data & ~mask) | ((value << (8 * offset)) & mask)
 
 
 class PcTestDevIrq:
@@ -35,10 +50,30 @@ class PcTestDevIrq:
 
     def __init__(self, set_line: Callable[[int, int], None] | None):
         self._set_line = set_line
+        self.levels = 0   # bit n: the level the guest last set on line n
+
+    # --- device state (hvm.mmio.device): the line levels. KVM's irqchip state does not carry the levels
+    # of the lines into it, so load() sets again every line whose level differs from this device's view.
+    def save(self) -> dict:
+        return {"levels": self.levels}
+
+    def load(self, state: dict) -> None:
+        self._drive(StateReader(self.name, state, ("levels",)).integer("levels", 0, (1 << TESTDEV_IRQ_LINES) - 1))
+
+    def reset(self) -> None:
+        self._drive(0)
+
+    def _drive(self, levels: int) -> None:
+        changed, self.levels = self.levels ^ levels, levels
+        for line in range(TESTDEV_IRQ_LINES):
+            if changed >> line & 1 and self._set_line is not None:
+                self._set_line(line, levels >> line & 1)
 
     def read(self, offset: int, size: int) -> int:
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        level = 1 if value else 0
+        self.levels = (self.levels & ~(1 << offset)) | (level << offset)
         if self._set_line is not None:
-            self._set_line(offset, 1 if value else 0)
+            self._set_line(offset, level)

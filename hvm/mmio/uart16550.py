@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from typing import Callable
 
-from hvm.mmio.device import IrqLine
+from hvm.mmio.device import IrqLine, StateReader
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -91,6 +91,14 @@ class SerialUart:
         self._room = threading.Condition(self._lock)   # a feeder waits here for room in the input queue
         self._feeders = 0
         self._closed = False
+        self.rx_fifo: deque[int] = deque()
+        self._pending_input: deque[int] = deque()  # host input not yet in the FIFO (bounded; see feed)
+        self._power_on()
+        self.tx_bytes = 0
+        self.rx_bytes = 0
+
+    def _power_on(self) -> None:
+        """The registers as a PC BIOS leaves them (the state after power-on and after reset())."""
         self.ier = 0
         self.lcr = 0x03  # 8N1 as left by a PC BIOS
         self.mcr = MCR_OUT2
@@ -99,14 +107,57 @@ class SerialUart:
         self.scr = 0
         self.fcr = 0
         self.divisor = 12  # 9600 baud from the 1.8432 MHz clock
-        self.rx_fifo: deque[int] = deque()
-        self._pending_input: deque[int] = deque()  # host input not yet in the FIFO (bounded; see feed)
+        self.rx_fifo.clear()
         self._thr_interrupt = False
         # Host input is held back until the guest first looks at the receiver (reads RBR/LSR/IIR or
         # enables the receive interrupt), so the FIFO reset every driver does at init cannot eat it.
         self._rx_active = False
-        self.tx_bytes = 0
-        self.rx_bytes = 0
+
+    # --- device state (hvm.mmio.device: save/load/reset) -----------------------------------------
+    # tx_bytes/rx_bytes are this process's statistics, not state. The IRQ level is saved and driven
+    # again by load(): KVM's irqchip state does not carry the levels of the lines into it.
+    STATE_FIELDS = ("ier", "lcr", "mcr", "lsr", "msr", "scr", "fcr", "divisor", "rx_fifo", "pending_input",
+                    "thr_interrupt", "rx_active", "irq_level")
+
+    def save(self) -> dict:
+        with self._lock:
+            return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "lsr": self.lsr, "msr": self.msr,
+                    "scr": self.scr, "fcr": self.fcr, "divisor": self.divisor, "rx_fifo": bytes(self.rx_fifo),
+                    "pending_input": bytes(self._pending_input), "thr_interrupt": self._thr_interrupt,
+                    "rx_active": self._rx_active, "irq_level": self.irq.level}
+
+    def load(self, state: dict) -> None:
+        r = StateReader(self.name, state, self.STATE_FIELDS)
+        regs = {key: r.integer(key, 0, 0xFF) for key in ("lcr", "lsr", "msr", "scr")}
+        ier = r.integer("ier", 0, 0x0F)
+        mcr = r.integer("mcr", 0, 0x1F)
+        fcr = r.integer("fcr", 0, 0xFF)
+        if fcr & ~(FCR_ENABLE | 0xC0):
+            raise r.fail("fcr", f"{fcr:#x} has bits the register does not keep (only {FCR_ENABLE | 0xC0:#x})")
+        divisor = r.integer("divisor", 0, 0xFFFF)
+        # the receive FIFO holds 16 bytes in FIFO mode, one (the holding register) in 16450 mode
+        rx_fifo = r.blob("rx_fifo", FIFO_SIZE if fcr & FCR_ENABLE else 1)
+        pending = r.blob("pending_input", INPUT_QUEUE_LIMIT)
+        thr_interrupt, rx_active, irq_level = r.flag("thr_interrupt"), r.flag("rx_active"), r.flag("irq_level")
+        with self._lock:
+            self.lcr, self.lsr, self.msr, self.scr = regs["lcr"], regs["lsr"], regs["msr"], regs["scr"]
+            self.ier, self.mcr, self.fcr, self.divisor = ier, mcr, fcr, divisor
+            self.rx_fifo = deque(rx_fifo)
+            self._pending_input = deque(pending)
+            self._thr_interrupt, self._rx_active = thr_interrupt, rx_active
+            self.irq.set_level(irq_level)
+            if self._feeders:
+                self._room.notify_all()   # the queue may have room now
+
+    def reset(self) -> None:
+        """Power-on registers, empty FIFOs, IRQ low. Host input not yet taken is dropped with them: what the
+        host sends next waits, as at boot, until the new guest looks at the receiver."""
+        with self._lock:
+            self._power_on()
+            self._pending_input.clear()
+            self.irq.set_level(False)
+            if self._feeders:
+                self._room.notify_all()
 
     # --- host side -----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:

@@ -156,8 +156,7 @@ class Commands:
             powerdown()
         except (RuntimeError, OSError, ValueError) as e:
             raise QmpError(f"system_powerdown failed: {e}") from None
-        self._emit("POWERDOWN", {})    # QEMU's event for the button press (the guest decides what follows)
-        return {}
+        return {}   # Machine.system_powerdown emits POWERDOWN, as QEMU does
 
     def cmd_quit(self) -> dict:
         # The reply goes out first (the server queues it before calling after_reply), then the VM ends.

@@ -44,6 +44,7 @@ _CAST_BY_SIZE = [None, "B", "H", None, "I"]      # struct codes for string I/O e
 _IO_OF = _IO.unpack_from
 _EXIT_IO = k.EXIT_IO
 LAST_EXITS = 16
+RFLAGS_IF = 1 << 9
 
 
 def _kvm_run_call():
@@ -74,6 +75,10 @@ class VmControl(Protocol):
 
     def wait_while_paused(self, index: int) -> None: ...
 
+    def vcpu_probed(self, index: int, activity: str) -> None: ...
+
+    def vcpu_thread_ended(self, index: int) -> None: ...
+
 
 class _Routes:
     """Tells a vCPU's fast loop which ports or MMIO addresses are unclaimed (a bus RouteListener)."""
@@ -92,12 +97,17 @@ class VcpuThread(threading.Thread):
         self.exit_counts = [0] * k.NUM_EXIT_REASONS
         self.last_exits: deque[tuple] = deque(maxlen=LAST_EXITS)
         self._last_exit = self.last_exits.append
-        # Bound once: the I/O handler is the hottest code in hvm.
-        self._pio_read = machine.pio.read
-        self._pio_write = machine.pio.write
-        self._pio_read_string = machine.pio.read_string
-        self._pio_write_string = machine.pio.write_string
+        # Bound once: the I/O handler is the hottest code in hvm. Each vCPU goes through a view of its own
+        # of each bus (same routes, its own hit counters), so counts stay exact with several vCPUs.
+        pio = machine.pio.for_vcpu()
+        self._mmio = machine.mmio.for_vcpu()
+        self._pio_read = pio.read
+        self._pio_write = pio.write
+        self._pio_read_string = pio.read_string
+        self._pio_write_string = pio.write_string
         self.halted = False
+        # Set by probe(): the next kick also reports what the vCPU is doing (see activity()).
+        self._probe_wanted = False
         # Emulation failures hvm completed itself, by instruction (see _complete_emulation).
         self.completed: dict[str, int] = {}
         self.complete_emulation = complete_emulation
@@ -162,6 +172,12 @@ class VcpuThread(threading.Thread):
         except Exception as e:  # a bug in the VMM itself: one line (traceback with -v), never a hang
             log.info("vCPU %d: internal error", self.index, exc_info=True)
             self.machine.internal_error(self.index, f"{type(e).__name__}: {e}")
+        finally:
+            # The last act of the thread: close() may have left the vCPU's mappings to it (it was still
+            # running then); from here on the thread touches neither kvm_run nor guest memory.
+            ended = getattr(self.machine, "vcpu_thread_ended", None)
+            if ended is not None:
+                ended(self.index)
 
     def _run_loop(self) -> None:
         if self.fast is not None and (self.trace_sink is None or self.trace_in_c):
@@ -292,10 +308,33 @@ class VcpuThread(threading.Thread):
         return True
 
     def _kicked(self) -> None:
-        """KVM_RUN returned EINTR: someone wants this thread (stop, pause). Clear the request flag."""
+        """KVM_RUN returned EINTR: someone wants this thread (stop, pause, probe). Clear the request flag."""
         self.vcpu.run_struct.immediate_exit = 0
+        if self._probe_wanted:
+            self._probe_wanted = False
+            self.machine.vcpu_probed(self.index, self.activity())
         if not self.machine.stopping:
             self.machine.wait_while_paused(self.index)
+
+    def probe(self) -> None:
+        """Ask this thread to report its vCPU's activity (Machine.vcpu_probed). Answered from the thread
+        itself: another thread's vCPU ioctl would wait for KVM_RUN to return."""
+        self._probe_wanted = True
+        self.kick()
+
+    def activity(self) -> str:
+        """From this thread, between two KVM_RUNs: "waiting" (never started: the vCPU waits for INIT/SIPI),
+        "halted" (HLT with interrupts off: only an NMI, INIT or SIPI from another vCPU could wake it), or
+        "running" (anything else, including HLT with interrupts on: a timer may wake it)."""
+        try:
+            mp_state = self.vcpu.get_mp_state()
+            if mp_state in (k.MP_STATE_UNINITIALIZED, k.MP_STATE_INIT_RECEIVED):
+                return "waiting"
+            if mp_state == k.MP_STATE_HALTED and not self.vcpu.get_regs().rflags & RFLAGS_IF:
+                return "halted"
+        except OSError as e:   # a host that will not say: the VM is not ended on a guess
+            log.debug("vCPU %d: activity unknown: %s", self.index, e)
+        return "running"
 
     def kick(self) -> None:
         """Make KVM_RUN return soon: set immediate_exit (covers the window before the next KVM_RUN)
@@ -333,7 +372,7 @@ class VcpuThread(threading.Thread):
     def _exit_mmio(self) -> bool:
         view = self._view
         addr, data, length, is_write = _MMIO.unpack_from(view, _EXIT_UNION)
-        mmio = self.machine.mmio
+        mmio = self._mmio
         if is_write:   # masked here for the record of this exit; the bus masks reads itself
             value = data & MASK[length]
             mmio.write(addr, length, value)

@@ -8,8 +8,8 @@ CPUID_HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX: "running under a hypervisor"
 
 
 def cpuid_for_vcpu(supported: list[dict[str, int]], index: int) -> list[dict[str, int]]:
-    """KVM's supported CPUID with the fix-ups every VMM makes: this vCPU's APIC id in leaf 1 and
-    leaf 0xB, and the hypervisor bit set."""
+    """KVM's supported CPUID with the fix-ups every VMM makes: this vCPU's APIC id in leaf 1, leaf 0xB and
+    (AMD) leaf 0x8000001E, and the hypervisor bit set."""
     entries = []
     for e in supported:
         e = dict(e)
@@ -18,6 +18,11 @@ def cpuid_for_vcpu(supported: list[dict[str, int]], index: int) -> list[dict[str
             e["ecx"] |= CPUID_HYPERVISOR_BIT
         elif e["function"] == 0xB:
             e["edx"] = index
+        elif e["function"] == 0x8000001E:
+            # AMD's extended APIC id (and core id: one thread per core), which Linux reads on AMD hosts;
+            # left at 0, every secondary CPU logs "[Firmware Bug]: CPU n: APIC ID mismatch".
+            e["eax"] = index
+            e["ebx"] = (e["ebx"] & ~0xFF) | (index & 0xFF)
         entries.append(e)
     return entries
 
