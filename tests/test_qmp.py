@@ -308,10 +308,6 @@ def test_migrate_uri_errors_and_query_migrate_before_any(vm):
 
 
 def test_migrate_to_file(vm, tmp_path):
-    from hvm.machine import Machine
-
-    if not hasattr(Machine, "snapshot"):
-        pytest.skip("needs Machine.snapshot (the snapshot helper's branch, merged by the lead)")
     snap = tmp_path / "vm.snap"
 
     async def go():
@@ -330,6 +326,33 @@ def test_migrate_to_file(vm, tmp_path):
     assert info["status"] == "completed" and info["total-time"] >= 0
     assert status == {"running": False, "status": "postmigrate"}
     assert snap.stat().st_size > 0
+    assert run_hvm("ctl", str(vm.sock), "quit").status == 0
+    assert vm.wait() == 0
+
+    # a new hvm runs on from the file, with a QMP socket of its own (--incoming takes --qmp anew)
+    sock2, console2 = tmp_path / "in.sock", tmp_path / "console2.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "hvm", "run", "--incoming", f"file:{snap}", "--qmp",
+                             f"unix:{sock2}", "--serial", f"file:{console2}", "--timeout", str(VM_TIMEOUT)],
+                            cwd=ROOT, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not sock2.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        while not console2.exists() or console2.read_bytes().count(b"tick") < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "the restored guest does not tick"
+            time.sleep(0.02)
+        r = Raw(sock2)
+        assert r.cmd({"execute": "query-status"})["return"] == {"running": True, "status": "running"}
+        assert r.cmd({"execute": "quit"}) == {"return": {}}
+        r.close()
+        assert proc.wait(WAIT) == 0
+        assert not sock2.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_x_hvm_trace_starts_and_stops_while_running(vm, tmp_path):
@@ -368,27 +391,43 @@ def test_x_hvm_trace_starts_and_stops_while_running(vm, tmp_path):
     assert trace.stat().st_size == size
 
 
-def test_system_reset_and_powerdown_answer(vm):
-    """Both call the Machine's method when this hvm has it (other helpers add them); else a GenericError."""
-    from hvm.machine import Machine
+def test_system_powerdown_and_system_reset(tmp_path):
+    """machine: pc: the power button is pressed (POWERDOWN; the ticker ignores it and runs on), and
+    system_reset starts the machine again from its boot state (RESET), still running."""
+    v = Vm(tmp_path, extra=("--machine", "pc")).wait_socket()
+    try:
+        v.wait_ticks(1)
 
+        async def go():
+            c = await connect(v.sock)
+            assert await c.execute("system_powerdown") == {}
+            powerdown = await next_event(c, "POWERDOWN")
+            assert await c.execute("system_reset") == {}
+            reset = await next_event(c, "RESET")
+            status = await c.execute("query-status")
+            await c.disconnect()
+            return powerdown, reset, status
+
+        powerdown, reset, status = run(go())
+        assert powerdown["data"] == {}
+        assert reset["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
+        assert status == {"running": True, "status": "running"}
+        v.wait_ticks(2)
+    finally:
+        v.kill()
+
+
+def test_system_powerdown_needs_a_pc(vm):
     async def go():
         c = await connect(vm.sock)
-        out = {}
-        for cmd in ("system_reset", "system_powerdown"):
-            try:
-                out[cmd] = await c.execute(cmd)
-            except ExecuteError as e:
-                out[cmd] = (e.error_class, str(e))
+        with pytest.raises(ExecuteError) as e:
+            await c.execute("system_powerdown")
         await c.disconnect()
-        return out
+        return e.value
 
-    out = run(go())
-    for cmd in ("system_reset", "system_powerdown"):
-        if hasattr(Machine, cmd):
-            assert out[cmd] == {} or out[cmd][0] == "GenericError"
-        else:
-            assert out[cmd] == ("GenericError", f"{cmd} is not available in this hvm")
+    e = run(go())
+    assert e.error_class == "GenericError"
+    assert str(e) == "system_powerdown failed: system_powerdown needs the ACPI power button of machine: pc"
 
 
 # --- malformed input and abusive clients, while the guest keeps ticking ---------------------------------
@@ -868,22 +907,3 @@ def test_migrate_events_and_query_migrate_with_a_stub_snapshot(inproc, tmp_path)
     assert failed["status"] == "failed"
     assert failed["error-desc"] == f"{tmp_path / 'bad.snap'}: No space left on device"
     assert after["status"] == "running"
-
-
-def test_reset_and_powerdown_call_the_machine(inproc):
-    m, server = inproc
-    calls = []
-    m.system_reset = lambda: calls.append("reset")
-    m.system_powerdown = lambda: calls.append("powerdown")
-
-    async def go():
-        c = await connect(server.path)
-        assert await c.execute("system_reset") == {}
-        assert await c.execute("system_powerdown") == {}
-        event = await next_event(c, "POWERDOWN")
-        await c.disconnect()
-        return event
-
-    event = run(go())
-    assert calls == ["reset", "powerdown"]
-    assert event["data"] == {}
