@@ -829,7 +829,7 @@ def test_parse_qmp_address(tmp_path):
 
 # --- in process: the QMP side of migrate, reset and powerdown, with the Machine's methods stubbed -----------
 @contextlib.contextmanager
-def _inproc(tmp_path: Path, **limits):
+def _inproc(tmp_path: Path, fast_loop: bool = True, trace=None, **limits):
     """A ticker Machine in this process with a QmpServer (given `limits`); yields (machine, server)."""
     from hvm.config import FlatBoot, VmSpec
     from hvm.console import Console
@@ -838,7 +838,7 @@ def _inproc(tmp_path: Path, **limits):
     from hvm.qmp.server import QmpServer
 
     spec = VmSpec(name="ticker", boot=FlatBoot(TICKER, 0x7C00, 0x7C00, "real"), memory=4 << 20, timeout=VM_TIMEOUT)
-    m = Machine(spec, console=Console("none", "none", open_now=False))
+    m = Machine(spec, console=Console("none", "none", open_now=False), fast_loop=fast_loop, trace=trace)
     server = QmpServer(m, QmpAddress(tmp_path / "in.sock"), **limits)
     try:
         server.start()
@@ -907,3 +907,43 @@ def test_migrate_events_and_query_migrate_with_a_stub_snapshot(inproc, tmp_path)
     assert failed["status"] == "failed"
     assert failed["error-desc"] == f"{tmp_path / 'bad.snap'}: No space left on device"
     assert after["status"] == "running"
+
+
+@pytest.mark.parametrize("fast_loop", [True, False], ids=["c-loop", "python-loop"])
+def test_x_hvm_trace_switches_the_run_loops(tmp_path, fast_loop):
+    """On, off, on again while paused (the VM stays paused; records follow cont), off: each vCPU's loop
+    follows; a VM started with a trace (--trace) can have it stopped."""
+    from hvm.trace.tracer import TraceConfig
+
+    first, second, started = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "start.jsonl"
+    with _inproc(tmp_path, fast_loop=fast_loop, trace=TraceConfig(path=started)) as (m, server):
+        async def go():
+            c = await connect(server.path)
+            await asyncio.sleep(0.2)
+            assert await c.execute("x-hvm-trace", {"enable": False}) == {}     # the trace it started with
+            assert m.tracer is None and all(t.trace_sink is None for t in m.threads)
+            assert await c.execute("x-hvm-trace", {"enable": True, "file": str(first)}) == {}
+            await asyncio.sleep(0.3)
+            assert await c.execute("x-hvm-trace", {"enable": False}) == {}
+            size = first.stat().st_size
+            await asyncio.sleep(0.2)
+            assert first.stat().st_size == size
+            assert await c.execute("stop") == {}
+            assert await c.execute("x-hvm-trace", {"enable": True, "file": str(second), "rip": True}) == {}
+            assert (await c.execute("query-status"))["status"] == "paused"
+            await asyncio.sleep(0.2)
+            assert second.stat().st_size == 0
+            assert await c.execute("cont") == {}
+            await asyncio.sleep(0.3)
+            assert await c.execute("x-hvm-trace", {"enable": False}) == {}
+            assert (await c.execute("query-status"))["status"] == "running"
+            await c.disconnect()
+
+        run(go())
+        if fast_loop:
+            assert all(t.fast is not None and not t.fast.tracing for t in m.threads)
+    for path in (started, first, second):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert records and all(r["reason"] == "IO" for r in records), path
+        assert all(r["port"] in range(0x3F8, 0x400) for r in records)
+    assert all("rip" in r for r in map(json.loads, second.read_text().splitlines()))
