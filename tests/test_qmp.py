@@ -452,6 +452,7 @@ def test_malformed_input_gets_qemu_errors_and_the_vm_runs_on(vm):
             (b'{"arguments": {}}', "QMP input lacks member 'execute'"),
             (b'{"execute": "stop", "arguments": []}', "QMP input member 'arguments' must be an object"),
             (b'{"execute": "stop", "bogus": 1}', "QMP input member 'bogus' is unexpected"),
+            (b'{"exec-oob": "query-status"}', "QMP input member 'exec-oob' is unexpected"),
             (b'{"execute": "migrate"}', "Parameter 'uri' is missing"),
             (b'{"execute": "migrate", "arguments": {"uri": 5}}',
              "Invalid parameter type for 'uri', expected: string"),

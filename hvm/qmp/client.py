@@ -94,6 +94,8 @@ def ctl(path: str, command: str, args_text: str | None, timeout: float = TIMEOUT
     conn = _Conn(path, timeout)
     try:
         greeting = conn.recv()
+        if "error" in greeting:     # refused before the greeting (too many clients)
+            raise CtlError(f"{path}: {_desc(greeting)}")
         if "QMP" not in greeting:
             raise CtlError(f"{path}: not a QMP server (no greeting)")
         reply = conn.execute("qmp_capabilities", None)
