@@ -682,6 +682,9 @@ def test_refuses_a_regular_file_and_a_live_socket(tmp_path):
     assert r.status == 2
     assert r.stderr == f"hvm: --qmp: {path}: exists and is not a socket: hvm does not replace it\n"
     assert path.read_text() == "precious"
+    r = run_hvm(*args, "--qmp", f"unix:{tmp_path}/no/such/dir/vm.sock")
+    assert r.status == 2
+    assert r.stderr == f"hvm: --qmp: {tmp_path}/no/such/dir/vm.sock: No such file or directory\n"
     path.unlink()
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(str(path))
