@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 EXIT_SCRIPT = 8
 DEFAULT_TIMEOUT = 30.0      # seconds, for the steps that wait
 TAIL_LINES = 10             # console lines printed after a failing step
-STEPS = ("expect", "expect_not", "send", "sleep", "pause", "resume", "snapshot", "exit")
+STEPS = ("expect", "expect_not", "send", "sleep", "pause", "resume", "snapshot", "qmp", "exit")
 BARE_STEPS = ("pause", "resume")              # may be written as a plain `- pause`
 TIMED_STEPS = ("expect", "expect_not", "send", "pause", "exit")   # what `timeout:` bounds
 _ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.|$)", re.DOTALL)
@@ -39,9 +39,10 @@ class Step:
     number: int                 # 1-based, as messages name it
     kind: str                   # one of STEPS
     value: Any = None           # expect/expect_not: compiled bytes regex; send: bytes; sleep: seconds;
-                                # snapshot: Path; exit: status; pause/resume: None
+                                # snapshot: Path; exit: status; qmp: (command, arguments); pause/resume: None
     timeout: float = DEFAULT_TIMEOUT
     text: str = ""              # the step as the user wrote it, for messages
+    returns: Any = None         # qmp: what the reply's "return" must contain (None: anything)
 
     def __str__(self) -> str:
         return self.text
@@ -81,7 +82,7 @@ def _parse_step(item: Any, number: int, source: str) -> Step:
     if not isinstance(item, dict):
         raise error(f"expected a step (e.g. expect: PATTERN), got {_kind(item)}")
     kinds = [k for k in item if k in STEPS]
-    unknown = [k for k in item if k not in STEPS and k != "timeout"]
+    unknown = [k for k in item if k not in STEPS and k not in ("timeout", "return")]
     if unknown:
         key = unknown[0]
         raise error(f"unknown step {_show(key) if isinstance(key, str) else _kind(key)} "
@@ -90,6 +91,8 @@ def _parse_step(item: Any, number: int, source: str) -> Step:
         raise error("expected one step per list item, got " + (" and ".join(kinds) if kinds else "only timeout"))
     kind = kinds[0]
     value = item[kind]
+    if "return" in item and kind != "qmp":
+        raise error(f"return applies to a qmp step, not to {kind}")
     timeout = DEFAULT_TIMEOUT
     if "timeout" in item:
         if kind not in TIMED_STEPS:
@@ -120,10 +123,51 @@ def _parse_step(item: Any, number: int, source: str) -> Step:
         # relative to the current directory, as every output file (--serial file:, --trace)
         path = _user_path(value, Path.cwd(), lambda m: error(f"snapshot: {m}"))
         return Step(number, kind, path, timeout, text)
+    if kind == "qmp":
+        return _parse_qmp_step(item, number, value, text, error)
     assert kind == "exit"
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
         raise error(f"exit: expected an exit status 0..255, got {_kind(value)}")
     return Step(number, kind, value, timeout, text)
+
+
+def _parse_qmp_step(item: dict, number: int, value: Any, text: str, error) -> Step:
+    """`qmp: {execute: NAME, arguments: {...}}` (or `qmp: NAME`), optional `return:`: the command is checked
+    against hvm's QMP schema now, so a typo is a config error before boot, not a failure mid-run."""
+    from hvm.qmp.commands import SCHEMA, QmpError, check_arguments
+
+    if isinstance(value, str):
+        value = {"execute": value}
+    if not isinstance(value, dict) or "execute" not in value or set(value) - {"execute", "arguments"}:
+        raise error("qmp: expected a command name or {execute: NAME, arguments: {...}}, got "
+                    f"{_show(value)}")
+    name, args = value["execute"], value.get("arguments", {})
+    if not isinstance(name, str) or name not in SCHEMA or name == "qmp_capabilities":
+        raise error(f"qmp: unknown command {_show(name)} (commands: "
+                    f"{', '.join(n for n in SCHEMA if n != 'qmp_capabilities')})")
+    if not isinstance(args, dict):
+        raise error(f"qmp: arguments: expected a mapping, got {_kind(args)}")
+    try:
+        check_arguments(name, args)
+    except QmpError as e:
+        raise error(f"qmp: {name}: {e.desc}") from None
+    text = f"qmp: {name}" + (f" {_json(args)}" if args else "")
+    return Step(number, "qmp", (name, args), DEFAULT_TIMEOUT, text, item.get("return"))
+
+
+def _json(value: Any, limit: int = 200) -> str:
+    """A QMP value in a message: JSON, as a QMP user reads it, shortened."""
+    import json
+
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _contains(actual: Any, expected: Any) -> bool:
+    """A qmp step's `return:`: mappings match when every expected key matches (others may be there too)."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(k in actual and _contains(actual[k], v) for k, v in expected.items())
+    return actual == expected
 
 
 def _seconds(value: Any, error) -> float:
@@ -205,7 +249,7 @@ def _run_step(machine: Machine, step: Step) -> None:
 
     console = machine.console
     kind = step.kind
-    if kind in ("send", "pause", "resume", "snapshot") and machine.result is not None:
+    if kind in ("send", "pause", "resume", "snapshot", "qmp") and machine.result is not None:
         raise ScriptFailure(step, f"the guest ended before this step ({_ended(machine)})")
     if kind == "expect":
         try:
@@ -237,17 +281,14 @@ def _run_step(machine: Machine, step: Step) -> None:
         except RuntimeError as e:
             raise ScriptFailure(step, str(e)) from None
     elif kind == "snapshot":
-        snapshot = getattr(machine, "snapshot", None)
-        if snapshot is None:
-            raise ScriptFailure(step, "this hvm cannot save snapshots (no Machine.snapshot)")
+        from hvm.snapshot import SnapshotError
+
         try:
-            snapshot(str(step.value), resume=True)
-        except (RuntimeError, OSError) as e:
+            machine.snapshot(str(step.value), resume=True)
+        except (RuntimeError, OSError, SnapshotError) as e:
             raise ScriptFailure(step, str(e)) from None
-        except Exception as e:
-            if type(e).__name__ != "SnapshotError":
-                raise
-            raise ScriptFailure(step, str(e)) from None
+    elif kind == "qmp":
+        _run_qmp_step(machine, step)
     elif kind == "exit":
         result = machine.wait(step.timeout)
         if result is None:
@@ -255,6 +296,25 @@ def _run_step(machine: Machine, step: Step) -> None:
         if result.status != step.value:
             raise ScriptFailure(step, f"the guest ended with status {result.status} ({result.message}), "
                                 f"not {step.value}")
+
+
+def _run_qmp_step(machine: Machine, step: Step) -> None:
+    """One command through the QMP server's own command code (hvm/qmp/commands.py), without a socket."""
+    from hvm.qmp.commands import Commands, QmpError
+
+    commands = getattr(machine, "_script_qmp", None)
+    if commands is None:   # one per machine: migrate's state (query-migrate) lasts across steps
+        commands = machine._script_qmp = Commands(machine, lambda event, data: None)
+    name, args = step.value
+    try:
+        returned = commands.execute(name, dict(args))
+    except QmpError as e:
+        raise ScriptFailure(step, f"QMP error {e.cls}: {e.desc}") from None
+    if name == "quit":
+        commands.after_quit()
+    log.info("script step %d: %s returned %s", step.number, name, returned)
+    if step.returns is not None and not _contains(returned, step.returns):
+        raise ScriptFailure(step, f"returned {_json(returned)}, not {_json(step.returns)}")
 
 
 def _sleep(machine: Machine, seconds: float) -> None:

@@ -260,3 +260,52 @@ def test_hvm_run_without_a_script_does_not_import_pexpect():
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout == "Hello from real mode!\n"
     assert "| hvm.cli" in proc.stderr and "pexpect" not in proc.stderr
+
+
+# --- qmp steps: one command through the QMP server's own command code ---------------------------------
+
+def test_qmp_steps_stop_query_cont_and_quit(tmp_path):
+    steps = ('  - expect: "tick\\n"\n'
+             '  - qmp: stop\n'
+             '  - qmp: {execute: query-status}\n'
+             '    return: {running: false, status: paused}\n'
+             '  - expect_not: tick\n    timeout: 0.5\n'          # a stopped guest prints nothing
+             '  - qmp: cont\n'
+             '  - expect: "tick\\n"\n'
+             '  - qmp: {execute: query-status}\n'
+             '    return: {status: running}\n'
+             '  - qmp: quit\n'
+             '  - exit: 0\n')
+    run = run_hvm("run", str(config(tmp_path, "ticker", steps)), "--serial", "none")
+    assert run.status == 0, run.stderr
+    assert "script step" not in run.stderr
+
+
+def test_a_qmp_step_whose_return_differs_fails_with_status_8(tmp_path):
+    steps = '  - qmp: {execute: query-status}\n    return: {status: paused}\n'
+    run = run_hvm("run", str(config(tmp_path, "ticker", steps)), "--serial", "none")
+    assert run.status == EXIT_SCRIPT, run.stderr
+    assert failure_line(run.stderr) == ("hvm: script step 1 (qmp: query-status) failed: returned "
+                                        '{"running": true, "status": "running"}, not {"status": "paused"}')
+
+
+def test_a_qmp_step_that_gets_a_qmp_error_fails(tmp_path):
+    # system_powerdown needs the ACPI PM device of a pc machine: a flat ticker has none
+    run = run_hvm("run", str(config(tmp_path, "ticker", "  - qmp: system_powerdown\n")), "--serial", "none")
+    assert run.status == EXIT_SCRIPT, run.stderr
+    assert failure_line(run.stderr).startswith("hvm: script step 1 (qmp: system_powerdown) failed: QMP error "
+                                               "GenericError: ")
+
+
+@pytest.mark.parametrize("step, message", [
+    ("qmp: query-stauts", "qmp: unknown command 'query-stauts' (commands: query-status, stop, cont"),
+    ("qmp: {execute: migrate}", "qmp: migrate: Parameter 'uri' is missing"),
+    ("qmp: {execute: migrate, arguments: {uri: 5}}", "qmp: migrate: Invalid parameter type for 'uri', expected: string"),
+    ("qmp: {execute: stop, argument: {}}", "qmp: expected a command name or {execute: NAME, arguments: {...}}"),
+    ("qmp: [stop]", "qmp: expected a command name or {execute: NAME, arguments: {...}}"),
+    ("expect: x\n    return: {}", "return applies to a qmp step, not to expect"),
+])
+def test_qmp_step_validation_before_boot(tmp_path, step, message):
+    run = run_hvm("run", str(config(tmp_path, "ticker", f"  - {step}\n")), "--serial", "none")
+    assert run.status == 2, run.stderr
+    assert run.stderr.count("\n") == 1 and "script step 1" in run.stderr and message in run.stderr, run.stderr
