@@ -53,6 +53,7 @@ EXIT_HOST = 6
 EXIT_TIMEOUT = 124
 EXIT_INTERNAL = 70  # a bug in hvm itself (EX_SOFTWARE)
 JOIN_TIMEOUT = 2.0  # seconds to wait, in all, for the vCPU threads once the VM has ended
+SAVE_WAIT = 60.0    # seconds close() waits for a snapshot/system reset on another thread to finish
 # Several vCPUs with the in-kernel irqchip: how often the vCPUs are asked whether they all halted (HLT
 # sleeps in the kernel there, so hvm must ask), how long an answer may take, and how many rounds in a row
 # must find them all halted (a vCPU woken by an IPI between two answers is seen in the next round).
@@ -744,7 +745,9 @@ class Machine:
         """Save the whole VM to `path` (QEMU's migrate to file:). A running VM is paused for the save; then
         with resume=True it runs on, otherwise it stays stopped ("postmigrate": resume() runs it on). Raises
         SnapshotError; a failed save leaves no file and the VM as it was (a running VM runs on)."""
-        with self._save_lock:
+        # _lifecycle too, for the whole save: a resume() from another thread (QMP cont, a script's resume
+        # step) must not run the vCPUs while their state and guest memory are being written.
+        with self._save_lock, self._lifecycle:
             self._snapshot_locked(path, resume)
 
     def _snapshot_locked(self, path: str | os.PathLike, resume: bool) -> None:
@@ -857,7 +860,7 @@ class Machine:
         """QMP system_reset: the machine starts again from its boot state: guest RAM zeroed and the boot
         image loaded again, the irqchip, PIT and every vCPU as created (vCPU 0 then given the boot state),
         devices reset. A running VM runs on from the reset; a paused one stays paused. Emits RESET."""
-        with self._save_lock:
+        with self._save_lock, self._lifecycle:   # as snapshot(): no resume() from elsewhere mid-reset
             self._system_reset_locked()
 
     def _system_reset_locked(self) -> None:
@@ -943,16 +946,27 @@ class Machine:
         if self.threads and any(t.is_alive() for t in self.threads):
             step("stopping the vCPUs", self._stop_for_close)
         step("the watchdog", self._cancel_watchdog)
-        with self._lock:
-            alive = [t.name for t in self._unfinished_threads()]
-            self._vm_teardown_pending = bool(alive)
-        if alive:
-            log.error("close: vCPU thread%s %s still running: leaving %s kvm_run mapping%s, vCPU fds, guest "
-                      "memory and the VM fd open until %s", "s" if len(alive) > 1 else "", ", ".join(alive),
-                      "its" if len(alive) == 1 else "their", "" if len(alive) == 1 else "s",
-                      "it ends" if len(alive) == 1 else "the last of them ends")
-        else:
-            self._close_vm_objects(step)
+        # A snapshot or system reset on another thread (QMP migrate, a script) reads and writes guest memory
+        # and the vCPU/VM fds until it returns: wait for it (the VM has ended, so it ends soon) before
+        # unmapping anything; if it does not, leave the VM objects as for a vCPU that did not stop.
+        saving = not self._save_lock.acquire(timeout=SAVE_WAIT)
+        try:
+            with self._lock:
+                alive = [t.name for t in self._unfinished_threads()]
+                self._vm_teardown_pending = bool(alive) and not saving
+            if saving:
+                log.error("close: a snapshot or system reset still runs after %g s: leaving the vCPU fds, "
+                          "guest memory and the VM fd open", SAVE_WAIT)
+            elif alive:
+                log.error("close: vCPU thread%s %s still running: leaving %s kvm_run mapping%s, vCPU fds, guest "
+                          "memory and the VM fd open until %s", "s" if len(alive) > 1 else "", ", ".join(alive),
+                          "its" if len(alive) == 1 else "their", "" if len(alive) == 1 else "s",
+                          "it ends" if len(alive) == 1 else "the last of them ends")
+            else:   # under _save_lock: no snapshot or reset can start on what is being unmapped
+                self._close_vm_objects(step)
+        finally:
+            if not saving:
+                self._save_lock.release()
         if self.kvm is not None:   # /dev/kvm: a VM fd keeps what it needs of it
             step("/dev/kvm", self.kvm.close)
             self.kvm = None

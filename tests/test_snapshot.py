@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -504,3 +505,73 @@ def test_the_scan_of_a_restored_vm_finds_the_same_pages_as_reading_all_of_them(t
         assert fast == list(_nonzero_runs(region.mapping, region.size))
         assert (0xA00000, 4096) in fast
         vm.stop()
+
+
+# --- a save against close() and resume() on other threads (review) ----------------------------------------------
+def _held_save(monkeypatch):
+    """Replace the save with one that waits for `release` and then reads guest RAM (as the real one does)."""
+    import hvm.snapshot as snapmod
+
+    started, release, seen = threading.Event(), threading.Event(), {}
+
+    def held(machine, path):
+        started.set()
+        assert release.wait(10)
+        seen["ram"] = bytes(machine.memory.regions[0].mapping[:16])   # still mapped, not closed under us
+        return 0
+    monkeypatch.setattr(snapmod, "save_machine", held)
+    return started, release, seen
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    errors: list = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors
+
+
+def test_close_waits_for_a_save_on_another_thread(tmp_path, monkeypatch):
+    started, release, seen = _held_save(monkeypatch)
+    vm = Machine(load_config(count_yaml(tmp_path)), console=quiet())
+    vm.start()
+    vm.wait_for_console(b"\n3\n", timeout=15)
+    saver, save_errors = _in_thread(lambda: vm.snapshot(tmp_path / "x.snap"))
+    assert started.wait(10)
+    closer, close_errors = _in_thread(vm.close)
+    time.sleep(0.5)
+    assert closer.is_alive()            # close() waits: the save still reads guest memory
+    assert vm.memory is not None
+    release.set()
+    saver.join(10)
+    closer.join(10)
+    assert not saver.is_alive() and not closer.is_alive()
+    assert save_errors == [] and close_errors == []
+    assert len(seen["ram"]) == 16
+    assert vm.memory is None and vm.vcpus == []
+
+
+def test_a_resume_from_another_thread_waits_for_the_save(tmp_path, monkeypatch):
+    started, release, _ = _held_save(monkeypatch)
+    with Machine(load_config(count_yaml(tmp_path)), console=quiet()) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n3\n", timeout=15)
+        saver, save_errors = _in_thread(lambda: vm.snapshot(tmp_path / "x.snap"))
+        assert started.wait(10)
+        at_save = bytes(vm.console.history)
+        resumer, resume_errors = _in_thread(vm.resume)     # QMP cont, a script's resume step
+        time.sleep(0.5)
+        assert resumer.is_alive() and vm.run_state == "paused"
+        assert bytes(vm.console.history) == at_save        # the vCPUs did not run during the save
+        release.set()
+        saver.join(10)
+        resumer.join(10)
+        assert save_errors == [] and resume_errors == []
+        assert vm.run_state == "running"                    # postmigrate, then resumed
+        result = vm.wait(20)
+        assert result.status == STATUS and bytes(vm.console.history).decode() == EXPECTED
