@@ -575,3 +575,65 @@ def test_a_resume_from_another_thread_waits_for_the_save(tmp_path, monkeypatch):
         assert vm.run_state == "running"                    # postmigrate, then resumed
         result = vm.wait(20)
         assert result.status == STATUS and bytes(vm.console.history).decode() == EXPECTED
+
+
+# --- crafted files with valid checksums: values out of range (review) -----------------------------------------
+def rebuild(src: Path, dst: Path, mutate) -> Path:
+    """`src` with its metadata sections decoded, changed by `mutate(sections)`, and written back with valid
+    checksums (memory sections copied as they are)."""
+    from hvm.snapshot.codec import decode, encode
+    from hvm.snapshot.format import Section, _align, _header
+
+    with SnapshotFile(src) as f:
+        ordered = sorted(f.sections.values(), key=lambda s: s.offset)
+        meta = {s.name: decode(f.raw_section(s.name)) for s in ordered if not s.flags & FLAG_MEMORY}
+        mems = [(s, f.raw_section(s.name)) for s in ordered if s.flags & FLAG_MEMORY]
+    mutate(meta)
+    sections, pos = [], HEADER_SIZE
+    with open(dst, "wb") as out:
+        for name, value in meta.items():
+            data = encode(value)
+            out.seek(pos)
+            out.write(data)
+            sections.append(Section(name, pos, len(data), 0, zlib.crc32(data)))
+            pos += len(data)
+        pos = _align(pos)
+        for s, data in mems:
+            out.seek(pos)
+            out.write(data)
+            sections.append(Section(s.name, pos, s.length, s.aux, s.crc, s.flags))
+            pos += s.length
+        out.truncate(pos)
+        out.seek(0)
+        out.write(_header(sections))
+    return dst
+
+
+def _spec(change):
+    return lambda m: change(m["description"]["spec"])
+
+
+@pytest.mark.parametrize("name, mutate, pattern", [
+    ("mp_state", lambda m: m["vcpu0"].__setitem__("mp_state", 1 << 40), "section vcpu0: .*mp_state or msrs"),
+    ("mp_state_negative", lambda m: m["vcpu0"].__setitem__("mp_state", -1), "section vcpu0: .*mp_state or msrs"),
+    ("msr_value", lambda m: m["vcpu0"]["msrs"].append([0x10, 1 << 70]), "section vcpu0: .*mp_state or msrs"),
+    ("msr_index", lambda m: m["vcpu0"]["msrs"].append([1 << 40, 1]), "section vcpu0: .*mp_state or msrs"),
+    ("serial_irq", _spec(lambda s: s["serial"].__setitem__("irq", 1 << 40)), "field 'serial' is out of range"),
+    ("serial_sink", _spec(lambda s: s["serial"].__setitem__("output", "bogus")), "field 'serial' is out of range"),
+    ("machine", _spec(lambda s: s.__setitem__("machine", "weird")), "field 'machine' is out of range"),
+    ("debug_exit", _spec(lambda s: s["debug_exit"].__setitem__("size", 3)), "field 'debug_exit' is out of range"),
+    ("memory", _spec(lambda s: s.__setitem__("memory", 4096)), "field 'memory' is out of range"),
+    ("boot_reg", _spec(lambda s: s["boot"].__setitem__("regs", [["rdi", 1 << 80]])), "field 'boot' is out of range"),
+])
+def test_values_out_of_range_are_refused_with_one_line(tmp_path, good_snapshot, name, mutate, pattern):
+    path = rebuild(good_snapshot[0], tmp_path / f"{name}.snap", mutate)
+    refused(path, pattern)
+    r = restore_cli(path, "--serial", "none")
+    assert r.status == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_rebuilt_file_with_nothing_changed_restores(tmp_path, good_snapshot):
+    """The crafting above writes files hvm takes: the refusals come from the values, not the rebuild."""
+    path = rebuild(good_snapshot[0], tmp_path / "same.snap", lambda m: None)
+    r = restore_cli(path)
+    assert r.status == STATUS and good_snapshot[1] + r.out == EXPECTED
