@@ -773,10 +773,10 @@ class Machine:
             raise
         log.info("snapshot %s: %d bytes in %.1f ms", path, size, (time.monotonic() - t0) * 1000)
         if self.state == "paused":
-            if resume:
-                self.resume()
-            else:
+            if not resume:
                 self._snapshot_stopped()
+            elif was_running:   # a VM paused before the save (a script's pause step, QMP stop) stays paused
+                self.resume()
 
     def _snapshot_stopped(self) -> None:
         """After a save without resume: QMP's "postmigrate" (stopped; resume() runs on)."""

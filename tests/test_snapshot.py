@@ -637,3 +637,20 @@ def test_a_rebuilt_file_with_nothing_changed_restores(tmp_path, good_snapshot):
     path = rebuild(good_snapshot[0], tmp_path / "same.snap", lambda m: None)
     r = restore_cli(path)
     assert r.status == STATUS and good_snapshot[1] + r.out == EXPECTED
+
+
+def test_a_paused_vm_saved_with_resume_stays_paused(tmp_path):
+    """A script's `pause`, then `snapshot:` (resume=True): the VM stays paused until the `resume` step."""
+    with Machine(load_config(count_yaml(tmp_path)), console=quiet()) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n5\n", timeout=15)
+        vm.pause()
+        at_pause = bytes(vm.console.history)
+        vm.snapshot(tmp_path / "p.snap", resume=True)
+        time.sleep(0.3)
+        assert vm.run_state == "paused"
+        assert bytes(vm.console.history) == at_pause
+        vm.resume()
+        assert vm.wait(20).status == STATUS
+    r = restore_cli(tmp_path / "p.snap")
+    assert at_pause.decode() + r.out == EXPECTED
