@@ -491,9 +491,15 @@ class Machine:
         """Stop all vCPUs at an instruction boundary; they stay stopped until resume(). A paused VM stays
         paused (no-op). If the vCPUs do not all stop within `timeout`, they are let go again, the VM is still
         running, and TimeoutError is raised: a pause never leaves the machine half paused."""
+        if self._pause(timeout):
+            self._emit("STOP")
+
+    def _pause(self, timeout: float) -> bool:
+        """pause() without the STOP event (system_reset's, which QEMU reports as RESET alone); True when
+        the VM was running and is paused now."""
         with self._lifecycle:
             if self.run_state in ("paused", "postmigrate"):
-                return
+                return False
             if self.run_state != "running" or self._done.is_set():
                 raise RuntimeError(f"cannot pause a VM that is {self._describe_state()}")
             with self._pause_cond:
@@ -514,20 +520,25 @@ class Machine:
                         raise TimeoutError(f"vCPUs did not pause within {timeout:g} s; the VM runs on")
                     self._pause_cond.wait(min(left, 0.05))
             self.run_state = "paused"
-        self._emit("STOP")
+        return True
 
     def resume(self) -> None:
         """Run a paused (or postmigrate) VM on; a running VM is left as it is."""
+        if self._resume():
+            self._emit("RESUME")
+
+    def _resume(self) -> bool:
+        """resume() without the RESUME event; True when the VM was paused and runs now."""
         with self._lifecycle:
             if self.run_state == "running" and not self._done.is_set():
-                return
+                return False
             if self.run_state not in ("paused", "postmigrate") or self._done.is_set():
                 raise RuntimeError(f"cannot resume a VM that is {self._describe_state()}")
             with self._pause_cond:
                 self._paused = False
                 self._pause_cond.notify_all()
             self.run_state = "running"
-        self._emit("RESUME")
+        return True
 
     def set_trace(self, config: TraceConfig | None, pause_timeout: float = 5.0) -> None:
         """Start exit tracing to `config` (None: stop it) while the VM runs (QMP's x-hvm-trace). The vCPUs
@@ -876,8 +887,8 @@ class Machine:
             if not os.access(p, os.R_OK):
                 raise RuntimeError(f"cannot reset: the boot image {p} is not readable any more")
         was_running = self.state == "running"
-        if was_running:
-            self.pause()
+        if was_running:   # no STOP/RESUME around it: QEMU's system_reset reports RESET alone
+            self._pause(5.0)
         try:
             mem = self.memory
             mem.reset_to_zero()
@@ -901,7 +912,7 @@ class Machine:
                     reset()
         finally:
             if was_running and self.result is None:
-                self.resume()
+                self._resume()
         self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     # --- results ---------------------------------------------------------------------------------
@@ -977,7 +988,7 @@ class Machine:
             raise errors[0]
 
     def _stop_for_close(self) -> None:
-        self._finish(EXIT_OK, "stopped", "closed")
+        self._finish(EXIT_OK, "stopped", "closed", cause="host-qmp-quit")   # as stop() (docs/lifecycle.md)
         self.wait(5.0)
 
     def _cancel_watchdog(self) -> None:

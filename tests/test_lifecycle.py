@@ -296,3 +296,29 @@ def test_pause_and_resume_from_several_threads_at_once():
         assert names and all(a != b for a, b in zip(names, names[1:]))
         assert vm.wait_for_console(b"tick\n", timeout=10, start=len(vm.console.history))
         vm.stop()
+
+
+def test_system_reset_of_a_running_vm_emits_reset_alone():
+    """QEMU's system_reset reports RESET only: no STOP/RESUME around it (QMP clients would see the VM stop)."""
+    with Machine(ticker_spec(), console=quiet()) as vm:
+        events = recorder(vm)
+        vm.start()
+        assert vm.wait_for_console(b"tick\n", timeout=10)
+        vm.system_reset()
+        assert vm.run_state == "running"
+        assert vm.wait_for_console(b"tick\n", timeout=10, start=len(vm.console.history))   # runs on
+        vm.pause()
+        vm.system_reset()
+        assert vm.run_state == "paused"                 # a paused VM stays paused
+        assert events == [("RESET", {"guest": False, "reason": "host-qmp-system-reset"}), ("STOP", {}),
+                          ("RESET", {"guest": False, "reason": "host-qmp-system-reset"})]
+
+
+def test_close_of_a_running_vm_is_a_host_quit():
+    vm = Machine(ticker_spec(), console=quiet())
+    events = recorder(vm)
+    vm.start()
+    assert vm.wait_for_console(b"tick\n", timeout=10)
+    vm.close()
+    assert vm.run_state == "shutdown"
+    assert events == [("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})]
