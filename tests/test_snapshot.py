@@ -654,3 +654,14 @@ def test_a_paused_vm_saved_with_resume_stays_paused(tmp_path):
         assert vm.wait(20).status == STATUS
     r = restore_cli(tmp_path / "p.snap")
     assert at_pause.decode() + r.out == EXPECTED
+
+
+def test_metadata_is_bounded_in_all_not_only_per_section(tmp_path, good_snapshot, monkeypatch):
+    """Every metadata section is decoded and kept: a file of many sections each under the limit is refused."""
+    import hvm.snapshot.format as fmt
+
+    with SnapshotFile(good_snapshot[0]) as f:
+        lengths = [s.length for s in f.sections.values() if not s.flags & FLAG_MEMORY]
+    assert len(lengths) >= 4
+    monkeypatch.setattr(fmt, "META_LIMIT", max(lengths) + 1)     # each section fits, all of them do not
+    refused(good_snapshot[0], r"metadata sections of \d+ bytes in all, more than hvm reads")
