@@ -807,6 +807,12 @@ class Machine:
 
         with SnapshotFile(path) as snap:
             spec = spec_from_snapshot(snap)
+            if spec.serial is not None and spec.serial.input.startswith("file:"):
+                # The file was read up to some point the snapshot does not record (the bytes the guest had
+                # not taken yet are in the UART's saved state): reading it again from its start would
+                # give the guest its input twice. A restored VM's input comes only from what is given anew.
+                log.info("%s: the saved serial input %s is not read again", path, spec.serial.input)
+                spec = replace(spec, serial=replace(spec.serial, input="none"))
             if timeout is not None:
                 spec = replace(spec, timeout=timeout or None)
             adapt = snap.description.get("adapt_to_host", True) is not False

@@ -665,3 +665,27 @@ def test_metadata_is_bounded_in_all_not_only_per_section(tmp_path, good_snapshot
     assert len(lengths) >= 4
     monkeypatch.setattr(fmt, "META_LIMIT", max(lengths) + 1)     # each section fits, all of them do not
     refused(good_snapshot[0], r"metadata sections of \d+ bytes in all, more than hvm reads")
+
+
+def test_a_restored_vm_does_not_read_its_serial_input_file_again(tmp_path):
+    """echo.bin echoes its input upper-cased: "abc" from a file, saved after "ABC"; the restore must not
+    give the guest "abc" again (it would echo "ABC" a second time)."""
+    (tmp_path / "in.txt").write_bytes(b"abc")
+    cfg = write_yaml(tmp_path, f"""
+name: echo
+memory: 4M
+timeout: 20
+boot:
+  image: {FIRMWARE / 'echo.bin'}
+devices:
+  serial: {{output: stdio, input: "file:{tmp_path / 'in.txt'}"}}
+""", "echo.yaml")
+    path = tmp_path / "echo.snap"
+    with Machine(load_config(cfg), console=None) as vm:
+        vm.start()
+        assert vm.wait_for_console(b"ABC", timeout=15)
+        vm.snapshot(path)
+        vm.stop()
+    r = restore_cli(path, "--timeout", "1")
+    assert r.status == 124
+    assert r.out == ""
