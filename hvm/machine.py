@@ -963,6 +963,7 @@ class Machine:
         if self.threads and any(t.is_alive() for t in self.threads):
             step("stopping the vCPUs", self._stop_for_close)
         step("the watchdog", self._cancel_watchdog)
+        step("the halt watch", self._join_halt_watch)
         # A snapshot or system reset on another thread (QMP migrate, a script) reads and writes guest memory
         # and the vCPU/VM fds until it returns: wait for it (the VM has ended, so it ends soon) before
         # unmapping anything; if it does not, leave the VM objects as for a vCPU that did not stop.
@@ -996,6 +997,18 @@ class Machine:
     def _stop_for_close(self) -> None:
         self._finish(EXIT_OK, "stopped", "closed", cause="host-qmp-quit")   # as stop() (docs/lifecycle.md)
         self.wait(5.0)
+
+    def _join_halt_watch(self) -> None:
+        """The halt watch kicks the vCPU threads (writing their kvm_run): it must be gone before they are
+        closed, and close() leaves no thread of the machine behind."""
+        t = self._halt_watch
+        if t is None or t is threading.current_thread() or t.ident is None:
+            return
+        with self._probe_cond:
+            self._probe_cond.notify_all()     # a round waiting for answers sees the VM ended at once
+        t.join(PROBE_TIMEOUT + HALT_POLL + 1.0)
+        if t.is_alive():
+            log.error("close: the halt watch did not stop")
 
     def _cancel_watchdog(self) -> None:
         if self._timer is not None:
