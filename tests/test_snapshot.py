@@ -689,3 +689,12 @@ devices:
     r = restore_cli(path, "--timeout", "1")
     assert r.status == 124
     assert r.out == ""
+
+
+def test_a_path_with_a_nul_byte_is_a_snapshot_error(tmp_path):
+    with Machine(load_config(count_yaml(tmp_path, limit=100000)), console=quiet()) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n3\n", timeout=15)
+        with pytest.raises(SnapshotError, match="the path contains a NUL byte"):
+            vm.snapshot(str(tmp_path / "a\0b"))
+        assert vm.run_state == "running"

@@ -156,6 +156,8 @@ def write_snapshot(path: Path, meta: list[tuple[str, Any]], memory: GuestMemory)
     """Write the file: `meta` is [(section name, value)] in order, then every region of `memory`.
     Returns the file's size. Raises SnapshotError (and leaves nothing behind) on any failure."""
     path = Path(path)
+    if "\0" in str(path):   # os.open would raise ValueError (QMP migrate's uri, a Python caller's path)
+        raise SnapshotError(f"{str(path)[:200]!r}: the path contains a NUL byte")
     directory = path.parent
     tmp = directory / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
