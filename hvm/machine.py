@@ -53,6 +53,7 @@ EXIT_HOST = 6
 EXIT_TIMEOUT = 124
 EXIT_INTERNAL = 70  # a bug in hvm itself (EX_SOFTWARE)
 JOIN_TIMEOUT = 2.0  # seconds to wait, in all, for the vCPU threads once the VM has ended
+SAVE_WAIT = 60.0    # seconds close() waits for a snapshot/system reset on another thread to finish
 # Several vCPUs with the in-kernel irqchip: how often the vCPUs are asked whether they all halted (HLT
 # sleeps in the kernel there, so hvm must ask), how long an answer may take, and how many rounds in a row
 # must find them all halted (a vCPU woken by an IPI between two answers is seen in the next round).
@@ -490,9 +491,15 @@ class Machine:
         """Stop all vCPUs at an instruction boundary; they stay stopped until resume(). A paused VM stays
         paused (no-op). If the vCPUs do not all stop within `timeout`, they are let go again, the VM is still
         running, and TimeoutError is raised: a pause never leaves the machine half paused."""
+        if self._pause(timeout):
+            self._emit("STOP")
+
+    def _pause(self, timeout: float) -> bool:
+        """pause() without the STOP event (system_reset's, which QEMU reports as RESET alone); True when
+        the VM was running and is paused now."""
         with self._lifecycle:
             if self.run_state in ("paused", "postmigrate"):
-                return
+                return False
             if self.run_state != "running" or self._done.is_set():
                 raise RuntimeError(f"cannot pause a VM that is {self._describe_state()}")
             with self._pause_cond:
@@ -513,20 +520,25 @@ class Machine:
                         raise TimeoutError(f"vCPUs did not pause within {timeout:g} s; the VM runs on")
                     self._pause_cond.wait(min(left, 0.05))
             self.run_state = "paused"
-        self._emit("STOP")
+        return True
 
     def resume(self) -> None:
         """Run a paused (or postmigrate) VM on; a running VM is left as it is."""
+        if self._resume():
+            self._emit("RESUME")
+
+    def _resume(self) -> bool:
+        """resume() without the RESUME event; True when the VM was paused and runs now."""
         with self._lifecycle:
             if self.run_state == "running" and not self._done.is_set():
-                return
+                return False
             if self.run_state not in ("paused", "postmigrate") or self._done.is_set():
                 raise RuntimeError(f"cannot resume a VM that is {self._describe_state()}")
             with self._pause_cond:
                 self._paused = False
                 self._pause_cond.notify_all()
             self.run_state = "running"
-        self._emit("RESUME")
+        return True
 
     def set_trace(self, config: TraceConfig | None, pause_timeout: float = 5.0) -> None:
         """Start exit tracing to `config` (None: stop it) while the VM runs (QMP's x-hvm-trace). The vCPUs
@@ -744,7 +756,9 @@ class Machine:
         """Save the whole VM to `path` (QEMU's migrate to file:). A running VM is paused for the save; then
         with resume=True it runs on, otherwise it stays stopped ("postmigrate": resume() runs it on). Raises
         SnapshotError; a failed save leaves no file and the VM as it was (a running VM runs on)."""
-        with self._save_lock:
+        # _lifecycle too, for the whole save: a resume() from another thread (QMP cont, a script's resume
+        # step) must not run the vCPUs while their state and guest memory are being written.
+        with self._save_lock, self._lifecycle:
             self._snapshot_locked(path, resume)
 
     def _snapshot_locked(self, path: str | os.PathLike, resume: bool) -> None:
@@ -770,10 +784,10 @@ class Machine:
             raise
         log.info("snapshot %s: %d bytes in %.1f ms", path, size, (time.monotonic() - t0) * 1000)
         if self.state == "paused":
-            if resume:
-                self.resume()
-            else:
+            if not resume:
                 self._snapshot_stopped()
+            elif was_running:   # a VM paused before the save (a script's pause step, QMP stop) stays paused
+                self.resume()
 
     def _snapshot_stopped(self) -> None:
         """After a save without resume: QMP's "postmigrate" (stopped; resume() runs on)."""
@@ -793,6 +807,12 @@ class Machine:
 
         with SnapshotFile(path) as snap:
             spec = spec_from_snapshot(snap)
+            if spec.serial is not None and spec.serial.input.startswith("file:"):
+                # The file was read up to some point the snapshot does not record (the bytes the guest had
+                # not taken yet are in the UART's saved state): reading it again from its start would
+                # give the guest its input twice. A restored VM's input comes only from what is given anew.
+                log.info("%s: the saved serial input %s is not read again", path, spec.serial.input)
+                spec = replace(spec, serial=replace(spec.serial, input="none"))
             if timeout is not None:
                 spec = replace(spec, timeout=timeout or None)
             adapt = snap.description.get("adapt_to_host", True) is not False
@@ -857,7 +877,7 @@ class Machine:
         """QMP system_reset: the machine starts again from its boot state: guest RAM zeroed and the boot
         image loaded again, the irqchip, PIT and every vCPU as created (vCPU 0 then given the boot state),
         devices reset. A running VM runs on from the reset; a paused one stays paused. Emits RESET."""
-        with self._save_lock:
+        with self._save_lock, self._lifecycle:   # as snapshot(): no resume() from elsewhere mid-reset
             self._system_reset_locked()
 
     def _system_reset_locked(self) -> None:
@@ -873,8 +893,8 @@ class Machine:
             if not os.access(p, os.R_OK):
                 raise RuntimeError(f"cannot reset: the boot image {p} is not readable any more")
         was_running = self.state == "running"
-        if was_running:
-            self.pause()
+        if was_running:   # no STOP/RESUME around it: QEMU's system_reset reports RESET alone
+            self._pause(5.0)
         try:
             mem = self.memory
             mem.reset_to_zero()
@@ -898,7 +918,7 @@ class Machine:
                     reset()
         finally:
             if was_running and self.result is None:
-                self.resume()
+                self._resume()
         self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     # --- results ---------------------------------------------------------------------------------
@@ -943,16 +963,28 @@ class Machine:
         if self.threads and any(t.is_alive() for t in self.threads):
             step("stopping the vCPUs", self._stop_for_close)
         step("the watchdog", self._cancel_watchdog)
-        with self._lock:
-            alive = [t.name for t in self._unfinished_threads()]
-            self._vm_teardown_pending = bool(alive)
-        if alive:
-            log.error("close: vCPU thread%s %s still running: leaving %s kvm_run mapping%s, vCPU fds, guest "
-                      "memory and the VM fd open until %s", "s" if len(alive) > 1 else "", ", ".join(alive),
-                      "its" if len(alive) == 1 else "their", "" if len(alive) == 1 else "s",
-                      "it ends" if len(alive) == 1 else "the last of them ends")
-        else:
-            self._close_vm_objects(step)
+        step("the halt watch", self._join_halt_watch)
+        # A snapshot or system reset on another thread (QMP migrate, a script) reads and writes guest memory
+        # and the vCPU/VM fds until it returns: wait for it (the VM has ended, so it ends soon) before
+        # unmapping anything; if it does not, leave the VM objects as for a vCPU that did not stop.
+        saving = not self._save_lock.acquire(timeout=SAVE_WAIT)
+        try:
+            with self._lock:
+                alive = [t.name for t in self._unfinished_threads()]
+                self._vm_teardown_pending = bool(alive) and not saving
+            if saving:
+                log.error("close: a snapshot or system reset still runs after %g s: leaving the vCPU fds, "
+                          "guest memory and the VM fd open", SAVE_WAIT)
+            elif alive:
+                log.error("close: vCPU thread%s %s still running: leaving %s kvm_run mapping%s, vCPU fds, guest "
+                          "memory and the VM fd open until %s", "s" if len(alive) > 1 else "", ", ".join(alive),
+                          "its" if len(alive) == 1 else "their", "" if len(alive) == 1 else "s",
+                          "it ends" if len(alive) == 1 else "the last of them ends")
+            else:   # under _save_lock: no snapshot or reset can start on what is being unmapped
+                self._close_vm_objects(step)
+        finally:
+            if not saving:
+                self._save_lock.release()
         if self.kvm is not None:   # /dev/kvm: a VM fd keeps what it needs of it
             step("/dev/kvm", self.kvm.close)
             self.kvm = None
@@ -963,8 +995,20 @@ class Machine:
             raise errors[0]
 
     def _stop_for_close(self) -> None:
-        self._finish(EXIT_OK, "stopped", "closed")
+        self._finish(EXIT_OK, "stopped", "closed", cause="host-qmp-quit")   # as stop() (docs/lifecycle.md)
         self.wait(5.0)
+
+    def _join_halt_watch(self) -> None:
+        """The halt watch kicks the vCPU threads (writing their kvm_run): it must be gone before they are
+        closed, and close() leaves no thread of the machine behind."""
+        t = self._halt_watch
+        if t is None or t is threading.current_thread() or t.ident is None:
+            return
+        with self._probe_cond:
+            self._probe_cond.notify_all()     # a round waiting for answers sees the VM ended at once
+        t.join(PROBE_TIMEOUT + HALT_POLL + 1.0)
+        if t.is_alive():
+            log.error("close: the halt watch did not stop")
 
     def _cancel_watchdog(self) -> None:
         if self._timer is not None:

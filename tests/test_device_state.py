@@ -633,3 +633,18 @@ def test_every_device_of_a_pc_machine_saves_and_loads_into_a_new_machine(tmp_pat
         for r in b.pio.ranges:
             r.device.reset()
         assert without_time(machine_states(b)) == without_time(fresh) and not b.acpi_pm.sci.level
+
+
+def test_a_guest_write_cannot_give_the_testdev_a_state_its_load_refuses():
+    """A 4-byte write at offset 2 of the 4-byte scratch register: only its low half lands in it, and the
+    state saved then loads (a snapshot of that guest restores)."""
+    from hvm.mmio.testdev import PcTestDev
+
+    dev = PcTestDev()
+    dev.write(0, 4, 0x11223344)
+    dev.write(2, 4, 0xAABBCCDD)
+    assert dev.read(0, 4) == 0xCCDD3344
+    state = dev.save()
+    other = PcTestDev()
+    other.load(state)
+    assert other.save() == state == {"data": 0xCCDD3344}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -296,3 +297,47 @@ def test_pause_and_resume_from_several_threads_at_once():
         assert names and all(a != b for a, b in zip(names, names[1:]))
         assert vm.wait_for_console(b"tick\n", timeout=10, start=len(vm.console.history))
         vm.stop()
+
+
+def test_system_reset_of_a_running_vm_emits_reset_alone():
+    """QEMU's system_reset reports RESET only: no STOP/RESUME around it (QMP clients would see the VM stop)."""
+    with Machine(ticker_spec(), console=quiet()) as vm:
+        events = recorder(vm)
+        vm.start()
+        assert vm.wait_for_console(b"tick\n", timeout=10)
+        vm.system_reset()
+        assert vm.run_state == "running"
+        assert vm.wait_for_console(b"tick\n", timeout=10, start=len(vm.console.history))   # runs on
+        vm.pause()
+        vm.system_reset()
+        assert vm.run_state == "paused"                 # a paused VM stays paused
+        assert events == [("RESET", {"guest": False, "reason": "host-qmp-system-reset"}), ("STOP", {}),
+                          ("RESET", {"guest": False, "reason": "host-qmp-system-reset"})]
+
+
+def test_close_of_a_running_vm_is_a_host_quit():
+    vm = Machine(ticker_spec(), console=quiet())
+    events = recorder(vm)
+    vm.start()
+    assert vm.wait_for_console(b"tick\n", timeout=10)
+    vm.close()
+    assert vm.run_state == "shutdown"
+    assert events == [("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})]
+
+
+def test_close_leaves_no_halt_watch_thread_behind(monkeypatch):
+    """With several vCPUs a thread asks them whether they all halted; close() ends it before it closes the
+    vCPUs (it kicks them, writing their kvm_run), even in a round waiting for answers that do not come."""
+    spec = VmSpec(name="ticker2", boot=FlatBoot(FIRMWARE / "ticker.bin", 0x7C00, 0x7C00, "real"), memory=4 << 20,
+                  vcpus=2, timeout=20, irqchip=True)
+    vm = Machine(spec, console=quiet())
+    for t in vm.threads:
+        monkeypatch.setattr(t, "probe", lambda: None)     # no answers: a round waits PROBE_TIMEOUT
+    vm.start()
+    assert vm.wait_for_console(b"tick\n", timeout=10)
+    time.sleep(0.3)                                     # the halt watch is in a round now
+    watch = vm._halt_watch
+    assert watch is not None and watch.is_alive()
+    vm.close()
+    assert not watch.is_alive()
+    assert not [t.name for t in threading.enumerate() if t.name == "halt-watch"]

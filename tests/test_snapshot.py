@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -504,3 +505,196 @@ def test_the_scan_of_a_restored_vm_finds_the_same_pages_as_reading_all_of_them(t
         assert fast == list(_nonzero_runs(region.mapping, region.size))
         assert (0xA00000, 4096) in fast
         vm.stop()
+
+
+# --- a save against close() and resume() on other threads (review) ----------------------------------------------
+def _held_save(monkeypatch):
+    """Replace the save with one that waits for `release` and then reads guest RAM (as the real one does)."""
+    import hvm.snapshot as snapmod
+
+    started, release, seen = threading.Event(), threading.Event(), {}
+
+    def held(machine, path):
+        started.set()
+        assert release.wait(10)
+        seen["ram"] = bytes(machine.memory.regions[0].mapping[:16])   # still mapped, not closed under us
+        return 0
+    monkeypatch.setattr(snapmod, "save_machine", held)
+    return started, release, seen
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    errors: list = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors
+
+
+def test_close_waits_for_a_save_on_another_thread(tmp_path, monkeypatch):
+    started, release, seen = _held_save(monkeypatch)
+    vm = Machine(load_config(count_yaml(tmp_path)), console=quiet())
+    vm.start()
+    vm.wait_for_console(b"\n3\n", timeout=15)
+    saver, save_errors = _in_thread(lambda: vm.snapshot(tmp_path / "x.snap"))
+    assert started.wait(10)
+    closer, close_errors = _in_thread(vm.close)
+    time.sleep(0.5)
+    assert closer.is_alive()            # close() waits: the save still reads guest memory
+    assert vm.memory is not None
+    release.set()
+    saver.join(10)
+    closer.join(10)
+    assert not saver.is_alive() and not closer.is_alive()
+    assert save_errors == [] and close_errors == []
+    assert len(seen["ram"]) == 16
+    assert vm.memory is None and vm.vcpus == []
+
+
+def test_a_resume_from_another_thread_waits_for_the_save(tmp_path, monkeypatch):
+    started, release, _ = _held_save(monkeypatch)
+    with Machine(load_config(count_yaml(tmp_path)), console=quiet()) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n3\n", timeout=15)
+        saver, save_errors = _in_thread(lambda: vm.snapshot(tmp_path / "x.snap"))
+        assert started.wait(10)
+        at_save = bytes(vm.console.history)
+        resumer, resume_errors = _in_thread(vm.resume)     # QMP cont, a script's resume step
+        time.sleep(0.5)
+        assert resumer.is_alive() and vm.run_state == "paused"
+        assert bytes(vm.console.history) == at_save        # the vCPUs did not run during the save
+        release.set()
+        saver.join(10)
+        resumer.join(10)
+        assert save_errors == [] and resume_errors == []
+        assert vm.run_state == "running"                    # postmigrate, then resumed
+        result = vm.wait(20)
+        assert result.status == STATUS and bytes(vm.console.history).decode() == EXPECTED
+
+
+# --- crafted files with valid checksums: values out of range (review) -----------------------------------------
+def rebuild(src: Path, dst: Path, mutate) -> Path:
+    """`src` with its metadata sections decoded, changed by `mutate(sections)`, and written back with valid
+    checksums (memory sections copied as they are)."""
+    from hvm.snapshot.codec import decode, encode
+    from hvm.snapshot.format import Section, _align, _header
+
+    with SnapshotFile(src) as f:
+        ordered = sorted(f.sections.values(), key=lambda s: s.offset)
+        meta = {s.name: decode(f.raw_section(s.name)) for s in ordered if not s.flags & FLAG_MEMORY}
+        mems = [(s, f.raw_section(s.name)) for s in ordered if s.flags & FLAG_MEMORY]
+    mutate(meta)
+    sections, pos = [], HEADER_SIZE
+    with open(dst, "wb") as out:
+        for name, value in meta.items():
+            data = encode(value)
+            out.seek(pos)
+            out.write(data)
+            sections.append(Section(name, pos, len(data), 0, zlib.crc32(data)))
+            pos += len(data)
+        pos = _align(pos)
+        for s, data in mems:
+            out.seek(pos)
+            out.write(data)
+            sections.append(Section(s.name, pos, s.length, s.aux, s.crc, s.flags))
+            pos += s.length
+        out.truncate(pos)
+        out.seek(0)
+        out.write(_header(sections))
+    return dst
+
+
+def _spec(change):
+    return lambda m: change(m["description"]["spec"])
+
+
+@pytest.mark.parametrize("name, mutate, pattern", [
+    ("mp_state", lambda m: m["vcpu0"].__setitem__("mp_state", 1 << 40), "section vcpu0: .*mp_state or msrs"),
+    ("mp_state_negative", lambda m: m["vcpu0"].__setitem__("mp_state", -1), "section vcpu0: .*mp_state or msrs"),
+    ("msr_value", lambda m: m["vcpu0"]["msrs"].append([0x10, 1 << 70]), "section vcpu0: .*mp_state or msrs"),
+    ("msr_index", lambda m: m["vcpu0"]["msrs"].append([1 << 40, 1]), "section vcpu0: .*mp_state or msrs"),
+    ("serial_irq", _spec(lambda s: s["serial"].__setitem__("irq", 1 << 40)), "field 'serial' is out of range"),
+    ("serial_sink", _spec(lambda s: s["serial"].__setitem__("output", "bogus")), "field 'serial' is out of range"),
+    ("machine", _spec(lambda s: s.__setitem__("machine", "weird")), "field 'machine' is out of range"),
+    ("debug_exit", _spec(lambda s: s["debug_exit"].__setitem__("size", 3)), "field 'debug_exit' is out of range"),
+    ("memory", _spec(lambda s: s.__setitem__("memory", 4096)), "field 'memory' is out of range"),
+    ("boot_reg", _spec(lambda s: s["boot"].__setitem__("regs", [["rdi", 1 << 80]])), "field 'boot' is out of range"),
+])
+def test_values_out_of_range_are_refused_with_one_line(tmp_path, good_snapshot, name, mutate, pattern):
+    path = rebuild(good_snapshot[0], tmp_path / f"{name}.snap", mutate)
+    refused(path, pattern)
+    r = restore_cli(path, "--serial", "none")
+    assert r.status == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_rebuilt_file_with_nothing_changed_restores(tmp_path, good_snapshot):
+    """The crafting above writes files hvm takes: the refusals come from the values, not the rebuild."""
+    path = rebuild(good_snapshot[0], tmp_path / "same.snap", lambda m: None)
+    r = restore_cli(path)
+    assert r.status == STATUS and good_snapshot[1] + r.out == EXPECTED
+
+
+def test_a_paused_vm_saved_with_resume_stays_paused(tmp_path):
+    """A script's `pause`, then `snapshot:` (resume=True): the VM stays paused until the `resume` step."""
+    with Machine(load_config(count_yaml(tmp_path)), console=quiet()) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n5\n", timeout=15)
+        vm.pause()
+        at_pause = bytes(vm.console.history)
+        vm.snapshot(tmp_path / "p.snap", resume=True)
+        time.sleep(0.3)
+        assert vm.run_state == "paused"
+        assert bytes(vm.console.history) == at_pause
+        vm.resume()
+        assert vm.wait(20).status == STATUS
+    r = restore_cli(tmp_path / "p.snap")
+    assert at_pause.decode() + r.out == EXPECTED
+
+
+def test_metadata_is_bounded_in_all_not_only_per_section(tmp_path, good_snapshot, monkeypatch):
+    """Every metadata section is decoded and kept: a file of many sections each under the limit is refused."""
+    import hvm.snapshot.format as fmt
+
+    with SnapshotFile(good_snapshot[0]) as f:
+        lengths = [s.length for s in f.sections.values() if not s.flags & FLAG_MEMORY]
+    assert len(lengths) >= 4
+    monkeypatch.setattr(fmt, "META_LIMIT", max(lengths) + 1)     # each section fits, all of them do not
+    refused(good_snapshot[0], r"metadata sections of \d+ bytes in all, more than hvm reads")
+
+
+def test_a_restored_vm_does_not_read_its_serial_input_file_again(tmp_path):
+    """echo.bin echoes its input upper-cased: "abc" from a file, saved after "ABC"; the restore must not
+    give the guest "abc" again (it would echo "ABC" a second time)."""
+    (tmp_path / "in.txt").write_bytes(b"abc")
+    cfg = write_yaml(tmp_path, f"""
+name: echo
+memory: 4M
+timeout: 20
+boot:
+  image: {FIRMWARE / 'echo.bin'}
+devices:
+  serial: {{output: stdio, input: "file:{tmp_path / 'in.txt'}"}}
+""", "echo.yaml")
+    path = tmp_path / "echo.snap"
+    with Machine(load_config(cfg), console=None) as vm:
+        vm.start()
+        assert vm.wait_for_console(b"ABC", timeout=15)
+        vm.snapshot(path)
+        vm.stop()
+    r = restore_cli(path, "--timeout", "1")
+    assert r.status == 124
+    assert r.out == ""
+
+
+def test_a_path_with_a_nul_byte_is_a_snapshot_error(tmp_path):
+    with Machine(load_config(count_yaml(tmp_path, limit=100000)), console=quiet()) as vm:
+        vm.start()
+        vm.wait_for_console(b"\n3\n", timeout=15)
+        with pytest.raises(SnapshotError, match="the path contains a NUL byte"):
+            vm.snapshot(str(tmp_path / "a\0b"))
+        assert vm.run_state == "running"

@@ -3,28 +3,19 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hvm.mmio.device import no_state
+from hvm.mmio.device import Stateless
 
 DEFAULT_PORT = 0xF4
 DEFAULT_SIZE = 4
 
 
-class DebugExit:
+class DebugExit(Stateless):
     name = "debug-exit"
 
     def __init__(self, on_exit: Callable[[int], None]):
         self._on_exit = on_exit
 
-    # --- device state (hvm.mmio.device): none: a write ends the VM at once
-    def save(self) -> dict:
-        return {}
-
-    def load(self, state: dict) -> None:
-        no_state(self.name, state)
-
-    def reset(self) -> None:
-        pass
-
+    # No device state (Stateless): a write ends the VM at once
     def read(self, offset: int, size: int) -> int:
         return 0
 

@@ -8,28 +8,19 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hvm.mmio.device import no_state
+from hvm.mmio.device import Stateless
 
 DEBUGCON_PORT = 0xE9
 DEBUGCON_READBACK = 0xE9
 
 
-class DebugCon:
+class DebugCon(Stateless):
     name = "debugcon"
 
     def __init__(self, output: Callable[[bytes], None]):
         self._output = output
 
-    # --- device state (hvm.mmio.device): none: every byte goes out at once
-    def save(self) -> dict:
-        return {}
-
-    def load(self, state: dict) -> None:
-        no_state(self.name, state)
-
-    def reset(self) -> None:
-        pass
-
+    # No device state (Stateless): every byte goes out at once
     def read(self, offset: int, size: int) -> int:
         return DEBUGCON_READBACK
 

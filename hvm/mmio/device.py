@@ -116,6 +116,21 @@ def no_state(device_name: str, state: object) -> None:
     StateReader(device_name, state, ())
 
 
+class Stateless:
+    """The device-state interface of a device with no state of its own: save() is {}, load() takes only {},
+    reset() has nothing to do. Subclasses set `name`."""
+    name: str
+
+    def save(self) -> dict:
+        return {}
+
+    def load(self, state: dict) -> None:
+        no_state(self.name, state)
+
+    def reset(self) -> None:
+        pass
+
+
 class IrqLine:
     """A level-triggered interrupt line. The Machine binds it to the VM's irqchip;
     unbound (no irqchip) it only records the level."""

@@ -25,7 +25,7 @@ import threading
 from typing import Callable, Protocol
 
 from hvm.memory import GuestMemoryError
-from hvm.mmio.device import no_state
+from hvm.mmio.device import Stateless
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class GuestRam(Protocol):
     def write(self, gpa: int, data: bytes) -> None: ...
 
 
-class PvConsole:
+class PvConsole(Stateless):
     name = "pvconsole"
 
     def __init__(self, ram: GuestRam, output: Callable[[bytes], None]):
@@ -56,17 +56,8 @@ class PvConsole:
         self.refused = 0          # doorbells refused or dropped
         self._count_lock = threading.Lock()   # several vCPUs may ring at once: the counts stay exact
 
-    # --- device state (hvm.mmio.device): none: a doorbell is handled whole in one
+    # No device state (Stateless): a doorbell is handled whole in one
     # exit (the counters are this process's statistics)
-    def save(self) -> dict:
-        return {}
-
-    def load(self, state: dict) -> None:
-        no_state(self.name, state)
-
-    def reset(self) -> None:
-        pass
-
     def read(self, offset: int, size: int) -> int:
         return (PVCONSOLE_MAGIC >> (8 * offset)) & ((1 << (8 * size)) - 1)
 

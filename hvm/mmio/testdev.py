@@ -38,7 +38,9 @@ class PcTestDev:
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset < 4:
-            mask = ((1 << (8 * size)) - 1) << (8 * offset)
+            # The register is 4 bytes: a wide write near its end (offset 2, size 4) keeps only what lands
+            # in it, so the value stays what save() may give and load() takes.
+            mask = (((1 << (8 * size)) - 1) << (8 * offset)) & 0xFFFFFFFF
             with self._lock:
                 self.data = (self.data & ~mask) | ((value << (8 * offset)) & mask)
 

@@ -13,7 +13,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from hvm.config import DebugExitSpec, FlatBoot, KernelBoot, SerialSpec, VmSpec
+from hvm.config import (CPU_MODES, GP_REGS, MACHINES, MAX_MEMORY, MIN_MEMORY, SERIAL_SINKS, DebugExitSpec,
+                        FlatBoot, KernelBoot, SerialSpec, VmSpec)
+from hvm.mmio.pvconsole import PVCONSOLE_LEN
 
 MAX_DEPTH = 32
 
@@ -142,10 +144,45 @@ def spec_from_dict(d: Any, source: str) -> VmSpec:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
         raise CodecError("description field 'timeout' is malformed")
     try:
-        return VmSpec(name=_want(d, "name", str), boot=boot, memory=memory, vcpus=vcpus, timeout=timeout,
+        spec = VmSpec(name=_want(d, "name", str), boot=boot, memory=memory, vcpus=vcpus, timeout=timeout,
                       machine=_want(d, "machine", str), irqchip=_want(d, "irqchip", bool), pit=_want(d, "pit", bool),
                       testdev=_want(d, "testdev", bool), serial=serial, debug_exit=debug_exit,
                       debugcon=_want(d, "debugcon", int, optional=True),
                       pvconsole=_want(d, "pvconsole", int, optional=True), source=source)
     except Exception as e:   # VmSpec's own checks (ConfigError)
         raise CodecError(f"description: {e}") from None
+    _check_ranges(spec)
+    return spec
+
+
+def _check_ranges(spec: VmSpec) -> None:
+    """The ranges parse_spec (hvm/config.py) enforces on a config, for a description read from a file: a
+    value no config could give (an IRQ line past the IOAPIC's, a machine kind hvm does not build, a serial
+    sink that is no sink) is refused here rather than reaching KVM or a device."""
+    def bad(name: str) -> CodecError:
+        return CodecError(f"description field {name!r} is out of range")
+
+    if not MIN_MEMORY <= spec.memory <= MAX_MEMORY:
+        raise bad("memory")
+    if spec.machine not in MACHINES or spec.machine == "auto":
+        raise bad("machine")
+    if (spec.vcpus > 1 or spec.pit) and not spec.irqchip:
+        raise bad("irqchip")
+    boot = spec.boot
+    if isinstance(boot, FlatBoot):
+        if (boot.mode not in CPU_MODES or not 0 <= boot.load <= 0xFFFFFFFF or not 0 <= boot.entry <= 0xFFFFFFFF
+                or any(r not in GP_REGS or not 0 <= v < 1 << 64 for r, v in boot.regs)):
+            raise bad("boot")
+    s = spec.serial
+    if s is not None:
+        out_ok = s.output in SERIAL_SINKS or (s.output.startswith("file:") and len(s.output) > 5)
+        in_ok = s.input in ("auto", "stdin", "none") or (s.input.startswith("file:") and len(s.input) > 5)
+        if not out_ok or not in_ok or "\0" in s.output + s.input or not 0 <= s.port <= 0xFFF8 or not 0 <= s.irq <= 23:
+            raise bad("serial")
+    de = spec.debug_exit
+    if de is not None and (de.size not in (1, 2, 4) or not 0 <= de.port <= 0x10000 - de.size):
+        raise bad("debug_exit")
+    if spec.debugcon is not None and not 0 <= spec.debugcon <= 0xFFFF:
+        raise bad("debugcon")
+    if spec.pvconsole is not None and not 0 <= spec.pvconsole <= 0x10000 - PVCONSOLE_LEN:
+        raise bad("pvconsole")

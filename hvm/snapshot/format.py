@@ -46,7 +46,7 @@ _ENTRY = struct.Struct("<16sQQQII")           # name, offset, length, aux, crc32
 _TABLE_AT = 64
 MAX_SECTIONS = (HEADER_SIZE - 4 - _TABLE_AT) // _ENTRY.size
 FLAG_MEMORY = 1
-META_LIMIT = 64 << 20                          # no metadata section is anywhere near this
+META_LIMIT = 64 << 20                          # all metadata sections together: nowhere near this
 SCAN_BLOCK = 256 << 10                         # zero detection: blocks first, pages only in non-zero blocks
 _ZERO_BLOCK = bytes(SCAN_BLOCK)
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -156,6 +156,8 @@ def write_snapshot(path: Path, meta: list[tuple[str, Any]], memory: GuestMemory)
     """Write the file: `meta` is [(section name, value)] in order, then every region of `memory`.
     Returns the file's size. Raises SnapshotError (and leaves nothing behind) on any failure."""
     path = Path(path)
+    if "\0" in str(path):   # os.open would raise ValueError (QMP migrate's uri, a Python caller's path)
+        raise SnapshotError(f"{str(path)[:200]!r}: the path contains a NUL byte")
     directory = path.parent
     tmp = directory / f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
@@ -292,6 +294,11 @@ class SnapshotFile:
                 raise self._error(f"truncated: section {sec.name} ends at byte {off + length}, the file has "
                                   f"{size}")
             self.sections[sec.name] = sec
+        # Each metadata section is read and decoded whole, and kept (the vCPU states): bound them together,
+        # not only one by one, or a crafted file of 64 vCPU sections near the limit each takes gigabytes.
+        meta_total = sum(s.length for s in self.sections.values() if not s.flags & FLAG_MEMORY)
+        if meta_total > META_LIMIT:
+            raise self._error(f"metadata sections of {meta_total} bytes in all, more than hvm reads ({META_LIMIT})")
         for name in ("description", "vm", "devices", "memmap"):
             if name not in self.sections:
                 raise self._error(f"section {name} is missing")

@@ -102,8 +102,11 @@ def restore_vcpu(vcpu: Vcpu, state: dict[str, Any], xsave_size: int, lapic: bool
     ffi.memmove(xbuf, xsave, len(xsave))
     mp_state = state.get("mp_state")
     msrs = state.get("msrs")
-    if not isinstance(mp_state, int) or not isinstance(msrs, list) or not all(
-            isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) and x >= 0 for x in e) for e in msrs):
+    # Within the kernel structs' fields (u32 mp_state, u32 index, u64 data): a larger value would make cffi
+    # raise OverflowError, which is no error in the file to the caller.
+    if not isinstance(mp_state, int) or not 0 <= mp_state < 1 << 32 or not isinstance(msrs, list) or not all(
+            isinstance(e, list) and len(e) == 2 and all(isinstance(x, int) for x in e)
+            and 0 <= e[0] < 1 << 32 and 0 <= e[1] < 1 << 64 for e in msrs):
         raise StateError(f"vCPU {vcpu.index}: mp_state or msrs malformed")
     vcpu.set_mp_state(mp_state)
     vcpu.set_regs(structs["regs"])
