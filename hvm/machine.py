@@ -410,8 +410,11 @@ class Machine:
         with self._lifecycle:
             if self.run_state not in ("prelaunch", "inmigrate"):
                 raise RuntimeError(f"cannot start a VM that is {self._describe_state()}")
+            incoming = self.run_state == "inmigrate"
             self.run_state = "running"
             self._start()
+        if incoming:   # as QEMU when an incoming migration's VM starts
+            self._emit("RESUME")
 
     def _start(self) -> None:
         self._started_at = time.monotonic()
@@ -813,6 +816,12 @@ class Machine:
                 # give the guest its input twice. A restored VM's input comes only from what is given anew.
                 log.info("%s: the saved serial input %s is not read again", path, spec.serial.input)
                 spec = replace(spec, serial=replace(spec.serial, input="none"))
+            if console is None and spec.serial is not None and spec.serial.output.startswith("file:"):
+                # A snapshot may come from anywhere: hvm never opens (and truncates) a host path named inside
+                # one. Output goes to this terminal unless --serial / console= says where.
+                log.warning("%s: the saved serial output %s is not reopened (give --serial file:PATH); "
+                            "console output goes to stdout", path, spec.serial.output)
+                spec = replace(spec, serial=replace(spec.serial, output="stdio"))
             if timeout is not None:
                 spec = replace(spec, timeout=timeout or None)
             adapt = snap.description.get("adapt_to_host", True) is not False

@@ -698,3 +698,40 @@ def test_a_path_with_a_nul_byte_is_a_snapshot_error(tmp_path):
         with pytest.raises(SnapshotError, match="the path contains a NUL byte"):
             vm.snapshot(str(tmp_path / "a\0b"))
         assert vm.run_state == "running"
+
+
+def test_a_restore_never_opens_a_host_path_named_in_the_snapshot(tmp_path):
+    """A snapshot may come from anywhere: its saved `file:` serial output is not reopened (it would be
+    truncated); output goes to stdout with one warning, unless --serial names a file anew."""
+    victim = tmp_path / "victim.txt"
+    cfg = write_yaml(tmp_path, f"""
+name: count
+memory: 16M
+timeout: 20
+boot: {{image: {FIRMWARE / 'count.bin'}, mode: real, regs: {{rdi: {COUNT}}}}}
+devices: {{serial: {{output: "file:{victim}", input: none}}}}
+""", "count.yaml")
+    path = tmp_path / "vm.snap"
+    with Machine(load_config(cfg)) as vm:
+        vm.start()
+        assert vm.wait_for_console(b"\n3\n", timeout=15)
+        vm.snapshot(path)
+        vm.stop()
+    victim.write_bytes(b"precious\n")
+    r = restore_cli(path)
+    assert r.status == STATUS, r.stderr
+    assert victim.read_bytes() == b"precious\n"
+    assert r.out.endswith("done\n") and r.out.startswith(str(int(r.out.split("\n")[0])))
+    assert f"the saved serial output file:{victim} is not reopened (give --serial file:PATH)" in r.stderr
+
+
+def test_starting_a_restored_vm_emits_resume(tmp_path):
+    path, _, _ = snapshot_at(tmp_path, b"\n3\n")
+    with Machine.restore(path, console=quiet(), timeout=20) as vm:
+        events = []
+        vm.add_listener(lambda name, data: events.append(name))
+        assert vm.run_state == "inmigrate"
+        vm.start()
+        assert vm.run_state == "running"
+        assert vm.wait(20).status == STATUS
+        assert events == ["RESUME", "SHUTDOWN"]
