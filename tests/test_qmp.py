@@ -966,3 +966,38 @@ def test_x_hvm_trace_switches_the_run_loops(tmp_path, fast_loop):
         assert records and all(r["reason"] == "IO" for r in records), path
         assert all(r["port"] in range(0x3F8, 0x400) for r in records)
     assert all("rip" in r for r in map(json.loads, second.read_text().splitlines()))
+
+
+def test_hvm_ctl_gives_up_on_a_server_that_only_sends_events(tmp_path):
+    """A hostile or broken server that answers nothing but events forever: hvm ctl's timeout is one deadline
+    for the exchange, not a per-message wait that each event renews."""
+    from hvm.qmp.client import CtlError, ctl
+
+    path = tmp_path / "evil.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    stop = threading.Event()
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            while not stop.is_set():
+                try:
+                    conn.sendall(b'{"event": "NOISE", "data": {}, "timestamp": {"seconds": 0, "microseconds": 0}}\n')
+                except OSError:
+                    return
+                time.sleep(0.01)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(CtlError, match="no reply within 1 s"):
+            ctl(str(path), "query-status", None, timeout=1.0)
+        assert time.monotonic() - t0 < 3
+    finally:
+        stop.set()
+        srv.close()
+        t.join(5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 from typing import Any
 
 EXIT_QMP_ERROR = 1
@@ -35,16 +36,24 @@ class _Conn:
         self.path = path
         self.buf = b""
         self.counter = 0
+        self.timeout = timeout
+        # One deadline for the whole exchange: a server that keeps sending (events) cannot keep hvm ctl
+        # waiting longer than the timeout by resetting the socket's per-recv timeout.
+        self.deadline = time.monotonic() + timeout
 
     def close(self) -> None:
         self.sock.close()
 
     def recv(self) -> dict:
         while b"\n" not in self.buf:
+            left = self.deadline - time.monotonic()
             try:
+                if left <= 0:
+                    raise socket.timeout
+                self.sock.settimeout(left)
                 data = self.sock.recv(65536)
             except socket.timeout:
-                raise CtlError(f"{self.path}: no reply within {self.sock.gettimeout():g} s") from None
+                raise CtlError(f"{self.path}: no reply within {self.timeout:g} s") from None
             except OSError as e:
                 raise CtlError(f"{self.path}: {e.strerror or e}") from None
             if not data:
