@@ -648,6 +648,9 @@ def test_hvm_ctl(vm, tmp_path):
     assert r.status == 1 and r.stderr == "hvm: migrate: hvm migrates only to a file: 'file:PATH' (not 'tcp')\n"
     r = run_hvm("ctl", str(vm.sock), "migrate", "{uri")
     assert r.status == 2 and r.stderr.startswith("hvm: ctl: JSON-ARGS: not JSON") and r.stderr.count("\n") == 1
+    r = run_hvm("ctl", str(vm.sock), "migrate", "uri=file:x")     # qmp-shell's syntax, not ctl's
+    assert r.status == 2
+    assert r.stderr.endswith("; give a JSON object, e.g. '{\"uri\": \"file:vm.snap\"}'\n")
     r = run_hvm("ctl", str(vm.sock), "migrate", "[1]")
     assert r.status == 2 and "JSON-ARGS: must be a JSON object" in r.stderr
     r = run_hvm("ctl", str(tmp_path / "nope.sock"), "query-status")
@@ -656,7 +659,17 @@ def test_hvm_ctl(vm, tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     r = run_hvm("ctl", str(plain), "query-status")
-    assert r.status == 2 and r.stderr.count("\n") == 1
+    assert (r.status, r.stderr) == (2, f"hvm: ctl: {plain}: not a socket (give the PATH of a running VM's "
+                                       "--qmp unix:PATH)\n")
+    r = run_hvm("ctl", str(tmp_path), "query-status")
+    assert r.status == 2 and ": not a socket (" in r.stderr
+    stale = tmp_path / "stale.sock"          # what a killed VM leaves: a socket nobody listens on
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()
+    r = run_hvm("ctl", str(stale), "query-status")
+    assert (r.status, r.stderr) == (2, f"hvm: ctl: {stale}: connection refused: no VM listens on this socket "
+                                       "(a stale one, left by a VM that was killed?)\n")
     stats = json.loads(run_hvm("ctl", str(vm.sock), "x-hvm-stats").out)
     assert stats["total"] > 0
     r = run_hvm("ctl", str(vm.sock), "quit")

@@ -168,6 +168,7 @@ def test_script_file_errors_name_the_file(tmp_path):
     ([{"send": "a\\q"}], "script step 1: send: unknown escape '\\\\q' (escapes: \\n \\r \\t \\e \\0 \\\\ \\xHH)"),
     ([{"send": "x", "expect": "y"}], "script step 1: expected one step per list item, got send and expect"),
     ([{"timeout": 3}], "script step 1: expected one step per list item, got only timeout"),
+    ([{}], "script step 1: expected one step per list item, got an empty mapping"),
     (["expect"], "script step 1: 'expect' needs a value (expect: ...)"),
     ([{"pause": 3}], "script step 1: pause takes no value, got a number (3)"),
     ([{"snapshot": None}], "script step 1: snapshot: expected a file path, got nothing"),

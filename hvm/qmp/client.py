@@ -6,7 +6,9 @@ one line, status 2. Events that arrive meanwhile are skipped."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import sys
 from typing import Any
 
@@ -29,6 +31,9 @@ class _Conn:
         except FileNotFoundError:
             self.sock.close()
             raise CtlError(f"{path}: no such socket (is the VM running with --qmp?)") from None
+        except ConnectionRefusedError:
+            self.sock.close()
+            raise CtlError(f"{path}: {_refused_why(path)}") from None
         except OSError as e:
             self.sock.close()
             raise CtlError(f"{path}: {e.strerror or e}") from None
@@ -88,7 +93,8 @@ def ctl(path: str, command: str, args_text: str | None, timeout: float = TIMEOUT
         try:
             arguments = json.loads(args_text)
         except ValueError as e:
-            raise CtlError(f"JSON-ARGS: not JSON ({e})") from None
+            raise CtlError(f"JSON-ARGS: not JSON ({e}); give a JSON object, e.g. "
+                           "'{\"uri\": \"file:vm.snap\"}'") from None
         if not isinstance(arguments, dict):
             raise CtlError("JSON-ARGS: must be a JSON object, e.g. '{\"uri\": \"file:vm.snap\"}'")
     conn = _Conn(path, timeout)
@@ -109,6 +115,17 @@ def ctl(path: str, command: str, args_text: str | None, timeout: float = TIMEOUT
         return EXIT_QMP_ERROR
     print(json.dumps(reply.get("return", {})))
     return 0
+
+
+def _refused_why(path: str) -> str:
+    """Why connect() was refused, in the user's terms: ECONNREFUSED is also what a plain file gives."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "Connection refused"
+    if not stat.S_ISSOCK(mode):
+        return "not a socket (give the PATH of a running VM's --qmp unix:PATH)"
+    return "connection refused: no VM listens on this socket (a stale one, left by a VM that was killed?)"
 
 
 def _desc(reply: dict) -> str:
