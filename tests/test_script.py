@@ -261,3 +261,13 @@ def test_hvm_run_without_a_script_does_not_import_pexpect():
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout == "Hello from real mode!\n"
     assert "| hvm.cli" in proc.stderr and "pexpect" not in proc.stderr
+
+
+@pytest.mark.parametrize("serial", ["none", "stdio"])
+def test_the_failure_is_the_first_line_on_stderr(tmp_path, serial):
+    # No blank line before it: the console went elsewhere, or its last line was finished ("bye\n").
+    run = run_hvm("run", str(config(tmp_path, "echo", "  - send: q\n  - exit: 3\n")), "--serial", serial)
+    assert run.status == EXIT_SCRIPT, run.stderr
+    assert run.stderr.splitlines()[0] == ("hvm: script step 2 (exit: 3) failed: the guest ended with status 0 "
+                                          "(all vCPUs halted), not 3")
+    assert run.out == ("bye\n" if serial == "stdio" else "")
