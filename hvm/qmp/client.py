@@ -2,7 +2,8 @@
 
 Connects, reads the greeting, negotiates, sends one command, prints its "return" value as JSON and exits 0.
 A QMP error: its desc in one line, status 1. No socket, bad arguments, a server that does not speak QMP:
-one line, status 2. Events that arrive meanwhile are skipped."""
+one line, status 2. Events that arrive meanwhile are skipped. `migrate` returns once the save ended
+(status 1 with the reason when it failed), so the next line of a script can use the file."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from typing import Any
 
 EXIT_QMP_ERROR = 1
@@ -108,6 +110,8 @@ def ctl(path: str, command: str, args_text: str | None, timeout: float = TIMEOUT
         if "error" in reply:
             raise CtlError(f"{path}: capabilities negotiation failed: {_desc(reply)}")
         reply = conn.execute(command, arguments)
+        if command == "migrate" and "error" not in reply:
+            reply = _wait_for_migration(conn, reply, timeout)
     finally:
         conn.close()
     if "error" in reply:
@@ -115,6 +119,23 @@ def ctl(path: str, command: str, args_text: str | None, timeout: float = TIMEOUT
         return EXIT_QMP_ERROR
     print(json.dumps(reply.get("return", {})))
     return 0
+
+
+def _wait_for_migration(conn: _Conn, reply: dict, timeout: float) -> dict:
+    """QMP's migrate replies at once and saves in the background; a shell script wants to know the file is
+    complete. Poll query-migrate until the save ended: its reply, or an error reply with the reason."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = conn.execute("query-migrate", None).get("return") or {}
+        status = state.get("status")
+        if status == "completed":
+            return reply
+        if status == "failed":
+            return {"error": {"class": "GenericError", "desc": state.get("error-desc", "the save failed")}}
+        if time.monotonic() > deadline:
+            raise CtlError(f"{conn.path}: migrate: the save did not end within {timeout:g} s "
+                           f"(query-migrate: {status})")
+        time.sleep(0.01)
 
 
 def _refused_why(path: str) -> str:
