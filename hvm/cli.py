@@ -273,6 +273,13 @@ def spec_from_args(args: argparse.Namespace):
     return parse_spec(data, source, base, origins)
 
 
+def _line_break(machine: Machine) -> str:
+    """A newline before hvm's last words only where they would otherwise go on the guest's last, unfinished
+    line on the terminal: not after a finished line, nor when the console went to a file or nowhere."""
+    console = machine.console
+    return "\n" if console.output == "stdio" and console.history[-1:] not in (b"", b"\n") else ""
+
+
 # Flags that describe the VM: a restore takes the description from the snapshot, so they cannot be given.
 INCOMING_CONFLICTS = (("config", "a config file"), ("kernel", "--kernel"), ("append", "--append"),
                       ("initrd", "--initrd"), ("memory", "--memory"), ("vcpus", "--vcpus"), ("machine", "--machine"),
@@ -415,13 +422,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from hvm.script import EXIT_SCRIPT, console_tail
 
         # One line naming the step, then what the guest said last.
-        print(f"\nhvm: {failure}", file=sys.stderr)
+        print(f"{_line_break(machine)}hvm: {failure}", file=sys.stderr)
         tail = console_tail(machine)
         print("hvm: last console lines:" if tail else "hvm: no console output", file=sys.stderr)
         for line in tail:
             print(f"  | {line}", file=sys.stderr)
     elif result.reason in ("crash", "timeout", "panic") or result.status >= 128:
-        print(f"\nhvm: {result.message}", file=sys.stderr)
+        print(f"{_line_break(machine)}hvm: {result.message}", file=sys.stderr)
     else:
         log.info("%s (exit status %d)", result.message, result.status)
     if (result.reason == "panic" and machine.host.backend == "kvm_pvm"

@@ -88,7 +88,8 @@ def _parse_step(item: Any, number: int, source: str) -> Step:
         raise error(f"unknown step {_show(key) if isinstance(key, str) else _kind(key)} "
                     f"(steps: {', '.join(STEPS)}; and timeout)")
     if len(kinds) != 1:
-        raise error("expected one step per list item, got " + (" and ".join(kinds) if kinds else "only timeout"))
+        got = " and ".join(kinds) if kinds else "only timeout" if "timeout" in item else "an empty mapping"
+        raise error("expected one step per list item, got " + got)
     kind = kinds[0]
     value = item[kind]
     if "return" in item and kind != "qmp":

@@ -97,6 +97,14 @@ def test_timeout_ends_a_runaway_guest_with_124(hvm, tmp_path):
     assert r.out.startswith("tick\ntick\n")
 
 
+def test_the_timeout_line_is_the_only_one_when_the_console_is_a_file(hvm, tmp_path):
+    # No blank line before it: the console went to a file, not the terminal stderr shares.
+    p = write_yaml(tmp_path, f"boot: {{image: {FIRMWARE / 'ticker.bin'}}}\nmemory: 4M\n")
+    r = hvm("run", str(p), "--timeout", "0.5", "--serial", f"file:{tmp_path / 'out.txt'}")
+    assert (r.status, r.stderr) == (124, "hvm: timeout: the guest was still running after 0.5 s\n")
+    assert (tmp_path / "out.txt").read_bytes().startswith(b"tick\n")
+
+
 def test_config_timeout_is_used(hvm, tmp_path):
     p = write_yaml(tmp_path, f"boot: {{image: {FIRMWARE / 'ticker.bin'}}}\nmemory: 4M\ntimeout: 0.5\n")
     r = hvm("run", str(p), "--serial", "none")

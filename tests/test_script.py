@@ -168,6 +168,7 @@ def test_script_file_errors_name_the_file(tmp_path):
     ([{"send": "a\\q"}], "script step 1: send: unknown escape '\\\\q' (escapes: \\n \\r \\t \\e \\0 \\\\ \\xHH)"),
     ([{"send": "x", "expect": "y"}], "script step 1: expected one step per list item, got send and expect"),
     ([{"timeout": 3}], "script step 1: expected one step per list item, got only timeout"),
+    ([{}], "script step 1: expected one step per list item, got an empty mapping"),
     (["expect"], "script step 1: 'expect' needs a value (expect: ...)"),
     ([{"pause": 3}], "script step 1: pause takes no value, got a number (3)"),
     ([{"snapshot": None}], "script step 1: snapshot: expected a file path, got nothing"),
@@ -309,3 +310,13 @@ def test_qmp_step_validation_before_boot(tmp_path, step, message):
     run = run_hvm("run", str(config(tmp_path, "ticker", f"  - {step}\n")), "--serial", "none")
     assert run.status == 2, run.stderr
     assert run.stderr.count("\n") == 1 and "script step 1" in run.stderr and message in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("serial", ["none", "stdio"])
+def test_the_failure_is_the_first_line_on_stderr(tmp_path, serial):
+    # No blank line before it: the console went elsewhere, or its last line was finished ("bye\n").
+    run = run_hvm("run", str(config(tmp_path, "echo", "  - send: q\n  - exit: 3\n")), "--serial", serial)
+    assert run.status == EXIT_SCRIPT, run.stderr
+    assert run.stderr.splitlines()[0] == ("hvm: script step 2 (exit: 3) failed: the guest ended with status 0 "
+                                          "(all vCPUs halted), not 3")
+    assert run.out == ("bye\n" if serial == "stdio" else "")

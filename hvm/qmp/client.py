@@ -2,11 +2,14 @@
 
 Connects, reads the greeting, negotiates, sends one command, prints its "return" value as JSON and exits 0.
 A QMP error: its desc in one line, status 1. No socket, bad arguments, a server that does not speak QMP:
-one line, status 2. Events that arrive meanwhile are skipped."""
+one line, status 2. Events that arrive meanwhile are skipped. `migrate` returns once the save ended
+(status 1 with the reason when it failed), so the next line of a script can use the file."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import sys
 import time
 from typing import Any
@@ -30,6 +33,9 @@ class _Conn:
         except FileNotFoundError:
             self.sock.close()
             raise CtlError(f"{path}: no such socket (is the VM running with --qmp?)") from None
+        except ConnectionRefusedError:
+            self.sock.close()
+            raise CtlError(f"{path}: {_refused_why(path)}") from None
         except OSError as e:
             self.sock.close()
             raise CtlError(f"{path}: {e.strerror or e}") from None
@@ -97,7 +103,8 @@ def ctl(path: str, command: str, args_text: str | None, timeout: float = TIMEOUT
         try:
             arguments = json.loads(args_text)
         except ValueError as e:
-            raise CtlError(f"JSON-ARGS: not JSON ({e})") from None
+            raise CtlError(f"JSON-ARGS: not JSON ({e}); give a JSON object, e.g. "
+                           "'{\"uri\": \"file:vm.snap\"}'") from None
         if not isinstance(arguments, dict):
             raise CtlError("JSON-ARGS: must be a JSON object, e.g. '{\"uri\": \"file:vm.snap\"}'")
     conn = _Conn(path, timeout)
@@ -111,6 +118,8 @@ def ctl(path: str, command: str, args_text: str | None, timeout: float = TIMEOUT
         if "error" in reply:
             raise CtlError(f"{path}: capabilities negotiation failed: {_desc(reply)}")
         reply = conn.execute(command, arguments)
+        if command == "migrate" and "error" not in reply:
+            reply = _wait_for_migration(conn, reply, timeout)
     finally:
         conn.close()
     if "error" in reply:
@@ -118,6 +127,34 @@ def ctl(path: str, command: str, args_text: str | None, timeout: float = TIMEOUT
         return EXIT_QMP_ERROR
     print(json.dumps(reply.get("return", {})))
     return 0
+
+
+def _wait_for_migration(conn: _Conn, reply: dict, timeout: float) -> dict:
+    """QMP's migrate replies at once and saves in the background; a shell script wants to know the file is
+    complete. Poll query-migrate until the save ended: its reply, or an error reply with the reason."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = conn.execute("query-migrate", None).get("return") or {}
+        status = state.get("status")
+        if status == "completed":
+            return reply
+        if status == "failed":
+            return {"error": {"class": "GenericError", "desc": state.get("error-desc", "the save failed")}}
+        if time.monotonic() > deadline:
+            raise CtlError(f"{conn.path}: migrate: the save did not end within {timeout:g} s "
+                           f"(query-migrate: {status})")
+        time.sleep(0.01)
+
+
+def _refused_why(path: str) -> str:
+    """Why connect() was refused, in the user's terms: ECONNREFUSED is also what a plain file gives."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "Connection refused"
+    if not stat.S_ISSOCK(mode):
+        return "not a socket (give the PATH of a running VM's --qmp unix:PATH)"
+    return "connection refused: no VM listens on this socket (a stale one, left by a VM that was killed?)"
 
 
 def _desc(reply: dict) -> str:
