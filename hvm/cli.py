@@ -68,6 +68,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--qmp", metavar="unix:PATH[,server=on][,wait=off]",
                    help="listen for QMP clients (QEMU Machine Protocol) on a UNIX socket; wait=on: boot once "
                         "a first client connected")
+    p.add_argument("-S", dest="frozen", action="store_true",
+                   help="as QEMU's -S: start with the vCPUs stopped before their first instruction; QMP `cont` "
+                        "(or a script's resume step) starts them (needs --qmp or a script)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors (no unhandled-access warnings)")
 
@@ -327,6 +330,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not incoming:
             spec = spec_from_args(args)
         qmp_address = _qmp_address(args, spec)   # checked before the VM is built, like every flag
+        if args.frozen and qmp_address is None and not (spec is not None and spec.script) and args.script is None:
+            raise ConfigError("command line", "", "nothing could start the VM: give --qmp (then QMP `cont`) or "
+                              "a script with a resume step", flag="-S")
     except ConfigError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -398,9 +404,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if script:
                     from hvm.script import run_script
 
-                    result, failure = run_script(machine, script)
+                    result, failure = run_script(machine, script, paused=args.frozen)
                 else:
-                    result = machine.run()
+                    result = machine.run(paused=args.frozen)
             except KeyboardInterrupt:
                 result = _stop_or_end(machine, 130, "interrupted (Ctrl-C)")
             except _Terminated as t:

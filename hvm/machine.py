@@ -177,6 +177,7 @@ class Machine:
         # Serializes start/pause/resume (and snapshots): callers on several threads (QMP, a script, Python)
         # see one transition at a time. Re-entrant: a snapshot pauses while holding it.
         self._lifecycle = threading.RLock()
+        self._launched = False     # start() ran (the vCPU threads exist), paused or not
         self._paused = False
         self._parked = 0
         self._halted = 0
@@ -406,14 +407,22 @@ class Machine:
             except Exception:   # a listener's bug must not change the VM's course
                 log.exception("event listener %r failed on %s", callback, event)
 
-    def start(self) -> None:
+    def start(self, paused: bool = False) -> None:
+        """Start the vCPU threads. paused=True is QEMU's -S: the threads start but run no guest instruction
+        until resume() (QMP `cont`); the VM stays "prelaunch" until then."""
         with self._lifecycle:
-            if self.run_state not in ("prelaunch", "inmigrate"):
+            if self._launched or self.run_state not in ("prelaunch", "inmigrate"):
                 raise RuntimeError(f"cannot start a VM that is {self._describe_state()}")
             incoming = self.run_state == "inmigrate"
-            self.run_state = "running"
+            self._launched = True
+            if paused:
+                with self._pause_cond:
+                    self._paused = True    # each vCPU thread parks before its first KVM_RUN
+                self.run_state = "inmigrate" if incoming else "prelaunch"
+            else:
+                self.run_state = "running"
             self._start()
-        if incoming:   # as QEMU when an incoming migration's VM starts
+        if incoming and not paused:   # as QEMU when an incoming migration's VM starts
             self._emit("RESUME")
 
     def _start(self) -> None:
@@ -471,8 +480,8 @@ class Machine:
             self.tracer.close()  # everything recorded up to the last exit is out, crash or not
         return self.result
 
-    def run(self) -> RunResult:
-        self.start()
+    def run(self, paused: bool = False) -> RunResult:
+        self.start(paused)
         result = self.wait()
         assert result is not None
         return result
@@ -501,8 +510,8 @@ class Machine:
         """pause() without the STOP event (system_reset's, which QEMU reports as RESET alone); True when
         the VM was running and is paused now."""
         with self._lifecycle:
-            if self.run_state in ("paused", "postmigrate"):
-                return False
+            if self.run_state in ("paused", "postmigrate") or (self.run_state == "prelaunch" and self._launched):
+                return False     # (started with -S: frozen already)
             if self.run_state != "running" or self._done.is_set():
                 raise RuntimeError(f"cannot pause a VM that is {self._describe_state()}")
             with self._pause_cond:
@@ -535,7 +544,8 @@ class Machine:
         with self._lifecycle:
             if self.run_state == "running" and not self._done.is_set():
                 return False
-            if self.run_state not in ("paused", "postmigrate") or self._done.is_set():
+            frozen_at_start = self.run_state in ("prelaunch", "inmigrate") and self._launched   # -S
+            if not (self.run_state in ("paused", "postmigrate") or frozen_at_start) or self._done.is_set():
                 raise RuntimeError(f"cannot resume a VM that is {self._describe_state()}")
             with self._pause_cond:
                 self._paused = False

@@ -75,6 +75,8 @@ def translate(argv: list[str]) -> list[str]:
             if not v.startswith("unix:"):
                 raise ShimError(f"-qmp {v[:60]}: hvm's QMP listens on a UNIX socket (-qmp unix:PATH,server=on,wait=off)")
             out += ["--qmp", v]   # QEMU's syntax, also the older `unix:PATH,server,nowait`
+        elif a == "-S":
+            out.append("-S")     # frozen until a QMP `cont`
         elif a == "-cpu":
             value()  # hvm always gives the guest the host's supported CPUID
         elif a in IGNORED_WITH_VALUE:
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if "version" not in argv[0]:
             print("usage: hvm-qemu [-kernel FILE] [-append ARGS] [-initrd FILE] [-smp N] [-m SIZE] "
                   "[-device pc-testdev|isa-debug-exit,...] [-machine pit=off] [-serial stdio|none] "
-                  "[-qmp unix:PATH,server=on,wait=off]")
+                  "[-qmp unix:PATH,server=on,wait=off] [-S]")
         return 0
     if len(argv) == 2 and argv[0] == "-device" and argv[1] in ("?", "help"):
         print(DEVICES_HELP, end="")

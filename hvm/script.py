@@ -224,10 +224,12 @@ def check_steps(steps: tuple[Step, ...], has_serial: bool, source: str) -> None:
 
 
 # --- running ---------------------------------------------------------------------------------------
-def run_script(machine: Machine, steps: tuple[Step, ...]) -> tuple[RunResult, ScriptFailure | None]:
-    """Start the VM and run the steps in order. All pass: wait for the guest to end, its status stands.
-    A step fails: stop the VM with EXIT_SCRIPT and return the failure (the caller prints it)."""
-    machine.start()
+def run_script(machine: Machine, steps: tuple[Step, ...],
+               paused: bool = False) -> tuple[RunResult, ScriptFailure | None]:
+    """Start the VM (paused=True: frozen until a resume step, as QEMU's -S) and run the steps in order. All
+    pass: wait for the guest to end, its status stands. A step fails: stop the VM with EXIT_SCRIPT and
+    return the failure (the caller prints it)."""
+    machine.start(paused)
     try:
         for step in steps:
             log.debug("script step %d: %s", step.number, step.text)

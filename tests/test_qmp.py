@@ -1024,3 +1024,39 @@ def test_hvm_ctl_gives_up_on_a_server_that_only_sends_events(tmp_path):
         stop.set()
         srv.close()
         t.join(5)
+
+
+def test_dash_S_starts_frozen_until_cont(tmp_path):
+    """QEMU's -S: the vCPUs run no instruction until QMP `cont`; query-status says prelaunch meanwhile,
+    stop is a no-op, cont emits RESUME and the guest runs."""
+    v = Vm(tmp_path, extra=("-S",)).wait_socket()
+    try:
+        async def go():
+            c = await connect(v.sock)
+            assert await c.execute("query-status") == {"running": False, "status": "prelaunch"}
+            await asyncio.sleep(0.5)
+            assert v.ticks() == 0                       # not one instruction ran
+            assert await c.execute("stop") == {}
+            await c.execute("cont")
+            await next_event(c, "RESUME")
+            assert await c.execute("query-status") == {"running": True, "status": "running"}
+            await c.disconnect()
+        run(go())
+        v.wait_ticks(2)
+    finally:
+        v.kill()
+
+
+def test_dash_S_needs_something_that_can_start_the_vm(tmp_path):
+    cfg = write_yaml(tmp_path, f"boot: {{image: {TICKER}}}\ntimeout: 5\n")
+    r = run_hvm("run", str(cfg), "-S")
+    assert r.status == 2
+    assert r.stderr == ("hvm: -S: nothing could start the VM: give --qmp (then QMP `cont`) or a script with a "
+                        "resume step\n")
+
+
+def test_shim_passes_dash_S_through():
+    from hvm.qemu_shim import translate
+
+    argv = translate(["-kernel", "k.elf", "-qmp", "unix:/tmp/x.sock,server,nowait", "-S"])
+    assert argv[-3:] == ["--qmp", "unix:/tmp/x.sock,server,nowait", "-S"]

@@ -320,3 +320,10 @@ def test_the_failure_is_the_first_line_on_stderr(tmp_path, serial):
     assert run.stderr.splitlines()[0] == ("hvm: script step 2 (exit: 3) failed: the guest ended with status 0 "
                                           "(all vCPUs halted), not 3")
     assert run.out == ("bye\n" if serial == "stdio" else "")
+
+
+def test_dash_S_with_a_script_that_resumes(tmp_path):
+    # frozen at start: nothing printed within 0.5 s, then the resume step starts the guest
+    steps = '  - expect_not: tick\n    timeout: 0.5\n  - resume\n  - expect: "tick\\n"\n  - qmp: quit\n'
+    run = run_hvm("run", str(config(tmp_path, "ticker", steps)), "--serial", "none", "-S")
+    assert run.status == 0, run.stderr

@@ -111,8 +111,8 @@ class Commands:
 
     def cmd_stop(self) -> dict:
         state = self._run_state()
-        if state in ("paused", "postmigrate"):
-            return {}
+        if state in ("paused", "postmigrate") or (state == "prelaunch" and self.machine._launched):
+            return {}      # (prelaunch after -S: frozen before its first instruction already)
         if state in ("prelaunch", "inmigrate") or self._ended():
             raise QmpError(f"the VM is {state}: it cannot be stopped")
         try:
@@ -130,8 +130,10 @@ class Commands:
         if self._ended():
             # QEMU's words for a guest that powered off (with -no-shutdown) and is asked to continue
             raise QmpError("Resetting the Virtual Machine is required")
-        if state == "inmigrate":
-            raise QmpError("the VM is waiting for its incoming state: it starts by itself")
+        if state in ("prelaunch", "inmigrate") and not self.machine._launched:
+            raise QmpError(f"the VM is {state}: it starts by itself once its QMP client connected"
+                           if state == "prelaunch" else
+                           "the VM is waiting for its incoming state: it starts by itself")
         try:
             self.machine.resume()
         except RuntimeError as e:

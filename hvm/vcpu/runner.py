@@ -156,6 +156,8 @@ class VcpuThread(threading.Thread):
     # --- the loop ----------------------------------------------------------------------------------
     def run(self) -> None:
         try:
+            # A VM started paused (QEMU's -S) runs no guest instruction before it is resumed.
+            self.machine.wait_while_paused(self.index)
             # The loop is chosen once per pass; Machine.set_trace (QMP's x-hvm-trace) parks the vCPUs, swaps
             # the tracer and sets `reselect`, and the loop returns through its kick path (where nothing is
             # hot) to be chosen again. An untraced loop so pays nothing for tracing that may start later.
