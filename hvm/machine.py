@@ -510,7 +510,7 @@ class Machine:
         """pause() without the STOP event (system_reset's, which QEMU reports as RESET alone); True when
         the VM was running and is paused now."""
         with self._lifecycle:
-            if self.run_state in ("paused", "postmigrate") or (self.run_state == "prelaunch" and self._launched):
+            if self.run_state in ("paused", "postmigrate") or (self.run_state in ("prelaunch", "inmigrate") and self._launched):
                 return False     # (started with -S: frozen already)
             if self.run_state != "running" or self._done.is_set():
                 raise RuntimeError(f"cannot pause a VM that is {self._describe_state()}")

@@ -437,7 +437,7 @@ def test_system_powerdown_needs_a_pc(vm):
 
     e = run(go())
     assert e.error_class == "GenericError"
-    assert str(e) == "system_powerdown failed: system_powerdown needs the ACPI power button of machine: pc"
+    assert str(e) == "system_powerdown needs the ACPI power button of machine: pc"
 
 
 # --- malformed input and abusive clients, while the guest keeps ticking ---------------------------------

@@ -735,3 +735,20 @@ def test_starting_a_restored_vm_emits_resume(tmp_path):
         assert vm.run_state == "running"
         assert vm.wait(20).status == STATUS
         assert events == ["RESUME", "SHUTDOWN"]
+
+
+def test_a_restored_vm_started_frozen_waits_for_resume(tmp_path):
+    path, at_save, _ = snapshot_at(tmp_path, b"\n3\n")
+    with Machine.restore(path, console=quiet(), timeout=20) as vm:
+        events = []
+        vm.add_listener(lambda name, data: events.append(name))
+        vm.start(paused=True)                    # hvm run --incoming file:PATH -S
+        assert vm.run_state == "inmigrate"
+        time.sleep(0.3)
+        assert bytes(vm.console.history) == b""  # frozen: not one byte printed
+        vm.pause()                               # frozen already: nothing to do
+        vm.resume()
+        assert vm.run_state == "running"
+        assert vm.wait(20).status == STATUS
+        assert at_save + bytes(vm.console.history).decode() == EXPECTED
+        assert events == ["RESUME", "SHUTDOWN"]

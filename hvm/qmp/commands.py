@@ -111,7 +111,7 @@ class Commands:
 
     def cmd_stop(self) -> dict:
         state = self._run_state()
-        if state in ("paused", "postmigrate") or (state == "prelaunch" and self.machine._launched):
+        if state in ("paused", "postmigrate") or (state in ("prelaunch", "inmigrate") and self.machine._launched):
             return {}      # (prelaunch after -S: frozen before its first instruction already)
         if state in ("prelaunch", "inmigrate") or self._ended():
             raise QmpError(f"the VM is {state}: it cannot be stopped")
@@ -157,7 +157,7 @@ class Commands:
         try:
             powerdown()
         except (RuntimeError, OSError, ValueError) as e:
-            raise QmpError(f"system_powerdown failed: {e}") from None
+            raise QmpError(str(e)) from None
         return {}   # Machine.system_powerdown emits POWERDOWN, as QEMU does
 
     def cmd_quit(self) -> dict:
