@@ -157,3 +157,24 @@ def linux_snapshots(tmp_path_factory) -> LinuxSnapshots:
         console = vm.console.text()
     (mid, mid_console), (late, late_console) = saved
     return LinuxSnapshots(mid, late, mid_console, late_console, console, result.status)
+
+
+class FakeRam:
+    """Guest RAM at GPA 0 for device unit tests (read/write as GuestMemory's, the same bounds errors)."""
+
+    def __init__(self, size: int = 64 << 10) -> None:
+        self.data = bytearray(size)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        from hvm.memory import GuestMemoryError
+
+        if gpa + length > len(self.data):
+            raise GuestMemoryError(f"{gpa:#x}+{length} is outside guest RAM")
+        return bytes(self.data[gpa:gpa + length])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        from hvm.memory import GuestMemoryError
+
+        if gpa + len(data) > len(self.data):
+            raise GuestMemoryError(f"{gpa:#x}+{len(data)} is outside guest RAM")
+        self.data[gpa:gpa + len(data)] = data

@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hvm.mmio
-from conftest import GUEST_TIMEOUT
-from hvm.memory import GuestMemoryError
+from conftest import GUEST_TIMEOUT, FakeRam
 from hvm.mmio.acpi_pm import PM1_CNT, PM1_EVT, PWRBTN_EN, PWRBTN_STS, SCI_IRQ, AcpiPm
 from hvm.mmio.debug_exit import DebugExit
 from hvm.mmio.debugcon import DebugCon
@@ -33,23 +32,12 @@ WALL_T0 = 1.7e9          # a host UTC time (seconds) for the RTC
 MONO_T0 = 10 ** 12       # a host monotonic time (ns) for the PM timer
 
 
-class FakeRam:
-    """4 KiB of guest RAM at GPA 0, the same bytes in every rig."""
-
-    def __init__(self) -> None:
-        self.data = bytearray(4096)
-        struct.pack_into("<QII", self.data, 0x100, 0x200, 5, 0)     # a descriptor: 5 bytes at 0x200
-        self.data[0x200:0x205] = b"hello"
-
-    def read(self, gpa: int, length: int) -> bytes:
-        if gpa + length > len(self.data):
-            raise GuestMemoryError(f"{gpa:#x}+{length} is outside guest RAM")
-        return bytes(self.data[gpa:gpa + length])
-
-    def write(self, gpa: int, data: bytes) -> None:
-        if gpa + len(data) > len(self.data):
-            raise GuestMemoryError(f"{gpa:#x}+{len(data)} is outside guest RAM")
-        self.data[gpa:gpa + len(data)] = data
+def fake_ram() -> FakeRam:
+    """4 KiB of guest RAM, the same bytes in every rig: a pvconsole descriptor (5 bytes at 0x200)."""
+    ram = FakeRam(4096)
+    struct.pack_into("<QII", ram.data, 0x100, 0x200, 5, 0)
+    ram.data[0x200:0x205] = b"hello"
+    return ram
 
 
 @dataclass
@@ -116,7 +104,7 @@ def debugcon_rig(now=None) -> Rig:
 
 def pvconsole_rig(now=None) -> Rig:
     rig = Rig(None, [])
-    rig.dev = PvConsole(FakeRam(), rig.out.append)
+    rig.dev = PvConsole(fake_ram(), rig.out.append)
     rig.targets = [(rig.dev, 4)]
     return rig
 

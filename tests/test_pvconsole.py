@@ -7,31 +7,13 @@ import struct
 
 import pytest
 
-from conftest import FIRMWARE, write_yaml
+from conftest import FIRMWARE, FakeRam, write_yaml
 from hvm import Machine
 from hvm.config import ConfigError, FlatBoot, VmSpec, parse_spec
 from hvm.console import Console
-from hvm.memory import GuestMemoryError
 from hvm.mmio.debugcon import DebugCon
 from hvm.mmio import pvconsole
 from hvm.mmio.pvconsole import PVCONSOLE_MAGIC, PvConsole
-
-
-class FakeRam:
-    """64 KiB of guest RAM at GPA 0."""
-
-    def __init__(self) -> None:
-        self.data = bytearray(64 << 10)
-
-    def read(self, gpa: int, length: int) -> bytes:
-        if gpa + length > len(self.data):
-            raise GuestMemoryError(f"{gpa:#x}+{length} is outside guest RAM")
-        return bytes(self.data[gpa:gpa + length])
-
-    def write(self, gpa: int, data: bytes) -> None:
-        if gpa + len(data) > len(self.data):
-            raise GuestMemoryError(f"{gpa:#x}+{len(data)} is outside guest RAM")
-        self.data[gpa:gpa + len(data)] = data
 
 
 def pv(ram: FakeRam) -> tuple[PvConsole, list[bytes]]:
