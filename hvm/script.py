@@ -230,10 +230,11 @@ def run_script(machine: Machine, steps: tuple[Step, ...],
     pass: wait for the guest to end, its status stands. A step fails: stop the VM with EXIT_SCRIPT and
     return the failure (the caller prints it)."""
     machine.start(paused)
+    qmp: dict = {}    # the QMP commands object of qmp steps, made by the first: migrate's state lasts across steps
     try:
         for step in steps:
             log.debug("script step %d: %s", step.number, step.text)
-            _run_step(machine, step)
+            _run_step(machine, step, qmp)
     except ScriptFailure as failure:
         log.debug("%s", failure)
         return machine.stop(EXIT_SCRIPT, str(failure)), failure
@@ -247,7 +248,7 @@ def _ended(machine: Machine) -> str:
     return f"status {result.status}: {result.message}" if result is not None else "stopped"
 
 
-def _run_step(machine: Machine, step: Step) -> None:
+def _run_step(machine: Machine, step: Step, qmp: dict) -> None:
     from pexpect import EOF, TIMEOUT
 
     console = machine.console
@@ -291,7 +292,7 @@ def _run_step(machine: Machine, step: Step) -> None:
         except (RuntimeError, OSError, SnapshotError) as e:
             raise ScriptFailure(step, str(e)) from None
     elif kind == "qmp":
-        _run_qmp_step(machine, step)
+        _run_qmp_step(machine, step, qmp)
     elif kind == "exit":
         result = machine.wait(step.timeout)
         if result is None:
@@ -301,13 +302,13 @@ def _run_step(machine: Machine, step: Step) -> None:
                                 f"not {step.value}")
 
 
-def _run_qmp_step(machine: Machine, step: Step) -> None:
+def _run_qmp_step(machine: Machine, step: Step, qmp: dict) -> None:
     """One command through the QMP server's own command code (hvm/qmp/commands.py), without a socket."""
     from hvm.qmp.commands import Commands, QmpError
 
-    commands = getattr(machine, "_script_qmp", None)
-    if commands is None:   # one per machine: migrate's state (query-migrate) lasts across steps
-        commands = machine._script_qmp = Commands(machine, lambda event, data: None)
+    commands = qmp.get("commands")
+    if commands is None:
+        commands = qmp["commands"] = Commands(machine, lambda event, data: None)
     name, args = step.value
     try:
         returned = commands.execute(name, dict(args))
