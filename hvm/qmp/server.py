@@ -119,10 +119,8 @@ class QmpServer:
             self._sel = selectors.DefaultSelector()
             self._sel.register(self._listener, selectors.EVENT_READ, None)
             self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            add = getattr(self.machine, "add_listener", None)
-            if add is not None:
-                add(self._on_event)
-                self._listening = True
+            self.machine.add_listener(self._on_event)
+            self._listening = True
             self._io_thread = threading.Thread(target=self._io_loop, name="qmp-io", daemon=True)
             self._cmd_thread = threading.Thread(target=self._command_loop, name="qmp-commands", daemon=True)
             self._io_thread.start()
@@ -189,9 +187,7 @@ class QmpServer:
         """Give clients up to `flush` seconds to take what is queued for them (the SHUTDOWN event), then
         close every connection, stop the threads and remove the socket file (if it is still hvm's)."""
         if self._listening:
-            remove = getattr(self.machine, "remove_listener", None)
-            if remove is not None:
-                remove(self._on_event)
+            self.machine.remove_listener(self._on_event)
             self._listening = False
         if self._io_thread is not None and self._io_thread.is_alive():
             deadline = time.monotonic() + flush
@@ -242,9 +238,8 @@ class QmpServer:
     # --- events ----------------------------------------------------------------------------------
     def _machine_emit(self, event: str, data: dict) -> None:
         """Commands' events (MIGRATION) go through the machine, so every listener sees them."""
-        emit = getattr(self.machine, "_emit", None)
-        if emit is not None and self._listening:
-            emit(event, data)
+        if self._listening:
+            self.machine._emit(event, data)
         else:
             self._on_event(event, data)
 

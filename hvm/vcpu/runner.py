@@ -177,9 +177,7 @@ class VcpuThread(threading.Thread):
         finally:
             # The last act of the thread: close() may have left the vCPU's mappings to it (it was still
             # running then); from here on the thread touches neither kvm_run nor guest memory.
-            ended = getattr(self.machine, "vcpu_thread_ended", None)
-            if ended is not None:
-                ended(self.index)
+            self.machine.vcpu_thread_ended(self.index)
 
     def _run_loop(self) -> None:
         if self.fast is not None and (self.trace_sink is None or self.trace_in_c):
