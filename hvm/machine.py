@@ -69,6 +69,7 @@ BOOT_MILESTONES = ("Linux version", "Freeing SMP alternatives", "Freeing unused 
 # How the VM ended (RunResult.reason) -> QMP RunState after it, and the ShutdownCause of its SHUTDOWN event.
 _END_STATE = {"crash": "guest-panicked", "panic": "guest-panicked", "device-fault": "internal-error",
               "internal-error": "internal-error", "host-error": "internal-error"}
+ENDED_STATES = ("shutdown", "guest-panicked", "internal-error")   # the run states _finish leaves
 _GUEST_CAUSE = {"halt": "guest-shutdown", "poweroff": "guest-shutdown", "debug-exit": "guest-shutdown",
                 "reset": "guest-reset", "crash": "guest-panic", "panic": "guest-panic"}
 
@@ -602,6 +603,11 @@ class Machine:
     @property
     def running(self) -> bool:
         return self.run_state in ("running", "paused", "postmigrate") and not self._done.is_set()
+
+    @property
+    def ended(self) -> bool:
+        """The VM ended: run_state is one of ENDED_STATES (shutdown, guest-panicked, internal-error)."""
+        return self.run_state in ENDED_STATES
 
     def exits(self):
         """The recorded exits (ExitRecord), when the VM was made with TraceConfig(memory=True)."""

@@ -106,14 +106,11 @@ class Commands:
         status = self._run_state()
         return {"running": status == "running", "status": status}
 
-    def _ended(self) -> bool:
-        return self._run_state() in ("shutdown", "guest-panicked", "internal-error")
-
     def cmd_stop(self) -> dict:
         state = self._run_state()
         if state in ("paused", "postmigrate") or (state in ("prelaunch", "inmigrate") and self.machine._launched):
             return {}      # (prelaunch after -S: frozen before its first instruction already)
-        if state in ("prelaunch", "inmigrate") or self._ended():
+        if state in ("prelaunch", "inmigrate") or self.machine.ended:
             raise QmpError(f"the VM is {state}: it cannot be stopped")
         try:
             self.machine.pause(timeout=PAUSE_TIMEOUT)
@@ -127,7 +124,7 @@ class Commands:
         state = self._run_state()
         if state == "running":
             return {}
-        if self._ended():
+        if self.machine.ended:
             # QEMU's words for a guest that powered off (with -no-shutdown) and is asked to continue
             raise QmpError("Resetting the Virtual Machine is required")
         if state in ("prelaunch", "inmigrate") and not self.machine._launched:
@@ -196,7 +193,7 @@ class Commands:
         if ",offset=" in path:
             raise QmpError("file: migration with an offset is not supported by hvm")
         state = self._run_state()
-        if state in ("prelaunch", "inmigrate") or self._ended():
+        if state in ("prelaunch", "inmigrate") or self.machine.ended:
             raise QmpError(f"the VM is {state}: there is nothing to migrate")
         with self._migration_lock:
             if self._migration.get("status") in ("setup", "active"):
