@@ -333,6 +333,15 @@ class VirtioMmio:
             self._clear()
             self._update_irq()
 
+    def stats(self) -> dict[str, int]:
+        """Host-side counters (for --stats): the transport's, then the backend's own if it has stats()."""
+        out = {"notifications": self.notifications, "interrupts": self.interrupts,
+               "config_interrupts": self.config_interrupts, "errors": self.errors}
+        backend_stats = getattr(self.backend, "stats", None)
+        if callable(backend_stats):
+            out.update(backend_stats())
+        return out
+
     def pause(self) -> None:
         self.backend.pause()
 
