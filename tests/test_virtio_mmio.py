@@ -285,7 +285,7 @@ def test_hostile_ring_needs_reset_then_reset_recovers(dev, caplog):
     assert dev.drv.r(vc.MMIO_INTERRUPT_STATUS) == vc.INT_CONFIG_CHANGE and dev.irq.level
     assert ("echo0: device needs reset: echo0 queue 0: chain 0: descriptor 0 buffer 0xc0000000..0xc0000200 "
             "is outside guest RAM") in caplog.text
-    assert dev.t.errors == 1
+    assert dev.t.errors == 1 and dev.backend.calls[-1] == ("reset",)    # the backend stopped at once
     # stopped: a good chain now is not served, a notification reaches nobody
     dev.backend.calls.clear()
     ring.add([b"a"], [1])
@@ -313,6 +313,8 @@ def test_backend_thread_reports_needs_reset(dev):
     dev.t.needs_reset("rx: bad ring")
     dev.t.needs_reset("rx: again")                 # once set, not counted again
     assert dev.t.errors == 1 and dev.t.broken and dev.t.queues[0].pop() is None
+    assert dev.backend.calls.count(("reset",)) == 2          # the driver's at probe, then NEEDS_RESET's
+    assert dev.irq.level and dev.t.interrupt_status == vc.INT_CONFIG_CHANGE
 
 
 def test_log_lines_are_bounded(dev, caplog):
