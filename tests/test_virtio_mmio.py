@@ -8,6 +8,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, strategies as st
 
 from hvm.memory import MiB, GuestMemory
 from hvm.mmio.bus import MmioBus
@@ -463,3 +464,44 @@ def test_attach_registers_the_transport_on_the_bus(memory):
     assert bus.read(0xD000_3FFC, 4) == 0 and bus.find(0xD000_4000) is None
     assert t.irq is lines[0] and lines[0].irq == 10
     assert closers == [t.close]
+
+
+# --- fuzz: random register accesses --------------------------------------------------------------
+REGISTER = st.sampled_from([vc.MMIO_DEVICE_FEATURES_SEL, vc.MMIO_DRIVER_FEATURES, vc.MMIO_DRIVER_FEATURES_SEL,
+                            vc.MMIO_QUEUE_SEL, vc.MMIO_QUEUE_NUM, vc.MMIO_QUEUE_READY, vc.MMIO_QUEUE_NOTIFY,
+                            vc.MMIO_INTERRUPT_ACK, vc.MMIO_STATUS, vc.MMIO_QUEUE_DESC_LOW, vc.MMIO_QUEUE_DESC_HIGH,
+                            vc.MMIO_QUEUE_DRIVER_LOW, vc.MMIO_QUEUE_DRIVER_HIGH, vc.MMIO_QUEUE_DEVICE_LOW,
+                            vc.MMIO_QUEUE_DEVICE_HIGH, vc.MMIO_CONFIG_GENERATION])
+VALUE = st.one_of(st.integers(0, 16), st.sampled_from([0x100000, 0x200000, 0x300000, 0x3, 0xB, 0xF]),
+                  st.integers(0, 0xFFFFFFFF))
+ACCESS = st.one_of(
+    st.tuples(st.just("w"), REGISTER, st.just(4), VALUE),
+    st.tuples(st.just("w"), st.integers(0, 0x1FF), st.sampled_from([1, 2, 4, 8]), st.integers(0, 0xFFFFFFFF)),
+    st.tuples(st.just("r"), st.integers(0, 0x1FF), st.sampled_from([1, 2, 4, 8]), st.just(0)),
+    st.tuples(st.just("config_changed"), st.just(0), st.just(0), st.just(0)))
+
+
+@pytest.mark.fuzz
+@given(accesses=st.lists(ACCESS, max_size=60), handshake=st.booleans())
+def test_fuzz_register_accesses(accesses, handshake):
+    """Any sequence of accesses: no exception, the line high exactly while InterruptStatus != 0, and a state
+    that saves, loads into a new device and saves the same."""
+    with GuestMemory(16 * MiB) as memory:
+        irq, backend = RecordingIrq(), Echo()
+        t = VirtioMmio(memory, irq, backend)
+        if handshake:
+            [ring, _] = GuestDriver(t, memory).start(2)
+            ring.add([b"abc"], [3])
+        for kind, offset, size, value in accesses:
+            if kind == "w":
+                t.write(offset, size, value & ((1 << 8 * size) - 1))
+            elif kind == "r":
+                assert 0 <= t.read(offset, size) < 1 << 8 * size
+            else:
+                t.config_changed()
+            assert irq.level == (t.interrupt_status != 0)
+            assert 0 <= t.status <= 0xFF and t.interrupt_status in (0, 1, 2, 3)
+        state = t.save()
+        t2 = VirtioMmio(memory, RecordingIrq(), Echo())
+        t2.load(state)
+        assert t2.save() == state

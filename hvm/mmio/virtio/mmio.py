@@ -250,7 +250,7 @@ class VirtioMmio:
             return
         added = new & ~old
         if added & vc.STATUS_FEATURES_OK:
-            why = self._features_refused()
+            why = self._features_refused(new)
             if why:
                 self._warn("FEATURES_OK refused: %s", why)
                 new &= ~vc.STATUS_FEATURES_OK
@@ -267,9 +267,9 @@ class VirtioMmio:
                 q.set_features(self.driver_features)
             self.backend.activate(self.driver_features, self.queues, self.signal)
 
-    def _features_refused(self) -> str:
+    def _features_refused(self, status: int) -> str:
         offered = self.device_features()
-        if not self.status & vc.STATUS_DRIVER:
+        if not status & vc.STATUS_DRIVER:
             return "DRIVER is not set"
         if not self.driver_features >> vc.F_VERSION_1 & 1:
             return "the driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)"
