@@ -518,3 +518,54 @@ def test_fuzz_register_accesses(accesses, handshake):
         t2 = VirtioMmio(memory, RecordingIrq(), Echo())
         t2.load(state)
         assert t2.save() == state
+
+
+# --- a backend with its own thread -----------------------------------------------------------------
+def test_backend_thread_and_driver_resets_interleave(memory):
+    """A net-RX-like thread fills queue 0 under transport.lock while the driver resets and re-probes the
+    device over and over: no exception on either side, and the line always matches InterruptStatus."""
+    import threading
+
+    class Rx(Echo):
+        def notify(self, index):
+            pass
+
+    backend, irq = Rx(), RecordingIrq()
+    t = VirtioMmio(memory, irq, backend)
+    drv = GuestDriver(t, memory)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    served = [0]
+
+    def rx():
+        try:
+            while not stop.is_set():
+                with t.lock:
+                    queues = backend.queues
+                    if queues is None:
+                        continue
+                    chain = queues[0].pop()
+                    if chain is not None:
+                        queues[0].push_used(chain, chain.write(b"packet"))
+                        backend.signal(0)
+                        served[0] += 1
+        except BaseException as e:   # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=rx)
+    thread.start()
+    try:
+        for _ in range(30):
+            [ring, _] = drv.start(2)
+            for _ in range(4):
+                ring.add(in_lens=[8])
+            for _ in range(200):
+                if ring.used_idx() == 4:
+                    break
+                threading.Event().wait(0.001)
+            assert irq.level == (t.interrupt_status != 0)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive() and errors == []
+    assert served[0] > 0 and t.errors == 0
