@@ -264,6 +264,13 @@ def test_no_interrupt_flag_without_event_idx(dev):
     assert ring.used_idx() == 1 and not dev.irq.level
 
 
+def test_queue_notify_from_outside_the_registers(dev):
+    [ring, _] = dev.drv.start(2)
+    head = ring.add([b"io"], [2])
+    dev.t.queue_notify(0)                    # what an ioeventfd handler would call
+    assert ring.take_used() == [(head, 2)] and dev.t.notifications == 1 and dev.irq.level
+
+
 def test_notifications_that_are_ignored(dev):
     assert dev.drv.negotiate()
     ring = dev.drv.setup_queue(0)

@@ -313,6 +313,12 @@ class VirtioMmio:
         new = (old & U32) | (value << 32) if offset & 4 else (old & ~U32) | value
         setattr(q, attr, new)
 
+    def queue_notify(self, index: int) -> None:
+        """A notification that did not come through a register write (an ioeventfd on QueueNotify, whose
+        datamatch is the queue index): the same as the guest writing `index` to QueueNotify."""
+        with self.lock:
+            self._notify(index)
+
     def _notify(self, value: int) -> None:
         self.notifications += 1
         if self.broken:
