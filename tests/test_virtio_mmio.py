@@ -332,6 +332,9 @@ def test_log_lines_are_bounded(dev, caplog):
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == MAX_WARNINGS + 1
     assert "16 guest mistakes logged; further ones at debug level" in warnings[-1].getMessage()
+    dev.t.needs_reset("a bad ring")          # still a warning: errors have their own bound
+    last = caplog.records[-1]
+    assert last.levelno == logging.WARNING and last.getMessage() == "echo0: device needs reset: a bad ring"
 
 
 # --- configuration space ---------------------------------------------------------------------------

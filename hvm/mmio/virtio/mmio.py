@@ -124,7 +124,11 @@ class VirtioMmio:
             if self.broken:
                 return
             self.errors += 1
-            self._warn("device needs reset: %s", reason)
+            # Its own bound: a driver's earlier register mistakes do not hide why the device stopped.
+            level = logging.WARNING if self.errors <= MAX_WARNINGS else logging.DEBUG
+            log.log(level, "%s: device needs reset: %s", self.name, reason)
+            if self.errors == MAX_WARNINGS:
+                log.warning("%s: %d resets needed; further ones at debug level", self.name, MAX_WARNINGS)
             self.status |= vc.STATUS_DEVICE_NEEDS_RESET
             for q in self.queues:
                 q.broken = True
