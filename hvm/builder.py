@@ -146,7 +146,9 @@ def write_tables(m: "Machine", mem: GuestMemory) -> None:
     if spec.machine != "pc":
         return
     slots = [slot for _, slot in virtio_slots(spec)]
-    if slots:
+    import inspect   # TEMPORARY until the DSDT/MADT for virtio slots lands (branch i13-linux)
+
+    if slots and "virtio_slots" in inspect.signature(write_acpi_tables).parameters:
         write_acpi_tables(mem, spec.vcpus, PM_BASE, virtio_slots=[(s.base, s.size, s.irq) for s in slots])
         write_mp_table(mem, spec.vcpus, level_irqs=[s.irq for s in slots])
     else:
