@@ -83,6 +83,7 @@ class ExitStats:
     other_mmio: int = 0
     completed: dict[str, int] = field(default_factory=dict)       # emulation failures hvm finished
     milestones: dict[str, float] = field(default_factory=dict)    # console line -> ms since start
+    device_counters: dict[str, dict[str, int]] = field(default_factory=dict)   # registry devices' stats()
 
     @property
     def total(self) -> int:
@@ -107,6 +108,9 @@ class ExitStats:
             lines.append("emulation failures completed by hvm:")
             for name, n in sorted(self.completed.items()):
                 lines.append(f"  {name:<16} {n:>10}")
+        for name, counters in self.device_counters.items():
+            shown = "  ".join(f"{k} {v}" for k, v in counters.items())
+            lines.append(f"device {name}: {shown}")
         if self.milestones:
             lines.append("boot milestones (ms since start):")
             for name, ms in self.milestones.items():
@@ -851,8 +855,14 @@ class Machine:
             t = self.console.time_of(text.encode())
             if t is not None and self._started_at:
                 milestones[text] = (t - self._started_at) * 1000
+        counters = {}
+        for name, device in self.devices.items():
+            fn = getattr(device, "stats", None)
+            if callable(fn):
+                counters[name] = dict(fn())
         return ExitStats(by_reason, dict(self.pio.counts), by_device, dict(self.mmio.counts),
-                         dict(self.pio.unhandled), dict(self.mmio.unhandled), self.mmio.other, completed, milestones)
+                         dict(self.pio.unhandled), dict(self.mmio.unhandled), self.mmio.other, completed, milestones,
+                         counters)
 
     # --- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
