@@ -128,6 +128,16 @@ def create_devices(m: "Machine", irq_setter: Callable[[int, int], None] | None) 
     def set_console_input(feed: Callable[[bytes], None], pending: Callable[[], int]) -> None:
         m.console_input = (feed, pending)
 
+    def ioevent(addr: int, length: int, datamatch: int | None, callback: Callable[[], None]) -> bool:
+        if m.vm is None:
+            return False
+        if m.ioevents is None:
+            from hvm.ioevents import IoEvents
+
+            m.ioevents = IoEvents(m.vm, on_error=lambda e: m.device_fault(None, e))
+        m.ioevents.add(addr, length, datamatch, callback)
+        return True
+
     for d in m.spec.devices:
         dt = registry.lookup(d.type)
         if dt is None:    # parse_spec and the snapshot codec only let registered types through
@@ -135,7 +145,7 @@ def create_devices(m: "Machine", irq_setter: Callable[[int, int], None] | None) 
         ctx = DeviceContext(name=d.name, index=d.index, memory=m.memory, console=m.console, pio=m.pio,
                             mmio=m.mmio, slot=slots.get(id(d)), irq_line=lambda irq: IrqLine(irq, irq_setter),
                             on_close=m.device_closers.append, set_console_input=set_console_input,
-                            irq_setter=irq_setter, machine=m)
+                            irq_setter=irq_setter, ioevent=ioevent, machine=m)
         device = dt.create(ctx, d.values)
         m.devices[d.name] = device
 

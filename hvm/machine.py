@@ -158,6 +158,7 @@ class Machine:
         self.devices: dict[str, object] = {}
         self.device_closers: list[Callable[[], None]] = []
         self.console_input: tuple[Callable[[bytes], None], Callable[[], int]] | None = None
+        self.ioevents = None      # hvm.ioevents.IoEvents, made when a device asks for its first ioeventfd
         self.boot_state: BootState | None = None
         self.host = detect_host() if adapt_to_host else HostProfile("as-is", False)
         self.is_linux = False
@@ -412,7 +413,10 @@ class Machine:
         return True
 
     def _devices_call(self, method: str) -> None:
-        """pause() / resume() of every registry device that has one (devices with threads of their own)."""
+        """pause() / resume() of every registry device that has one (devices with threads of their own), and
+        of the ioevent thread."""
+        if self.ioevents is not None:
+            getattr(self.ioevents, method)()
         for device in self.devices.values():
             fn = getattr(device, method, None)
             if callable(fn):
@@ -577,10 +581,11 @@ class Machine:
         else:
             self._finish(EXIT_CRASH, "crash", report.format(), report)
 
-    def device_fault(self, index: int, fault: Exception) -> None:
+    def device_fault(self, index: int | None, fault: BaseException) -> None:
         # A device raised on a guest access: a bug in hvm (no guest may be able to do that), so status 70,
         # "internal error", not 4: the guest did nothing wrong by touching a register.
-        message = f"device fault on vCPU {index}: {fault} (a bug in hvm)"
+        where = "the ioevent thread" if index is None else f"vCPU {index}"
+        message = f"device fault on {where}: {fault} (a bug in hvm)"
         log.error("%s", message)
         self._finish(EXIT_INTERNAL, "device-fault", message)
 
@@ -884,7 +889,11 @@ class Machine:
             step("stopping the vCPUs", self._stop_for_close)
         step("the watchdog", self._cancel_watchdog)
         step("the halt watch", self._join_halt_watch)
-        # Device threads and fds (a NIC's reader, a disk image) go before guest memory is unmapped.
+        # Device threads and fds (a NIC's reader, a disk image) go before guest memory is unmapped; the
+        # ioevent thread first, which calls into the devices.
+        if self.ioevents is not None:
+            step("the ioevent thread", self.ioevents.close)
+            self.ioevents = None
         closers, self.device_closers = self.device_closers, []
         for fn in reversed(closers):
             step(f"device {getattr(fn, '__qualname__', fn)}", fn)

@@ -122,6 +122,9 @@ class DeviceContext:
     on_close: Callable[[Callable[[], None]], None]
     set_console_input: Callable[[Callable[[bytes], None], Callable[[], int]], None]
     irq_setter: Callable[[int, int], None] | None = None   # the irqchip's line setter (None without one)
+    # ioevent(addr, length, datamatch, callback) -> bool: a guest write there runs callback on hvm's ioevent
+    # thread without an exit to hvm (KVM_IOEVENTFD, hvm/ioevents.py); False where that is not available.
+    ioevent: Callable[[int, int, int | None, Callable[[], None]], bool] | None = None
     machine: Any = field(default=None, repr=False)
 
 
