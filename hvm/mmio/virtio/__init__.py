@@ -1,0 +1,32 @@
+"""hvm.mmio.virtio: virtio 1.x devices on the virtio-mmio transport (CONTRACT.md part B).
+
+- constants: device IDs, feature and status bits, register offsets, ring layout;
+- queue: split virtqueues (Queue, DescriptorChain, VirtqueueError): every guest value checked;
+- backend: VirtioBackend, what a device type implements;
+- mmio: VirtioMmio, the transport (registers, handshake, interrupts, reset, state);
+- rng, ...: device types, each with its DEVICE declaration for the registry.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hvm.mmio.virtio import constants
+from hvm.mmio.virtio.backend import VirtioBackend
+from hvm.mmio.virtio.mmio import VirtioMmio, attach_transport
+from hvm.mmio.virtio.queue import DescriptorChain, Queue, VirtqueueError
+
+if TYPE_CHECKING:
+    from hvm.mmio.registry import DeviceContext
+
+
+def attach(ctx: "DeviceContext", backend: VirtioBackend) -> VirtioMmio:
+    """Make the transport for ctx.slot (base, size, irq), register it on ctx.mmio and return it (the
+    registered Device). The backend's close() runs when the Machine closes."""
+    slot = ctx.slot
+    if slot is None:
+        raise ValueError(f"{ctx.name}: a virtio device needs a virtio-mmio slot")
+    return attach_transport(ctx.memory, ctx.irq_line(slot.irq), backend, ctx.mmio, slot.base,
+                            getattr(slot, "size", constants.MMIO_SIZE), ctx.on_close)
+
+
+__all__ = ["DescriptorChain", "Queue", "VirtioBackend", "VirtioMmio", "VirtqueueError", "attach", "constants"]
