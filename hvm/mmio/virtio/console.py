@@ -141,7 +141,8 @@ class VirtioConsole(VirtioBackend):
 
     def _deliver(self) -> None:
         """Move queued input into the guest's receive buffers (transport.lock held)."""
-        if self._paused or len(self._queues) <= RECEIVEQ or self._signal is None:
+        signal = self._signal
+        if self._paused or len(self._queues) <= RECEIVEQ or signal is None:
             return
         queue = self._queues[RECEIVEQ]
         if not queue.ready or not self._pending:
@@ -165,12 +166,13 @@ class VirtioConsole(VirtioBackend):
         except VirtqueueError as e:
             self._broken(e)
         if used:
-            self._signal(RECEIVEQ)
+            signal(RECEIVEQ)
 
     def _transmit(self) -> None:
         """Send every available transmit buffer to the console (vCPU thread, transport.lock held). Large
         buffers go out in OUTPUT_CHUNK pieces, so what one notify makes hvm hold is bounded."""
-        if len(self._queues) <= TRANSMITQ or self._signal is None:
+        signal = self._signal
+        if len(self._queues) <= TRANSMITQ or signal is None:
             return
         queue = self._queues[TRANSMITQ]
         out = bytearray()
@@ -195,7 +197,7 @@ class VirtioConsole(VirtioBackend):
         if out:
             self._write(out)
         if used:
-            self._signal(TRANSMITQ)
+            signal(TRANSMITQ)      # (after an error too: the buffers completed before it stand)
 
     def _write(self, data: bytearray) -> None:
         # The console writes outside its own locks and gives up on a stalled sink once the machine stops
@@ -229,8 +231,7 @@ def create(ctx, props: dict):
     backend = VirtioConsole(ctx.console.write, name=ctx.name)
     transport = attach(ctx, backend)
     ctx.set_console_input(backend.feed, lambda: backend.input_pending)
-    ctx.on_close(backend.close)
-    return transport
+    return transport      # attach() runs backend.close() when the Machine closes
 
 
 try:   # the device registry (hvm/mmio/registry.py) lands separately: without it, no DEVICE
