@@ -182,6 +182,11 @@ class VirtioConsole(VirtioBackend):
                 chain = queue.pop()
                 if chain is None:
                     break
+                if chain.readable_len + len(out) <= OUTPUT_CHUNK:     # the common case: a line or a few
+                    out += chain.read()
+                    queue.push_used(chain, 0)
+                    used += 1
+                    continue
                 offset = 0
                 while offset < chain.readable_len:
                     piece = chain.read(min(OUTPUT_CHUNK, chain.readable_len - offset), offset)
