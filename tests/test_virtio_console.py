@@ -267,3 +267,24 @@ def test_linux_boot_log_through_hvc0(tmp_path):
     assert "Kernel panic - not syncing: Attempted to kill init!" in run.out
     assert run.status == 4
     assert "0xd0000050" in run.stderr        # --stats: QueueNotify writes, the transmit path
+
+
+def test_ctrl_a_x_and_input_through_the_console_pump(mem):
+    """The console's input thread (Ctrl-A x, Ctrl-A Ctrl-A) works the same whatever device takes the input."""
+    import os
+
+    from hvm.console import Console
+
+    ctx, transport, backend, out = make(mem)
+    console = Console("none", "none")
+    quit_called = []
+    console.on_quit = lambda: quit_called.append(True)
+    r, w = os.pipe()
+    try:
+        os.write(w, b"ab\x01\x01c\x01xnot sent")
+        console._pump_loop(r, backend.feed, lambda: backend.input_pending, tty=True)
+    finally:
+        os.close(r)
+        os.close(w)
+        console.close()
+    assert quit_called == [True] and bytes(backend._pending) == b"ab\x01c"
