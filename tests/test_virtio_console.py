@@ -252,22 +252,23 @@ def test_firmware_finds_no_device_at_a_wrong_base(tmp_path):
 
 @pytest.mark.slow
 def test_linux_boot_log_through_hvc0(tmp_path):
+    """Linux's virtio_console driver as the kernel's only console (no UART at all). hvc registers its console
+    at console_initcall time and drops what it cannot write yet, so the log starts where the virtio-console
+    port appears (device_initcall, ~19 s into this emulated boot): the end of the boot, /init, the panic."""
     import subprocess
 
     subprocess.run(["make", "-s", "linux"], cwd=ROOT, check=True, timeout=3600)
     linux = ROOT / "build" / "linux"
-    # No UART at all: whatever reaches the console came through virtio-console.
     cfg = write_yaml(tmp_path, "name: hvc\nmemory: 256M\nvcpus: 1\n"
                      f"boot: {{kernel: '{linux / 'vmlinux-minimal'}', initrd: '{linux / 'initramfs-ud2.cpio'}', "
                      "cmdline: 'console=hvc0 panic=-1'}\n"
                      "devices: {serial: false, virtio-console: true}\n", "hvc.yaml")
     run = run_hvm("run", str(cfg), "--timeout", "240", "--stats", timeout=300)
-    assert "Linux version 6." in run.out, run.stderr[-3000:]
-    assert "Run /init as init process" in run.out
-    assert "Kernel panic - not syncing: Attempted to kill init!" in run.out
+    assert "Run /init as init process" in run.out, run.stderr[-3000:]
+    assert "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000004" in run.out
+    assert re.search(r"^\[ *[\d.]+\] ", run.out)          # the kernel's own log lines, timestamps and all
     assert run.status == 4
-    assert "0xd0000050" in run.stderr        # --stats: QueueNotify writes, the transmit path
-
+    assert re.search(r"^  virtio-console0 +\d+$", run.stderr, re.M), run.stderr   # --stats: by device
 
 def test_ctrl_a_x_and_input_through_the_console_pump(mem):
     """The console's input thread (Ctrl-A x, Ctrl-A Ctrl-A) works the same whatever device takes the input."""
