@@ -242,6 +242,25 @@ def test_firmware_echoes_input_from_a_file(tmp_path):
     assert out.read_bytes() == b"HELLO VIRTIO\nSECOND LINE\nbye\n"
 
 
+
+def test_pexpect_api_sends_and_expects_through_virtio_console(tmp_path):
+    """The console's pexpect API (what scripts use) over virtio-console: send() goes to the receive queue."""
+    from hvm import Machine, load_config
+    from hvm.console import Console
+
+    image = vcon_image(tmp_path, 1, mode=1)
+    spec = load_config(vcon_yaml(tmp_path, image, "{output: none, input: none}"))
+    with Machine(spec, console=Console("none", "none")) as vm:
+        vm.start()
+        try:
+            vm.console.send(b"pexpect works\n")
+            vm.console.expect_exact(b"PEXPECT WORKS\n", timeout=10)
+            vm.console.send(b"q")
+            vm.console.expect_exact(b"bye\n", timeout=10)
+        finally:
+            result = vm.wait(timeout=15)
+    assert result is not None and (result.reason, result.status) == ("debug-exit", 1)
+
 def test_firmware_finds_no_device_at_a_wrong_base(tmp_path):
     image = vcon_image(tmp_path, 1, base=0xD000_1000)
     run = run_hvm("run", vcon_yaml(tmp_path, image, "none"))
