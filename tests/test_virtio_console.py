@@ -308,3 +308,21 @@ def test_ctrl_a_x_and_input_through_the_console_pump(mem):
         os.close(w)
         console.close()
     assert quit_called == [True] and bytes(backend._pending) == b"ab\x01c"
+
+
+def test_hvm_qemu_spelling():
+    from hvm.qemu_shim import ShimError, translate
+
+    args = translate(["-chardev", "stdio,id=con0", "-device", "virtio-serial-device", "-device",
+                      "virtconsole,chardev=con0,id=c0"])
+    assert args[args.index("--serial") + 1] == "stdio" and args[-2:] == ["--device", "virtio-console"]
+    args = translate(["-device", "virtio-serial-device", "-device", "virtconsole"])
+    assert args[args.index("--serial") + 1] == "none" and args[-2:] == ["--device", "virtio-console"]
+    for argv, message in (
+            (["-device", "virtconsole"], "-device virtconsole: no virtio-serial bus"),
+            (["-device", "virtio-serial-device", "-device", "virtconsole,chardev=nope"],
+             "-device virtconsole: chardev 'nope' not found"),
+            (["-device", "virtio-serial-device", "-device", "virtconsole,bogus=1"],
+             "-device virtconsole: bogus: property not supported by hvm")):
+        with pytest.raises(ShimError, match=message):
+            translate(argv)
