@@ -125,8 +125,9 @@ def create_devices(m: "Machine", irq_setter: Callable[[int, int], None] | None) 
     """Every registry device of the spec, in order, through its type's create()."""
     slots = {id(d): slot for d, slot in virtio_slots(m.spec)}
 
-    def set_console_input(feed: Callable[[bytes], None], pending: Callable[[], int]) -> None:
-        m.console_input = (feed, pending)
+    def set_console_input(feed: Callable[[bytes], None], pending: Callable[[], int],
+                          release: Callable[[], None] | None = None) -> None:
+        m.console_input = (feed, pending, release)
 
     def ioevent(addr: int, length: int, datamatch: int | None, callback: Callable[[], None]) -> bool:
         if m.vm is None:

@@ -154,10 +154,10 @@ class Machine:
         self.uart: SerialUart | None = None
         self.acpi_pm: AcpiPm | None = None   # machine: pc only (its power button is system_powerdown's)
         # Registry devices (hvm/builder.py) by instance name, what they asked to run at close (LIFO), and
-        # the device that takes the console's input instead of the UART (virtio-console): (feed, pending).
+        # the device that takes the console's input instead of the UART (virtio-console): (feed, pending, release).
         self.devices: dict[str, object] = {}
         self.device_closers: list[Callable[[], None]] = []
-        self.console_input: tuple[Callable[[bytes], None], Callable[[], int]] | None = None
+        self.console_input: tuple[Callable[[bytes], None], Callable[[], int], Callable[[], None] | None] | None = None
         self.ioevents = None      # hvm.ioevents.IoEvents, made when a device asks for its first ioeventfd
         self.boot_state: BootState | None = None
         self.host = detect_host() if adapt_to_host else HostProfile("as-is", False)
@@ -217,13 +217,8 @@ class Machine:
     def _attach_console(self) -> None:
         """The console's pexpect side (hvm/console.py): send() feeds the UART (blocking while its input queue
         is full, let go when the VM stops); EOF once the VM ended and no vCPU can write any more."""
-        uart = self.uart
-        if self.console_input is not None:     # a virtio-console takes the input (as QEMU's console=hvc0)
-            feed, pending = self.console_input
-            self.console.attach(feed, pending, self._ended_status)
-            return
-        self.console.attach(uart.feed if uart is not None else None,
-                            (lambda: uart.input_pending) if uart is not None else None, self._ended_status)
+        target = self._input_target()     # a virtio-console takes the input, as QEMU's console=hvc0
+        self.console.attach(target[0] if target else None, target[1] if target else None, self._ended_status)
 
     def _ended_status(self) -> int | None:
         """The exit status once the VM ended and its vCPU threads are gone (all output written), else None."""
@@ -329,11 +324,20 @@ class Machine:
         # Host input last, from the console's own thread: it reads only as far ahead of the guest as the
         # UART's pending input allows, and a feed may block (the UART's input queue is bounded) until the
         # guest reads; the watchdog and the vCPUs already run then, and a stop lets a blocked feed go.
-        if self.uart is not None:
+        target = self._input_target()
+        if target is not None:
             self.console.on_quit = lambda: self._finish(EXIT_OK, "stopped", "quit from the console (Ctrl-A x)",
                                                         cause="host-ui")
-            uart = self.uart
-            self.console.start_input(uart.feed, pending=lambda: uart.input_pending)
+            self.console.start_input(target[0], pending=target[1])
+
+    def _input_target(self) -> tuple[Callable[[bytes], None], Callable[[], int]] | None:
+        """Where console input goes: a device that asked for it (virtio-console), else the UART."""
+        if self.console_input is not None:
+            return self.console_input[0], self.console_input[1]
+        uart = self.uart
+        if uart is not None:
+            return uart.feed, lambda: uart.input_pending
+        return None
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """Wait until the VM ends (or `timeout` seconds pass: then None). Joins the vCPU threads."""
@@ -650,6 +654,8 @@ class Machine:
         # and console output stuck on a sink that takes nothing (a pipe nobody reads) is dropped.
         if self.uart is not None:
             self.uart.close()
+        if self.console_input is not None and self.console_input[2] is not None:
+            self.console_input[2]()       # the input device lets a blocked feed go, as the UART's close()
         self.console.abandon_stalled_output()
         for t in self.threads:
             if t is not threading.current_thread():

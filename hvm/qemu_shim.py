@@ -62,9 +62,7 @@ def translate(argv: list[str]) -> list[str]:
         elif a == "-device":
             v = value()
             name = v.split(",")[0]
-            if name == "isa-debug-exit" or registry.lookup(name) is not None:
-                out += ["--device", v]     # the device registry: QEMU's names are its aliases
-            elif name == "pci-testdev":
+            if name == "pci-testdev":
                 pass  # not emulated: guests find no PCI device and skip what needs it
             elif name in ("virtio-serial-device", "virtio-serial"):
                 serial_bus = True   # the bus a virtconsole sits on: hvm's virtio-console is both
@@ -81,6 +79,8 @@ def translate(argv: list[str]) -> list[str]:
                     elif key not in ("id", "name", "nr"):
                         raise ShimError(f"-device virtconsole: {key}: property not supported by hvm")
                 out += ["--device", "virtio-console"]
+            elif name == "isa-debug-exit" or registry.lookup(name) is not None:
+                out += ["--device", v]     # the device registry: QEMU's names are its aliases
             else:
                 raise ShimError(f"-device {name}: not a device hvm has")
         elif a in ("-machine", "-M"):

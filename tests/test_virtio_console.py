@@ -35,7 +35,7 @@ def make(memory: GuestMemory):
               console_input=None)
     ctx.irq_line = lambda n: ctx.lines.setdefault(n, IrqLine(n))
     ctx.on_close = ctx.closers.append
-    ctx.set_console_input = lambda feed, pending: setattr(ctx, "console_input", (feed, pending))
+    ctx.set_console_input = lambda feed, pending, release=None: setattr(ctx, "console_input", (feed, pending))
     transport = vcon.create(ctx, {})
     return ctx, transport, transport.backend, out
 

@@ -120,7 +120,9 @@ class DeviceContext:
     slot: VirtioSlot | None
     irq_line: Callable[[int], "IrqLine"]
     on_close: Callable[[Callable[[], None]], None]
-    set_console_input: Callable[[Callable[[bytes], None], Callable[[], int]], None]
+    # set_console_input(feed, pending, release=None): this device takes the console's input instead of the
+    # UART; release() lets a feed blocked on a full queue go when the VM stops.
+    set_console_input: Callable[..., None]
     irq_setter: Callable[[int, int], None] | None = None   # the irqchip's line setter (None without one)
     # ioevent(addr, length, datamatch, callback) -> bool: a guest write there runs callback on hvm's ioevent
     # thread without an exit to hvm (KVM_IOEVENTFD, hvm/ioevents.py); False where that is not available.

@@ -231,19 +231,16 @@ class _NoLock:
 _NO_LOCK = _NoLock()
 
 
+from hvm.mmio.registry import DeviceType  # noqa: E402
+
+
 def create(ctx, props: dict):
     """DeviceType.create: the backend, its virtio-mmio transport in ctx.slot, and the console's input."""
     backend = VirtioConsole(ctx.console.write, name=ctx.name)
     transport = attach(ctx, backend)
-    ctx.set_console_input(backend.feed, lambda: backend.input_pending)
+    ctx.set_console_input(backend.feed, lambda: backend.input_pending, backend.close)
     return transport      # attach() runs backend.close() when the Machine closes
 
 
-try:   # the device registry (hvm/mmio/registry.py) lands separately: without it, no DEVICE
-    from hvm.mmio.registry import DeviceType
-except ImportError:  # pragma: no cover
-    DeviceType = None
-
-if DeviceType is not None:
-    DEVICE = DeviceType(name="virtio-console", aliases=("virtconsole",), virtio=True, create=create,
-                        help="virtio-console (console=hvc0): the console's output and input, one port")
+DEVICE = DeviceType(name="virtio-console", aliases=("virtconsole",), virtio=True, create=create, uses_console=True,
+                    help="virtio-console (console=hvc0): the console's output and input, one port")
