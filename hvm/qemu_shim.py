@@ -8,12 +8,15 @@ import os
 import sys
 
 from hvm.cli import main as hvm_main
+from hvm.mmio import registry
 
 VERSION = "QEMU emulator version 7.2.0 (hvm-qemu: hvm's QEMU command-line shim)"
 DEVICES_HELP = """Misc devices:
 name "isa-debug-exit", bus ISA
 name "pc-testdev", bus ISA
 name "pci-testdev", bus PCI
+name "virtio-serial-device", bus virtio-bus
+name "virtconsole", bus virtio-serial-bus
 """
 IGNORED_WITH_VALUE = {"-vnc", "-display", "-global", "-name", "-boot", "-chardev", "-mon", "-monitor", "-accel"}
 IGNORED_FLAGS = {"-nodefaults", "-no-reboot", "--no-reboot", "-nographic", "-enable-kvm", "-no-shutdown", "-S"}
@@ -28,6 +31,9 @@ def translate(argv: list[str]) -> list[str]:
     # Quiet like QEMU: upstream's runner takes anything on stderr as a sign that QEMU failed.
     out = ["run", "--quiet", "--machine", "pc", "--serial", "none"]
     i = 0
+    chardevs: dict[str, str] = {}          # -chardev id -> backend (stdio, null, ...)
+    console_chardev: list[str] = []        # virtconsole's chardev=, resolved once every -chardev is read
+    serial_bus = False
 
     def value() -> str:
         nonlocal i
@@ -56,10 +62,25 @@ def translate(argv: list[str]) -> list[str]:
         elif a == "-device":
             v = value()
             name = v.split(",")[0]
-            if name in ("pc-testdev", "isa-debug-exit"):
-                out += ["--device", v]
-            elif name == "pci-testdev":
+            if name == "pci-testdev":
                 pass  # not emulated: guests find no PCI device and skip what needs it
+            elif name in ("virtio-serial-device", "virtio-serial"):
+                serial_bus = True   # the bus a virtconsole sits on: hvm's virtio-console is both
+            elif name == "virtconsole":
+                if not serial_bus:
+                    raise ShimError("-device virtconsole: no virtio-serial bus (give -device virtio-serial-device "
+                                    "before it)")
+                if "--device" in out and "virtio-console" in out:
+                    raise ShimError("-device virtconsole: hvm's virtio-console has one port")
+                for opt in v.split(",")[1:]:
+                    key, _, val = opt.partition("=")
+                    if key == "chardev":
+                        console_chardev.append(val)
+                    elif key not in ("id", "name", "nr"):
+                        raise ShimError(f"-device virtconsole: {key}: property not supported by hvm")
+                out += ["--device", "virtio-console"]
+            elif name == "isa-debug-exit" or registry.lookup(name) is not None:
+                out += ["--device", v]     # the device registry: QEMU's names are its aliases
             else:
                 raise ShimError(f"-device {name}: not a device hvm has")
         elif a in ("-machine", "-M"):
@@ -79,6 +100,11 @@ def translate(argv: list[str]) -> list[str]:
             out.append("-S")     # frozen until a QMP `cont`
         elif a == "-cpu":
             value()  # hvm always gives the guest the host's supported CPUID
+        elif a == "-chardev":
+            backend, *opts = value().split(",")
+            for opt in opts:
+                if opt.startswith("id="):
+                    chardevs[opt[3:]] = backend
         elif a in IGNORED_WITH_VALUE:
             value()
         elif a in IGNORED_FLAGS:
@@ -86,6 +112,14 @@ def translate(argv: list[str]) -> list[str]:
         else:
             raise ShimError(f"{a}: option not supported by hvm-qemu")
         i += 1
+    for ident in console_chardev:
+        backend = chardevs.get(ident)
+        if backend is None:
+            raise ShimError(f"-device virtconsole: chardev {ident!r} not found (no -chardev ...,id={ident})")
+        if backend == "stdio":
+            out[out.index("--serial") + 1] = "stdio"   # the console's output (all console devices share it)
+        elif backend != "null":
+            raise ShimError(f"-chardev {backend}: hvm-qemu gives a virtconsole stdio or null only")
     return out
 
 
@@ -95,11 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         print(VERSION)
         if "version" not in argv[0]:
             print("usage: hvm-qemu [-kernel FILE] [-append ARGS] [-initrd FILE] [-smp N] [-m SIZE] "
-                  "[-device pc-testdev|isa-debug-exit,...] [-machine pit=off] [-serial stdio|none] "
+                  "[-device pc-testdev|isa-debug-exit,...] [-device virtio-serial-device -device virtconsole[,chardev=ID]] "
+                  "[-chardev stdio|null,id=ID] [-machine pit=off] [-serial stdio|none] "
                   "[-qmp unix:PATH,server=on,wait=off] [-S]")
         return 0
     if len(argv) == 2 and argv[0] == "-device" and argv[1] in ("?", "help"):
         print(DEVICES_HELP, end="")
+        for dt in registry.device_types().values():
+            for name in (*dt.aliases, dt.name):
+                if name not in DEVICES_HELP:
+                    print(f'name "{name}", bus {"virtio-bus" if dt.virtio else "ISA"}, desc "{dt.help}"')
         return 0
     if len(argv) == 2 and argv[0] in ("-machine", "-M") and argv[1] in ("?", "help"):
         print("Supported machines are:\npc                   Standard PC (hvm)")

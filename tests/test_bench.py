@@ -13,7 +13,7 @@ from conftest import ROOT
 
 EXPECTED_ROWS = (
     "exit.pio", "exit.pio_dev", "exit.mmio", "exit.hlt", "trace.jsonl",
-    "console.debugcon", "console.pvconsole",
+    "console.debugcon", "console.pvconsole", "console.virtio", "console.virtio_batch",
     "startup.mbtest", "startup.hello", "rss.mbtest", "rss.hello",
     "mem.overhead",
     "kut.cpuid", "kut.inl_from_pmtimer", "kut.mov_from_cr8", "kut.inl_from_qemu",

@@ -22,7 +22,7 @@ def test_ioctl_numbers_match_linux_headers(tmp_path):
              "KVM_GET_MSR_INDEX_LIST", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_GET_XSAVE", "KVM_SET_XSAVE",
              "KVM_GET_XSAVE2", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
              "KVM_GET_CLOCK", "KVM_SET_CLOCK", "KVM_SET_VCPU_EVENTS", "KVM_SET_MP_STATE", "KVM_GET_MSRS",
-             "KVM_GET_SREGS", "KVM_GET_FPU"]
+             "KVM_GET_SREGS", "KVM_GET_FPU", "KVM_IOEVENTFD"]
     src = tmp_path / "n.c"
     src.write_text("#include <stdio.h>\n#include <linux/kvm.h>\nint main(void){\n" + "".join(
         f'printf("%lu\\n", (unsigned long){n});\n' for n in names) + "return 0;}\n")

@@ -98,6 +98,15 @@ struct kvm_pit_config {
     unsigned int pad[15];
 };
 
+struct kvm_ioeventfd {
+    unsigned long long datamatch;
+    unsigned long long addr;
+    unsigned int len;
+    int fd;
+    unsigned int flags;
+    unsigned char pad[36];
+};
+
 struct kvm_irq_level {
     union {
         unsigned int irq;

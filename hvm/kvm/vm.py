@@ -105,6 +105,14 @@ class Vm:
         # A fresh struct per call: device threads (vCPUs, console input) may raise lines concurrently.
         ioctl_ptr(self.fd, ioctls.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
 
+    def ioeventfd(self, addr: int, length: int, fd: int, datamatch: int | None = None, pio: bool = False,
+                  deassign: bool = False) -> None:
+        """KVM_IOEVENTFD: a guest write of `length` bytes to `addr` (of `datamatch`, if given) signals the
+        eventfd `fd` inside the kernel instead of exiting to hvm; deassign=True takes it back."""
+        flags = ((1 << 0) if datamatch is not None else 0) | ((1 << 1) if pio else 0) | ((1 << 2) if deassign else 0)
+        ioctl_ptr(self.fd, ioctls.KVM_IOEVENTFD, ffi.new("struct kvm_ioeventfd *", {
+            "datamatch": datamatch or 0, "addr": addr, "len": length, "fd": fd, "flags": flags}))
+
     def create_vcpu(self, index: int) -> "Vcpu":
         from hvm.kvm.vcpu import Vcpu
 

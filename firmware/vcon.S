@@ -1,0 +1,241 @@
+/* vcon: a virtio-console driver in a page of firmware: the virtio 1.x virtio-mmio handshake, then the
+ * transmit queue (and, in echo mode, the receive queue), polling the used rings (interrupts suppressed
+ * with VRING_AVAIL_F_NO_INTERRUPT). The virtio twin of firmware/pvcon.S (docs/paravirt.md, the console
+ * rows of `make bench`, tests/test_virtio_console.py).
+ * Flat 32-bit protected mode (`boot: {mode: protected, load: 0x100000}`). Header at fixed offsets:
+ *   +4 iterations (u32)   +8 the device's MMIO base (u32, 0xd0000000 as built: the first virtio slot)
+ *   +12 mode (u32): 0 print the line `iterations` times, one buffer and one notify each;
+ *                   1 echo: receive console input, send it back upper-cased, until a 'q', then "bye\n";
+ *                   2 print the line `iterations` times, QSIZE (8) buffers per notify (virtio's batching).
+ * Exits: 35 MMIO accesses for the handshake (counted in the comments below), then in mode 0 one MMIO write
+ * (QueueNotify) per line, in mode 2 one per 8 lines, in mode 1 one per receive buffer posted and one per
+ * buffer sent; then the debug-exit write (port 0xf4) with
+ *   0 (status 1) done, 1 (status 3) no virtio-console v2 at the base, 2 (status 5) features or queue
+ *   size refused, 3 (status 7) a buffer the device did not complete. */
+#include "header.inc"
+        .set MAGIC, 0x74726976          /* "virt" */
+        .set R_MAGIC, 0x000
+        .set R_VERSION, 0x004
+        .set R_DEVICE_ID, 0x008
+        .set R_DEV_FEATURES, 0x010
+        .set R_DEV_FEATURES_SEL, 0x014
+        .set R_DRV_FEATURES, 0x020
+        .set R_DRV_FEATURES_SEL, 0x024
+        .set R_QUEUE_SEL, 0x030
+        .set R_QUEUE_NUM_MAX, 0x034
+        .set R_QUEUE_NUM, 0x038
+        .set R_QUEUE_READY, 0x044
+        .set R_QUEUE_NOTIFY, 0x050
+        .set R_STATUS, 0x070
+        .set R_QUEUE_DESC, 0x080        /* low; high at +4 */
+        .set R_QUEUE_DRIVER, 0x090
+        .set R_QUEUE_DEVICE, 0x0a0
+        .set S_ACK, 1
+        .set S_DRIVER, 2
+        .set S_DRIVER_OK, 4
+        .set S_FEATURES_OK, 8
+        .set QSIZE, 8
+        .set AVAIL, 0x100               /* a queue's memory: descriptors +0, avail ring +0x100, used +0x200 */
+        .set USED, 0x200
+        .set RXQ, 0x200000              /* queue 0, receiveq */
+        .set TXQ, 0x201000              /* queue 1, transmitq */
+        .set RXBUF, 0x202000
+        .set RXBUF_LEN, 256
+        .set TXBUF, 0x203000
+        .set POLL_LIMIT, 1000000        /* the device completes a transmit buffer within the notify exit */
+        .set DEBUG_EXIT, 0xf4
+        .set LINE_LEN, line_end - line
+        .set BYE_LEN, bye_end - bye
+        .code32
+        PATCHED_HEADER
+base:   .long 0xd0000000
+mode:   .long 0
+start:
+        cli
+        cld
+        mov $0x90000, %esp
+        mov base, %ebx
+        mov R_MAGIC(%ebx), %eax                 /* probe: 3 reads */
+        cmp $MAGIC, %eax
+        jne no_device
+        mov R_VERSION(%ebx), %eax
+        cmp $2, %eax
+        jne no_device
+        mov R_DEVICE_ID(%ebx), %eax
+        cmp $3, %eax
+        jne no_device
+        movl $0, R_STATUS(%ebx)                 /* reset, ACKNOWLEDGE, DRIVER: 3 writes */
+        movl $S_ACK, R_STATUS(%ebx)
+        movl $S_ACK | S_DRIVER, R_STATUS(%ebx)
+        movl $1, R_DEV_FEATURES_SEL(%ebx)       /* VIRTIO_F_VERSION_1 (bit 32) offered: 2 accesses */
+        mov R_DEV_FEATURES(%ebx), %eax
+        test $1, %eax
+        jz refused
+        movl $0, R_DRV_FEATURES_SEL(%ebx)       /* accept only VERSION_1: 4 writes */
+        movl $0, R_DRV_FEATURES(%ebx)
+        movl $1, R_DRV_FEATURES_SEL(%ebx)
+        movl $1, R_DRV_FEATURES(%ebx)
+        movl $S_ACK | S_DRIVER | S_FEATURES_OK, R_STATUS(%ebx)  /* FEATURES_OK, read back: 2 accesses */
+        mov R_STATUS(%ebx), %eax
+        test $S_FEATURES_OK, %eax
+        jz refused
+        xor %edx, %edx                          /* two queues: 10 accesses each */
+        mov $RXQ, %edi
+        call setup_queue
+        mov $1, %edx
+        mov $TXQ, %edi
+        call setup_queue
+        movl $S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK, R_STATUS(%ebx)   /* 1 write: 35 in all */
+        mov mode, %eax
+        cmp $1, %eax
+        je echo
+        ja batch
+        mov iterations, %ebp
+        test %ebp, %ebp
+        jz done
+1:      mov $line, %eax
+        mov $LINE_LEN, %ecx
+        call send
+        dec %ebp
+        jnz 1b
+done:   xor %eax, %eax
+exit:   out %al, $DEBUG_EXIT
+        cli
+2:      hlt
+        jmp 2b
+no_device:
+        mov $1, %al
+        jmp exit
+refused:
+        mov $2, %al
+        jmp exit
+stuck:  mov $3, %al
+        jmp exit
+
+/* echo: one receive buffer at a time; what arrives goes back upper-cased through send. */
+echo:   xor %ebp, %ebp                          /* the receive queue's avail.idx */
+post:   movl $RXBUF, RXQ                        /* descriptor 0: RXBUF, device-writable */
+        movl $0, RXQ + 4
+        movl $RXBUF_LEN, RXQ + 8
+        movw $2, RXQ + 12                       /* VIRTQ_DESC_F_WRITE */
+        mov %ebp, %eax
+        and $QSIZE - 1, %eax
+        movw $0, RXQ + AVAIL + 4(,%eax,2)
+        inc %ebp
+        mov %bp, RXQ + AVAIL + 2
+        movl $0, R_QUEUE_NOTIFY(%ebx)           /* the device fills it now or when input comes */
+3:      cmp RXQ + USED + 2, %bp                 /* no bound: input takes what time it takes (hvm's timeout) */
+        jne 3b
+        lea -1(%ebp), %eax
+        and $QSIZE - 1, %eax
+        mov RXQ + USED + 8(,%eax,8), %ecx       /* used.ring[i].len */
+        cmp $RXBUF_LEN, %ecx
+        ja stuck
+        mov $RXBUF, %esi
+        mov $TXBUF, %edi
+        jecxz 6f
+4:      lodsb
+        cmp $'q', %al
+        je 7f
+        cmp $'a', %al
+        jb 5f
+        cmp $'z', %al
+        ja 5f
+        sub $0x20, %al
+5:      stosb
+        loop 4b
+6:      mov %edi, %ecx                          /* send what came, then post the buffer again */
+        sub $TXBUF, %ecx
+        jz post
+        mov $TXBUF, %eax
+        call send
+        jmp post
+7:      mov %edi, %ecx                          /* 'q': what came before it, then bye */
+        sub $TXBUF, %ecx
+        jz 8f
+        mov $TXBUF, %eax
+        call send
+8:      mov $bye, %eax
+        mov $BYE_LEN, %ecx
+        call send
+        jmp done
+
+/* batch: up to QSIZE descriptors of the line made available at once, one notify for all of them. */
+batch:  mov iterations, %ebp
+1:      test %ebp, %ebp
+        jz done
+        mov $QSIZE, %edx
+        cmp %edx, %ebp
+        jae 2f
+        mov %ebp, %edx                          /* edx = min(QSIZE, lines left) */
+2:      sub %edx, %ebp
+        movzwl TXQ + AVAIL + 2, %esi
+        xor %edi, %edi
+3:      mov %edi, %eax                          /* descriptor k: the line */
+        shl $4, %eax
+        movl $line, TXQ(%eax)
+        movl $0, TXQ + 4(%eax)
+        movl $LINE_LEN, TXQ + 8(%eax)
+        movw $0, TXQ + 12(%eax)
+        mov %esi, %ecx
+        and $QSIZE - 1, %ecx
+        mov %di, TXQ + AVAIL + 4(,%ecx,2)       /* avail.ring[idx % size] = k */
+        inc %esi
+        inc %edi
+        cmp %edx, %edi
+        jb 3b
+        mov %si, TXQ + AVAIL + 2                /* publish all of them */
+        movl $1, R_QUEUE_NOTIFY(%ebx)           /* one exit for the batch */
+        call wait_tx
+        jmp 1b
+
+/* send: the %ecx bytes at %eax as one transmit buffer (descriptor 0), one notify, then wait for the
+ * used ring. Clobbers eax, ecx, esi. */
+send:   mov %eax, TXQ
+        movl $0, TXQ + 4
+        mov %ecx, TXQ + 8
+        movw $0, TXQ + 12                       /* device-readable, no next */
+        movzwl TXQ + AVAIL + 2, %esi
+        mov %esi, %eax
+        and $QSIZE - 1, %eax
+        movw $0, TXQ + AVAIL + 4(,%eax,2)
+        inc %esi
+        mov %si, TXQ + AVAIL + 2                /* publish (x86 keeps the stores in order) */
+        movl $1, R_QUEUE_NOTIFY(%ebx)           /* the one exit per buffer */
+/* wait_tx: until the transmit queue's used.idx is %si (clobbers ecx). */
+wait_tx:
+        mov $POLL_LIMIT, %ecx
+1:      cmp TXQ + USED + 2, %si
+        je 2f
+        loop 1b
+        jmp stuck
+2:      ret
+
+/* setup_queue: queue %edx at %edi (zeroed here), QSIZE entries, interrupts suppressed. */
+setup_queue:
+        push %edi
+        xor %eax, %eax
+        mov $USED / 4 + 0x40, %ecx              /* descriptors, avail and used rings */
+        rep stosl
+        pop %edi
+        movw $1, AVAIL(%edi)                    /* VRING_AVAIL_F_NO_INTERRUPT: this driver polls */
+        mov %edx, R_QUEUE_SEL(%ebx)
+        mov R_QUEUE_NUM_MAX(%ebx), %eax
+        cmp $QSIZE, %eax
+        jb refused
+        movl $QSIZE, R_QUEUE_NUM(%ebx)
+        mov %edi, R_QUEUE_DESC(%ebx)
+        movl $0, R_QUEUE_DESC + 4(%ebx)
+        lea AVAIL(%edi), %eax
+        mov %eax, R_QUEUE_DRIVER(%ebx)
+        movl $0, R_QUEUE_DRIVER + 4(%ebx)
+        lea USED(%edi), %eax
+        mov %eax, R_QUEUE_DEVICE(%ebx)
+        movl $0, R_QUEUE_DEVICE + 4(%ebx)
+        movl $1, R_QUEUE_READY(%ebx)
+        ret
+
+line:   .ascii "one line, printed three ways\n"
+line_end:
+bye:    .ascii "bye\n"
+bye_end:
