@@ -1,32 +1,29 @@
 """Linux's own virtio_mmio and virtio_blk drivers against hvm's transport (slow: a Linux boot).
 
 The transport and queues are what is under test, so the disk behind them is a small in-test backend (a
-4 MiB in-memory image holding an MBR with one partition; the real virtio-blk device is its own module):
+4 MiB in-memory image holding an MBR with one partition; the real virtio-blk device is its own module),
+added to the built Machine by hand in a slot of its own, with its `virtio_mmio.device=` on the command line:
 "vda: vda1" can only be printed when the kernel probed the device (magic, version, features with
 VERSION_1/EVENT_IDX/INDIRECT_DESC, config space capacity), set up the queue, sent a read through the
-ring, got the interrupt and found the partition table in the bytes the device wrote. When the kernel has
-HW_RANDOM_VIRTIO, a virtio-rng (made by rng.create, as the registry would) must also be fed from.
-
-The devices are added to a Machine built from a VmSpec by hand (the registry's wiring lands separately):
-Linux finds them through `virtio_mmio.device=4K@ADDR:IRQ` on its command line."""
+ring, got the interrupt and found the partition table in the bytes the device wrote. A virtio-rng comes
+from the registry (`devices: {virtio-rng: true}`: slot, IRQ and command line from the builder): with
+HW_RANDOM_VIRTIO in the kernel it must be fed from, without it the kernel only acknowledges it."""
 from __future__ import annotations
 
 import struct
-from types import SimpleNamespace
-
 import pytest
 
 from conftest import ROOT
 from hvm.mmio.device import IrqLine
-from hvm.mmio.virtio import VirtioBackend, VirtioMmio, rng
+from hvm.mmio.virtio import VirtioBackend, VirtioMmio
 from hvm.mmio.virtio import constants as vc
 
 pytestmark = pytest.mark.slow
 LINUX = ROOT / "build" / "linux"
 BOOT_TIMEOUT = 600
 SECTORS = 8192
-BLK_BASE, BLK_IRQ = 0xD000_0000, 5
-RNG_BASE, RNG_IRQ = 0xD000_1000, 6
+BLK_BASE, BLK_IRQ = 0xD000_8000, 10     # away from the registry's slots (0xd0000000 + n * 4K, IRQ 5, 6, ...)
+RNG_BASE, RNG_IRQ = 0xD000_0000, 5      # the registry's first slot
 
 
 class TestDisk(VirtioBackend):
@@ -86,19 +83,15 @@ def test_linux_virtio_drivers_use_the_transport():
     image = bytearray(SECTORS * 512)
     image[446:462] = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + struct.pack("<II", 2048, 4096)   # one Linux partition
     image[510:512] = b"\x55\xaa"
-    cmdline = (f"console=ttyS0 panic=-1 virtio_mmio.device=4K@{BLK_BASE:#x}:{BLK_IRQ} "
-               f"virtio_mmio.device=4K@{RNG_BASE:#x}:{RNG_IRQ}")
-    spec = parse_spec({"memory": "256M", "timeout": BOOT_TIMEOUT, "boot": {
+    cmdline = f"console=ttyS0 panic=-1 virtio_mmio.device=4K@{BLK_BASE:#x}:{BLK_IRQ}"
+    spec = parse_spec({"memory": "256M", "timeout": BOOT_TIMEOUT, "devices": {"virtio-rng": True}, "boot": {
         "kernel": str(kernel), "initrd": [str(initrd)], "cmdline": cmdline}})
     with Machine(spec, console=Console("none", "none", open_now=False)) as vm:
         disk = TestDisk(bytes(image))
         blk = VirtioMmio(vm.memory, IrqLine(BLK_IRQ, vm.vm.set_irq_line), disk)
         vm.mmio.register(BLK_BASE, vc.MMIO_SIZE, blk)
-        closers = []
-        ctx = SimpleNamespace(name="virtio-rng0", index=0, memory=vm.memory, mmio=vm.mmio, on_close=closers.append,
-                              slot=SimpleNamespace(base=RNG_BASE, size=0x1000, irq=RNG_IRQ),
-                              irq_line=lambda irq: IrqLine(irq, vm.vm.set_irq_line))
-        entropy = rng.create(ctx, {})
+        entropy = vm.mmio.find(RNG_BASE).device
+        assert isinstance(entropy, VirtioMmio) and entropy.backend.device_id == vc.VIRTIO_ID_RNG
         vm.start()
         found = vm.wait_for_console(b"vda: vda1", timeout=BOOT_TIMEOUT)
         result = vm.wait(BOOT_TIMEOUT + 30)
@@ -113,9 +106,8 @@ def test_linux_virtio_drivers_use_the_transport():
     assert stats["errors"] == 0 and stats["notifications"] >= 1 and stats["interrupts"] >= 1
     assert blk.status == (vc.STATUS_ACKNOWLEDGE | vc.STATUS_DRIVER | vc.STATUS_FEATURES_OK | vc.STATUS_DRIVER_OK)
     assert blk.interrupt_status == 0 and not blk.irq.level     # every interrupt was acknowledged
-    assert f"virtio-mmio: Registering device virtio-mmio.1 at {RNG_BASE:#x}-{RNG_BASE + 0xfff:#x}, IRQ {RNG_IRQ}." \
-        in console
-    assert closers == [entropy.close]
+    assert f"virtio-mmio.0 at {BLK_BASE:#x}-{BLK_BASE + 0xfff:#x}, IRQ {BLK_IRQ}." in console
+    assert f"virtio-mmio.1 at {RNG_BASE:#x}-{RNG_BASE + 0xfff:#x}, IRQ {RNG_IRQ}." in console
     if with_rng:
         assert entropy.backend.bytes_served > 0 and entropy.errors == 0 and entropy.driver_ok
     else:
