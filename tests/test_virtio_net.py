@@ -442,3 +442,57 @@ def test_tap_without_rx_buffers_bounded_by_the_kernel_queue(netns, tap_rig):
     wait_for(lambda: rx.used_idx() == 8, what="8 frames")
     assert [rx.written(h)[12:72] for h in heads] == [frame(i) for i in range(8)]
     assert backend.rx_dropped == 0
+
+
+# --- flags: --netdev and hvm-qemu's -netdev/-device/-nic ---------------------------------------------
+def test_netdev_flag_becomes_virtio_net_entries():
+    from hvm.cli import build_parser, overrides_from_args
+
+    args = build_parser().parse_args(["run", "--kernel", "k", "--netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                                      "--netdev", "tap,ifname=tap1,mac=52:54:00:00:00:02"])
+    origins: dict = {}
+    assert overrides_from_args(args, origins)["devices"]["virtio-net"] == [
+        {"tap": "tap0"}, {"tap": "tap1", "mac": "52:54:00:00:00:02"}]
+    assert origins["devices.virtio-net"] == "--netdev"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("user,id=n0", "--netdev: 'user': hvm has tap networking only (tap,ifname=NAME[,mac=MAC])"),
+    ("tap,id=n0", "--netdev: tap needs ifname=NAME (an existing tap device: ip tuntap add NAME mode tap)"),
+    ("tap,ifname=t0,script=/etc/qemu-ifup", "--netdev: script=/etc/qemu-ifup: hvm runs no network scripts "
+                                            "(script=no; make and configure the tap beforehand)"),
+    ("tap,ifname=t0,vhost=on", "--netdev: 'vhost' is not an option of tap (ifname, mac, id, script=no, downscript=no)"),
+    ("tap,ifname", "--netdev: 'ifname' is not OPTION=VALUE"),
+])
+def test_netdev_flag_errors_are_one_line(spec, message):
+    from hvm.cli import build_parser, overrides_from_args
+    from hvm.config import ConfigError
+
+    args = build_parser().parse_args(["run", "--kernel", "k", "--netdev", spec])
+    with pytest.raises(ConfigError) as e:
+        overrides_from_args(args)
+    assert str(e.value) == message
+
+
+def test_qemu_shim_netdev_device_and_nic():
+    from hvm.qemu_shim import translate
+
+    args = translate(["-kernel", "k", "-nic", "tap,ifname=tap1,model=virtio-net-device",
+                      "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                      "-device", "virtio-net-device,netdev=n0,mac=52:54:00:00:00:01"])
+    assert args[args.index("--netdev"):] == ["--netdev", "tap,ifname=tap1", "--netdev",
+                                             "tap,ifname=tap0,script=no,downscript=no,mac=52:54:00:00:00:01"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-netdev", "tap,id=n0,ifname=t0"], "-netdev id=n0: no -device virtio-net-device,netdev=n0 uses it"),
+    (["-device", "virtio-net-device,netdev=n9"], "-device virtio-net-device: netdev=n9 names no -netdev id"),
+    (["-nic", "tap,ifname=t0"], "-nic model=None: hvm's NIC is virtio-net-device (model=virtio-net-device)"),
+    (["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0"], "-netdev user: hvm has tap networking only"),
+])
+def test_qemu_shim_net_errors(argv, message):
+    from hvm.qemu_shim import ShimError, translate
+
+    with pytest.raises(ShimError) as e:
+        translate(["-kernel", "k", *argv])
+    assert str(e.value) == message
