@@ -84,6 +84,8 @@ def _translate_net(argv: list[str]) -> tuple[list[str], list[str]]:
         if unknown:
             raise ShimError(f"-device virtio-net-device: {sorted(unknown)[0]}: not an option hvm has (netdev, mac)")
         nd = opts.get("netdev")
+        if nd is None:
+            raise ShimError("-device virtio-net-device: needs netdev=ID (of a -netdev tap,id=ID,ifname=NAME)")
         if nd not in netdevs:
             raise ShimError(f"-device virtio-net-device: netdev={nd} names no -netdev id")
         used.add(nd)
