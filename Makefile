@@ -12,7 +12,7 @@ FLAT32 := hello32 triple smp
 FLAT64 := hello64 probe
 FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf
 
-.PHONY: all firmware install run test test-fast bench clean
+.PHONY: all firmware install run test test-fast bench clean docs-devices
 
 all: firmware
 
@@ -79,6 +79,10 @@ test: install firmware bench-qemu
 
 test-fast: install firmware
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# docs/config.md's device table, from the device registry (hvm/mmio/registry.py)
+docs-devices: install
+	$(PYTHON) -c "from hvm.mmio import registry; registry.update_doc('docs/config.md')"
 
 clean:
 	rm -rf $(VENV) $(FWB) build *.egg-info hvm/kvm/_kvm_cffi*.so hvm/kvm/_kvm_cffi.c hvm/vcpu/_fastloop_cffi*.so hvm/vcpu/_fastloop_cffi.c $(STAMP)

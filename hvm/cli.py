@@ -51,8 +51,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--serial", help="serial console output: stdio, none or file:PATH")
     p.add_argument("--machine", choices=("pc", "none"), help="pc: irqchip, PIT, ACPI, fw_cfg; none: bare")
     p.add_argument("--device", action="append", default=[], metavar="NAME[,OPTS]",
-                   help="add a device: pc-testdev, isa-debug-exit[,iobase=0xf4,iosize=4], "
-                        "isa-debugcon[,iobase=0xe9], pvconsole[,iobase=0xe00]")
+                   help="add a device: isa-debug-exit[,iobase=0xf4,iosize=4], or any device of the registry "
+                        "by name with prop=value options (`--device help` lists them with their properties)")
     p.add_argument("--netdev", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
                    help="add a virtio-net NIC on the existing host tap device NAME (repeatable; QEMU's id=, "
                         "script=no, downscript=no accepted and ignored)")
@@ -167,44 +167,64 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-# --device NAME -> (devices key, {option: field}): QEMU's option names for the fields of the YAML mapping.
-DEVICE_FLAGS = {
-    "pc-testdev": ("testdev", {}),
-    "isa-debug-exit": ("debug_exit", {"iobase": "port", "iosize": "size"}),
-    "isa-debugcon": ("debugcon", {"iobase": "port"}),
-    "pvconsole": ("pvconsole", {"iobase": "port"}),
-}
-DEVICE_DEFAULTS = {"isa-debug-exit": {"iobase": "0xf4", "iosize": "4"}, "isa-debugcon": {"iobase": "0xe9"},
-                   "pvconsole": {"iobase": "0xe00"}}
+# isa-debug-exit is built in (it is the exit status, on by default); every other --device NAME comes from the
+# device registry (hvm/mmio/registry.py): its name or QEMU's alias, its properties or QEMU's option names.
+DEBUG_EXIT_FLAG = ("isa-debug-exit", {"iobase": "port", "iosize": "size"}, {"iobase": "0xf4", "iosize": "4"})
 
 
 def _device_overrides(devices: list[str], origins: dict[str, str]) -> dict:
-    """--device flags (QEMU's -device syntax for the devices hvm has) -> the YAML devices mapping; each field
-    set is recorded in `origins` with the flag and option it came from, for error messages."""
+    """--device flags (QEMU's -device syntax) -> the YAML devices mapping; each field set is recorded in
+    `origins` with the flag and option it came from, for error messages. A repeated --device of a type that
+    allows several instances adds one; of any other type, the last one wins (as a YAML key would)."""
+    from hvm.mmio import registry
+
     out: dict = {}
     for spec in devices:
         name, _, opts = spec.partition(",")
-        if name not in DEVICE_FLAGS:
-            raise ConfigError("command line", "--device", f"{name[:60]!r} is not a device hvm has "
-                              "(pc-testdev, isa-debug-exit, isa-debugcon, pvconsole)", flag="--device")
-        key, fields = DEVICE_FLAGS[name]
-        options = dict(DEVICE_DEFAULTS.get(name, {}))
+        options: dict[str, str] = {}
         for o in opts.split(","):
             if not o:
                 continue
             option, eq, value = o.partition("=")
-            if option not in fields or not eq:
-                allowed = ", ".join(f"{f}=N" for f in fields) or "none"
-                raise ConfigError("command line", "--device", f"{name}: {o[:60]!r} is not an option of "
-                                  f"{name} (options: {allowed})", flag="--device")
+            if not eq:
+                raise ConfigError("command line", "--device", f"{name[:60]}: {o[:60]!r} is not option=value",
+                                  flag="--device")
             options[option] = value
-        if not fields:
-            out[key] = True
-            origins[f"devices.{key}"] = f"--device {name}"
+        if name == DEBUG_EXIT_FLAG[0]:
+            fields = DEBUG_EXIT_FLAG[1]
+            for option in options:
+                if option not in fields:
+                    raise ConfigError("command line", "--device", f"{name}: {option[:60]!r} is not an option of "
+                                      f"{name} (options: iobase, iosize)", flag="--device")
+            merged = dict(DEBUG_EXIT_FLAG[2], **options)
+            out["debug_exit"] = {fields[o]: v for o, v in merged.items()}
+            for o in fields:
+                origins[f"devices.debug_exit.{fields[o]}"] = f"--device {name}: {o}"
             continue
-        out[key] = {fields[o]: v for o, v in options.items()}
-        for o in fields:
-            origins[f"devices.{key}.{fields[o]}"] = f"--device {name}: {o}"
+        dt = registry.lookup(name)
+        if dt is None:
+            raise ConfigError("command line", "--device", f"{name[:60]!r} is not a device hvm has "
+                              f"(isa-debug-exit, {registry.names_help()}; --device help lists them)", flag="--device")
+        props: dict = {}
+        spelled: dict[str, str] = {}
+        for option, value in options.items():
+            prop = dt.prop(option)
+            if prop is None:
+                allowed = ", ".join(p.name for p in dt.props) or "none"
+                raise ConfigError("command line", "--device", f"{name}: {option[:60]!r} is not an option of "
+                                  f"{name} (options: {allowed})", flag="--device")
+            props[prop.name] = _flag_path(value) if prop.kind == "path" else value
+            spelled[prop.name] = option
+        if dt.multiple:
+            entries = out.setdefault(dt.name, [])
+            path = f"devices.{dt.name}[{len(entries)}]"
+            entries.append(props)
+        else:
+            path = f"devices.{dt.name}"
+            out[dt.name] = props or True
+        origins[path] = f"--device {name}"
+        for p in props:
+            origins[f"{path}.{p}"] = f"--device {name}: {spelled[p]}"
     return out
 
 
@@ -264,9 +284,14 @@ def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None
     devices = _device_overrides(args.device, origins)
     nics = netdev_entries(getattr(args, "netdev", []) or [])
     if nics:
-        existing = devices.get("virtio-net")
-        devices["virtio-net"] = (existing if isinstance(existing, list) else []) + nics
-        origins["devices.virtio-net"] = "--netdev"
+        entries = devices.setdefault("virtio-net", [])    # after any --device virtio-net ones
+        for nic in nics:
+            path = f"devices.virtio-net[{len(entries)}]"
+            entries.append(nic)
+            origins[path] = "--netdev"
+            for prop, option in (("tap", "ifname"), ("mac", "mac")):
+                if prop in nic:
+                    origins[f"{path}.{prop}"] = f"--netdev: {option}"
     if args.serial is not None:
         devices["serial"] = {"output": args.serial}
         origins["devices.serial.output"] = "--serial"
@@ -281,6 +306,24 @@ def _flag_path(path: str) -> str:
     return path if "\0" in path else os.path.abspath(path)
 
 
+def _merge_device_lists(data: dict, over: dict, origins: dict[str, str]) -> dict:
+    """merge(), except that devices added by flags to a type with several instances (--drive, --netdev,
+    a repeated --device) come after the config's, as QEMU's -drive adds a disk; `origins` renumbered."""
+    devices_over = over.get("devices")
+    devices = data.get("devices")
+    if isinstance(devices_over, dict) and isinstance(devices, dict):
+        for key, value in list(devices_over.items()):
+            have = devices.get(key)
+            if isinstance(value, list) and isinstance(have, list):
+                devices_over = dict(devices_over, **{key: have + value})
+                shift = len(have)
+                for o in [o for o in origins if o.startswith(f"devices.{key}[")]:
+                    index, _, rest = o[len(f"devices.{key}["):].partition("]")
+                    origins[f"devices.{key}[{int(index) + shift}]{rest}"] = origins.pop(o)
+        over = dict(over, devices=devices_over)
+    return merge(data, over)
+
+
 def spec_from_args(args: argparse.Namespace):
     """The VmSpec for `hvm run`: the YAML file (if any), the flags over it; a ConfigError names the flag
     or the file and field that is wrong."""
@@ -293,7 +336,7 @@ def spec_from_args(args: argparse.Namespace):
         if args.kernel is None:
             raise ConfigError("command line", "", "give a config file or --kernel")
         data, source, base = {}, "command line", Path.cwd()
-    data = merge(data, over)
+    data = _merge_device_lists(data, over, origins)
     if args.kernel is not None:
         # --kernel replaces the whole boot section, resolved against the current directory as QEMU does.
         data["boot"] = {"kernel": _flag_path(args.kernel)}
@@ -366,6 +409,12 @@ def _restore_machine(args: argparse.Namespace, trace) -> tuple[Machine, tuple]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if "help" in args.device or "?" in args.device:     # QEMU's `-device help`
+        from hvm.mmio import registry
+
+        print("isa-debug-exit: QEMU's debug-exit port (built in, on by default): options iobase, iosize")
+        print(registry.describe())
+        return 0
     from hvm.snapshot import SnapshotError
 
     incoming = getattr(args, "incoming", None) is not None

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hvm.files import HostFileError, _describe, check_regular_input, expand_user
-from hvm.mmio.debugcon import DEBUGCON_PORT
-from hvm.mmio.pvconsole import PVCONSOLE_LEN, PVCONSOLE_PORT
+from hvm.mmio import registry
+from hvm.mmio.registry import REQUIRED, DeviceConfig
 from hvm.qmp.address import QmpAddress, QmpAddressError, parse_qmp_address
 
 DEFAULT_MEMORY = 128 << 20   # as QEMU
@@ -106,11 +106,12 @@ class VmSpec:
     machine: str = "none"           # "pc": irqchip, PIT, ACPI tables, PM timer, fw_cfg; "none": bare
     irqchip: bool = True
     pit: bool = True
-    testdev: bool = False           # QEMU's pc-testdev (ports 0xe0, 0x2000+), for kvm-unit-tests
     serial: SerialSpec | None = field(default_factory=SerialSpec)
     debug_exit: DebugExitSpec | None = field(default_factory=DebugExitSpec)
-    debugcon: int | None = None     # port of QEMU's isa-debugcon (one exit per byte), usually 0xe9
-    pvconsole: int | None = None    # port of hvm's paravirtual console (one exit per buffer), usually 0xe00
+    # Every other device, as declared in its own file (hvm/mmio/registry.py): debugcon, pvconsole, testdev,
+    # virtio-blk, ... in the order the machine creates them.
+    devices: tuple[DeviceConfig, ...] = ()
+    virtio_cmdline: bool = True     # add virtio_mmio.device=... to a Linux command line (else: ACPI only)
     source: str = "command line"
     script: tuple = ()              # hvm.script.Step: `script:` steps `hvm run` runs against the console
     qmp: QmpAddress | None = None   # a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md)
@@ -123,6 +124,13 @@ class VmSpec:
 
     def with_overrides(self, **changes: Any) -> "VmSpec":
         return replace(self, **changes)
+
+    def device(self, type_name: str) -> DeviceConfig | None:
+        """The first device of that type, or None."""
+        for d in self.devices:
+            if d.type == type_name:
+                return d
+        return None
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
@@ -297,13 +305,13 @@ def _kind(v: Any) -> str:
     return type(v).__name__
 
 
-TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices", "script", "qmp")
+TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices", "script", "qmp",
+            "virtio_cmdline")
 MACHINES = ("auto", "pc", "none")
 BOOT_KEYS = ("image", "load", "entry", "mode", "regs", "kernel", "initrd", "cmdline")
 GP_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
            "r15")
-DEVICE_KEYS = ("serial", "debug_exit", "testdev", "debugcon", "pvconsole")
-PORT_KEYS = ("port",)
+BUILTIN_DEVICE_KEYS = ("serial", "debug_exit")   # the rest come from the registry (device_keys())
 SERIAL_KEYS = ("output", "input", "port", "irq")
 DEBUG_EXIT_KEYS = ("port", "size")
 
@@ -541,7 +549,7 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if pit and not irqchip:
         raise top.error("pit", "the in-kernel PIT needs the in-kernel irqchip")
 
-    devices = top.sub(top.get("devices"), "devices", DEVICE_KEYS)
+    devices = top.sub(top.get("devices"), "devices", device_keys())
     serial: SerialSpec | None = SerialSpec()
     if "serial" in devices.data:
         raw = devices.get("serial")
@@ -572,12 +580,9 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
                 raise df.error("size", f"{size} is not 1, 2 or 4")
             debug_exit = DebugExitSpec(df.int("port", 0xF4, 0, 0xFFFF - size + 1), size)
 
-    testdev = devices.get("testdev", False)
-    if not isinstance(testdev, bool):
-        raise devices.error("testdev", f"expected true or false, got {_kind(testdev)}")
-
-    debugcon = _optional_port(devices, "debugcon", DEBUGCON_PORT, 1)
-    pvconsole = _optional_port(devices, "pvconsole", PVCONSOLE_PORT, PVCONSOLE_LEN)
+    device_list = _registry_devices(devices, base, irqchip)
+    _check_port_overlaps(devices, serial, debug_exit, device_list)
+    virtio_cmdline = _on_off(top, "virtio_cmdline", True)
 
     script: tuple = ()
     if top.has("script"):
@@ -602,21 +607,136 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
             raise top.error("qmp", str(e)) from None
 
     return VmSpec(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
-                  irqchip=irqchip, pit=pit, testdev=testdev, serial=serial, debug_exit=debug_exit,
-                  debugcon=debugcon, pvconsole=pvconsole, source=source, qmp=qmp, script=script)
+                  irqchip=irqchip, pit=pit, serial=serial, debug_exit=debug_exit, devices=device_list,
+                  virtio_cmdline=virtio_cmdline, source=source, qmp=qmp, script=script)
 
 
-def _optional_port(devices: _Fields, key: str, default: int, length: int) -> int | None:
-    """A device that is off unless asked for: `key: true`, or `key: {port: N}`; its port, or None."""
-    raw = devices.get(key, False)
-    if raw is False or raw is None:
-        return None
-    if raw is True:
-        return default
-    if not isinstance(raw, dict):
-        raise devices.error(key, f"expected true, false or {{port: N}}, got {_kind(raw)}")
-    sub = devices.sub(raw, f"devices.{key}", PORT_KEYS)
-    return sub.int("port", default, 0, 0x10000 - length)
+def parse_devices(mapping: Any, source: str = "Python", irqchip: bool = True,
+                  base: Path | None = None) -> tuple[DeviceConfig, ...]:
+    """Registry devices from a `devices:`-shaped mapping, with a config's checks: VmSpec(devices=...) in
+    code (`parse_devices({"debugcon": True, "virtio-blk": [{"file": "disk.img"}]})`) and a snapshot's
+    description. Relative paths are relative to `base` (default: the current directory)."""
+    fields = _Fields(source, mapping, "devices", tuple(registry.device_types()), {})
+    return _registry_devices(fields, Path.cwd() if base is None else base, irqchip)
+
+
+def device_keys() -> tuple[str, ...]:
+    """The keys of `devices:`: the serial port and debug-exit, then every registered device type."""
+    return BUILTIN_DEVICE_KEYS + tuple(registry.device_types())
+
+
+MAX_DEVICE_INSTANCES = 32        # of one type (virtio slots run out before that: registry.VIRTIO_IRQS)
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def _registry_devices(devices: _Fields, base: Path, irqchip: bool) -> tuple[DeviceConfig, ...]:
+    """`devices: {NAME: true | false | {props} | [{props}, ...]}` for every registered type, each
+    instance's properties validated from its type's declaration (hvm/mmio/registry.py)."""
+    out: list[DeviceConfig] = []
+    virtio = 0
+    for name, dt in registry.device_types().items():
+        raw = devices.get(name)
+        if raw is None or raw is False:
+            continue
+        if isinstance(raw, list):
+            if not dt.multiple:
+                raise devices.error(name, f"expected true, false or a mapping of properties, got a list "
+                                    f"({name} is a single device)")
+            if len(raw) > MAX_DEVICE_INSTANCES:
+                raise devices.error(name, f"{len(raw)} instances, at most {MAX_DEVICE_INSTANCES} allowed")
+            items = [(f"devices.{name}[{i}]", item) for i, item in enumerate(raw)]
+        elif raw is True or isinstance(raw, dict):
+            items = [(f"devices.{name}", raw)]
+        else:
+            shape = "true, a mapping of properties or a list of them" if dt.multiple else \
+                "true, false or a mapping of properties"
+            raise devices.error(name, f"expected {shape}, got {_kind(raw)}")
+        for index, (path, item) in enumerate(items):
+            if item is True:
+                item = {}
+            elif not isinstance(item, dict):
+                raise devices._error(path, f"expected a mapping of properties, got {_kind(item)}")
+            fields = devices.sub(item, path, tuple(p.name for p in dt.props))
+            props = {p.name: _prop_value(fields, p, base) for p in dt.props}
+            if dt.check is not None:
+                try:
+                    dt.check(props)
+                except ValueError as e:
+                    raise devices._error(path, str(e)) from None
+            if dt.virtio:
+                virtio += 1
+                if virtio > len(registry.VIRTIO_IRQS):
+                    raise devices._error(path, f"more than {len(registry.VIRTIO_IRQS)} virtio devices (hvm has "
+                                         f"that many virtio-mmio slots)")
+            if (dt.virtio or dt.requires_irqchip) and not irqchip:
+                raise devices._error(path, f"{name} raises interrupts: it needs the in-kernel irqchip "
+                                     "(irqchip: on, or machine: pc)")
+            instance = f"{name}{index}" if dt.multiple else name
+            out.append(DeviceConfig(name, tuple(props.items()), instance, index))
+    return tuple(out)
+
+
+def _prop_value(fields: _Fields, prop, base: Path) -> Any:
+    key = prop.name
+    if not fields.has(key):
+        if prop.default is REQUIRED:
+            raise fields.error(key, "missing (required)")
+        return prop.default
+    raw = fields.get(key)
+    kind = prop.kind
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if raw in ("on", "off", "true", "false", "yes", "no"):
+            return raw in ("on", "true", "yes")
+        raise fields.error(key, f"expected on or off, got {_kind(raw)}")
+    if kind == "int":
+        return fields.int(key, None, prop.lo, prop.hi)
+    if kind == "port":
+        return fields.int(key, None, 0, 0xFFFF)
+    if kind == "str":
+        value = fields.str(key)
+        if not value.isprintable() or len(value) > 256:
+            raise fields.error(key, f"{_show(value)} is not a printable string of at most 256 characters")
+        return value
+    if kind == "choice":
+        return fields.str(key, None, prop.choices)
+    if kind == "path":
+        return fields.path_(key, base)
+    if kind == "mac":
+        value = raw if isinstance(raw, str) else None
+        if value is None or not _MAC_RE.match(value):
+            raise fields.error(key, f"expected a MAC address like 52:54:00:12:34:56, got {_kind(raw)}")
+        if int(value[:2], 16) & 1:
+            raise fields.error(key, f"{value} is a multicast address (the first octet must be even)")
+        return value.lower()
+    if kind == "size":
+        try:
+            return parse_size(raw)
+        except ValueError as e:
+            raise fields.error(key, str(e)) from None
+    raise AssertionError(kind)
+
+
+def _check_port_overlaps(devices: _Fields, serial: SerialSpec | None, debug_exit: DebugExitSpec | None,
+                         device_list: tuple[DeviceConfig, ...]) -> None:
+    """Two devices on one I/O port would be refused by the bus when the VM is built: say so here, naming
+    both, before any KVM call."""
+    taken: list[tuple[int, int, str]] = []
+    if serial is not None:
+        taken.append((serial.port, 8, "serial"))
+    if debug_exit is not None:
+        taken.append((debug_exit.port, debug_exit.size, "debug_exit"))
+    for d in device_list:
+        dt = registry.lookup(d.type)
+        if dt is None or dt.ports is None:
+            continue
+        for base, length in dt.ports(d.values):
+            for other_base, other_len, other in taken:
+                if base < other_base + other_len and other_base < base + length:
+                    raise devices.error(d.type, f"ports {base:#x}..{base + length - 1:#x} overlap {other}'s "
+                                        f"({other_base:#x}..{other_base + other_len - 1:#x})")
+            taken.append((base, length, d.name))
 
 
 def _on_off(fields: _Fields, key: str, default: bool) -> bool:

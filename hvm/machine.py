@@ -10,35 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from hvm.boot import BootError, BootState, Module, is_multiboot, load_flat, load_multiboot
-from hvm.config import FlatBoot, KernelBoot, VmSpec
+from hvm.boot import BootError, BootState
+from hvm.config import FlatBoot, VmSpec
 from hvm.console import Console
 from hvm.host import detect as detect_host
-from hvm.host import HostProfile, hide_features
-from hvm.kvm import Kvm, KvmError, install_kick_handler
+from hvm.host import HostProfile
+from hvm.kvm import Kvm, KvmError
 from hvm.kvm import constants as kc
 from hvm.memory import GuestMemory
-from hvm.boot import bios
-from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
-from hvm.boot.bios import write_real_mode_ivt
-from hvm.boot.mptable import write_mp_table
-from hvm.mmio import DebugExit, IrqLine, MmioBus, PioBus, SerialUart
-from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, SCI_IRQ, AcpiPm
-from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
-from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
-from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
-from hvm.mmio.debugcon import DebugCon
-from hvm.mmio.pvconsole import PVCONSOLE_LEN, PvConsole
-from hvm.mmio.testdev import (TESTDEV_IRQ_LINES, TESTDEV_IRQ_PORT, TESTDEV_LEN, TESTDEV_PORT, PcTestDev,
-                              PcTestDevIrq)
-from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state, cpuid_for_vcpu
+from hvm.mmio import MmioBus, PioBus, SerialUart
+from hvm.mmio import registry
+from hvm.mmio.acpi_pm import AcpiPm
+from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state
 
 if TYPE_CHECKING:
     from hvm.snapshot.format import SnapshotFile
@@ -95,6 +83,7 @@ class ExitStats:
     other_mmio: int = 0
     completed: dict[str, int] = field(default_factory=dict)       # emulation failures hvm finished
     milestones: dict[str, float] = field(default_factory=dict)    # console line -> ms since start
+    device_counters: dict[str, dict[str, int]] = field(default_factory=dict)   # registry devices' stats()
 
     @property
     def total(self) -> int:
@@ -119,6 +108,9 @@ class ExitStats:
             lines.append("emulation failures completed by hvm:")
             for name, n in sorted(self.completed.items()):
                 lines.append(f"  {name:<16} {n:>10}")
+        for name, counters in self.device_counters.items():
+            shown = "  ".join(f"{k} {v}" for k, v in counters.items())
+            lines.append(f"device {name}: {shown}")
         if self.milestones:
             lines.append("boot milestones (ms since start):")
             for name, ms in self.milestones.items():
@@ -161,6 +153,11 @@ class Machine:
         self.mmio = MmioBus()
         self.uart: SerialUart | None = None
         self.acpi_pm: AcpiPm | None = None   # machine: pc only (its power button is system_powerdown's)
+        # Registry devices (hvm/builder.py) by instance name, what they asked to run at close (LIFO), and
+        # the device that takes the console's input instead of the UART (virtio-console): (feed, pending).
+        self.devices: dict[str, object] = {}
+        self.device_closers: list[Callable[[], None]] = []
+        self.console_input: tuple[Callable[[bytes], None], Callable[[], int]] | None = None
         self.boot_state: BootState | None = None
         self.host = detect_host() if adapt_to_host else HostProfile("as-is", False)
         self.is_linux = False
@@ -193,8 +190,8 @@ class Machine:
         if console is None:
             serial = spec.serial
             if serial is None:
-                # debugcon and pvconsole write to the console too: without a serial it is this terminal
-                other = spec.debugcon is not None or spec.pvconsole is not None
+                # debugcon, pvconsole, virtio-console write to the console too: without a serial it is this terminal
+                other = any(getattr(registry.lookup(d.type), "uses_console", False) for d in spec.devices)
                 console = Console("stdio" if other else "none", "none", open_now=False)
             else:
                 inp = serial.input
@@ -212,78 +209,18 @@ class Machine:
 
     # --- construction ------------------------------------------------------------------------------
     def _build(self) -> None:
-        spec = self.spec
-        install_kick_handler()
-        self.kvm = Kvm()
-        self.vm = vm = self.kvm.create_vm()
-        vm.set_identity_map_address()
-        vm.set_tss_address()
-        if spec.irqchip:
-            vm.create_irqchip()
-            if spec.pit:
-                vm.create_pit2()
-        snap = self._snapshot
-        if snap is None:
-            self.memory = mem = GuestMemory(spec.memory)
-        else:   # restore: RAM mapped copy-on-write from the snapshot, checked before anything runs
-            self.memory = mem = self._restore_memory(snap)
-        for slot, region in enumerate(mem.regions):
-            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
-        if spec.irqchip:
-            self._reset_vm_state = self._save_vm_state()
+        from hvm.builder import build_pc   # the assembly (Firecracker's builder.rs); this class runs the VM
 
-        if snap is not None:
-            self._restore_vm_state(snap)
-        else:
-            if self.spec.machine == "pc":
-                write_acpi_tables(mem, spec.vcpus, PM_BASE)
-                write_mp_table(mem, spec.vcpus)    # the same CPUs and interrupts for guests without ACPI
-            self.boot_state = self._load(mem)
-            log.info("%s", self.boot_state.description)
-
-        irq_setter = vm.set_irq_line if spec.irqchip else None
-        if spec.serial is not None:
-            self.uart = SerialUart(self.console.write, IrqLine(spec.serial.irq, irq_setter), name="com1")
-            self.pio.register(spec.serial.port, 8, self.uart)
-        if spec.debug_exit is not None:
-            self.pio.register(spec.debug_exit.port, spec.debug_exit.size, DebugExit(self._debug_exit))
-        if spec.machine == "pc":
-            if snap is None:
-                self._bios_state(mem)
-            self.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
-            self.acpi_pm = AcpiPm(self._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter))
-            self.pio.register(PM_BASE, PM_LEN, self.acpi_pm)
-            self.pio.register(RTC_PORT, RTC_LEN, Rtc())
-            kbc = I8042(self._cpu_reset)
-            self.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
-            self.pio.register(I8042_CMD_PORT, 1, kbc.port(I8042_CMD_PORT))
-        if spec.debugcon is not None:
-            self.pio.register(spec.debugcon, 1, DebugCon(self.console.write))
-        if spec.pvconsole is not None:
-            self.pio.register(spec.pvconsole, PVCONSOLE_LEN, PvConsole(mem, self.console.write))
-        if spec.testdev:
-            self.pio.register(TESTDEV_PORT, TESTDEV_LEN, PcTestDev())
-            self.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, PcTestDevIrq(irq_setter))
-
-        hidden = self.host.hidden_features + (self.host.smp_hidden_features if spec.vcpus > 1 else [])
-        supported = hide_features(self.kvm.supported_cpuid(), hidden)
-        for index in range(spec.vcpus):
-            vcpu = vm.create_vcpu(index)
-            self.vcpus.append(vcpu)
-            vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
-            self._reset_vcpu_states.append(self._save_vcpu_state(vcpu))
-            if index == 0 and snap is None:
-                apply_boot_state(vcpu, self.boot_state)
-            # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
-        if snap is not None:
-            self._restore_vcpus_and_devices(snap)
-        self.threads = [VcpuThread(v, self, complete_emulation=self.adapt_to_host, fast_loop=self.fast_loop)
-                        for v in self.vcpus]
+        build_pc(self)
 
     def _attach_console(self) -> None:
         """The console's pexpect side (hvm/console.py): send() feeds the UART (blocking while its input queue
         is full, let go when the VM stops); EOF once the VM ended and no vCPU can write any more."""
         uart = self.uart
+        if self.console_input is not None:     # a virtio-console takes the input (as QEMU's console=hvc0)
+            feed, pending = self.console_input
+            self.console.attach(feed, pending, self._ended_status)
+            return
         self.console.attach(uart.feed if uart is not None else None,
                             (lambda: uart.input_pending) if uart is not None else None, self._ended_status)
 
@@ -310,68 +247,6 @@ class Machine:
         bus = self.pio if reason == kc.EXIT_IO else self.mmio
         r = bus.find(where)
         return r.device.name if r else None
-
-    def _bios_state(self, mem: GuestMemory) -> None:
-        """Leave the machine as a PC BIOS would before jumping to a kernel (see hvm/boot/bios.py)."""
-        write_real_mode_ivt(mem)
-        if not self.spec.irqchip:
-            return
-        for chip, base, imr in ((0, bios.PIC_MASTER_BASE, bios.PIC_MASTER_IMR),
-                                (1, bios.PIC_SLAVE_BASE, bios.PIC_SLAVE_IMR)):
-            state = self.vm.get_pic(chip)
-            pic = state.chip.pic
-            pic.irq_base = base
-            pic.imr = imr
-            pic.init4 = 1
-            pic.init_state = 0
-            self.vm.set_pic(state)
-        if self.spec.pit:
-            pit = self.vm.get_pit2()
-            ch0 = pit.channels[0]
-            ch0.count = bios.PIT_BIOS_COUNT
-            ch0.mode = bios.PIT_MODE_RATE_GENERATOR
-            ch0.rw_mode = 3       # low byte then high byte
-            ch0.read_state = 3
-            ch0.write_state = 3
-            ch0.gate = 1
-            self.vm.set_pit2(pit)
-
-    def _load(self, mem: GuestMemory) -> BootState:
-        boot = self.spec.boot
-        if isinstance(boot, FlatBoot):
-            state = load_flat(mem, boot.image, boot.load, boot.entry, boot.mode)
-            state.regs.update(dict(boot.regs))
-            return state
-        assert isinstance(boot, KernelBoot)
-        head = _read_head(boot.kernel)
-        # The order QEMU's -kernel uses: a multiboot header wins, then a Linux setup header, then ELF.
-        if is_multiboot(head):
-            modules = tuple(Module(p) for p in boot.initrd)
-            return load_multiboot(mem, boot.kernel, boot.cmdline, modules)
-        from hvm.boot.linux import kernel_kind, load_linux  # not needed by flat images and multiboot kernels
-
-        kind = kernel_kind(head)
-        if kind == "elf" and not (len(head) > 4 and head[4] == 2):
-            raise BootError(f"{boot.kernel}: a 32-bit ELF file without a multiboot header (hvm boots multiboot "
-                            "ELF kernels and 64-bit vmlinux; use boot.image for a flat binary)")
-        if kind is None:
-            raise BootError(f"{boot.kernel}: not a kernel hvm can boot (no multiboot header, not ELF, "
-                            "not a bzImage)")
-        if len(boot.initrd) > 1:
-            raise BootError(f"{boot.kernel}: a Linux kernel takes one initrd, not {len(boot.initrd)}")
-        cmdline = boot.cmdline
-        missing = []
-        if self.host.linux_cmdline:
-            missing = [o for o in self.host.linux_cmdline if o.split("=")[0] + "=" not in cmdline
-                       and o not in cmdline.split()]
-            if missing:
-                cmdline = (cmdline + " " + " ".join(missing)).strip()
-        self.is_linux = True
-        state = load_linux(mem, boot.kernel, cmdline, boot.initrd[0] if boot.initrd else None,
-                           acpi_rsdp=ACPI_BASE if self.spec.machine == "pc" else 0)
-        if missing:   # said once the kernel loaded: a refused kernel gets its one line and nothing else
-            log.warning("%s host: added to the kernel command line: %s", self.host.backend, " ".join(missing))
-        return state
 
     # --- lifecycle -------------------------------------------------------------------------------
     # QMP RunState -> the coarse state older callers read (Machine.state).
@@ -533,7 +408,15 @@ class Machine:
                         raise TimeoutError(f"vCPUs did not pause within {timeout:g} s; the VM runs on")
                     self._pause_cond.wait(min(left, 0.05))
             self.run_state = "paused"
+            self._devices_call("pause")    # no device thread writes guest memory while paused (snapshots)
         return True
+
+    def _devices_call(self, method: str) -> None:
+        """pause() / resume() of every registry device that has one (devices with threads of their own)."""
+        for device in self.devices.values():
+            fn = getattr(device, method, None)
+            if callable(fn):
+                fn()
 
     def resume(self) -> None:
         """Run a paused (or postmigrate) VM on; a running VM is left as it is."""
@@ -548,6 +431,8 @@ class Machine:
             frozen_at_start = self.run_state in ("prelaunch", "inmigrate") and self._launched   # -S
             if not (self.run_state in ("paused", "postmigrate") or frozen_at_start) or self._done.is_set():
                 raise RuntimeError(f"cannot resume a VM that is {self._describe_state()}")
+            if not frozen_at_start:
+                self._devices_call("resume")
             with self._pause_cond:
                 self._paused = False
                 self._pause_cond.notify_all()
@@ -786,6 +671,11 @@ class Machine:
         if self.result is not None or self.state == "stopped" or self.memory is None:
             reason = self.result.reason if self.result is not None else "closed"
             raise SnapshotError(f"{path}: the VM has ended ({reason}): there is nothing to save")
+        for d in self.spec.devices:
+            dt = registry.lookup(d.type)
+            if dt is not None and not dt.snapshot:
+                raise SnapshotError(f"{path}: the VM has a {d.type} device ({d.name}): hvm cannot save a VM that "
+                                    "holds host files or devices (disk images, taps) yet")
         was_running = self.state == "running"
         if was_running:
             try:
@@ -906,6 +796,7 @@ class Machine:
             self._system_reset_locked()
 
     def _system_reset_locked(self) -> None:
+        from hvm.builder import bios_state, load_boot, write_tables
         from hvm.snapshot import kvmstate
 
         if self.result is not None or self.state == "stopped" or self.memory is None:
@@ -923,15 +814,13 @@ class Machine:
         try:
             mem = self.memory
             mem.reset_to_zero()
-            if self.spec.machine == "pc":
-                write_acpi_tables(mem, self.spec.vcpus, PM_BASE)
-                write_mp_table(mem, self.spec.vcpus)
-            self.boot_state = self._load(mem)
+            write_tables(self, mem)
+            self.boot_state = load_boot(self, mem)
             if self._reset_vm_state is not None:
                 kvmstate.restore_vm(self.vm, self._reset_vm_state, self.spec.irqchip,
                                     self.spec.irqchip and self.spec.pit)
             if self.spec.machine == "pc":
-                self._bios_state(mem)
+                bios_state(self, mem)
             xsave_size = self.vm.xsave_size()
             for vcpu, state in zip(self.vcpus, self._reset_vcpu_states):
                 kvmstate.restore_vcpu(vcpu, state, xsave_size, self.spec.irqchip)
@@ -966,8 +855,14 @@ class Machine:
             t = self.console.time_of(text.encode())
             if t is not None and self._started_at:
                 milestones[text] = (t - self._started_at) * 1000
+        counters = {}
+        for name, device in self.devices.items():
+            fn = getattr(device, "stats", None)
+            if callable(fn):
+                counters[name] = dict(fn())
         return ExitStats(by_reason, dict(self.pio.counts), by_device, dict(self.mmio.counts),
-                         dict(self.pio.unhandled), dict(self.mmio.unhandled), self.mmio.other, completed, milestones)
+                         dict(self.pio.unhandled), dict(self.mmio.unhandled), self.mmio.other, completed, milestones,
+                         counters)
 
     # --- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -989,6 +884,10 @@ class Machine:
             step("stopping the vCPUs", self._stop_for_close)
         step("the watchdog", self._cancel_watchdog)
         step("the halt watch", self._join_halt_watch)
+        # Device threads and fds (a NIC's reader, a disk image) go before guest memory is unmapped.
+        closers, self.device_closers = self.device_closers, []
+        for fn in reversed(closers):
+            step(f"device {getattr(fn, '__qualname__', fn)}", fn)
         # A snapshot or system reset on another thread (QMP migrate, a script) reads and writes guest memory
         # and the vCPU/VM fds until it returns: wait for it (the VM has ended, so it ends soon) before
         # unmapping anything; if it does not, leave the VM objects as for a vCPU that did not stop.
@@ -1086,23 +985,6 @@ def _devices(machine: Machine):
     from hvm.snapshot import devices_of
 
     return devices_of(machine)
-
-
-def _read_head(path: Path, n: int = 16384) -> bytes:
-    """The first `n` bytes of a kernel. The config checked it is a regular file; O_NONBLOCK and the fstat
-    keep a path swapped for a FIFO since then from hanging the open or the read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        raise BootError(f"{path}: {e.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BootError(f"{path}: not a regular file")
-        return os.pread(fd, n, 0)
-    except OSError as e:
-        raise BootError(f"{path}: {e.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 __all__ = ["EXIT_CONFIG", "EXIT_CRASH", "EXIT_HOST", "EXIT_OK", "EXIT_TIMEOUT", "ExitStats", "Machine",

@@ -8,6 +8,7 @@ import os
 import sys
 
 from hvm.cli import main as hvm_main
+from hvm.mmio import registry
 
 VERSION = "QEMU emulator version 7.2.0 (hvm-qemu: hvm's QEMU command-line shim)"
 DEVICES_HELP = """Misc devices:
@@ -130,8 +131,8 @@ def translate(argv: list[str]) -> list[str]:
         elif a == "-device":
             v = value()
             name = v.split(",")[0]
-            if name in ("pc-testdev", "isa-debug-exit"):
-                out += ["--device", v]
+            if name == "isa-debug-exit" or registry.lookup(name) is not None:
+                out += ["--device", v]     # the device registry: QEMU's names are its aliases
             elif name == "pci-testdev":
                 pass  # not emulated: guests find no PCI device and skip what needs it
             else:
@@ -174,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(argv) == 2 and argv[0] == "-device" and argv[1] in ("?", "help"):
         print(DEVICES_HELP, end="")
+        for dt in registry.device_types().values():
+            for name in (*dt.aliases, dt.name):
+                if name not in DEVICES_HELP:
+                    print(f'name "{name}", bus {"virtio-bus" if dt.virtio else "ISA"}, desc "{dt.help}"')
         return 0
     if len(argv) == 2 and argv[0] in ("-machine", "-M") and argv[1] in ("?", "help"):
         print("Supported machines are:\npc                   Standard PC (hvm)")

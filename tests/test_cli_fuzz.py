@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from conftest import CONFIGS, FIRMWARE
 from hvm.cli import UsageError, build_parser, spec_from_args
-from hvm.config import (BOOT_KEYS, DEBUG_EXIT_KEYS, DEVICE_KEYS, GP_REGS, SERIAL_KEYS, TOP_KEYS, ConfigError, VmSpec,
+from hvm.mmio import registry
+from hvm.config import (BOOT_KEYS, DEBUG_EXIT_KEYS, device_keys, GP_REGS, SERIAL_KEYS, TOP_KEYS, ConfigError, VmSpec,
                         load_yaml, parse_spec, parse_yaml)
 
 pytestmark = pytest.mark.fuzz
@@ -42,7 +43,7 @@ scalars = st.one_of(
 )
 values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4),
-    st.dictionaries(st.one_of(st.text(max_size=10), st.sampled_from(TOP_KEYS + BOOT_KEYS + DEVICE_KEYS + SERIAL_KEYS
+    st.dictionaries(st.one_of(st.text(max_size=10), st.sampled_from(TOP_KEYS + BOOT_KEYS + device_keys() + SERIAL_KEYS
                                                                     + GP_REGS)), inner, max_size=4)), max_leaves=20)
 
 
@@ -61,10 +62,17 @@ boots = st.one_of(
     mapping_of(BOOT_KEYS, values),
 )
 serials = st.one_of(values, mapping_of(SERIAL_KEYS, st.one_of(values, st.sampled_from(INTERESTING_STRINGS))))
+
+# Every device of the registry, from its declaration: a new device is fuzzed without editing this file.
+def _registry_device(dt) -> st.SearchStrategy:
+    names = tuple(p.name for p in dt.props) or ("x",)
+    one = st.one_of(values, mapping_of(names, values))
+    return st.one_of(one, st.lists(mapping_of(names, values), max_size=3)) if dt.multiple else one
+
+
 devices = st.one_of(values, st.fixed_dictionaries({}, optional={
     "serial": serials, "debug_exit": st.one_of(values, mapping_of(DEBUG_EXIT_KEYS, values)),
-    "testdev": values, "debugcon": st.one_of(values, mapping_of(("port",), values)),
-    "pvconsole": st.one_of(values, mapping_of(("port",), values))}))
+    **{name: _registry_device(dt) for name, dt in registry.device_types().items()}}))
 configs = st.fixed_dictionaries({"boot": boots}, optional={
     "name": values, "memory": values, "vcpus": values, "timeout": values, "machine": values,
     "irqchip": values, "pit": values, "devices": devices, "junk": values})
@@ -194,7 +202,8 @@ FLAG_VALUES = st.one_of(
     st.sampled_from(INTERESTING_STRINGS), st.text(max_size=20).filter(lambda s: "\x00" not in s),
     st.integers(-5, 100).map(str), st.floats().map(repr),
     st.builds(lambda dev, opts: dev + "".join("," + o for o in opts),
-              st.sampled_from(["pc-testdev", "isa-debug-exit", "isa-debugcon", "pvconsole", "nic", ""]),
+              st.sampled_from(["pc-testdev", "isa-debug-exit", "isa-debugcon", "pvconsole", "nic", "",
+                               *registry.device_types()]),
               st.lists(st.sampled_from(["iobase=0xf4", "iosize=2", "iosize=3", "iobase=0x10000", "iobase=-1",
                                         "iobase=x", "iobase", "foo=1", ""]), max_size=3)),
 )

@@ -275,10 +275,12 @@ def test_flag_errors_name_the_flag_not_the_file(hvm):
     (["--machine", "pc", "--no-pit", "--vcpus", "65"], "hvm: --vcpus: 65 is out of range (1..64)"),
     (["--device", "isa-debug-exit,iosize=3"], "hvm: --device isa-debug-exit: iosize: 3 is not 1, 2 or 4"),
     (["--device", "pvconsole,iobase=0x10000"], "hvm: --device pvconsole: iobase: 65536 is out of range (0..65532)"),
-    (["--device", "isa-debugcon,port=1"], "hvm: --device: isa-debugcon: 'port=1' is not an option of isa-debugcon "
-                                          "(options: iobase=N)"),
-    (["--device", "nic"], "hvm: --device: 'nic' is not a device hvm has (pc-testdev, isa-debug-exit, isa-debugcon, "
-                          "pvconsole)"),
+    (["--device", "isa-debugcon,size=1"], "hvm: --device: isa-debugcon: 'size' is not an option of isa-debugcon "
+                                          "(options: port)"),
+    (["--device", "isa-debugcon,iobase"], "hvm: --device: isa-debugcon: 'iobase' is not option=value"),
+    (["--device", "pc-testdev,x=1"], "hvm: --device: pc-testdev: 'x' is not an option of pc-testdev (options: none)"),
+    (["--device", "nic"], "hvm: --device: 'nic' is not a device hvm has (isa-debug-exit, debugcon, pvconsole, "
+                          "testdev; --device help lists them)"),
     (["--append", "x"], "hvm: --append: only applies to boot.kernel"),
     (["--initrd", "/nonexistent"], "hvm: --initrd: only applies to boot.kernel"),
     (["--vcpus", "x"], "hvm run: argument --vcpus/--smp: invalid int value: 'x' (see `hvm run --help`)"),

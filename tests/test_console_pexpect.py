@@ -17,7 +17,7 @@ from pexpect.spawnbase import SpawnBase
 from conftest import FIRMWARE, ROOT
 from hvm import Machine
 from hvm import console as console_module
-from hvm.config import FlatBoot, VmSpec
+from hvm.config import FlatBoot, VmSpec, parse_devices
 from hvm.console import Console
 
 
@@ -158,7 +158,7 @@ def test_a_flooding_guest_nobody_expects_on_is_bounded_and_not_held_up(tmp_path,
     line = b"one line, printed three ways\n"
     image = patch_header(FIRMWARE / "pvcon.bin", tmp_path / "pvcon.bin", 20000, 2, arg_as_built=0)
     spec = VmSpec(name="pvcon", boot=FlatBoot(image, 0x7C00, 0x7C00, "real"), memory=4 << 20, timeout=30,
-                  irqchip=False, pvconsole=0xE00)
+                  irqchip=False, devices=parse_devices({"pvconsole": True}))
     with Machine(spec, console=quiet()) as vm:
         result = vm.run()
         assert (result.reason, result.status) == ("debug-exit", 1)
@@ -180,7 +180,7 @@ def test_a_long_expect_on_a_flooding_guest_keeps_pexpect_buffers_bounded(tmp_pat
     line = b"one line, printed three ways\n"
     image = patch_header(FIRMWARE / "pvcon.bin", tmp_path / "pvcon.bin", 5000, 2, arg_as_built=0)
     spec = VmSpec(name="pvcon", boot=FlatBoot(image, 0x7C00, 0x7C00, "real"), memory=4 << 20, timeout=30,
-                  irqchip=False, pvconsole=0xE00)
+                  irqchip=False, devices=parse_devices({"pvconsole": True}))
     with Machine(spec, console=quiet()) as vm:
         con = vm.console
         con.maxread = 1024

@@ -573,10 +573,11 @@ def test_system_powerdown_needs_machine_pc(tmp_path):
 
 # --- a whole machine's devices, keyed by bus range as a snapshot keys them ------------------------------
 def full_pc_spec(image):
-    from hvm.config import FlatBoot, VmSpec
+    from hvm.config import FlatBoot, VmSpec, parse_devices
 
     return VmSpec(name="devices", boot=FlatBoot(image, 0x7C00, 0x7C00, "real"), memory=4 << 20, machine="pc",
-                  timeout=GUEST_TIMEOUT, testdev=True, debugcon=0xE9, pvconsole=0xE00)
+                  timeout=GUEST_TIMEOUT,
+                  devices=parse_devices({"testdev": True, "debugcon": True, "pvconsole": True}))
 
 
 def machine_states(vm) -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FIRMWARE, FakeRam, write_yaml
 from hvm import Machine
-from hvm.config import ConfigError, FlatBoot, VmSpec, parse_spec
+from hvm.config import ConfigError, FlatBoot, VmSpec, parse_devices, parse_spec
 from hvm.console import Console
 from hvm.mmio.debugcon import DebugCon
 from hvm.mmio import pvconsole
@@ -99,15 +99,18 @@ def test_debugcon_one_byte_per_write_and_readback():
 def test_yaml_turns_them_on():
     base = {"boot": {"image": str(FIRMWARE / "pvcon.bin")}}
     spec = parse_spec(base)
-    assert (spec.debugcon, spec.pvconsole) == (None, None)    # off unless asked for, as in QEMU
+    assert spec.devices == ()    # off unless asked for, as in QEMU
     spec = parse_spec({**base, "devices": {"debugcon": True, "pvconsole": {"port": 0x520}}})
-    assert (spec.debugcon, spec.pvconsole) == (0xE9, 0x520)
+    assert [(d.name, d.values) for d in spec.devices] == [("debugcon", {"port": 0xE9}), ("pvconsole", {"port": 0x520})]
 
 
 @pytest.mark.parametrize("devices, message", [
-    ({"debugcon": "yes"}, "devices.debugcon: expected true, false or {port: N}, got a string ('yes')"),
+    ({"debugcon": "yes"}, "devices.debugcon: expected true, false or a mapping of properties, got a string ('yes')"),
     ({"pvconsole": {"port": 0xFFFE}}, "devices.pvconsole.port: 65534 is out of range (0..65532)"),
     ({"pvconsole": {"iobase": 1}}, "devices.pvconsole.iobase: unknown key (allowed here: port)"),
+    ({"debugcon": {"port": 0x3F9}}, "devices.debugcon: ports 0x3f9..0x3f9 overlap serial's (0x3f8..0x3ff)"),
+    ({"debugcon": [{"port": 1}]}, "devices.debugcon: expected true, false or a mapping of properties, got a list "
+                                  "(debugcon is a single device)"),
 ])
 def test_yaml_errors_name_the_field(devices, message):
     with pytest.raises(ConfigError) as e:
@@ -134,7 +137,8 @@ def pvcon_image(tmp_path, method: int, iterations: int):
 @pytest.mark.parametrize("fast_loop", [True, False])
 def test_same_output_fewer_exits(tmp_path, method, exits_per_line, fast_loop):
     spec = VmSpec(name="pvcon", boot=FlatBoot(pvcon_image(tmp_path, method, 3), 0x7C00, 0x7C00, "real"),
-                  memory=4 << 20, timeout=20, irqchip=False, debugcon=0xE9, pvconsole=0xE00)
+                  memory=4 << 20, timeout=20, irqchip=False,
+                  devices=parse_devices({"debugcon": True, "pvconsole": True}))
     with Machine(spec, console=Console("none", "none"), fast_loop=fast_loop) as vm:
         result = vm.run()
         stats = vm.stats()
@@ -152,7 +156,8 @@ def test_pvconsole_refusal_reaches_the_guest(tmp_path):
     """With the pvconsole at another port, the doorbell OUT hits nothing, `used` stays 0, and pvcon
     reports it through the debug-exit status (3)."""
     spec = VmSpec(name="pvcon", boot=FlatBoot(pvcon_image(tmp_path, 2, 2), 0x7C00, 0x7C00, "real"),
-                  memory=4 << 20, timeout=20, irqchip=False, pvconsole=0xE10)
+                  memory=4 << 20, timeout=20, irqchip=False,
+                  devices=parse_devices({"pvconsole": {"port": 0xE10}}))
     with Machine(spec, console=Console("none", "none")) as vm:
         result = vm.run()
         assert (result.reason, result.status, vm.console.text()) == ("debug-exit", 3, "")
@@ -168,10 +173,14 @@ def test_command_line_devices(tmp_path, hvm):
     dc_image = pvcon_image(tmp_path, 1, 1)
     run = hvm("run", str(_flat_yaml(tmp_path, dc_image)), "--device", "isa-debugcon,iobase=0xe9")
     assert (run.status, run.out) == (1, LINE.decode())
-    run = hvm("run", str(_flat_yaml(tmp_path, dc_image)), "--device", "virtio-console")
+    run = hvm("run", str(_flat_yaml(tmp_path, dc_image)), "--device", "virtio-gpu")
     assert run.status == 2 and run.out == ""
-    assert "'virtio-console' is not a device hvm has (pc-testdev, isa-debug-exit, isa-debugcon, pvconsole)" \
-        in run.stderr
+    assert "--device: 'virtio-gpu' is not a device hvm has (isa-debug-exit, debugcon, " in run.stderr
+    run = hvm("run", str(_flat_yaml(tmp_path, dc_image)), "--device", "pvconsole,iobase=0xfffe")
+    assert (run.status, run.stderr.strip()) == (2, "hvm: --device pvconsole: iobase: 65534 is out of range (0..65532)")
+    run = hvm("run", "--device", "help")
+    assert run.status == 0 and "pvconsole: hvm's paravirtual console" in run.out
+    assert "    port (or iobase): int, default 0xe00" in run.out
 
 
 def _flat_yaml(tmp_path, image):

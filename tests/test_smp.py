@@ -20,7 +20,7 @@ import hvm.machine as machine_mod
 from conftest import FIRMWARE, ROOT, run_hvm, write_yaml
 from hvm import Machine
 from hvm.boot.mptable import MP_BASE, mp_config_table, write_mp_table
-from hvm.config import FlatBoot, KernelBoot, VmSpec
+from hvm.config import FlatBoot, KernelBoot, VmSpec, parse_devices
 from hvm.host import detect as detect_host
 from hvm.console import Console
 from hvm.kvm import Vcpu
@@ -192,7 +192,7 @@ def test_paused_vm_is_not_ended_by_the_halt_rule(tmp_path):
 @pytest.mark.parametrize("fast_loop", [True, False], ids=["fast-loop", "python-loop"])
 def test_kvm_unit_tests_smptest_runs_on_both_cpus(fast_loop):
     spec = VmSpec(name="smptest", boot=KernelBoot(KUT / "smptest.flat", (), ""), memory=128 << 20, vcpus=2,
-                  timeout=30, machine="pc", testdev=True)
+                  timeout=30, machine="pc", devices=parse_devices({"testdev": True}))
     with Machine(spec, console=quiet(), fast_loop=fast_loop) as vm:
         result = vm.run()
         out = vm.console.text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from hvm.mmio.device import Stateless
+from hvm.mmio.registry import DeviceType, Prop
 
 DEBUGCON_PORT = 0xE9
 DEBUGCON_READBACK = 0xE9
@@ -27,3 +28,16 @@ class DebugCon(Stateless):
     def write(self, offset: int, size: int, value: int) -> None:
         # As QEMU: one character per write, whatever the access size.
         self._output(bytes((value & 0xFF,)))
+
+
+def _create(ctx, props: dict) -> DebugCon:
+    device = DebugCon(ctx.console.write)
+    ctx.pio.register(props["port"], 1, device)
+    return device
+
+
+DEVICE = DeviceType(
+    name="debugcon", aliases=("isa-debugcon",), create=_create, uses_console=True,
+    help="QEMU's isa-debugcon: each byte written to the port goes to the console (one exit per byte)",
+    props=(Prop("port", "port", DEBUGCON_PORT, alias="iobase", help="the I/O port"),),
+    ports=lambda p: [(p["port"], 1)])

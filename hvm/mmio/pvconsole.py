@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 
 from hvm.memory import GuestMemoryError
 from hvm.mmio.device import Stateless
+from hvm.mmio.registry import DeviceType, Prop
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +95,17 @@ class PvConsole(Stateless):
             self.refused += 1
             first = self.refused == 1
         log.log(logging.WARNING if first else logging.DEBUG, "pvconsole: %s", why)
+
+
+def _create(ctx, props: dict) -> PvConsole:
+    device = PvConsole(ctx.memory, ctx.console.write)
+    ctx.pio.register(props["port"], PVCONSOLE_LEN, device)
+    return device
+
+
+DEVICE = DeviceType(
+    name="pvconsole", create=_create, uses_console=True,
+    help="hvm's paravirtual console: one exit per buffer (docs/paravirt.md)",
+    props=(Prop("port", "int", PVCONSOLE_PORT, lo=0, hi=0x10000 - PVCONSOLE_LEN, alias="iobase",
+                help="the I/O port of the doorbell"),),
+    ports=lambda p: [(p["port"], PVCONSOLE_LEN)])

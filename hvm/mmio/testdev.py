@@ -7,6 +7,7 @@ import threading
 from typing import Callable
 
 from hvm.mmio.device import StateReader
+from hvm.mmio.registry import DeviceType
 
 TESTDEV_PORT = 0xE0
 TESTDEV_LEN = 8
@@ -79,3 +80,16 @@ class PcTestDevIrq:
         self.levels = (self.levels & ~(1 << offset)) | (level << offset)
         if self._set_line is not None:
             self._set_line(offset, level)
+
+
+def _create(ctx, props: dict) -> PcTestDev:
+    device = PcTestDev()
+    ctx.pio.register(TESTDEV_PORT, TESTDEV_LEN, device)
+    ctx.pio.register(TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES, PcTestDevIrq(ctx.irq_setter))
+    return device
+
+
+DEVICE = DeviceType(
+    name="testdev", aliases=("pc-testdev",), create=_create,
+    help="QEMU's pc-testdev for kvm-unit-tests: scratch port 0xe0, flush-page port 0xe4, IRQ lines at 0x2000",
+    ports=lambda p: [(TESTDEV_PORT, TESTDEV_LEN), (TESTDEV_IRQ_PORT, TESTDEV_IRQ_LINES)])

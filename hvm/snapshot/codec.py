@@ -13,9 +13,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from hvm.config import (CPU_MODES, GP_REGS, MACHINES, MAX_MEMORY, MIN_MEMORY, SERIAL_SINKS, DebugExitSpec,
-                        FlatBoot, KernelBoot, SerialSpec, VmSpec)
-from hvm.mmio.pvconsole import PVCONSOLE_LEN
+from hvm.config import (CPU_MODES, GP_REGS, MACHINES, MAX_MEMORY, MIN_MEMORY, SERIAL_SINKS, ConfigError,
+                        DebugExitSpec, FlatBoot, KernelBoot, SerialSpec, VmSpec, parse_devices)
+from hvm.mmio import registry
 
 MAX_DEPTH = 32
 
@@ -91,12 +91,42 @@ def spec_to_dict(spec: VmSpec) -> dict:
              "cmdline": boot.cmdline}
     return {
         "name": spec.name, "boot": b, "memory": spec.memory, "vcpus": spec.vcpus, "timeout": spec.timeout,
-        "machine": spec.machine, "irqchip": spec.irqchip, "pit": spec.pit, "testdev": spec.testdev,
+        "machine": spec.machine, "irqchip": spec.irqchip, "pit": spec.pit,
         "serial": None if spec.serial is None else {f.name: getattr(spec.serial, f.name) for f in fields(SerialSpec)},
         "debug_exit": None if spec.debug_exit is None else {"port": spec.debug_exit.port,
                                                               "size": spec.debug_exit.size},
-        "debugcon": spec.debugcon, "pvconsole": spec.pvconsole,
+        # Registry devices as the YAML would give them: read back through the same validation.
+        "devices": [[d.type, {k: (str(v) if isinstance(v, Path) else v) for k, v in d.props}] for d in spec.devices],
+        "virtio_cmdline": spec.virtio_cmdline,
     }
+
+
+def _devices_from_list(raw: Any, irqchip: bool) -> tuple:
+    """The saved devices, validated as a config's are (hvm/config.py). Types that hold host files or fds
+    (snapshot=False) are never in a snapshot hvm wrote: one in the file is refused, so a crafted snapshot
+    cannot make hvm open a host path."""
+    if not isinstance(raw, list) or len(raw) > 64:
+        raise CodecError("description field 'devices' is malformed")
+    mapping: dict[str, Any] = {}
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict)):
+            raise CodecError("description field 'devices' is malformed")
+        name, props = item
+        dt = registry.lookup(name)
+        if dt is None or dt.name != name:
+            raise CodecError(f"description: device {name[:40]!r} is not a device hvm has")
+        if not dt.snapshot:
+            raise CodecError(f"description: a {name} device cannot be restored from a snapshot")
+        if dt.multiple:
+            mapping.setdefault(name, []).append(props)
+        elif name in mapping:
+            raise CodecError(f"description: device {name} twice")
+        else:
+            mapping[name] = props
+    try:
+        return parse_devices(mapping, "snapshot", irqchip)
+    except ConfigError as e:
+        raise CodecError(f"description: {e}") from None
 
 
 def _want(d: dict, key: str, types, optional: bool = False):
@@ -146,9 +176,11 @@ def spec_from_dict(d: Any, source: str) -> VmSpec:
     try:
         spec = VmSpec(name=_want(d, "name", str), boot=boot, memory=memory, vcpus=vcpus, timeout=timeout,
                       machine=_want(d, "machine", str), irqchip=_want(d, "irqchip", bool), pit=_want(d, "pit", bool),
-                      testdev=_want(d, "testdev", bool), serial=serial, debug_exit=debug_exit,
-                      debugcon=_want(d, "debugcon", int, optional=True),
-                      pvconsole=_want(d, "pvconsole", int, optional=True), source=source)
+                      serial=serial, debug_exit=debug_exit,
+                      devices=_devices_from_list(d.get("devices"), _want(d, "irqchip", bool)),
+                      virtio_cmdline=_want(d, "virtio_cmdline", bool), source=source)
+    except CodecError:
+        raise
     except Exception as e:   # VmSpec's own checks (ConfigError)
         raise CodecError(f"description: {e}") from None
     _check_ranges(spec)
@@ -182,7 +214,4 @@ def _check_ranges(spec: VmSpec) -> None:
     de = spec.debug_exit
     if de is not None and (de.size not in (1, 2, 4) or not 0 <= de.port <= 0x10000 - de.size):
         raise bad("debug_exit")
-    if spec.debugcon is not None and not 0 <= spec.debugcon <= 0xFFFF:
-        raise bad("debugcon")
-    if spec.pvconsole is not None and not 0 <= spec.pvconsole <= 0x10000 - PVCONSOLE_LEN:
-        raise bad("pvconsole")
+    # (devices: validated by _devices_from_list as a config's are)

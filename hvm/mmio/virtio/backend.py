@@ -10,7 +10,10 @@ Lifecycle rules the transport relies on:
 - activate() binds the queues and the signal function and may start work; it must not clear the
   backend's own state (the transport calls it again after load() of a DRIVER_OK device, with the same
   Queue objects, once backend.load() restored that state);
-- reset() forgets everything the driver set up (queues, negotiated features, in-flight requests);
+- reset() forgets everything the driver set up (queues, negotiated features, in-flight requests). It runs
+  at a driver reset (status 0), a system reset, and when the device enters NEEDS_RESET -- then possibly
+  on the backend's own thread (the one that called needs_reset()), with transport.lock held: so reset()
+  never joins the backend's threads (close() does);
 - save()/load() are the backend's own guest-visible state (hvm/mmio/device.py rules: load() checks every
   field before assigning any); the transport nests them under its "backend" field.
 """

@@ -9,9 +9,9 @@ Interrupts are level-triggered: the line is held high exactly while InterruptSta
 used-buffer signal or a configuration change, cleared by InterruptACK or a reset).
 
 A VirtqueueError (a hostile or broken ring) never leaves the device: the transport sets
-DEVICE_NEEDS_RESET, raises a configuration-change interrupt (when the driver is running), logs the reason
-(the first MAX_WARNINGS times as warnings, then at debug level) and ignores the queues until the driver
-resets the device (status 0).
+DEVICE_NEEDS_RESET, resets the backend, raises a configuration-change interrupt (when the driver is
+running), logs the reason (the first MAX_WARNINGS guest mistakes as warnings, then at debug level) and
+ignores the queues until the driver resets the device (status 0).
 
 Registers are 32-bit: other sizes are ignored (reads 0), as are writes to read-only registers; each such
 guest mistake is logged under the same bound. The configuration space takes any size.
@@ -128,6 +128,9 @@ class VirtioMmio:
             self.status |= vc.STATUS_DEVICE_NEEDS_RESET
             for q in self.queues:
                 q.broken = True
+            # The backend stops now (CONTRACT.md: reset() on NEEDS_RESET), not at the driver's reset: it may
+            # be called here from the backend's own thread, so a backend's reset() never joins that thread.
+            self.backend.reset()
             self._config_interrupt()
 
     # --- the Device protocol -----------------------------------------------------------------------
@@ -247,7 +250,7 @@ class VirtioMmio:
             return
         added = new & ~old
         if added & vc.STATUS_FEATURES_OK:
-            why = self._features_refused()
+            why = self._features_refused(new)
             if why:
                 self._warn("FEATURES_OK refused: %s", why)
                 new &= ~vc.STATUS_FEATURES_OK
@@ -264,9 +267,9 @@ class VirtioMmio:
                 q.set_features(self.driver_features)
             self.backend.activate(self.driver_features, self.queues, self.signal)
 
-    def _features_refused(self) -> str:
+    def _features_refused(self, status: int) -> str:
         offered = self.device_features()
-        if not self.status & vc.STATUS_DRIVER:
+        if not status & vc.STATUS_DRIVER:
             return "DRIVER is not set"
         if not self.driver_features >> vc.F_VERSION_1 & 1:
             return "the driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)"

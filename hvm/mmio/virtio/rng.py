@@ -16,10 +16,7 @@ from hvm.mmio.virtio import constants as vc
 from hvm.mmio.virtio.backend import VirtioBackend
 from hvm.mmio.virtio.queue import Queue
 
-try:
-    from hvm.mmio.registry import DeviceContext, DeviceType
-except ImportError:    # the registry lands on main separately (CONTRACT.md part A); this guard goes then
-    DeviceContext = DeviceType = None   # type: ignore[assignment,misc]
+from hvm.mmio.registry import DeviceContext, DeviceType
 
 MAX_REQUEST = 64 << 10    # bytes of entropy one chain gets at most
 QUEUE_SIZE = 64
@@ -67,6 +64,6 @@ def create(ctx: "DeviceContext", props: dict) -> object:
     return attach(ctx, VirtioRng(ctx.name))
 
 
-DEVICE = None if DeviceType is None else DeviceType(
+DEVICE = DeviceType(
     name="virtio-rng", aliases=("virtio-rng-device",), virtio=True, create=create,
     help="virtio entropy source for the guest's hwrng, fed from the host's os.urandom")

@@ -1,0 +1,243 @@
+"""Assembling a PC-like machine from a VmSpec (or a snapshot): KVM objects, guest memory, firmware tables
+(ACPI, MP), the boot image, the buses and every device, IRQ routing, CPUID, the vCPUs.
+
+This is Firecracker's builder.rs to hvm/machine.py's Vmm: the Machine calls build_pc() once from its
+constructor and afterwards only runs the VM (start, pause, snapshot, reset, exit status). A system reset
+uses write_tables(), bios_state() and load_boot() again.
+
+Devices: the serial port and debug-exit are built in (they are the console and the exit status); every
+other device comes from its declaration in the registry (hvm/mmio/registry.py) and is created here in the
+order of spec.devices, virtio-mmio devices in 4 KiB slots from 0xd0000000 with their IRQs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from hvm.boot import BootError, BootState, Module, bios, is_multiboot, load_flat, load_multiboot
+from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
+from hvm.boot.bios import write_real_mode_ivt
+from hvm.boot.mptable import write_mp_table
+from hvm.config import FlatBoot, KernelBoot, VmSpec
+from hvm.host import hide_features
+from hvm.kvm import Kvm, install_kick_handler
+from hvm.memory import GuestMemory
+from hvm.mmio import DebugExit, IrqLine, SerialUart
+from hvm.mmio import registry
+from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, SCI_IRQ, AcpiPm
+from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
+from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
+from hvm.mmio.registry import DeviceConfig, DeviceContext, VirtioSlot
+from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
+from hvm.vcpu import VcpuThread, apply_boot_state, cpuid_for_vcpu
+
+if TYPE_CHECKING:
+    from hvm.machine import Machine
+
+log = logging.getLogger(__name__)
+
+
+def virtio_slots(spec: VmSpec) -> list[tuple[DeviceConfig, VirtioSlot]]:
+    """The virtio-mmio slot of each virtio device of `spec`, in order: the same on every build of the same
+    spec (a snapshot's devices are found again at the same addresses)."""
+    slots = []
+    for d in spec.devices:
+        dt = registry.lookup(d.type)
+        if dt is not None and dt.virtio:
+            n = len(slots)
+            slots.append((d, VirtioSlot(registry.VIRTIO_MMIO_BASE + n * registry.VIRTIO_MMIO_SLOT,
+                                        registry.VIRTIO_IRQS[n])))
+    return slots
+
+
+def virtio_cmdline(spec: VmSpec) -> list[str]:
+    """`virtio_mmio.device=4K@0xd0000000:5` for each virtio device (Linux's CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES),
+    as Firecracker adds them; the DSDT describes the same devices for kernels without that option."""
+    return [f"virtio_mmio.device={slot.size // 1024}K@{slot.base:#x}:{slot.irq}" for _, slot in virtio_slots(spec)]
+
+
+def build_pc(m: "Machine") -> None:
+    """Build `m` from m.spec (or from m._snapshot): what Machine.__init__ used to do inline."""
+    spec = m.spec
+    install_kick_handler()
+    m.kvm = Kvm()
+    m.vm = vm = m.kvm.create_vm()
+    vm.set_identity_map_address()
+    vm.set_tss_address()
+    if spec.irqchip:
+        vm.create_irqchip()
+        if spec.pit:
+            vm.create_pit2()
+    snap = m._snapshot
+    if snap is None:
+        m.memory = mem = GuestMemory(spec.memory)
+    else:   # restore: RAM mapped copy-on-write from the snapshot, checked before anything runs
+        m.memory = mem = m._restore_memory(snap)
+    for slot, region in enumerate(mem.regions):
+        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+    if spec.irqchip:
+        m._reset_vm_state = m._save_vm_state()
+
+    if snap is not None:
+        m._restore_vm_state(snap)
+    else:
+        write_tables(m, mem)
+        m.boot_state = load_boot(m, mem)
+        log.info("%s", m.boot_state.description)
+
+    irq_setter = vm.set_irq_line if spec.irqchip else None
+    if spec.serial is not None:
+        m.uart = SerialUart(m.console.write, IrqLine(spec.serial.irq, irq_setter), name="com1")
+        m.pio.register(spec.serial.port, 8, m.uart)
+    if spec.debug_exit is not None:
+        m.pio.register(spec.debug_exit.port, spec.debug_exit.size, DebugExit(m._debug_exit))
+    if spec.machine == "pc":
+        if snap is None:
+            bios_state(m, mem)
+        m.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
+        m.acpi_pm = AcpiPm(m._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter))
+        m.pio.register(PM_BASE, PM_LEN, m.acpi_pm)
+        m.pio.register(RTC_PORT, RTC_LEN, Rtc())
+        kbc = I8042(m._cpu_reset)
+        m.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
+        m.pio.register(I8042_CMD_PORT, 1, kbc.port(I8042_CMD_PORT))
+    create_devices(m, irq_setter)
+
+    hidden = m.host.hidden_features + (m.host.smp_hidden_features if spec.vcpus > 1 else [])
+    supported = hide_features(m.kvm.supported_cpuid(), hidden)
+    for index in range(spec.vcpus):
+        vcpu = vm.create_vcpu(index)
+        m.vcpus.append(vcpu)
+        vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
+        m._reset_vcpu_states.append(m._save_vcpu_state(vcpu))
+        if index == 0 and snap is None:
+            apply_boot_state(vcpu, m.boot_state)
+        # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
+    if snap is not None:
+        m._restore_vcpus_and_devices(snap)
+    m.threads = [VcpuThread(v, m, complete_emulation=m.adapt_to_host, fast_loop=m.fast_loop) for v in m.vcpus]
+
+
+def create_devices(m: "Machine", irq_setter: Callable[[int, int], None] | None) -> None:
+    """Every registry device of the spec, in order, through its type's create()."""
+    slots = {id(d): slot for d, slot in virtio_slots(m.spec)}
+
+    def set_console_input(feed: Callable[[bytes], None], pending: Callable[[], int]) -> None:
+        m.console_input = (feed, pending)
+
+    for d in m.spec.devices:
+        dt = registry.lookup(d.type)
+        if dt is None:    # parse_spec and the snapshot codec only let registered types through
+            raise BootError(f"device {d.type!r} is not a device hvm has")
+        ctx = DeviceContext(name=d.name, index=d.index, memory=m.memory, console=m.console, pio=m.pio,
+                            mmio=m.mmio, slot=slots.get(id(d)), irq_line=lambda irq: IrqLine(irq, irq_setter),
+                            on_close=m.device_closers.append, set_console_input=set_console_input,
+                            irq_setter=irq_setter, machine=m)
+        device = dt.create(ctx, d.values)
+        m.devices[d.name] = device
+
+
+def write_tables(m: "Machine", mem: GuestMemory) -> None:
+    """ACPI and MP tables of a PC: the CPUs, the interrupt routing, and the virtio-mmio devices."""
+    spec = m.spec
+    if spec.machine != "pc":
+        return
+    slots = [slot for _, slot in virtio_slots(spec)]
+    import inspect   # TEMPORARY until the DSDT/MADT for virtio slots lands (branch i13-linux)
+
+    if slots and "virtio_slots" in inspect.signature(write_acpi_tables).parameters:
+        write_acpi_tables(mem, spec.vcpus, PM_BASE, virtio_slots=[(s.base, s.size, s.irq) for s in slots])
+        write_mp_table(mem, spec.vcpus, level_irqs=[s.irq for s in slots])
+    else:
+        write_acpi_tables(mem, spec.vcpus, PM_BASE)
+        write_mp_table(mem, spec.vcpus)    # the same CPUs and interrupts for guests without ACPI
+
+
+def bios_state(m: "Machine", mem: GuestMemory) -> None:
+    """Leave the machine as a PC BIOS would before jumping to a kernel (see hvm/boot/bios.py)."""
+    write_real_mode_ivt(mem)
+    if not m.spec.irqchip:
+        return
+    for chip, base, imr in ((0, bios.PIC_MASTER_BASE, bios.PIC_MASTER_IMR),
+                            (1, bios.PIC_SLAVE_BASE, bios.PIC_SLAVE_IMR)):
+        state = m.vm.get_pic(chip)
+        pic = state.chip.pic
+        pic.irq_base = base
+        pic.imr = imr
+        pic.init4 = 1
+        pic.init_state = 0
+        m.vm.set_pic(state)
+    if m.spec.pit:
+        pit = m.vm.get_pit2()
+        ch0 = pit.channels[0]
+        ch0.count = bios.PIT_BIOS_COUNT
+        ch0.mode = bios.PIT_MODE_RATE_GENERATOR
+        ch0.rw_mode = 3       # low byte then high byte
+        ch0.read_state = 3
+        ch0.write_state = 3
+        ch0.gate = 1
+        m.vm.set_pit2(pit)
+
+
+def load_boot(m: "Machine", mem: GuestMemory) -> BootState:
+    """Load the spec's boot image into `mem`; the vCPU state to start it with."""
+    spec = m.spec
+    boot = spec.boot
+    if isinstance(boot, FlatBoot):
+        state = load_flat(mem, boot.image, boot.load, boot.entry, boot.mode)
+        state.regs.update(dict(boot.regs))
+        return state
+    assert isinstance(boot, KernelBoot)
+    head = _read_head(boot.kernel)
+    # The order QEMU's -kernel uses: a multiboot header wins, then a Linux setup header, then ELF.
+    if is_multiboot(head):
+        modules = tuple(Module(p) for p in boot.initrd)
+        return load_multiboot(mem, boot.kernel, boot.cmdline, modules)
+    from hvm.boot.linux import kernel_kind, load_linux  # not needed by flat images and multiboot kernels
+
+    kind = kernel_kind(head)
+    if kind == "elf" and not (len(head) > 4 and head[4] == 2):
+        raise BootError(f"{boot.kernel}: a 32-bit ELF file without a multiboot header (hvm boots multiboot "
+                        "ELF kernels and 64-bit vmlinux; use boot.image for a flat binary)")
+    if kind is None:
+        raise BootError(f"{boot.kernel}: not a kernel hvm can boot (no multiboot header, not ELF, "
+                        "not a bzImage)")
+    if len(boot.initrd) > 1:
+        raise BootError(f"{boot.kernel}: a Linux kernel takes one initrd, not {len(boot.initrd)}")
+    cmdline = boot.cmdline
+    words = cmdline.split()
+    if spec.virtio_cmdline:
+        # Devices the user described on the command line already are not described twice.
+        cmdline = " ".join([cmdline, *(o for o in virtio_cmdline(spec) if o not in words)]).strip()
+    missing = []
+    if m.host.linux_cmdline:
+        missing = [o for o in m.host.linux_cmdline if o.split("=")[0] + "=" not in cmdline
+                   and o not in cmdline.split()]
+        if missing:
+            cmdline = (cmdline + " " + " ".join(missing)).strip()
+    m.is_linux = True
+    state = load_linux(mem, boot.kernel, cmdline, boot.initrd[0] if boot.initrd else None,
+                       acpi_rsdp=ACPI_BASE if spec.machine == "pc" else 0)
+    if missing:   # said once the kernel loaded: a refused kernel gets its one line and nothing else
+        log.warning("%s host: added to the kernel command line: %s", m.host.backend, " ".join(missing))
+    return state
+
+
+def _read_head(path: Path, n: int = 16384) -> bytes:
+    """The first `n` bytes of a kernel. The config checked it is a regular file; O_NONBLOCK and the fstat
+    keep a path swapped for a FIFO since then from hanging the open or the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise BootError(f"{path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BootError(f"{path}: not a regular file")
+        return os.pread(fd, n, 0)
+    except OSError as e:
+        raise BootError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
