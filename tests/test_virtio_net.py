@@ -453,7 +453,7 @@ def test_netdev_flag_becomes_virtio_net_entries():
     origins: dict = {}
     assert overrides_from_args(args, origins)["devices"]["virtio-net"] == [
         {"tap": "tap0"}, {"tap": "tap1", "mac": "52:54:00:00:00:02"}]
-    assert origins["devices.virtio-net"] == "--netdev"
+    assert origins["devices.virtio-net[1]"] == "--netdev" and origins["devices.virtio-net[1].mac"] == "--netdev: mac"
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -37,10 +37,8 @@ from hvm.mmio.virtio import constants as vc
 from hvm.mmio.virtio.backend import VirtioBackend
 from hvm.mmio.virtio.queue import Queue, VirtqueueError
 
-try:
-    from hvm.mmio.registry import DeviceContext, DeviceType, Prop
-except ImportError:    # the registry lands on main separately (CONTRACT.md part A); this guard goes then
-    DeviceContext = DeviceType = Prop = None   # type: ignore[assignment,misc]
+from hvm.boot.errors import BootError
+from hvm.mmio.registry import DeviceContext, DeviceType, Prop
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +189,8 @@ class VirtioNet(VirtioBackend):
         with self.transport.lock:
             self._queues, self._signal = [], None
             self._active = False
-        self._wake()
+            self._want_buffers = False
+        self._wake()    # never a join: reset() may run on the reader itself (NEEDS_RESET from _deliver)
 
     def notify(self, queue_index: int) -> None:
         if queue_index == TX:
@@ -354,13 +353,16 @@ def check(props: dict) -> None:
     os.close(open_tap(props["tap"]))
 
 
-def create(ctx: "DeviceContext", props: dict) -> object:
+def create(ctx: DeviceContext, props: dict) -> object:
     mac = parse_mac(props.get("mac") or default_mac(ctx.index))
-    fd = open_tap(props["tap"])
+    try:
+        fd = open_tap(props["tap"])    # checked at config time; it may have gone since (status 2 all the same)
+    except TapError as e:
+        raise BootError(f"{ctx.name}: {e}") from None
     return attach(ctx, VirtioNet(ctx.name, fd, mac, props["tap"]))
 
 
-DEVICE = None if DeviceType is None else DeviceType(
+DEVICE = DeviceType(
     name="virtio-net", aliases=("virtio-net-device",), multiple=True, virtio=True, create=create, check=check,
     props=(Prop("tap", "str", alias="ifname", help="an existing host tap device (ip tuntap add NAME mode tap)"),
            Prop("mac", "mac", None, help="the NIC's MAC (default 52:54:00:12:34:56, :57, ... by index)")),
