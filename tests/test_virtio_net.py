@@ -11,14 +11,18 @@ import ctypes
 import errno
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
+from conftest import ROOT
 from hvm.memory import MiB, GuestMemory
 from hvm.mmio.device import IrqLine
 from hvm.mmio.virtio import VirtioMmio
@@ -496,3 +500,189 @@ def test_qemu_shim_net_errors(argv, message):
     with pytest.raises(ShimError) as e:
         translate(["-kernel", "k", *argv])
     assert str(e.value) == message
+
+
+# --- Linux's own virtio-net driver: DHCP and netconsole over a tap in a private namespace ---------------
+LINUX = ROOT / "build" / "linux"
+NET_CONFIG = ("CONFIG_VIRTIO_NET", "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", "CONFIG_IP_PNP_DHCP", "CONFIG_NETCONSOLE")
+GUEST_IP, HOST_IP, NETCONSOLE_PORT = "10.0.2.15", "10.0.2.2", 6666
+
+
+def _kernel_lacks_networking() -> str:
+    config = LINUX / "kbuild-minimal" / ".config"
+    if not (LINUX / "vmlinux-minimal").exists() or not config.exists():
+        return f"no minimal kernel at {LINUX} (make linux)"
+    text = config.read_text()
+    missing = [c for c in NET_CONFIG if f"\n{c}=y\n" not in text]
+    return f"the kernel at {LINUX} lacks {', '.join(missing)} (make linux with the issue-13 config)" if missing else ""
+
+
+def start_dnsmasq(ns: NetNs, tmp) -> subprocess.Popen:
+    """dnsmasq (build/net/dnsmasq: `make net`) serving DHCP on tap0 of the namespace: one address, no DNS,
+    no lease file, no ping before an offer (the "guest" answers no ICMP); its log on stdout."""
+    return subprocess.Popen(
+        ["nsenter", f"--net=/proc/{ns.proc.pid}/ns/net", str(ROOT / "build" / "net" / "dnsmasq"), "--no-daemon",
+         "--conf-file=/dev/null", "--port=0", "--interface=tap0", "--bind-interfaces",
+         f"--dhcp-range={GUEST_IP},{GUEST_IP},255.255.255.0,1h", "--no-ping", "--no-resolv", "--no-hosts",
+         "--leasefile-ro", "--user=root", f"--pid-file={tmp / 'dnsmasq.pid'}", "--log-dhcp"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def stop_dnsmasq(dnsmasq: subprocess.Popen) -> str:
+    dnsmasq.terminate()
+    try:
+        return dnsmasq.communicate(timeout=10)[0].decode("utf-8", "replace")
+    except subprocess.TimeoutExpired:
+        dnsmasq.kill()
+        return dnsmasq.communicate()[0].decode("utf-8", "replace")
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f">{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def dhcp_discover(mac: bytes, xid: int) -> bytes:
+    """A DHCPDISCOVER as a client broadcasts it (Ethernet, IPv4 0.0.0.0 -> 255.255.255.255, UDP 68 -> 67)."""
+    bootp = struct.pack(">BBBBIHH4s4s4s4s16s64s128sI", 1, 1, 6, 0, xid, 0, 0x8000, bytes(4), bytes(4), bytes(4),
+                        bytes(4), mac + bytes(10), bytes(64), bytes(128), 0x63825363)
+    bootp += bytes([53, 1, 1, 255])
+    bootp += bytes(300 - len(bootp))
+    udp = struct.pack(">HHHH", 68, 67, 8 + len(bootp), 0) + bootp      # UDP checksum 0: none (IPv4)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, bytes(4), b"\xff" * 4)
+    ip = ip[:10] + struct.pack(">H", _ip_checksum(ip)) + ip[12:]
+    return b"\xff" * 6 + mac + struct.pack(">H", 0x0800) + ip + udp
+
+
+def dhcp_reply(frame_: bytes, xid: int) -> tuple[int, bytes] | None:
+    """(DHCP message type, yiaddr) of a frame that is a DHCP reply for `xid`, else None."""
+    if len(frame_) < 14 + 20 + 8 + 240 or frame_[12:14] != b"\x08\x00" or frame_[23] != 17:
+        return None
+    ihl = (frame_[14] & 15) * 4
+    udp = frame_[14 + ihl:]
+    if struct.unpack(">H", udp[2:4])[0] != 68:
+        return None
+    bootp = udp[8:]
+    if bootp[0] != 2 or struct.unpack(">I", bootp[4:8])[0] != xid:
+        return None
+    options, i = bootp[240:], 0
+    while i < len(options) and options[i] != 255:
+        if options[i] == 0:
+            i += 1
+            continue
+        if options[i] == 53:
+            return options[i + 2], bootp[16:20]
+        i += 2 + options[i + 1]
+    return None
+
+
+def test_dhcp_through_the_device_and_a_tap(netns, tap_rig, tmp_path):
+    """Host side of the Linux test, without Linux: a DHCPDISCOVER sent through the device's transmit queue
+    reaches dnsmasq behind tap0, and its DHCPOFFER comes back through the receive queue."""
+    if not (ROOT / "build" / "net" / "dnsmasq").exists():
+        pytest.skip("no build/net/dnsmasq (make net)")
+    backend, t, driver, rx, tx, sniff = tap_rig
+    heads = [rx.add(in_lens=[1526]) for _ in range(8)]
+    driver.kick(0)
+    dnsmasq = start_dnsmasq(netns, tmp_path)
+    try:
+        offer = None
+        deadline = time.monotonic() + 10
+        while offer is None and time.monotonic() < deadline:
+            tx.add([HDR + dhcp_discover(MAC, 0x1234ABCD)])     # again each second, as a client does
+            driver.kick(1)
+            tx.take_used()
+            second = time.monotonic() + 1
+            while offer is None and time.monotonic() < second:
+                for head, n in rx.take_used():
+                    offer = offer or dhcp_reply(rx.written(head)[12:n], 0x1234ABCD)
+                    rx.buffers.pop(head)
+                    heads.append(rx.add(in_lens=[1526]))
+                    driver.kick(0)
+                time.sleep(0.01)
+    finally:
+        log_text = stop_dnsmasq(dnsmasq)
+    assert offer == (2, bytes([10, 0, 2, 15])), log_text        # DHCPOFFER of 10.0.2.15
+    assert "DHCPOFFER(tap0) 10.0.2.15 52:54:00:12:34:56" in log_text
+    assert backend.tx_frames >= 1 and backend.rx_frames >= 1
+
+
+@dataclass
+class NetBoot:
+    status: int
+    console: str
+    stderr: str
+    datagrams: list[bytes]
+    dnsmasq_log: str
+
+
+@pytest.fixture(scope="module")
+def linux_net_boot(tmp_path_factory):
+    """One boot of the minimal kernel with virtio-net on tap0 in a private namespace where dnsmasq serves
+    DHCP and a UDP socket listens for netconsole; the /init is UD2 (this host cannot run user space)."""
+    why = _kernel_lacks_networking() or _can_unshare()
+    if why:
+        pytest.skip(why)
+    subprocess.run(["make", "-s", "net"], cwd=ROOT, check=True, timeout=600)
+    tmp = tmp_path_factory.mktemp("net")
+    ns = NetNs()
+    nsenter = ["nsenter", f"--net=/proc/{ns.proc.pid}/ns/net"]
+    dnsmasq = start_dnsmasq(ns, tmp)
+    with ns.enter():
+        listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        listener.bind((HOST_IP, NETCONSOLE_PORT))
+    datagrams: list[bytes] = []
+
+    def listen() -> None:
+        listener.settimeout(0.5)
+        while not done.is_set():
+            try:
+                datagrams.append(listener.recv(4096))
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+    done = threading.Event()
+    listener_thread = threading.Thread(target=listen, daemon=True)
+    listener_thread.start()
+    try:
+        cmdline = (f"console=ttyS0 earlyprintk=serial panic=-1 ip=dhcp "
+                   f"netconsole=@{GUEST_IP}/,{NETCONSOLE_PORT}@{HOST_IP}/")
+        proc = subprocess.run(
+            [*nsenter, sys.executable, "-m", "hvm", "run", "--kernel", str(LINUX / "vmlinux-minimal"),
+             "--initrd", str(LINUX / "initramfs-ud2.cpio"), "--append", cmdline, "--memory", "256M",
+             "--netdev", "tap,ifname=tap0", "--timeout", "600", "--stats"],
+            cwd=ROOT, capture_output=True, timeout=700, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        time.sleep(0.5)     # the last datagrams
+    finally:
+        done.set()
+        listener_thread.join(timeout=5)
+        listener.close()
+        log_text = stop_dnsmasq(dnsmasq)
+        ns.close()
+    return NetBoot(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"),
+                   datagrams, log_text)
+
+
+@pytest.mark.slow
+def test_linux_dhcp_over_virtio_net(linux_net_boot):
+    b = linux_net_boot
+    assert "virtio_net" in b.console or "eth0" in b.console, b.console[-3000:]
+    # The DHCP exchange needs both directions: DISCOVER/REQUEST transmitted, OFFER/ACK received.
+    assert re.search(rf"IP-Config: Got DHCP answer from {re.escape(HOST_IP)}", b.console), b.console[-4000:]
+    assert re.search(rf"IP-Config: Complete:.*\n.*device=eth0, hwaddr=52:54:00:12:34:56, ipaddr={GUEST_IP}",
+                     b.console), b.console[-4000:]
+    assert f"DHCPACK(tap0) {GUEST_IP} 52:54:00:12:34:56" in b.dnsmasq_log, b.dnsmasq_log
+    assert "Run /init as init process" in b.console
+    assert b.status == 4, b.stderr[-2000:]        # the UD2 /init: the kernel panics, panic=-1 resets
+
+
+@pytest.mark.slow
+def test_linux_netconsole_over_virtio_net(linux_net_boot):
+    text = b"".join(linux_net_boot.datagrams).decode("utf-8", "replace")
+    assert linux_net_boot.datagrams, linux_net_boot.console[-3000:]
+    # Log lines the kernel printed after netconsole started reach the listener as UDP datagrams.
+    assert "Run /init as init process" in text, text[-2000:]
+    assert "Kernel panic - not syncing" in text, text[-2000:]
