@@ -414,6 +414,27 @@ def test_tap_config_check_in_namespace(netns):
     assert "tap9" not in netns.run("ip", "-o", "link")
 
 
+def _hvm_in(ns: NetNs, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", f"--net=/proc/{ns.proc.pid}/ns/net", sys.executable, "-m", "hvm", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_netdev_end_to_end_in_namespace(netns):
+    kernel = str(ROOT / "firmware" / "build" / "mbtest.elf")
+    r = _hvm_in(netns, "run", "--kernel", kernel, "--netdev", "tap,ifname=tap0", "--stats", "--timeout", "20")
+    assert r.returncode == 1, r.stderr     # mbtest's debug-exit code 0: status (0 << 1) | 1
+    assert re.search(r"^device virtio-net0: notifications 0 .* tx_frames 0 .* rx_waits 0$", r.stderr, re.M), r.stderr
+    # Two NICs on one (single-queue) tap: the second attach is refused, one line, status 2.
+    r = _hvm_in(netns, "run", "--kernel", kernel, "--netdev", "tap,ifname=tap0", "--netdev", "tap,ifname=tap0",
+                "--timeout", "20")
+    assert (r.returncode, r.stderr) == (2, "hvm: virtio-net1: cannot attach to tap device tap0: busy (attached "
+                                           "already: by another process, or another NIC)\n")
+    r = _hvm_in(netns, "run", "--kernel", kernel, "--netdev", "tap,ifname=tap7", "--timeout", "20")
+    assert (r.returncode, r.stderr) == (2, "hvm: --netdev: no such tap device tap7 (create one: ip tuntap add tap7 "
+                                           "mode tap)\n")
+    assert "tap7" not in netns.run("ip", "-o", "link")
+
+
 def test_tap_tx_and_rx(tap_rig):
     backend, t, driver, rx, tx, sniff = tap_rig
     f = frame(1, 100, dst=b"\xff" * 6)

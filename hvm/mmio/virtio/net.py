@@ -116,7 +116,7 @@ def open_tap(name: str) -> int:
         os.close(fd)
         why = {errno.EPERM: "permission denied (the tap belongs to another user or group: "
                             "ip tuntap add NAME mode tap user USER, or run as root)",
-               errno.EBUSY: "busy (another process has it open)",
+               errno.EBUSY: "busy (attached already: by another process, or another NIC)",
                errno.EINVAL: "not a tap device (a tun device, a multiqueue tap or another kind of interface; "
                              "create one: ip tuntap add NAME mode tap)"}.get(e.errno, e.strerror)
         raise TapError(f"cannot attach to tap device {name}: {why}") from None
