@@ -89,3 +89,4 @@ clean:
 include mk/linux.mk
 include mk/bench.mk
 include mk/fuzz.mk
+include mk/net.mk
