@@ -2,10 +2,13 @@
 (one writable buffer per request)."""
 from __future__ import annotations
 
+import re
+import struct
 from types import SimpleNamespace
 
 import pytest
 
+from conftest import FIRMWARE, run_hvm, write_yaml
 from hvm.memory import MiB, GuestMemory
 from hvm.mmio.bus import MmioBus
 from hvm.mmio.device import IrqLine
@@ -117,3 +120,61 @@ def test_create_attaches_to_the_slot(memory):
     t = rng.create(ctx, {})
     assert bus.read(0xD000_0000 + vc.MMIO_DEVICE_ID, 4) == 4
     assert t.name == "virtio-rng0" and t.irq.irq == 5 and closers == [t.close]
+
+
+# --- firmware/vrng under a real VM: the registry's device, a driver in firmware --------------------------
+BASE = 0xD000_0000
+
+
+def vrng_image(tmp_path, requests: int, mode: int = 0, base: int = BASE):
+    from bench.exits import patch_header
+
+    image = patch_header(FIRMWARE / "vrng.bin", tmp_path / f"vrng-{mode}.bin", requests, base, "<I",
+                         arg_as_built=BASE)
+    data = bytearray(image.read_bytes())
+    assert struct.unpack_from("<I", data, 12)[0] == 0
+    struct.pack_into("<I", data, 12, mode)
+    image.write_bytes(bytes(data))
+    return image
+
+
+def vrng_yaml(tmp_path, image, devices: str = "virtio-rng: true") -> str:
+    return str(write_yaml(tmp_path, f"name: vrng\nmemory: 16M\ntimeout: 20\nmachine: none\n"
+                          f"boot: {{image: '{image}', load: 0x100000, mode: protected}}\n"
+                          f"devices: {{serial: none, {devices}}}\n", "vrng.yaml"))
+
+
+def device_counters(stderr: str) -> dict[str, int]:
+    m = re.search(r"^device virtio-rng: (.*)$", stderr, re.M)
+    assert m, stderr
+    words = m.group(1).split()
+    return {k: int(v) for k, v in zip(words[::2], words[1::2])}
+
+
+def test_firmware_takes_entropy_from_the_device(tmp_path):
+    run = run_hvm("run", vrng_yaml(tmp_path, vrng_image(tmp_path, 5)), "--stats")
+    assert run.status == 1, run.stderr          # debug-exit 0: 5 buffers came back full, not all zeros
+    assert device_counters(run.stderr) == {"notifications": 5, "interrupts": 0, "config_interrupts": 0,
+                                           "errors": 0, "requests": 5, "bytes_served": 5 * 64}
+
+
+def test_firmware_hostile_request_then_reset_recovers(tmp_path):
+    run = run_hvm("run", vrng_yaml(tmp_path, vrng_image(tmp_path, 3, mode=1)), "--stats")
+    assert run.status == 1, run.stderr          # refused with NEEDS_RESET, then 3 good requests after a reset
+    assert "virtio-rng: device needs reset: virtio-rng queue 0: chain 0: descriptor 0 buffer " \
+           "0xc0000000..0xc0000040 is outside guest RAM" in run.stderr
+    # the refusal raised the configuration-change interrupt (DRIVER_OK was set), the only interrupt
+    assert device_counters(run.stderr) == {"notifications": 4, "interrupts": 0, "config_interrupts": 1,
+                                           "errors": 1, "requests": 3, "bytes_served": 3 * 64}
+
+
+def test_firmware_from_the_qemu_spelling(tmp_path):
+    yaml = vrng_yaml(tmp_path, vrng_image(tmp_path, 2), devices="debug_exit: {port: 0xf4}")
+    run = run_hvm("run", yaml, "--device", "virtio-rng-device", "--stats")
+    assert run.status == 1, run.stderr
+    assert device_counters(run.stderr)["bytes_served"] == 128
+
+
+def test_firmware_finds_no_rng_without_the_device(tmp_path):
+    run = run_hvm("run", vrng_yaml(tmp_path, vrng_image(tmp_path, 1), devices="debug_exit: {port: 0xf4}"))
+    assert run.status == 3, run.stderr          # debug-exit 1: all-ones reads, no virtio-rng at the base

@@ -124,7 +124,11 @@ class VirtioMmio:
             if self.broken:
                 return
             self.errors += 1
-            self._warn("device needs reset: %s", reason)
+            # Its own bound: a driver's earlier register mistakes do not hide why the device stopped.
+            level = logging.WARNING if self.errors <= MAX_WARNINGS else logging.DEBUG
+            log.log(level, "%s: device needs reset: %s", self.name, reason)
+            if self.errors == MAX_WARNINGS:
+                log.warning("%s: %d resets needed; further ones at debug level", self.name, MAX_WARNINGS)
             self.status |= vc.STATUS_DEVICE_NEEDS_RESET
             for q in self.queues:
                 q.broken = True
@@ -312,6 +316,12 @@ class VirtioMmio:
         old = getattr(q, attr)
         new = (old & U32) | (value << 32) if offset & 4 else (old & ~U32) | value
         setattr(q, attr, new)
+
+    def queue_notify(self, index: int) -> None:
+        """A notification that did not come through a register write (an ioeventfd on QueueNotify, whose
+        datamatch is the queue index): the same as the guest writing `index` to QueueNotify."""
+        with self.lock:
+            self._notify(index)
 
     def _notify(self, value: int) -> None:
         self.notifications += 1

@@ -17,14 +17,17 @@ is ever read or written.
 
 Memory ordering: hvm runs on x86 (TSO): stores are seen in program order and loads are not reordered with
 older loads, so writing a used element before the used index, and reading the available index before the
-ring entry it covers, need no fences. The only store->load pair that needs one (avail_event then the
-available index, in pop) gets the full barrier of the locked instruction CPython executes around every
-mmap access (its buffer-export counting) -- and, should a notification be missed anyway, the driver
-notifies again on its next buffer.
+ring entry it covers, need no fences. A store followed by a load of another location can be reordered,
+though, and two places need that order (as QEMU's smp_mb() in the same places): publishing avail_event and
+then looking at the available index again (pop), and publishing the used index and then reading
+used_event or the avail flags (needs_interrupt); otherwise the device and the driver can each miss the
+other's update and a notification or an interrupt is lost. _full_barrier() gives it: acquiring and
+releasing a lock is a locked read-modify-write, a full barrier on x86.
 """
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from hvm.memory import GuestMemory, GuestMemoryError
@@ -33,6 +36,15 @@ from hvm.mmio.virtio import constants as vc
 _DESC = struct.Struct("<QIHH")       # addr, len, flags, next
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")    # id, len
+
+
+_BARRIER = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A full memory barrier (the lock's atomic read-modify-write): earlier stores are visible before later loads."""
+    with _BARRIER:
+        pass
 
 
 class VirtqueueError(Exception):
@@ -180,6 +192,7 @@ class Queue:
                 # Ask for a notification at the next buffer, then look again: a buffer made available
                 # between the first look and this store saw the old avail_event and may not notify.
                 self._set_avail_event(self.last_avail_idx)
+                _full_barrier()
                 if self.pending() == 0:
                     return None
             head = self._u16(self.avail_addr + 4 + 2 * (self.last_avail_idx % self.size))
@@ -275,6 +288,7 @@ class Queue:
         driver's used_event since the last decision; otherwise unless the driver set NO_INTERRUPT."""
         if not self.ready or self.broken:
             return False
+        _full_barrier()      # the used index published before the driver's used_event / flags are read
         if self.event_idx:
             old, new = self.signalled_used, self.used_idx
             self.signalled_used = new
