@@ -74,7 +74,7 @@ run: install firmware
 
 # Everything, slow tests included: they build their own Linux guests (`make linux`, from Debian packages)
 # and compare with QEMU (Debian's qemu-system-x86, installed here when missing).
-test: install firmware bench-qemu
+test: install firmware bench-qemu net
 	$(PYTHON) -m pytest -q
 
 test-fast: install firmware
@@ -89,3 +89,4 @@ clean:
 include mk/linux.mk
 include mk/bench.mk
 include mk/fuzz.mk
+include mk/net.mk

@@ -53,6 +53,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--device", action="append", default=[], metavar="NAME[,OPTS]",
                    help="add a device: isa-debug-exit[,iobase=0xf4,iosize=4], or any device of the registry "
                         "by name with prop=value options (`--device help` lists them with their properties)")
+    p.add_argument("--netdev", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
+                   help="add a virtio-net NIC on the existing host tap device NAME (repeatable; QEMU's id=, "
+                        "script=no, downscript=no accepted and ignored)")
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="run the script: steps in FILE (a YAML list) against the serial console, replacing the "
@@ -225,6 +228,42 @@ def _device_overrides(devices: list[str], origins: dict[str, str]) -> dict:
     return out
 
 
+NETDEV_IGNORED = {"id": None, "script": "no", "downscript": "no"}   # QEMU's options: the value hvm accepts
+
+
+def netdev_entries(specs: list[str], flag: str = "--netdev") -> list[dict]:
+    """--netdev tap,ifname=NAME[,mac=MAC] (QEMU's -netdev tap spelling) -> devices.virtio-net entries
+    ({"tap": NAME[, "mac": MAC]}); the values are checked where the YAML's are (the device's declaration)."""
+    out = []
+    for spec in specs:
+        kind, _, opts = spec.partition(",")
+        if kind != "tap":
+            raise ConfigError("command line", flag, f"{kind[:60]!r}: hvm has tap networking only "
+                              "(tap,ifname=NAME[,mac=MAC])", flag=flag)
+        entry: dict = {}
+        for o in opts.split(","):
+            if not o:
+                continue
+            option, eq, value = o.partition("=")
+            if not eq:
+                raise ConfigError("command line", flag, f"{o[:60]!r} is not OPTION=VALUE", flag=flag)
+            if option in ("ifname", "mac"):
+                entry["tap" if option == "ifname" else "mac"] = value
+            elif option in NETDEV_IGNORED:
+                wanted = NETDEV_IGNORED[option]
+                if wanted is not None and value != wanted:
+                    raise ConfigError("command line", flag, f"{option}={value[:60]}: hvm runs no network "
+                                      f"scripts ({option}=no; make and configure the tap beforehand)", flag=flag)
+            else:
+                raise ConfigError("command line", flag, f"{option[:60]!r} is not an option of tap "
+                                  "(ifname, mac, id, script=no, downscript=no)", flag=flag)
+        if "tap" not in entry:
+            raise ConfigError("command line", flag, "tap needs ifname=NAME (an existing tap device: "
+                              "ip tuntap add NAME mode tap)", flag=flag)
+        out.append(entry)
+    return out
+
+
 def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None = None) -> dict:
     """The flags that override YAML fields, as a mapping of the YAML's shape. `origins` (if given) gets
     each overridden field's dotted path -> the flag, so that errors name the flag, not the YAML file."""
@@ -243,6 +282,16 @@ def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None
         over["qmp"] = args.qmp
         origins["qmp"] = "--qmp"
     devices = _device_overrides(args.device, origins)
+    nics = netdev_entries(getattr(args, "netdev", []) or [])
+    if nics:
+        entries = devices.setdefault("virtio-net", [])    # after any --device virtio-net ones
+        for nic in nics:
+            path = f"devices.virtio-net[{len(entries)}]"
+            entries.append(nic)
+            origins[path] = "--netdev"
+            for prop, option in (("tap", "ifname"), ("mac", "mac")):
+                if prop in nic:
+                    origins[f"{path}.{prop}"] = f"--netdev: {option}"
     if args.serial is not None:
         devices["serial"] = {"output": args.serial}
         origins["devices.serial.output"] = "--serial"
@@ -324,7 +373,7 @@ def _line_break(machine: Machine) -> str:
 # Flags that describe the VM: a restore takes the description from the snapshot, so they cannot be given.
 INCOMING_CONFLICTS = (("config", "a config file"), ("kernel", "--kernel"), ("append", "--append"),
                       ("initrd", "--initrd"), ("memory", "--memory"), ("vcpus", "--vcpus"), ("machine", "--machine"),
-                      ("device", "--device"), ("no_pit", "--no-pit"))
+                      ("device", "--device"), ("netdev", "--netdev"), ("no_pit", "--no-pit"))
 
 
 def _incoming_console(args: argparse.Namespace):

@@ -26,8 +26,82 @@ class ShimError(Exception):
     pass
 
 
+NET_DEVICES = ("virtio-net-device", "virtio-net")
+
+
+def _options(text: str) -> tuple[str, dict[str, str]]:
+    """'tap,id=n0,ifname=tap0' -> ('tap', {'id': 'n0', 'ifname': 'tap0'})."""
+    head, _, rest = text.partition(",")
+    opts = {}
+    for o in rest.split(","):
+        if o:
+            k, _, v = o.partition("=")
+            opts[k] = v
+    return head, opts
+
+
+def _netdev(kind: str, opts: dict[str, str], mac: str | None, what: str) -> str:
+    """A QEMU tap backend's options -> hvm's --netdev value (hvm checks ifname, script=no and the rest)."""
+    if kind != "tap":
+        raise ShimError(f"{what} {kind}: hvm has tap networking only")
+    parts = ["tap"] + [f"{k}={v}" for k, v in opts.items() if k != "id"]
+    if mac is not None:
+        parts.append(f"mac={mac}")
+    return ",".join(parts)
+
+
+def _translate_net(argv: list[str]) -> tuple[list[str], list[str]]:
+    """-netdev tap,id=X,... with -device virtio-net-device,netdev=X[,mac=..], and -nic tap,...,model=...:
+    each NIC as hvm's --netdev; returns (argv without them, the --netdev arguments)."""
+    rest, netdevs, nics, out = [], {}, [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i][1:] if argv[i].startswith("--") else argv[i]
+        if a in ("-netdev", "-nic") or (a == "-device" and i + 1 < len(argv)
+                                         and argv[i + 1].split(",")[0] in NET_DEVICES):
+            if i + 1 >= len(argv):
+                raise ShimError(f"{argv[i]} needs a value")
+            kind, opts = _options(argv[i + 1])
+            if a == "-netdev":
+                if not opts.get("id"):
+                    raise ShimError("-netdev needs id=NAME (for -device virtio-net-device,netdev=NAME)")
+                netdevs[opts["id"]] = (kind, opts)
+            elif a == "-nic":
+                model = opts.pop("model", None)
+                if model not in NET_DEVICES:
+                    raise ShimError(f"-nic model={model}: hvm's NIC is virtio-net-device (model=virtio-net-device)")
+                mac = opts.pop("mac", None)
+                nics.append(_netdev(kind, opts, mac, "-nic"))
+            else:
+                nics.append(opts)
+            i += 2
+            continue
+        rest.append(argv[i])
+        i += 1
+    used = set()
+    for opts in nics:     # in command-line order: the NICs' order is their index (MAC, slot)
+        if isinstance(opts, str):
+            out += ["--netdev", opts]
+            continue
+        unknown = set(opts) - {"netdev", "mac", "id"}
+        if unknown:
+            raise ShimError(f"-device virtio-net-device: {sorted(unknown)[0]}: not an option hvm has (netdev, mac)")
+        nd = opts.get("netdev")
+        if nd is None:
+            raise ShimError("-device virtio-net-device: needs netdev=ID (of a -netdev tap,id=ID,ifname=NAME)")
+        if nd not in netdevs:
+            raise ShimError(f"-device virtio-net-device: netdev={nd} names no -netdev id")
+        used.add(nd)
+        out += ["--netdev", _netdev(*netdevs[nd], opts.get("mac"), "-netdev")]
+    for nd in netdevs:
+        if nd not in used:
+            raise ShimError(f"-netdev id={nd}: no -device virtio-net-device,netdev={nd} uses it")
+    return rest, out
+
+
 def translate(argv: list[str]) -> list[str]:
     """QEMU arguments -> `hvm run` arguments."""
+    argv, net_args = _translate_net(argv)
     # Quiet like QEMU: upstream's runner takes anything on stderr as a sign that QEMU failed.
     out = ["run", "--quiet", "--machine", "pc", "--serial", "none"]
     i = 0
@@ -120,7 +194,7 @@ def translate(argv: list[str]) -> list[str]:
             out[out.index("--serial") + 1] = "stdio"   # the console's output (all console devices share it)
         elif backend != "null":
             raise ShimError(f"-chardev {backend}: hvm-qemu gives a virtconsole stdio or null only")
-    return out
+    return out + net_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import FIRMWARE, write_yaml
+from hvm.mmio import registry
 from hvm.config import ConfigError, load_config, parse_size
 
 HELLO = FIRMWARE / "hello.bin"
@@ -280,7 +281,8 @@ def test_flag_errors_name_the_flag_not_the_file(hvm):
     (["--device", "isa-debugcon,iobase"], "hvm: --device: isa-debugcon: 'iobase' is not option=value"),
     (["--device", "pc-testdev,x=1"], "hvm: --device: pc-testdev: 'x' is not an option of pc-testdev (options: none)"),
     (["--device", "nic"], "hvm: --device: 'nic' is not a device hvm has (isa-debug-exit, debugcon, pvconsole, "
-                          "testdev; --device help lists them)"),
+                          f"testdev, {', '.join(n for n in registry.device_types() if n.startswith('virtio'))}; "
+                          "--device help lists them)"),
     (["--append", "x"], "hvm: --append: only applies to boot.kernel"),
     (["--initrd", "/nonexistent"], "hvm: --initrd: only applies to boot.kernel"),
     (["--vcpus", "x"], "hvm run: argument --vcpus/--smp: invalid int value: 'x' (see `hvm run --help`)"),

@@ -287,7 +287,10 @@ def test_linux_boot_log_through_hvc0(tmp_path):
     assert "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000004" in run.out
     assert re.search(r"^\[ *[\d.]+\] ", run.out)          # the kernel's own log lines, timestamps and all
     assert run.status == 4
-    assert re.search(r"^  virtio-console0 +\d+$", run.stderr, re.M), run.stderr   # --stats: by device
+    assert re.search(r"^  virtio-console +\d+$", run.stderr, re.M), run.stderr   # --stats: exits by device
+    # and the device's own counters: the driver kicked the transmit queue, the device interrupted back
+    counters = re.search(r"^device virtio-console: notifications (\d+)  interrupts (\d+) ", run.stderr, re.M)
+    assert counters and int(counters[1]) > 0 and int(counters[2]) > 0, run.stderr
 
 def test_ctrl_a_x_and_input_through_the_console_pump(mem):
     """The console's input thread (Ctrl-A x, Ctrl-A Ctrl-A) works the same whatever device takes the input."""
