@@ -243,6 +243,13 @@ def test_firmware_echoes_input_from_a_file(tmp_path):
 
 
 
+
+def test_without_a_uart_stdin_goes_to_virtio_console(tmp_path):
+    """`serial: false`: the console is this terminal, output and input (as for console=hvc0 alone)."""
+    image = vcon_image(tmp_path, 1, mode=1)
+    run = run_hvm("run", vcon_yaml(tmp_path, image, "false"), input=b"from stdin\nq")
+    assert (run.status, run.out) == (1, "FROM STDIN\nbye\n"), run.stderr
+
 def test_pexpect_api_sends_and_expects_through_virtio_console(tmp_path):
     """The console's pexpect API (what scripts use) over virtio-console: send() goes to the receive queue."""
     from hvm import Machine, load_config
