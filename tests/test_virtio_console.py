@@ -230,6 +230,8 @@ def test_firmware_prints_through_virtio_console(tmp_path, mode, lines, notifies)
     # the 35 accesses of the handshake, one QueueNotify exit per batch, then the debug-exit OUT
     assert re.search(rf"^  MMIO +{HANDSHAKE_EXITS + notifies}$", run.stderr, re.M), run.stderr
     assert re.search(r"^  IO +1$", run.stderr, re.M), run.stderr
+    assert re.search(rf"^device virtio-console: notifications {notifies + 0}  interrupts 0  config_interrupts 0  "
+                     rf"errors 0  tx_bytes {len(LINE) * lines}  rx_bytes 0$", run.stderr, re.M), run.stderr
 
 
 def test_firmware_echoes_input_from_a_file(tmp_path):
