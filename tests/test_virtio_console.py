@@ -234,6 +234,20 @@ def test_firmware_prints_through_virtio_console(tmp_path, mode, lines, notifies)
                      rf"errors 0  tx_bytes {len(LINE) * lines}  rx_bytes 0$", run.stderr, re.M), run.stderr
 
 
+
+@pytest.mark.parametrize("name", ["virtio-console", "virtconsole"])
+def test_device_flag(tmp_path, name):
+    """`--device virtio-console` (or QEMU's name) on a VM whose YAML has none."""
+    image = vcon_image(tmp_path, 2)
+    cfg = write_yaml(tmp_path, f"name: vcon\nmemory: 16M\ntimeout: 20\nmachine: none\n"
+                     f"boot: {{image: '{image}', load: 0x100000, mode: protected}}\n", "plain.yaml")
+    run = run_hvm("run", str(cfg), "--device", name)
+    assert (run.status, run.stdout) == (1, LINE * 2), run.stderr
+    run = run_hvm("run", str(cfg))
+    assert run.status == 3 and run.stdout == b""     # no device at the base: vcon says so (debug-exit 1)
+    run = run_hvm("run", str(cfg), "--device", f"{name},cols=80")
+    assert run.status == 2 and run.stderr.count("\n") == 1 and "cols" in run.stderr, run.stderr
+
 def test_firmware_echoes_input_from_a_file(tmp_path):
     out = tmp_path / "serial.out"
     inp = tmp_path / "in.txt"
