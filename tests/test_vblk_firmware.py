@@ -119,6 +119,16 @@ def test_hvm_throughput_mode_wraps_round_the_disk(tmp_path, disk):
     assert stats_counters(run.stderr)["notifications"] == 40
 
 
+@needs_blk
+def test_hvm_scan_finds_the_device(tmp_path, disk):
+    # base 0: microvm's transport addresses first (nothing there under hvm: all-ones reads), then hvm's slots
+    original = disk.read_bytes()
+    kernel = vblk_image(tmp_path / "vblk.bin", base=SCAN)
+    run = run_hvm("run", str(hvm_yaml(tmp_path / "vm.yaml", kernel, disk, timeout=20)))
+    assert run.status == 1, run.stderr
+    assert run.stdout == expected_output(original)
+
+
 def test_hvm_without_the_device(tmp_path):
     kernel = vblk_image(tmp_path / "vblk.bin")
     run = run_hvm("run", "--kernel", str(kernel), "--timeout", "20")
