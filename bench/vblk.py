@@ -74,8 +74,8 @@ def hvm_yaml(path: Path, kernel: Path, disk: Path, ioeventfd: bool | None = None
 
 
 def qemu_argv(kernel: Path, disk: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    return QEMU_ARGS + list(extra) + ["-drive", f"id=d0,file={disk},format=raw,if=none", "-device", "virtio-blk-device,drive=d0",
-                        "-kernel", str(kernel)]
+    return QEMU_ARGS + list(extra) + ["-drive", f"id=d0,file={disk},format=raw,if=none",
+                                      "-device", "virtio-blk-device,drive=d0", "-kernel", str(kernel)]
 
 
 def hvm_has_blk() -> bool:
