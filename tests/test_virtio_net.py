@@ -273,6 +273,19 @@ def test_reset_forgets_queues_and_drops_the_kept_frame(rig):
     assert rig.backend._pending is None
 
 
+def test_peer_closed_stops_the_reader_without_spinning(memory):
+    r = Rig(memory)
+    try:
+        r.host.close()        # EOF on the device's end: the reader logs once and ends (no poll loop on it)
+        r.backend._thread.join(timeout=5)
+        assert not r.backend._thread.is_alive()
+        r.tx.add([HDR + frame(1)])
+        r.driver.kick(1)      # TX to a closed peer: an error counted, the VMM goes on
+        assert (r.backend.tx_errors, r.backend.tx_frames) == (1, 0)
+    finally:
+        r.backend.close()
+
+
 def test_close_joins_the_thread_and_closes_the_fds(memory):
     r = Rig(memory)
     thread, fds = r.backend._thread, (r.backend._fd, r.backend._wake_r, r.backend._wake_w)
