@@ -448,6 +448,24 @@ def test_cli_netdev_end_to_end_in_namespace(netns):
     assert "tap7" not in netns.run("ip", "-o", "link")
 
 
+def test_yaml_and_hvm_qemu_in_namespace(netns, tmp_path):
+    kernel = ROOT / "firmware" / "build" / "mbtest.elf"
+    vm = tmp_path / "vm.yaml"
+    vm.write_text(f"boot: {{kernel: {kernel}}}\ndevices:\n  virtio-net: [{{tap: tap0, mac: '52:54:00:AA:BB:01'}}]\n")
+    r = _hvm_in(netns, "run", str(vm), "--stats", "--timeout", "20")
+    assert r.returncode == 1 and "device virtio-net0: " in r.stderr, r.stderr
+    vm.write_text(f"boot: {{kernel: {kernel}}}\ndevices:\n  virtio-net: [{{tap: tap0, mac: '53:54:00:AA:BB:01'}}]\n")
+    r = _hvm_in(netns, "run", str(vm))
+    assert (r.returncode, r.stderr) == (2, f"hvm: {vm}: devices.virtio-net[0].mac: 53:54:00:AA:BB:01 is a "
+                                           "multicast address (the first octet must be even)\n")
+    for net_args in (["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device",
+                      "virtio-net-device,netdev=n0,mac=52:54:00:00:00:09"],
+                     ["-nic", "tap,ifname=tap0,model=virtio-net-device"]):
+        r = subprocess.run(["nsenter", f"--net=/proc/{netns.proc.pid}/ns/net", sys.executable, "-m", "hvm.qemu_shim",
+                            "-kernel", str(kernel), *net_args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stderr) == (1, ""), r.stderr
+
+
 def test_tap_tx_and_rx(tap_rig):
     backend, t, driver, rx, tx, sniff = tap_rig
     f = frame(1, 100, dst=b"\xff" * 6)
