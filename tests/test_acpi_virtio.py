@@ -302,3 +302,100 @@ def test_iasl_compiles_the_same_aml(tmp_path):
     assert len(theirs) == len(ours)
     assert theirs[:-1] == ours[:-1] and theirs[-1] == 0 and ours[-1] == resource_template(
         memory32_fixed(*SLOT0[:2]), extended_interrupt(SLOT0[2]))[-1]
+
+
+# --- Linux finds the devices (slow: a Linux boot) ---------------------------------------------------
+
+BOOT_TIMEOUT = 600
+DUPLICATE_PROBE = ("error -16", "EBUSY", "can't request region", "failed to claim resource")
+
+
+def kernel_has(option: str) -> bool:
+    config = LINUX / "kbuild-minimal" / ".config"
+    return config.is_file() and f"{option}=y" in config.read_text().splitlines()
+
+
+def _boot_with_rng(virtio_cmdline: bool):
+    """Boot the minimal kernel (ud2 initramfs) with a registry virtio-rng in the first slot; return the
+    console text, the transport and the Linux command line the kernel printed."""
+    from hvm.config import parse_spec
+    from hvm.console import Console
+    from hvm.machine import Machine
+
+    spec = parse_spec({"memory": "256M", "timeout": BOOT_TIMEOUT, "virtio_cmdline": virtio_cmdline,
+                       "devices": {"virtio-rng": True},
+                       "boot": {"kernel": str(LINUX / "vmlinux-minimal"),
+                                "initrd": [str(LINUX / "initramfs-ud2.cpio")], "cmdline": "console=ttyS0 panic=-1"}})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as vm:
+        rng = vm.mmio.find(SLOT0[0]).device
+        vm.start()
+        vm.wait_for_console(b"Run /init as init process", timeout=BOOT_TIMEOUT)
+        vm.wait(BOOT_TIMEOUT + 30)
+        console = vm.console.text()
+    return console, rng
+
+
+def _needs_linux():
+    if not (LINUX / "vmlinux-minimal").is_file() or not (LINUX / "initramfs-ud2.cpio").is_file():
+        pytest.skip("needs `make linux` (vmlinux-minimal, initramfs-ud2.cpio)")
+    if not kernel_has("CONFIG_HW_RANDOM_VIRTIO"):
+        pytest.skip("the minimal kernel has no HW_RANDOM_VIRTIO")
+
+
+@pytest.mark.slow
+def test_linux_finds_virtio_rng_through_the_dsdt_alone():
+    """`virtio_cmdline: false`: nothing on the command line, the DSDT's LNRO0005 device is the only way the
+    kernel can know the rng is there; the rng serving bytes proves virtio_mmio bound to it."""
+    _needs_linux()
+    if not kernel_has("CONFIG_PCI"):
+        # Linux 6.12's ACPICA installs a default PCI_Config region handler while loading the tables, and
+        # without CONFIG_PCI it has none (AE_BAD_PARAMETER, "Unable to load the System Description
+        # Tables"): the namespace, and so every DSDT device, is never enumerated.
+        pytest.skip("the minimal kernel needs CONFIG_PCI for ACPI to load the DSDT (ACPICA's PCI_Config handler)")
+    console, rng = _boot_with_rng(virtio_cmdline=False)
+    assert "Run /init as init process" in console, console[-3000:]
+    assert "virtio_mmio.device=" not in console
+    assert "Unable to load the System Description Tables" not in console
+    assert rng.backend.bytes_served > 0 and rng.errors == 0 and rng.driver_ok, console[-3000:]
+    assert not any(s in console for s in DUPLICATE_PROBE)
+
+
+@pytest.mark.slow
+def test_linux_cmdline_path_probes_the_device_once():
+    """The default: `virtio_mmio.device=` on the command line (and the DSDT leaves the slot out): the rng is
+    fed, and no second probe of the same range fails with -EBUSY."""
+    _needs_linux()
+    console, rng = _boot_with_rng(virtio_cmdline=True)
+    assert "Run /init as init process" in console, console[-3000:]
+    assert f"virtio_mmio.device=4K@{SLOT0[0]:#x}:{SLOT0[2]}" in console
+    assert f"virtio-mmio.0 at {SLOT0[0]:#x}-{SLOT0[0] + 0xfff:#x}, IRQ {SLOT0[2]}." in console
+    assert rng.backend.bytes_served > 0 and rng.errors == 0 and rng.driver_ok
+    assert not any(s in console for s in DUPLICATE_PROBE), [s for s in DUPLICATE_PROBE if s in console]
+    assert "virtio-mmio.1" not in console
+
+
+@pytest.mark.slow
+def test_linux_boots_from_the_rootfs_disk(tmp_path):
+    """configs/linux.yaml's VM on a copy of its disk: the kernel mounts the ext4 root from virtio-blk, writes
+    its superblock (rw) and runs /init from it. On a kvm_pvm host /init's first system call kills it, as from
+    the initramfs; the ud2 disk's /init ends the same way on any host."""
+    import shutil as _shutil
+    import yaml
+
+    if not (LINUX / "rootfs-ud2.ext4").is_file() or not (LINUX / "vmlinux-minimal").is_file():
+        pytest.skip("needs `make linux` (vmlinux-minimal, rootfs-ud2.ext4)")
+    disk = tmp_path / "root.ext4"
+    _shutil.copyfile(LINUX / "rootfs-ud2.ext4", disk)
+    before = disk.read_bytes()
+    config = yaml.safe_load((ROOT / "configs" / "linux.yaml").read_text())
+    config["boot"]["kernel"] = str(LINUX / "vmlinux-minimal")
+    config["devices"] = {"serial": "stdio", "virtio-blk": [{"file": str(disk)}]}
+    assert "initrd" not in config["boot"] and "root=/dev/vda rw" in config["boot"]["cmdline"]
+    vm_yaml = write_yaml(tmp_path, yaml.safe_dump(config))
+    r = run_hvm("run", str(vm_yaml), "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_TIMEOUT + 60)
+    assert "EXT4-fs (vda): mounted filesystem" in r.out, r.out[-3000:]
+    assert "VFS: Mounted root (ext4 filesystem) on device" in r.out
+    assert "Run /init as init process" in r.out
+    assert "Kernel panic - not syncing: Attempted to kill init!" in r.out
+    assert r.status == 4
+    assert disk.read_bytes() != before          # the rw mount's superblock write reached the host file
