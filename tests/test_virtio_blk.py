@@ -374,3 +374,35 @@ def run_hvm_qemu(*argv: str):
     import sys
     return subprocess.run([sys.executable, "-c", "import sys; from hvm.qemu_shim import main; sys.exit(main())", *argv],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+CHILD = r'''
+import os, sys, time
+sys.path.insert(0, "tests")
+from test_virtio_blk import make, request, blk
+from hvm.memory import GuestMemory, MiB
+mem = GuestMemory(16 * MiB)
+d = make(mem, sys.argv[1])
+status = request(d, blk.T_OUT, 5, data=[b"\xa5" * 512])[0]
+status |= request(d, blk.T_FLUSH)[0]
+print("done", status, flush=True)
+time.sleep(60)
+'''
+
+
+def test_a_completed_flushed_write_survives_sigkill(image):
+    # the device in a process of its own, killed with SIGKILL once the guest saw OUT and FLUSH complete
+    import signal
+    import subprocess
+    import sys
+    before = image.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(image)], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"done 0\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    assert child.returncode == -signal.SIGKILL
+    after = image.read_bytes()
+    assert after[5 * 512:6 * 512] == b"\xa5" * 512
+    assert after[:5 * 512] == before[:5 * 512] and after[6 * 512:] == before[6 * 512:]
