@@ -56,6 +56,11 @@ METHODS = (
 )
 
 
+def _per_kib(exits_per_line: float) -> str:
+    n = exits_per_line * 1024 / LINE_LEN
+    return f"{n:,.0f}" if n >= 100 else f"{n:.1f}"
+
+
 def _exits(n: int) -> str:
     return f"{n} exit" if n == 1 else f"{n} exits"
 
@@ -137,7 +142,7 @@ def bench_console(quick: bool, reps: int, workdir: Path, log) -> tuple[list[Row]
             kib = LINE_LEN / 1024
             rows.append(Row(method.key, title, reference, fig, ref, "lines/s over the UART's",
                             f"{fig.median * kib:,.1f} KiB/s vs {ref.median * kib:,.1f} KiB/s; exits per KiB "
-                            f"{method.per_line / kib:,.1f} vs {UART.per_line / kib:,.0f}; "
+                            f"{_per_kib(method.per_line)} vs {_per_kib(UART.per_line)}; "
                             f"exits per line {method.per_line:g} vs {UART.per_line:g}; "
                             f"{per_exit_us:.1f} µs per exit (guest instructions included), UART "
                             f"{1e6 / (ref.median * UART.exits_per_line):.1f} µs; every run's exit count checked"))

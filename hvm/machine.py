@@ -193,7 +193,9 @@ class Machine:
             if serial is None:
                 # debugcon, pvconsole, virtio-console write to the console too: without a serial it is this terminal
                 other = any(getattr(registry.lookup(d.type), "uses_console", False) for d in spec.devices)
-                console = Console("stdio" if other else "none", "none", open_now=False)
+                # and stdin is its input, for a device that takes input (virtio-console: console=hvc0 alone)
+                console = Console("stdio" if other else "none", "stdin" if other and not spec.script else "none",
+                                  open_now=False)
             else:
                 inp = serial.input
                 if inp == "auto":   # a script: steps drive the input, not the terminal

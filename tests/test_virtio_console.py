@@ -230,7 +230,23 @@ def test_firmware_prints_through_virtio_console(tmp_path, mode, lines, notifies)
     # the 35 accesses of the handshake, one QueueNotify exit per batch, then the debug-exit OUT
     assert re.search(rf"^  MMIO +{HANDSHAKE_EXITS + notifies}$", run.stderr, re.M), run.stderr
     assert re.search(r"^  IO +1$", run.stderr, re.M), run.stderr
+    assert re.search(rf"^device virtio-console: notifications {notifies + 0}  interrupts 0  config_interrupts 0  "
+                     rf"errors 0  tx_bytes {len(LINE) * lines}  rx_bytes 0$", run.stderr, re.M), run.stderr
 
+
+
+@pytest.mark.parametrize("name", ["virtio-console", "virtconsole"])
+def test_device_flag(tmp_path, name):
+    """`--device virtio-console` (or QEMU's name) on a VM whose YAML has none."""
+    image = vcon_image(tmp_path, 2)
+    cfg = write_yaml(tmp_path, f"name: vcon\nmemory: 16M\ntimeout: 20\nmachine: none\n"
+                     f"boot: {{image: '{image}', load: 0x100000, mode: protected}}\n", "plain.yaml")
+    run = run_hvm("run", str(cfg), "--device", name)
+    assert (run.status, run.stdout) == (1, LINE * 2), run.stderr
+    run = run_hvm("run", str(cfg))
+    assert run.status == 3 and run.stdout == b""     # no device at the base: vcon says so (debug-exit 1)
+    run = run_hvm("run", str(cfg), "--device", f"{name},cols=80")
+    assert run.status == 2 and run.stderr.count("\n") == 1 and "cols" in run.stderr, run.stderr
 
 def test_firmware_echoes_input_from_a_file(tmp_path):
     out = tmp_path / "serial.out"
@@ -242,6 +258,13 @@ def test_firmware_echoes_input_from_a_file(tmp_path):
     assert out.read_bytes() == b"HELLO VIRTIO\nSECOND LINE\nbye\n"
 
 
+
+
+def test_without_a_uart_stdin_goes_to_virtio_console(tmp_path):
+    """`serial: false`: the console is this terminal, output and input (as for console=hvc0 alone)."""
+    image = vcon_image(tmp_path, 1, mode=1)
+    run = run_hvm("run", vcon_yaml(tmp_path, image, "false"), input=b"from stdin\nq")
+    assert (run.status, run.out) == (1, "FROM STDIN\nbye\n"), run.stderr
 
 def test_pexpect_api_sends_and_expects_through_virtio_console(tmp_path):
     """The console's pexpect API (what scripts use) over virtio-console: send() goes to the receive queue."""
