@@ -334,6 +334,10 @@ class VirtioNet(VirtioBackend):
                         self._warn("read from tap %s failed: %s; receive stops", self.tap_name, e.strerror)
                         return
                     else:
+                        if not self._pending:     # end of file (a socket's peer closed): nothing more comes
+                            self._pending = None
+                            self._warn("tap %s closed; receive stops", self.tap_name)
+                            return
                         if len(self._pending) < ETH_HLEN or len(self._pending) > MAX_FRAME:
                             self.rx_dropped += 1
                             self._pending = None
