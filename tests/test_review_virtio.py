@@ -35,3 +35,18 @@ def test_snapshot_of_a_device_whose_driver_asked_for_unoffered_features_loads_ag
     assert not other.status & vc.STATUS_FEATURES_OK
     # and the driver can still negotiate properly afterwards
     assert GuestDriver(other, memory).negotiate(1 << vc.F_VERSION_1)
+
+
+def test_a_serial_port_on_a_virtio_devices_irq_is_refused(tmp_path):
+    # Both would drive line 5 on their own: the UART lowering it would hide the virtio device's level.
+    from hvm.config import ConfigError, parse_spec
+
+    image = tmp_path / "hlt.bin"
+    image.write_bytes(b"\xF4")
+    doc = {"memory": "16M", "boot": {"image": str(image), "load": 0x100000, "mode": "protected"},
+           "devices": {"serial": {"irq": 5}, "virtio-rng": True}}
+    with pytest.raises(ConfigError) as e:
+        parse_spec(doc)
+    assert str(e.value).endswith("devices.serial.irq: IRQ 5 is virtio-rng's (virtio devices take IRQs 5, in order)")
+    doc["devices"]["serial"] = {"irq": 6}     # a line no virtio device has: accepted
+    assert parse_spec(doc).serial.irq == 6
