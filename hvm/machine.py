@@ -293,6 +293,9 @@ class Machine:
                 with self._pause_cond:
                     self._paused = True    # each vCPU thread parks before its first KVM_RUN
                 self.run_state = "inmigrate" if incoming else "prelaunch"
+                # Device threads too (a NIC's reader): no guest-memory writes until `cont`, as in a pause,
+                # so a snapshot of the frozen VM sees a consistent device.
+                self._devices_call("pause")
             else:
                 self.run_state = "running"
             self._start()
@@ -441,8 +444,7 @@ class Machine:
             frozen_at_start = self.run_state in ("prelaunch", "inmigrate") and self._launched   # -S
             if not (self.run_state in ("paused", "postmigrate") or frozen_at_start) or self._done.is_set():
                 raise RuntimeError(f"cannot resume a VM that is {self._describe_state()}")
-            if not frozen_at_start:
-                self._devices_call("resume")
+            self._devices_call("resume")     # (paused by pause(), or by start(paused=True))
             with self._pause_cond:
                 self._paused = False
                 self._pause_cond.notify_all()
