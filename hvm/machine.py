@@ -699,6 +699,11 @@ class Machine:
                 raise SnapshotError(f"{path}: the vCPUs did not stop for the save ({e})") from None
             except RuntimeError as e:   # ended meanwhile
                 raise SnapshotError(f"{path}: {e}") from None
+        # A VM never started has its device threads running (pause() and start(paused=True) stop them):
+        # hold them for the save, so a NIC's reader does not write guest memory between the RAM and the device.
+        hold = not self._launched
+        if hold:
+            self._devices_call("pause")
         t0 = time.monotonic()
         try:
             size = save_machine(self, path)
@@ -706,6 +711,9 @@ class Machine:
             if was_running and self.result is None:
                 self.resume()
             raise
+        finally:
+            if hold:
+                self._devices_call("resume")
         log.info("snapshot %s: %d bytes in %.1f ms", path, size, (time.monotonic() - t0) * 1000)
         if self.state == "paused":
             if not resume:

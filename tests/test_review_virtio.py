@@ -91,3 +91,39 @@ def test_a_vm_started_frozen_receives_no_frames_until_it_runs(tmp_path, monkeypa
         assert rx.take_used() == [(0, 12 + 60)]
     host.close()
     dev_end.close()
+
+
+def test_a_snapshot_of_a_vm_never_started_holds_the_device_threads(tmp_path, monkeypatch):
+    """Machine.restore() then snapshot() before start() (or any unstarted VM): the NIC's reader runs from the
+    device's creation, so the save must hold it as a pause does, and let it go after."""
+    import os
+    import socket
+
+    import hvm.snapshot
+    from hvm import Machine
+    from hvm.config import parse_spec
+    from hvm.console import Console
+    from hvm.mmio.virtio import net
+
+    host, dev_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dev_end.setblocking(False)
+    monkeypatch.setattr(net, "open_tap", lambda name: os.dup(dev_end.fileno()))
+    image = tmp_path / "spin.bin"
+    image.write_bytes(b"\xEB\xFE")
+    spec = parse_spec({"memory": "16M", "timeout": 20, "machine": "none",
+                       "boot": {"image": str(image), "load": 0x100000, "mode": "protected"},
+                       "devices": {"serial": "none", "virtio-net": [{"tap": "pair0"}]}})
+    seen = []
+    real_save = hvm.snapshot.save_machine
+
+    def save(machine, path):
+        seen.append(machine.mmio.find(0xD000_0000).device.backend._paused)
+        return real_save(machine, path)
+
+    monkeypatch.setattr(hvm.snapshot, "save_machine", save)
+    with Machine(spec, console=Console("none", "none")) as m:
+        m.snapshot(tmp_path / "vm.snap")
+        assert seen == [True]
+        assert m.mmio.find(0xD000_0000).device.backend._paused is False
+    host.close()
+    dev_end.close()
