@@ -113,6 +113,15 @@ def test_a_snapshot_of_a_vm_never_started_holds_the_device_threads(tmp_path, mon
     spec = parse_spec({"memory": "16M", "timeout": 20, "machine": "none",
                        "boot": {"image": str(image), "load": 0x100000, "mode": "protected"},
                        "devices": {"serial": "none", "virtio-net": [{"tap": "pair0"}]}})
+    with Machine(spec, console=Console("none", "none")) as m:     # a NIC holds a host tap: not saved
+        with pytest.raises(hvm.snapshot.SnapshotError, match="the VM has a virtio-net device .virtio-net0."):
+            m.snapshot(tmp_path / "refused.snap")
+        assert not (tmp_path / "refused.snap").exists()
+    # The mechanism for a device with a thread of its own that can be saved: as if the NIC could be.
+    from hvm.mmio import registry
+
+    dt = registry.lookup("virtio-net")
+    monkeypatch.setitem(registry._names, "virtio-net", dt.__class__(**{**dt.__dict__, "snapshot": True}))
     seen = []
     real_save = hvm.snapshot.save_machine
 
