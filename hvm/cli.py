@@ -56,6 +56,9 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--netdev", action="append", default=[], metavar="tap,ifname=NAME[,mac=MAC]",
                    help="add a virtio-net NIC on the existing host tap device NAME (repeatable; QEMU's id=, "
                         "script=no, downscript=no accepted and ignored)")
+    p.add_argument("--drive", action="append", default=[], metavar="file=PATH[,format=raw][,readonly=on]",
+                   help="add a virtio-blk disk on the raw image PATH (repeatable: vda, vdb, ...; QEMU's "
+                        "if=virtio, if=none and id= accepted)")
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="run the script: steps in FILE (a YAML list) against the serial console, replacing the "
@@ -264,6 +267,38 @@ def netdev_entries(specs: list[str], flag: str = "--netdev") -> list[dict]:
     return out
 
 
+DRIVE_OPTIONS = {"file": "file", "format": "format", "readonly": "readonly", "serial": "serial"}
+DRIVE_IGNORED = {"if": ("virtio", "none"), "id": None, "media": ("disk",)}   # QEMU's: the values hvm accepts
+
+
+def drive_entries(specs: list[str], flag: str = "--drive") -> list[dict]:
+    """--drive file=PATH[,format=raw][,readonly=on] (QEMU's -drive spelling) -> devices.virtio-blk entries;
+    the values are checked where the YAML's are (the device's declaration in hvm/mmio/virtio/blk.py)."""
+    out = []
+    for spec in specs:
+        entry: dict = {}
+        for o in spec.split(","):
+            if not o:
+                continue
+            option, eq, value = o.partition("=")
+            if not eq:
+                raise ConfigError("command line", flag, f"{o[:60]!r} is not OPTION=VALUE", flag=flag)
+            if option in DRIVE_OPTIONS:
+                entry[DRIVE_OPTIONS[option]] = _flag_path(value) if option == "file" else value
+            elif option in DRIVE_IGNORED:
+                wanted = DRIVE_IGNORED[option]
+                if wanted is not None and value not in wanted:
+                    raise ConfigError("command line", flag, f"{option}={value[:60]}: hvm's disks are virtio-blk "
+                                      f"({option}={'/'.join(wanted)})", flag=flag)
+            else:
+                raise ConfigError("command line", flag, f"{option[:60]!r} is not an option of a drive "
+                                  "(file, format=raw, readonly, serial, if=virtio, id)", flag=flag)
+        if "file" not in entry:
+            raise ConfigError("command line", flag, "a drive needs file=PATH (a raw disk image)", flag=flag)
+        out.append(entry)
+    return out
+
+
 def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None = None) -> dict:
     """The flags that override YAML fields, as a mapping of the YAML's shape. `origins` (if given) gets
     each overridden field's dotted path -> the flag, so that errors name the flag, not the YAML file."""
@@ -292,6 +327,15 @@ def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None
             for prop, option in (("tap", "ifname"), ("mac", "mac")):
                 if prop in nic:
                     origins[f"{path}.{prop}"] = f"--netdev: {option}"
+    drives = drive_entries(getattr(args, "drive", []) or [])
+    if drives:
+        entries = devices.setdefault("virtio-blk", [])    # after any --device virtio-blk ones
+        for drive in drives:
+            path = f"devices.virtio-blk[{len(entries)}]"
+            entries.append(drive)
+            origins[path] = "--drive"
+            for prop in drive:
+                origins[f"{path}.{prop}"] = f"--drive: {prop}"
     if args.serial is not None:
         devices["serial"] = {"output": args.serial}
         origins["devices.serial.output"] = "--serial"

@@ -99,8 +99,59 @@ def _translate_net(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, out
 
 
+BLK_DEVICES = ("virtio-blk-device", "virtio-blk")
+
+
+def _translate_drives(argv: list[str]) -> tuple[list[str], list[str]]:
+    """-drive file=..,if=virtio[,format=raw][,readonly=on], and -drive id=X,file=..,if=none with
+    -device virtio-blk-device,drive=X[,serial=..]: each disk as hvm's --drive (hvm checks the options);
+    returns (argv without them, the --drive arguments)."""
+    rest, drives, out = [], {}, []
+    devices = []
+    i = 0
+    while i < len(argv):
+        a = argv[i][1:] if argv[i].startswith("--") else argv[i]
+        if a == "-drive" or (a == "-device" and i + 1 < len(argv) and argv[i + 1].split(",")[0] in BLK_DEVICES):
+            if i + 1 >= len(argv):
+                raise ShimError(f"{argv[i]} needs a value")
+            text = argv[i + 1]
+            i += 2
+            if a == "-device":
+                devices.append(_options(text)[1])
+                continue
+            opts = dict(o.partition("=")[::2] for o in text.split(",") if o)
+            kind = opts.pop("if", "ide")
+            if kind == "virtio":
+                opts.pop("id", None)
+                out.append(",".join(f"{k}={v}" for k, v in opts.items()))
+            elif kind == "none":
+                if "id" not in opts:
+                    raise ShimError("-drive if=none needs id=NAME (for -device virtio-blk-device,drive=NAME)")
+                drives[opts.pop("id")] = opts
+            else:
+                raise ShimError(f"-drive if={kind}: hvm's disks are virtio-blk (if=virtio, or if=none with "
+                                "-device virtio-blk-device,drive=ID)")
+            continue
+        rest.append(argv[i])
+        i += 1
+    for opts in devices:
+        unknown = set(opts) - {"drive", "serial", "id"}
+        if unknown:
+            raise ShimError(f"-device virtio-blk-device: {sorted(unknown)[0]}: not an option hvm has (drive, serial)")
+        d = opts.get("drive")
+        if d not in drives:
+            raise ShimError(f"-device virtio-blk-device: drive={d} names no -drive if=none,id=..." if d else
+                            "-device virtio-blk-device: needs drive=ID (of a -drive if=none,id=ID,file=PATH)")
+        spec = dict(drives.pop(d))
+        if "serial" in opts:
+            spec["serial"] = opts["serial"]
+        out.append(",".join(f"{k}={v}" for k, v in spec.items()))
+    return rest, [x for d in out for x in ("--drive", d)]
+
+
 def translate(argv: list[str]) -> list[str]:
     """QEMU arguments -> `hvm run` arguments."""
+    argv, drive_args = _translate_drives(argv)
     argv, net_args = _translate_net(argv)
     # Quiet like QEMU: upstream's runner takes anything on stderr as a sign that QEMU failed.
     out = ["run", "--quiet", "--machine", "pc", "--serial", "none"]
@@ -194,7 +245,7 @@ def translate(argv: list[str]) -> list[str]:
             out[out.index("--serial") + 1] = "stdio"   # the console's output (all console devices share it)
         elif backend != "null":
             raise ShimError(f"-chardev {backend}: hvm-qemu gives a virtconsole stdio or null only")
-    return out + net_args
+    return out + net_args + drive_args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -321,3 +321,57 @@ def test_config_serial_too_long(tmp_path, hlt):
     (tmp_path / "d.img").write_bytes(bytes(4096))
     run = run_hvm("run", blk_yaml(tmp_path, "virtio-blk: [{file: d.img, serial: '123456789012345678901'}]"))
     assert run.status == 2 and "at most 20 ASCII characters" in run.stderr, run.stderr
+
+
+# --- --drive and hvm-qemu's -drive ------------------------------------------------------------------------
+@pytest.mark.parametrize("drive,message", [
+    ("format=raw", "--drive: a drive needs file=PATH (a raw disk image)"),
+    ("file=d.img,format=qcow2", "--drive: format: 'qcow2' is not one of: raw"),
+    ("file=d.img,readonly=maybe", "--drive: readonly: expected on or off, got a string ('maybe')"),
+    ("file=d.img,if=ide", "--drive: if=ide: hvm's disks are virtio-blk (if=virtio/none)"),
+    ("file=d.img,cache=none", "--drive: 'cache' is not an option of a drive (file, format=raw, readonly, serial, "
+                              "if=virtio, id)"),
+    ("file=small.img", "--drive: {dir}/small.img: 100 bytes, too small for a disk (at least 512 bytes)"),
+])
+def test_drive_flag_errors(tmp_path, drive, message):
+    (tmp_path / "d.img").write_bytes(bytes(4096))
+    (tmp_path / "small.img").write_bytes(bytes(100))
+    (tmp_path / "hlt.bin").write_bytes(b"\xF4")
+    # absolute paths: run_hvm runs this worktree's hvm from its root
+    drive = drive.replace("=d.img", f"={tmp_path}/d.img").replace("=small.img", f"={tmp_path}/small.img")
+    run = run_hvm("run", blk_yaml(tmp_path, "debug_exit: true"), "--drive", drive)
+    assert run.status == 2, run.stderr
+    assert run.stderr == f"hvm: {message.format(dir=tmp_path)}\n"
+
+
+def test_drive_flags_become_device_entries(tmp_path):
+    """--drive flags -> devices.virtio-blk entries, in flag order, QEMU's if= and id= dropped."""
+    import argparse
+
+    from hvm import cli
+
+    over = cli.overrides_from_args(argparse.Namespace(
+        memory=None, vcpus=None, timeout=None, machine=None, no_pit=False, qmp=None, device=[], netdev=[],
+        serial=None, drive=[f"file={tmp_path}/b.img,if=virtio,id=x", f"file={tmp_path}/c.img,readonly=on"]))
+    assert over == {"devices": {"virtio-blk": [{"file": f"{tmp_path}/b.img"},
+                                               {"file": f"{tmp_path}/c.img", "readonly": "on"}]}}
+
+
+def test_qemu_shim_drive_spellings():
+    from hvm.qemu_shim import ShimError, translate
+
+    argv = translate(["-kernel", "k", "-drive", "file=d.img,if=virtio,format=raw,readonly=on"])
+    assert argv[-2:] == ["--drive", "file=d.img,format=raw,readonly=on"]
+    argv = translate(["-drive", "id=d0,file=d.img,if=none", "-device", "virtio-blk-device,drive=d0,serial=abc"])
+    assert argv[-2:] == ["--drive", "file=d.img,serial=abc"]
+    for bad, message in [
+            (["-drive", "file=x"], "-drive if=ide: hvm's disks are virtio-blk (if=virtio, or if=none with "
+                                   "-device virtio-blk-device,drive=ID)"),
+            (["-device", "virtio-blk-device,drive=zz"], "-device virtio-blk-device: drive=zz names no -drive "
+                                                        "if=none,id=..."),
+            (["-drive", "file=x,if=none"], "-drive if=none needs id=NAME (for -device virtio-blk-device,drive=NAME)"),
+            (["-drive", "id=a,file=x,if=none", "-device", "virtio-blk-device,drive=a,scsi=on"],
+             "-device virtio-blk-device: scsi: not an option hvm has (drive, serial)")]:
+        with pytest.raises(ShimError) as e:
+            translate(bad)
+        assert str(e.value) == message
