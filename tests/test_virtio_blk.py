@@ -289,7 +289,7 @@ def test_create_attaches_to_the_slot(memory, image):
 def test_device_declaration():
     dt = blk.DEVICE
     assert dt.name == "virtio-blk" and dt.aliases == ("virtio-blk-device",) and dt.multiple and dt.virtio
-    assert [p.name for p in dt.props] == ["file", "readonly", "format", "serial"]
+    assert [p.name for p in dt.props] == ["file", "readonly", "format", "serial", "ioeventfd"]
 
 
 # --- configuration: one-line status-2 errors -----------------------------------------------------------

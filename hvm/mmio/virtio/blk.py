@@ -4,11 +4,13 @@ One queue ("requestq", 256 entries). Each request is a chain: a 16-byte device-r
 (le32 type, le32 reserved, le64 sector), then the data (device-readable for OUT and DISCARD, device-writable
 for IN and GET_ID), then one device-writable status byte: the chain's last writable byte.
 
-Requests run synchronously on the vCPU thread, inside notify() (QueueNotify, transport.lock held): a read
-is one os.preadv and a write one os.pwritev straight between the image file and guest RAM (memoryviews of
-the guest RAM mapping, no copy through Python bytes); FLUSH is os.fsync, so a write the driver saw
-completed and then flushed is in the host file even if hvm is killed with SIGKILL right after. The vCPU
-waits for the disk meanwhile: simple, and enough for a VMM whose exits cost microseconds (no I/O thread).
+Requests run synchronously inside notify() (QueueNotify, transport.lock held), all the available chains
+at once: a read is one os.preadv and a write one os.pwritev straight between the image file and guest RAM
+(memoryviews of the guest RAM mapping, no copy through Python bytes); FLUSH is os.fsync, so a write the
+driver saw completed and then flushed is in the host file even if hvm is killed with SIGKILL right after.
+By default notify() runs on the vCPU thread, which waits for the disk meanwhile: simple, no I/O thread.
+With the `ioeventfd` property on, the doorbell is a KVM ioeventfd and notify() runs on hvm's ioevent
+thread while the vCPU runs on (hvm/ioevents.py); nothing is in flight across notify() either way.
 
 Features: FLUSH, SEG_MAX, SIZE_MAX, BLK_SIZE (512), RO for a read-only drive, DISCARD where the host file
 system can punch holes (fallocate(PUNCH_HOLE|KEEP_SIZE), probed when the drive is opened: a discarded range
@@ -90,6 +92,7 @@ MAX_DISCARD_SEG = 1
 DISCARD_ALIGNMENT = 8            # sectors: a 4 KiB host block (Linux's discard_granularity)
 IOV_MAX = 1024                   # iovecs per preadv/pwritev call (Linux's UIO_MAXIOV)
 MAX_WARNINGS = 16
+IOEVENTFD_DEFAULT = False
 
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 1
@@ -380,7 +383,7 @@ def create(ctx: "DeviceContext", props: dict) -> object:
         os.close(fd)
         raise
     # attach() registers backend.close() with ctx.on_close (the transport's close calls it).
-    return attach(ctx, backend)
+    return attach(ctx, backend, ioeventfd=bool(props.get("ioeventfd", IOEVENTFD_DEFAULT)))
 
 
 if DeviceType is not None:
@@ -390,5 +393,7 @@ if DeviceType is not None:
         props=(Prop("file", "path", help="a raw disk image (its size rounded down to 512-byte sectors)"),
                Prop("readonly", "bool", False, help="guest writes fail with VIRTIO_BLK_S_IOERR"),
                Prop("format", "choice", "raw", choices=("raw",), help="only raw images"),
-               Prop("serial", "str", "", help="the GET_ID string (at most 20 characters; default hvm-vda, hvm-vdb, ...)")),
+               Prop("serial", "str", "", help="the GET_ID string (at most 20 characters; default hvm-vda, hvm-vdb, ...)"),
+               Prop("ioeventfd", "bool", IOEVENTFD_DEFAULT,
+                    help="QueueNotify through a KVM ioeventfd: requests run on hvm's ioevent thread, the vCPU runs on")),
         help="virtio block device on a raw image file (read, write, flush, discard, GET_ID)")
