@@ -375,3 +375,59 @@ def test_qemu_shim_drive_spellings():
         with pytest.raises(ShimError) as e:
             translate(bad)
         assert str(e.value) == message
+
+
+# --- durability: a completed, flushed write is in the file after SIGKILL of the hvm process ---------------
+KILL_SCRIPT = r'''
+import os, struct, sys, time
+sys.path.insert(0, "tests")
+from hvm import Machine
+from hvm.config import parse_spec
+from hvm.console import Console
+from hvm.mmio.virtio import blk
+from virtio_driver import GuestDriver
+
+image, hlt = sys.argv[1], sys.argv[2]
+spec = parse_spec({"memory": "16M", "timeout": 30, "machine": "none",
+                   "boot": {"image": hlt, "load": 0x100000, "mode": "protected"},
+                   "devices": {"serial": "none", "virtio-blk": [{"file": image}]}})
+with Machine(spec, console=Console("none", "none")) as m:
+    t = m.mmio.find(0xD000_0000).device
+    drv = GuestDriver(t, m.memory)
+    [ring] = drv.start(1)
+    payload = bytes(range(256)) * 16
+    ring.add([struct.pack("<IIQ", blk.T_OUT, 0, 8), payload], [1])
+    ring.add([struct.pack("<IIQ", blk.T_FLUSH, 0, 0)], [1])
+    drv.kick(0)
+    used = ring.take_used()
+    assert [ring.written(h) for h, _ in used] == [b"\0", b"\0"], used
+    assert t.backend.stats()["flushes"] == 1
+    print("flushed", flush=True)
+    time.sleep(60)
+'''
+
+
+def test_flushed_write_survives_sigkill(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 * 512))
+    (tmp_path / "hlt.bin").write_bytes(b"\xF4")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(image), str(tmp_path / "hlt.bin")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()
+        assert line == b"flushed\n", proc.stderr.read(4000) if proc.poll() is not None else line
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    data = image.read_bytes()
+    assert data[8 * 512:16 * 512] == bytes(range(256)) * 16
+    assert data[:8 * 512] == bytes(8 * 512) and data[16 * 512:] == bytes(48 * 512)
