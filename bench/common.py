@@ -56,6 +56,8 @@ class Figure:
 def _fmt(value: float, unit: str) -> str:
     if unit == "exits/s":
         return f"{value / 1000:.1f}k exits/s"
+    if unit == "MiB/s":
+        return f"{value:,.1f} MiB/s"
     if unit == "lines/s":
         return f"{value:,.0f} lines/s"
     if unit == "s":

@@ -19,8 +19,9 @@ from bench.kut import bench_kut
 from bench.linux import bench_linux
 from bench.restore import bench_restore
 from bench.startup import bench_memory, bench_startup
+from bench.vblk import bench_vblk
 
-GROUPS = ("exits", "console", "startup", "memory", "kut", "linux", "restore")
+GROUPS = ("exits", "console", "virtio_blk", "startup", "memory", "kut", "linux", "restore")
 
 # (exit-loop iterations, exit reps, console reps, warm-up, start-up reps, memory reps, kvm-unit-tests reps,
 #  kut in parallel)
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 r, data = bench_exits(p["iterations"], p["exit_reps"], p["warmup"], work, log)
             elif group == "console":
                 r, data = bench_console(args.quick, p["console_reps"], work, log)
+            elif group == "virtio_blk":
+                r, data = bench_vblk(args.quick, work, log)
             elif group == "startup":
                 r, data = bench_startup(p["startup_reps"], p["warmup"], log)
             elif group == "memory":

@@ -57,8 +57,8 @@ def _add_run_parser(sub) -> None:
                    help="add a virtio-net NIC on the existing host tap device NAME (repeatable; QEMU's id=, "
                         "script=no, downscript=no accepted and ignored)")
     p.add_argument("--drive", action="append", default=[], metavar="file=PATH[,format=raw][,readonly=on]",
-                   help="add a virtio-blk disk on the raw image PATH (repeatable: vda, vdb, ...; QEMU's "
-                        "if=virtio, if=none and id= accepted)")
+                   help="add a virtio-blk disk on a raw image file (repeatable: vda, vdb, ...; QEMU's if=virtio, "
+                        "id=, serial= accepted)")
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="run the script: steps in FILE (a YAML list) against the serial console, replacing the "
@@ -267,16 +267,18 @@ def netdev_entries(specs: list[str], flag: str = "--netdev") -> list[dict]:
     return out
 
 
-DRIVE_OPTIONS = {"file": "file", "format": "format", "readonly": "readonly", "serial": "serial"}
-DRIVE_IGNORED = {"if": ("virtio", "none"), "id": None, "media": ("disk",)}   # QEMU's: the values hvm accepts
+DRIVE_OPTIONS = {"file": "file", "format": "format", "readonly": "readonly", "read-only": "readonly",
+                 "serial": "serial"}
 
 
-def drive_entries(specs: list[str], flag: str = "--drive") -> list[dict]:
-    """--drive file=PATH[,format=raw][,readonly=on] (QEMU's -drive spelling) -> devices.virtio-blk entries;
-    the values are checked where the YAML's are (the device's declaration in hvm/mmio/virtio/blk.py)."""
+def drive_entries(specs: list[str], flag: str = "--drive") -> list[tuple[dict, dict[str, str]]]:
+    """--drive file=PATH[,format=raw][,readonly=on|off][,if=virtio][,id=X][,serial=S] (QEMU's -drive
+    spelling) -> devices.virtio-blk entries, each with the option each property came from; the values are
+    checked where the YAML's are (the device's declaration)."""
     out = []
     for spec in specs:
         entry: dict = {}
+        spelled: dict[str, str] = {}
         for o in spec.split(","):
             if not o:
                 continue
@@ -284,18 +286,19 @@ def drive_entries(specs: list[str], flag: str = "--drive") -> list[dict]:
             if not eq:
                 raise ConfigError("command line", flag, f"{o[:60]!r} is not OPTION=VALUE", flag=flag)
             if option in DRIVE_OPTIONS:
-                entry[DRIVE_OPTIONS[option]] = _flag_path(value) if option == "file" else value
-            elif option in DRIVE_IGNORED:
-                wanted = DRIVE_IGNORED[option]
-                if wanted is not None and value not in wanted:
-                    raise ConfigError("command line", flag, f"{option}={value[:60]}: hvm's disks are virtio-blk "
-                                      f"({option}={'/'.join(wanted)})", flag=flag)
-            else:
-                raise ConfigError("command line", flag, f"{option[:60]!r} is not an option of a drive "
-                                  "(file, format=raw, readonly, serial, if=virtio, id)", flag=flag)
-        if "file" not in entry:
-            raise ConfigError("command line", flag, "a drive needs file=PATH (a raw disk image)", flag=flag)
-        out.append(entry)
+                prop = DRIVE_OPTIONS[option]
+                entry[prop] = _flag_path(value) if prop == "file" and value else value
+                spelled[prop] = option
+            elif option == "if":
+                if value != "virtio":
+                    raise ConfigError("command line", flag, f"if={value[:60]}: hvm's disks are virtio-blk "
+                                      "(if=virtio)", flag=flag)
+            elif option != "id":
+                raise ConfigError("command line", flag, f"{option[:60]!r} is not an option of --drive "
+                                  "(file, format, readonly, serial, if=virtio, id)", flag=flag)
+        if not entry.get("file"):
+            raise ConfigError("command line", flag, "needs file=PATH (a raw disk image)", flag=flag)
+        out.append((entry, spelled))
     return out
 
 
@@ -330,12 +333,12 @@ def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None
     drives = drive_entries(getattr(args, "drive", []) or [])
     if drives:
         entries = devices.setdefault("virtio-blk", [])    # after any --device virtio-blk ones
-        for drive in drives:
+        for disk, spelled in drives:
             path = f"devices.virtio-blk[{len(entries)}]"
-            entries.append(drive)
+            entries.append(disk)
             origins[path] = "--drive"
-            for prop in drive:
-                origins[f"{path}.{prop}"] = f"--drive: {prop}"
+            for prop, option in spelled.items():
+                origins[f"{path}.{prop}"] = f"--drive: {option}"
     if args.serial is not None:
         devices["serial"] = {"output": args.serial}
         origins["devices.serial.output"] = "--serial"
@@ -417,7 +420,8 @@ def _line_break(machine: Machine) -> str:
 # Flags that describe the VM: a restore takes the description from the snapshot, so they cannot be given.
 INCOMING_CONFLICTS = (("config", "a config file"), ("kernel", "--kernel"), ("append", "--append"),
                       ("initrd", "--initrd"), ("memory", "--memory"), ("vcpus", "--vcpus"), ("machine", "--machine"),
-                      ("device", "--device"), ("netdev", "--netdev"), ("no_pit", "--no-pit"))
+                      ("device", "--device"), ("netdev", "--netdev"), ("drive", "--drive"),
+                      ("no_pit", "--no-pit"))
 
 
 def _incoming_console(args: argparse.Namespace):

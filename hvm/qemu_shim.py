@@ -17,6 +17,7 @@ name "pc-testdev", bus ISA
 name "pci-testdev", bus PCI
 name "virtio-serial-device", bus virtio-bus
 name "virtconsole", bus virtio-serial-bus
+name "virtio-blk-device", bus virtio-bus
 """
 IGNORED_WITH_VALUE = {"-vnc", "-display", "-global", "-name", "-boot", "-chardev", "-mon", "-monitor", "-accel"}
 IGNORED_FLAGS = {"-nodefaults", "-no-reboot", "--no-reboot", "-nographic", "-enable-kvm", "-no-shutdown", "-S"}
@@ -100,59 +101,77 @@ def _translate_net(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 BLK_DEVICES = ("virtio-blk-device", "virtio-blk")
+DRIVE_KEPT = ("file", "format", "readonly", "read-only", "serial")   # hvm's --drive checks their values
 
 
-def _translate_drives(argv: list[str]) -> tuple[list[str], list[str]]:
-    """-drive file=..,if=virtio[,format=raw][,readonly=on], and -drive id=X,file=..,if=none with
-    -device virtio-blk-device,drive=X[,serial=..]: each disk as hvm's --drive (hvm checks the options);
-    returns (argv without them, the --drive arguments)."""
-    rest, drives, out = [], {}, []
-    devices = []
+def _drive(opts: dict[str, str], what: str) -> str:
+    parts = []
+    for k, v in opts.items():
+        if k in DRIVE_KEPT:
+            parts.append(f"{k}={v}")
+        elif k not in ("id", "if"):
+            raise ShimError(f"{what}: {k}: not an option hvm has ({', '.join(DRIVE_KEPT)}, if, id)")
+    return ",".join(parts)
+
+
+def _translate_blk(argv: list[str]) -> tuple[list[str], list[str]]:
+    """-drive file=..,if=virtio, and -drive id=X,file=..,if=none with -device virtio-blk-device,drive=X:
+    each disk as hvm's --drive, in command-line order; returns (argv without them, the --drive arguments)."""
+    rest, drives, disks, out = [], {}, [], []
     i = 0
     while i < len(argv):
         a = argv[i][1:] if argv[i].startswith("--") else argv[i]
         if a == "-drive" or (a == "-device" and i + 1 < len(argv) and argv[i + 1].split(",")[0] in BLK_DEVICES):
             if i + 1 >= len(argv):
                 raise ShimError(f"{argv[i]} needs a value")
-            text = argv[i + 1]
-            i += 2
-            if a == "-device":
-                devices.append(_options(text)[1])
-                continue
-            opts = dict(o.partition("=")[::2] for o in text.split(",") if o)
-            kind = opts.pop("if", "ide")
-            if kind == "virtio":
-                opts.pop("id", None)
-                out.append(",".join(f"{k}={v}" for k, v in opts.items()))
-            elif kind == "none":
-                if "id" not in opts:
-                    raise ShimError("-drive if=none needs id=NAME (for -device virtio-blk-device,drive=NAME)")
-                drives[opts.pop("id")] = opts
+            if a == "-drive":
+                opts = _options("," + argv[i + 1])[1]
+                iface = opts.get("if")
+                if iface == "virtio":
+                    disks.append(_drive(opts, "-drive"))
+                elif iface == "none":
+                    if not opts.get("id"):
+                        raise ShimError("-drive if=none needs id=NAME (for -device virtio-blk-device,drive=NAME)")
+                    drives[opts["id"]] = opts
+                else:
+                    raise ShimError(f"-drive if={iface or 'ide (the default)'}: hvm's disks are virtio-blk "
+                                    "(if=virtio, or if=none with -device virtio-blk-device,drive=ID)")
             else:
-                raise ShimError(f"-drive if={kind}: hvm's disks are virtio-blk (if=virtio, or if=none with "
-                                "-device virtio-blk-device,drive=ID)")
+                disks.append(_options(argv[i + 1])[1])
+            i += 2
             continue
         rest.append(argv[i])
         i += 1
-    for opts in devices:
-        unknown = set(opts) - {"drive", "serial", "id"}
+    used = set()
+    for disk in disks:
+        if isinstance(disk, str):
+            out += ["--drive", disk]
+            continue
+        unknown = set(disk) - {"drive", "serial", "id"}
         if unknown:
             raise ShimError(f"-device virtio-blk-device: {sorted(unknown)[0]}: not an option hvm has (drive, serial)")
-        d = opts.get("drive")
+        d = disk.get("drive")
+        if d is None:
+            raise ShimError("-device virtio-blk-device: needs drive=ID (of a -drive id=ID,file=PATH,if=none)")
         if d not in drives:
-            raise ShimError(f"-device virtio-blk-device: drive={d} names no -drive if=none,id=..." if d else
-                            "-device virtio-blk-device: needs drive=ID (of a -drive if=none,id=ID,file=PATH)")
-        spec = dict(drives.pop(d))
-        if "serial" in opts:
-            spec["serial"] = opts["serial"]
-        out.append(",".join(f"{k}={v}" for k, v in spec.items()))
-    return rest, [x for d in out for x in ("--drive", d)]
+            raise ShimError(f"-device virtio-blk-device: drive={d} names no -drive id")
+        if d in used:
+            raise ShimError(f"-device virtio-blk-device: drive={d} is used twice")
+        used.add(d)
+        opts = dict(drives[d])
+        if "serial" in disk:
+            opts["serial"] = disk["serial"]
+        out += ["--drive", _drive(opts, "-drive")]
+    for d in drives:
+        if d not in used:
+            raise ShimError(f"-drive id={d}: no -device virtio-blk-device,drive={d} uses it")
+    return rest, out
 
 
 def translate(argv: list[str]) -> list[str]:
     """QEMU arguments -> `hvm run` arguments."""
-    argv, drive_args = _translate_drives(argv)
     argv, net_args = _translate_net(argv)
+    argv, blk_args = _translate_blk(argv)
     # Quiet like QEMU: upstream's runner takes anything on stderr as a sign that QEMU failed.
     out = ["run", "--quiet", "--machine", "pc", "--serial", "none"]
     i = 0
@@ -245,7 +264,7 @@ def translate(argv: list[str]) -> list[str]:
             out[out.index("--serial") + 1] = "stdio"   # the console's output (all console devices share it)
         elif backend != "null":
             raise ShimError(f"-chardev {backend}: hvm-qemu gives a virtconsole stdio or null only")
-    return out + net_args + drive_args
+    return out + net_args + blk_args
 
 
 def main(argv: list[str] | None = None) -> int:
