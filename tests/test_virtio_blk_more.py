@@ -1,6 +1,7 @@
-"""virtio-blk (hvm/mmio/virtio/blk.py): cases beside tests/test_virtio_blk.py (helper blk2's): chain shapes
-Linux does not make (status byte in the data buffer, header and data in one buffer), discard's edge cases, the IOERR cases with a hash of the image before and after, and a
-completed, flushed write that must be in the image after SIGKILL of the process."""
+"""virtio-blk (hvm/mmio/virtio/blk.py): cases beside tests/test_virtio_blk.py: chain shapes Linux does not
+make (the status byte in the data buffer, header and data in one buffer), discard's edge cases (UNMAP flag,
+two segments, past the end), the IOERR cases with a hash of the image before and after, and a completed,
+flushed write that must be in the image after SIGKILL of the process."""
 from __future__ import annotations
 
 import hashlib
@@ -10,10 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import run_hvm, write_yaml
 from hvm.memory import MiB, GuestMemory
-from hvm.mmio.bus import MmioBus
-from hvm.mmio.device import DeviceStateError, IrqLine
+from hvm.mmio.device import IrqLine
 from hvm.mmio.virtio import VirtioMmio
 from hvm.mmio.virtio import blk
 from hvm.mmio.virtio import constants as vc
