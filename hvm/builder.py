@@ -59,6 +59,14 @@ def virtio_cmdline(spec: VmSpec) -> list[str]:
     return [f"virtio_mmio.device={slot.size // 1024}K@{slot.base:#x}:{slot.irq}" for _, slot in virtio_slots(spec)]
 
 
+def virtio_on_cmdline(spec: VmSpec) -> bool:
+    """Whether load_boot() adds `virtio_mmio.device=` options: a Linux kernel (not multiboot) with
+    `virtio_cmdline` on (the default) and virtio devices."""
+    if not spec.virtio_cmdline or not isinstance(spec.boot, KernelBoot) or not virtio_slots(spec):
+        return False
+    return not is_multiboot(_read_head(spec.boot.kernel))
+
+
 def build_pc(m: "Machine") -> None:
     """Build `m` from m.spec (or from m._snapshot): what Machine.__init__ used to do inline."""
     spec = m.spec
@@ -157,14 +165,15 @@ def write_tables(m: "Machine", mem: GuestMemory) -> None:
     if spec.machine != "pc":
         return
     slots = [slot for _, slot in virtio_slots(spec)]
-    import inspect   # TEMPORARY until the DSDT/MADT for virtio slots lands (branch i13-linux)
-
-    if slots and "virtio_slots" in inspect.signature(write_acpi_tables).parameters:
-        write_acpi_tables(mem, spec.vcpus, PM_BASE, virtio_slots=[(s.base, s.size, s.irq) for s in slots])
-        write_mp_table(mem, spec.vcpus, level_irqs=[s.irq for s in slots])
-    else:
-        write_acpi_tables(mem, spec.vcpus, PM_BASE)
-        write_mp_table(mem, spec.vcpus)    # the same CPUs and interrupts for guests without ACPI
+    # A device described both on the command line and in the DSDT is probed twice by Linux (the second
+    # probe fails with -EBUSY on the same MMIO range), so the DSDT describes the slots only when the
+    # command line does not: as QEMU's microvm (command line only with -no-acpi) and Firecracker (DSDT
+    # instead of the command line). `virtio_cmdline: false` makes the DSDT the only description.
+    in_dsdt = [] if virtio_on_cmdline(spec) else slots
+    write_acpi_tables(mem, spec.vcpus, PM_BASE, virtio_slots=[(s.base, s.size, s.irq) for s in in_dsdt],
+                      level_irqs=[s.irq for s in slots])
+    # the same CPUs and interrupts for guests without ACPI
+    write_mp_table(mem, spec.vcpus, level_irqs=[s.irq for s in slots])
 
 
 def bios_state(m: "Machine", mem: GuestMemory) -> None:

@@ -738,6 +738,13 @@ def _check_port_overlaps(devices: _Fields, serial: SerialSpec | None, debug_exit
                     raise devices.error(d.type, f"ports {base:#x}..{base + length - 1:#x} overlap {other}'s "
                                         f"({other_base:#x}..{other_base + other_len - 1:#x})")
             taken.append((base, length, d.name))
+    # The virtio devices' lines (registry.VIRTIO_IRQS, in order) are level-triggered and driven by each
+    # device alone: a UART on one of them would lower it under the virtio device (a lost interrupt).
+    virtio = [d for d in device_list if getattr(registry.lookup(d.type), "virtio", False)]
+    if serial is not None and serial.irq in registry.VIRTIO_IRQS[:len(virtio)]:
+        owner = virtio[registry.VIRTIO_IRQS.index(serial.irq)].name
+        raise devices._error("devices.serial.irq", f"IRQ {serial.irq} is {owner}'s (virtio devices take IRQs "
+                             f"{', '.join(map(str, registry.VIRTIO_IRQS[:len(virtio)]))}, in order)")
 
 
 def _on_off(fields: _Fields, key: str, default: bool) -> bool:

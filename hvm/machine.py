@@ -293,6 +293,9 @@ class Machine:
                 with self._pause_cond:
                     self._paused = True    # each vCPU thread parks before its first KVM_RUN
                 self.run_state = "inmigrate" if incoming else "prelaunch"
+                # Device threads too (a NIC's reader): no guest-memory writes until `cont`, as in a pause,
+                # so a snapshot of the frozen VM sees a consistent device.
+                self._devices_call("pause")
             else:
                 self.run_state = "running"
             self._start()
@@ -441,8 +444,7 @@ class Machine:
             frozen_at_start = self.run_state in ("prelaunch", "inmigrate") and self._launched   # -S
             if not (self.run_state in ("paused", "postmigrate") or frozen_at_start) or self._done.is_set():
                 raise RuntimeError(f"cannot resume a VM that is {self._describe_state()}")
-            if not frozen_at_start:
-                self._devices_call("resume")
+            self._devices_call("resume")     # (paused by pause(), or by start(paused=True))
             with self._pause_cond:
                 self._paused = False
                 self._pause_cond.notify_all()
@@ -697,6 +699,11 @@ class Machine:
                 raise SnapshotError(f"{path}: the vCPUs did not stop for the save ({e})") from None
             except RuntimeError as e:   # ended meanwhile
                 raise SnapshotError(f"{path}: {e}") from None
+        # A VM never started has its device threads running (pause() and start(paused=True) stop them):
+        # hold them for the save, so a NIC's reader does not write guest memory between the RAM and the device.
+        hold = not self._launched
+        if hold:
+            self._devices_call("pause")
         t0 = time.monotonic()
         try:
             size = save_machine(self, path)
@@ -704,6 +711,9 @@ class Machine:
             if was_running and self.result is None:
                 self.resume()
             raise
+        finally:
+            if hold:
+                self._devices_call("resume")
         log.info("snapshot %s: %d bytes in %.1f ms", path, size, (time.monotonic() - t0) * 1000)
         if self.state == "paused":
             if not resume:

@@ -17,7 +17,6 @@ name "pc-testdev", bus ISA
 name "pci-testdev", bus PCI
 name "virtio-serial-device", bus virtio-bus
 name "virtconsole", bus virtio-serial-bus
-name "virtio-blk-device", bus virtio-bus
 """
 IGNORED_WITH_VALUE = {"-vnc", "-display", "-global", "-name", "-boot", "-chardev", "-mon", "-monitor", "-accel"}
 IGNORED_FLAGS = {"-nodefaults", "-no-reboot", "--no-reboot", "-nographic", "-enable-kvm", "-no-shutdown", "-S"}

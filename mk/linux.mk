@@ -13,7 +13,7 @@ LX_G := guest/linux
 LX_JOBS ?= 2
 LX_PYTHON := $(or $(HOST_PYTHON),python3)
 # Host tools the kernel build needs, apt-get installed when missing.
-LX_HOST_PKGS := gcc make binutils flex bison bc libelf-dev xz-utils lz4 python3
+LX_HOST_PKGS := gcc make binutils flex bison bc libelf-dev xz-utils lz4 python3 e2fsprogs
 
 LX_SRC_PKG := linux-source-6.12
 LX_SRC := $(LX)/src/$(LX_SRC_PKG)
@@ -23,7 +23,8 @@ LX_KMAKE := $(MAKE) -C $(LX_SRC) O=$(abspath $(LX_KOBJ)) ARCH=x86_64 \
 
 LINUX_OUTPUTS := $(LX)/vmlinux-minimal $(LX)/bzImage-minimal \
 	$(LX)/vmlinuz-cloud $(LX)/vmlinuz-cloud.version \
-	$(LX)/initramfs.cpio $(LX)/initramfs-ud2.cpio
+	$(LX)/initramfs.cpio $(LX)/initramfs-ud2.cpio \
+	$(LX)/rootfs.ext4 $(LX)/rootfs-ud2.ext4
 
 .PHONY: linux
 linux: $(LINUX_OUTPUTS)
@@ -31,7 +32,9 @@ linux: $(LINUX_OUTPUTS)
 $(LX) $(LX_DEBS):
 	mkdir -p $@
 
-$(LX)/.host-tools: | $(LX)
+# Rechecked when this file changes (a package added to the list); order-only for the kernel's .config,
+# so the kernel is not rebuilt for it.
+$(LX)/.host-tools: mk/linux.mk | $(LX)
 	@missing=; for p in $(LX_HOST_PKGS); do \
 		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -97,3 +100,22 @@ $(LX)/initramfs-ud2.list: $(LX_G)/initramfs-base.list $(LX)/ud2init
 
 $(LX)/initramfs.cpio $(LX)/initramfs-ud2.cpio: $(LX)/%.cpio: $(LX)/%.list $(LX_G)/mkcpio.py
 	$(LX_PYTHON) $(LX_G)/mkcpio.py -o $@ $<
+
+# --- 5. ext4 root-disk images (virtio-blk: root=/dev/vda rw init=/init) -------------
+# The same trees as the two initramfs images (from their lists; device nodes left to devtmpfs),
+# written into a 32 MiB image by mke2fs -d: no loop mount, no root. Owners are the builder's;
+# root_owner makes / root-owned. E2FSPROGS_FAKE_TIME pins the superblock times.
+define LX_MKROOTFS
+	rm -rf $@.d $@.tmp
+	$(LX_PYTHON) $(LX_G)/mkrootdir.py $@.d $<
+	E2FSPROGS_FAKE_TIME=$${SOURCE_DATE_EPOCH:-0} mke2fs -q -t ext4 -L hvm-root -E root_owner=0:0 \
+		-d $@.d -F $@.tmp 32M
+	rm -rf $@.d
+	mv $@.tmp $@
+endef
+
+$(LX)/rootfs.ext4: $(LX)/initramfs.list $(LX_G)/mkrootdir.py | $(LX)/.host-tools
+	$(LX_MKROOTFS)
+
+$(LX)/rootfs-ud2.ext4: $(LX)/initramfs-ud2.list $(LX_G)/mkrootdir.py | $(LX)/.host-tools
+	$(LX_MKROOTFS)

@@ -67,8 +67,10 @@ def test_minimal_kernel_with_busybox(assets, syscalls_work):
         assert "hvm-shell-42" in r.out
         assert r.status == 0
     else:
-        # kvm_pvm: the kernel boots and starts /init, whose first system call cannot reach the kernel.
+        # kvm_pvm: the kernel boots, mounts its root disk (virtio-blk) and starts the disk's /init, whose
+        # first system call cannot reach the kernel.
         r = run_hvm("run", str(ROOT / "configs" / "linux.yaml"), "--timeout", "240", "--stats", timeout=300)
+        assert "VFS: Mounted root (ext4 filesystem) on device" in r.out
         assert "Run /init as init process" in r.out
         assert "Kernel panic - not syncing: Attempted to kill init!" in r.out
         assert r.status == 4

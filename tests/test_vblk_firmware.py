@@ -8,11 +8,12 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from bench.vblk import HVM_BASE, QEMU_ARGS, SCAN, checksum, hvm_yaml, pattern, qemu_argv, vblk_image
-from conftest import run_hvm
+from conftest import ROOT, run_hvm
 from hvm.mmio import registry
 
 QEMU_BIN = "qemu-system-x86_64"
@@ -127,6 +128,20 @@ def test_hvm_scan_finds_the_device(tmp_path, disk):
     run = run_hvm("run", str(hvm_yaml(tmp_path / "vm.yaml", kernel, disk, timeout=20)))
     assert run.status == 1, run.stderr
     assert run.stdout == expected_output(original)
+
+
+@needs_blk
+def test_hvm_qemu_runs_the_qemu_command_line(tmp_path, disk):
+    """hvm-qemu (hvm/qemu_shim.py) with QEMU's own spelling of the disk and the debug-exit device; the shim
+    has no `-M microvm` and no `-no-user-config`, so those two are left out of QEMU's command line."""
+    original = disk.read_bytes()
+    kernel = vblk_image(tmp_path / "vblk.bin", base=SCAN)
+    argv = [a for a in qemu_argv(kernel, disk)[1:] if a not in ("-M", "microvm", "-no-user-config")]
+    proc = subprocess.run([sys.executable, "-m", "hvm.qemu_shim", *argv], cwd=ROOT, capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=30)
+    assert proc.returncode == 1, proc.stderr.decode(errors="replace")
+    assert proc.stdout == expected_output(original)
+    assert_pattern_written(disk, original)
 
 
 def test_hvm_without_the_device(tmp_path):

@@ -273,6 +273,19 @@ def test_reset_forgets_queues_and_drops_the_kept_frame(rig):
     assert rig.backend._pending is None
 
 
+def test_peer_closed_stops_the_reader_without_spinning(memory):
+    r = Rig(memory)
+    try:
+        r.host.close()        # EOF on the device's end: the reader logs once and ends (no poll loop on it)
+        r.backend._thread.join(timeout=5)
+        assert not r.backend._thread.is_alive()
+        r.tx.add([HDR + frame(1)])
+        r.driver.kick(1)      # TX to a closed peer: an error counted, the VMM goes on
+        assert (r.backend.tx_errors, r.backend.tx_frames) == (1, 0)
+    finally:
+        r.backend.close()
+
+
 def test_close_joins_the_thread_and_closes_the_fds(memory):
     r = Rig(memory)
     thread, fds = r.backend._thread, (r.backend._fd, r.backend._wake_r, r.backend._wake_w)
@@ -433,6 +446,24 @@ def test_cli_netdev_end_to_end_in_namespace(netns):
     assert (r.returncode, r.stderr) == (2, "hvm: --netdev: no such tap device tap7 (create one: ip tuntap add tap7 "
                                            "mode tap)\n")
     assert "tap7" not in netns.run("ip", "-o", "link")
+
+
+def test_yaml_and_hvm_qemu_in_namespace(netns, tmp_path):
+    kernel = ROOT / "firmware" / "build" / "mbtest.elf"
+    vm = tmp_path / "vm.yaml"
+    vm.write_text(f"boot: {{kernel: {kernel}}}\ndevices:\n  virtio-net: [{{tap: tap0, mac: '52:54:00:AA:BB:01'}}]\n")
+    r = _hvm_in(netns, "run", str(vm), "--stats", "--timeout", "20")
+    assert r.returncode == 1 and "device virtio-net0: " in r.stderr, r.stderr
+    vm.write_text(f"boot: {{kernel: {kernel}}}\ndevices:\n  virtio-net: [{{tap: tap0, mac: '53:54:00:AA:BB:01'}}]\n")
+    r = _hvm_in(netns, "run", str(vm))
+    assert (r.returncode, r.stderr) == (2, f"hvm: {vm}: devices.virtio-net[0].mac: 53:54:00:AA:BB:01 is a "
+                                           "multicast address (the first octet must be even)\n")
+    for net_args in (["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device",
+                      "virtio-net-device,netdev=n0,mac=52:54:00:00:00:09"],
+                     ["-nic", "tap,ifname=tap0,model=virtio-net-device"]):
+        r = subprocess.run(["nsenter", f"--net=/proc/{netns.proc.pid}/ns/net", sys.executable, "-m", "hvm.qemu_shim",
+                            "-kernel", str(kernel), *net_args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stderr) == (1, ""), r.stderr
 
 
 def test_tap_tx_and_rx(tap_rig):

@@ -1,10 +1,13 @@
 """Minimal ACPI tables for a PC-like guest, written where a BIOS leaves them (0xE0000..0xFFFFF):
 RSDP -> RSDT -> FADT (PM timer, PM1 blocks; FACS, DSDT with \\_S5 so guests can power off), MADT
 (one LAPIC per vCPU, the IOAPIC, IRQ0 -> GSI 2 as on a PC). ACPI 1.0 layouts: what kvm-unit-tests
-and Linux read."""
+and Linux read. The DSDT also describes each virtio-mmio slot as a "LNRO0005" device (as Firecracker
+and QEMU's microvm do), so a kernel finds them without `virtio_mmio.device=` on its command line; the
+AML is hand-encoded below (ACPI 6.x section 20, "ACPI Machine Language Specification")."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from hvm.memory import GuestMemory
 
@@ -15,6 +18,107 @@ LAPIC_ADDR = 0xFEE00000
 IOAPIC_ADDR = 0xFEC00000
 # AML: Name (_S5, Package (4) { 5, 5, 0, 0 }) -- the sleep type the PM1 control register expects for S5.
 S5_AML = bytes([0x08, 0x5F, 0x53, 0x35, 0x5F, 0x12, 0x08, 0x04, 0x0A, 0x05, 0x0A, 0x05, 0x00, 0x00])
+VIRTIO_MMIO_HID = "LNRO0005"   # Linux's virtio_mmio ACPI id (drivers/virtio/virtio_mmio.c)
+MADT_LEVEL_HIGH = 0x000D       # MPS INTI flags: polarity 01 (active high), trigger 11 (level)
+
+# AML opcodes (ACPI 6.x, 20.2)
+ZERO_OP, ONE_OP, NAME_OP, BYTE_PREFIX, WORD_PREFIX, DWORD_PREFIX, STRING_PREFIX = 0x00, 0x01, 0x08, 0x0A, \
+    0x0B, 0x0C, 0x0D
+SCOPE_OP, BUFFER_OP, EXT_OP_PREFIX, DEVICE_OP, ROOT_CHAR = 0x10, 0x11, 0x5B, 0x82, 0x5C
+
+
+def aml_pkg_length(body_len: int) -> bytes:
+    """PkgLength (20.2.4) for a package whose contents after the PkgLength are `body_len` bytes: the
+    encoded length counts its own bytes. One byte (6 bits) below 63, else a lead byte holding the byte
+    count in bits 7:6 and the low nibble in bits 3:0, followed by the higher bits 8 at a time."""
+    if body_len + 1 < 0x40:
+        return bytes([body_len + 1])
+    for extra in (1, 2, 3):
+        total = body_len + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            return bytes([(extra << 6) | (total & 0xF)]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError(f"AML package of {body_len} bytes is longer than PkgLength can say")
+
+
+def aml_integer(value: int) -> bytes:
+    """ComputationalData for an integer: ZeroOp, OneOp, or the smallest of Byte/Word/DWord prefix."""
+    if value == 0:
+        return bytes([ZERO_OP])
+    if value == 1:
+        return bytes([ONE_OP])
+    for prefix, size in ((BYTE_PREFIX, 1), (WORD_PREFIX, 2), (DWORD_PREFIX, 4)):
+        if value < 1 << (8 * size):
+            return bytes([prefix]) + value.to_bytes(size, "little")
+    raise ValueError(f"AML integer {value:#x} does not fit a DWord (a revision-1 DSDT's integers are 32-bit)")
+
+
+def aml_nameseg(name: str) -> bytes:
+    """A NameSeg: four characters, A-Z, 0-9 or '_' (the first not a digit), '_'-padded."""
+    seg = name.ljust(4, "_")
+    if len(seg) != 4 or not all(c.isupper() or c.isdigit() or c == "_" for c in seg) or seg[0].isdigit():
+        raise ValueError(f"bad AML name segment {name!r}")
+    return seg.encode("ascii")
+
+
+def aml_string(text: str) -> bytes:
+    return bytes([STRING_PREFIX]) + text.encode("ascii") + b"\0"
+
+
+def aml_name(name: str, data: bytes) -> bytes:
+    """Name (NAME, data): DefName := NameOp NameString DataRefObject."""
+    return bytes([NAME_OP]) + aml_nameseg(name) + data
+
+
+def aml_scope(path: bytes, body: bytes) -> bytes:
+    """Scope (path) { body }: ScopeOp PkgLength NameString TermList."""
+    inner = path + body
+    return bytes([SCOPE_OP]) + aml_pkg_length(len(inner)) + inner
+
+
+def aml_device(name: str, body: bytes) -> bytes:
+    """Device (NAME) { body }: ExtOpPrefix DeviceOp PkgLength NameString TermList."""
+    inner = aml_nameseg(name) + body
+    return bytes([EXT_OP_PREFIX, DEVICE_OP]) + aml_pkg_length(len(inner)) + inner
+
+
+def aml_buffer(data: bytes) -> bytes:
+    """Buffer () { data }: BufferOp PkgLength BufferSize ByteList."""
+    inner = aml_integer(len(data)) + data
+    return bytes([BUFFER_OP]) + aml_pkg_length(len(inner)) + inner
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    """ResourceTemplate () { ... }: the descriptors, then the End Tag (small item 0x79) whose checksum
+    byte makes the whole template sum to zero (6.4.2.9)."""
+    body = b"".join(descriptors) + bytes([0x79])
+    return body + bytes([_checksum(body)])
+
+
+def memory32_fixed(base: int, size: int, writable: bool = True) -> bytes:
+    """Memory32Fixed (ReadWrite, base, size): large item 0x86, length 9 (6.4.3.4)."""
+    return struct.pack("<BHBII", 0x86, 9, 1 if writable else 0, base, size)
+
+
+def extended_interrupt(irq: int, *, level: bool = True, active_high: bool = True, shared: bool = False) -> bytes:
+    """Interrupt (ResourceConsumer, Level|Edge, ActiveHigh|ActiveLow, Exclusive|Shared) { irq }: large item
+    0x89 (6.4.3.6). Flags: bit 0 consumer, bit 1 edge (0 = level), bit 2 active low, bit 3 shared."""
+    flags = 0x01 | (0 if level else 0x02) | (0 if active_high else 0x04) | (0x08 if shared else 0)
+    return struct.pack("<BHBBI", 0x89, 6, flags, 1, irq)
+
+
+def virtio_mmio_aml(slots: Sequence[tuple[int, int, int]]) -> bytes:
+    """Scope (\\_SB) { Device (VR00) { _HID "LNRO0005", _UID 0, _CCA One, _CRS { Memory32Fixed, Interrupt } }
+    ... } for each (base, size, irq): what Linux's ACPI scan turns into a platform device virtio_mmio binds."""
+    if not slots:
+        return b""
+    devices = b""
+    for n, (base, size, irq) in enumerate(slots):
+        crs = resource_template(memory32_fixed(base, size), extended_interrupt(irq))
+        devices += aml_device(f"VR{n:02X}", aml_name("_HID", aml_string(VIRTIO_MMIO_HID))
+                              + aml_name("_UID", aml_integer(n))
+                              + aml_name("_CCA", bytes([ONE_OP]))       # DMA is cache-coherent
+                              + aml_name("_CRS", aml_buffer(crs)))
+    return aml_scope(bytes([ROOT_CHAR]) + aml_nameseg("_SB_"), devices)
 
 
 def _checksum(data: bytes) -> int:
@@ -42,18 +146,29 @@ def fadt_body(facs: int, dsdt: int, pm_base: int, sci_irq: int = 9) -> bytes:
     )
 
 
-def madt_body(cpus: int) -> bytes:
+def madt_body(cpus: int, level_irqs: Sequence[int] = ()) -> bytes:
     body = struct.pack("<II", LAPIC_ADDR, 1)                           # PCAT_COMPAT: there are 8259s too
     for i in range(cpus):
         body += struct.pack("<BBBBI", 0, 8, i, i, 1)                     # processor local APIC, enabled
     body += struct.pack("<BBBBII", 1, 12, cpus, 0, IOAPIC_ADDR, 0)      # IOAPIC, GSI base 0
     body += struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0)                    # ISA IRQ0 -> GSI 2
-    body += struct.pack("<BBBBIH", 2, 10, 0, 9, 9, 0x000D)              # SCI: level, active high
+    body += struct.pack("<BBBBIH", 2, 10, 0, 9, 9, MADT_LEVEL_HIGH)     # SCI: level, active high
+    # virtio-mmio IRQs: level, active high, so Linux programs their IOAPIC pins level-triggered (the
+    # transport holds its line high while InterruptStatus != 0); an ISA IRQ is edge without an override.
+    for irq in level_irqs:
+        if irq != 9:
+            body += struct.pack("<BBBBIH", 2, 10, 0, irq, irq, MADT_LEVEL_HIGH)
     return body
 
 
-def write_acpi_tables(mem: GuestMemory, cpus: int, pm_base: int) -> dict[str, int]:
-    """Write the tables; return their addresses by signature."""
+def write_acpi_tables(mem: GuestMemory, cpus: int, pm_base: int,
+                      virtio_slots: Sequence[tuple[int, int, int]] = (),
+                      level_irqs: Sequence[int] | None = None) -> dict[str, int]:
+    """Write the tables; return their addresses by signature. `virtio_slots`: (base, size, irq) of each
+    virtio-mmio device the DSDT describes; `level_irqs` (default: those slots' IRQs) get level-triggered,
+    active-high interrupt source overrides in the MADT."""
+    if level_irqs is None:
+        level_irqs = [irq for _, _, irq in virtio_slots]
     addr = ACPI_BASE + 0x40                       # RSDP first, then the tables, 64-byte aligned
     placed: dict[str, int] = {}
 
@@ -66,9 +181,9 @@ def write_acpi_tables(mem: GuestMemory, cpus: int, pm_base: int) -> dict[str, in
         return at
 
     facs = put("FACS", struct.pack("<4sIIIII", b"FACS", 64, 0, 0, 0, 0).ljust(64, b"\0"))
-    dsdt = put("DSDT", _table(b"DSDT", 1, S5_AML))
+    dsdt = put("DSDT", _table(b"DSDT", 1, S5_AML + virtio_mmio_aml(virtio_slots)))
     fadt = put("FACP", _table(b"FACP", 1, fadt_body(facs, dsdt, pm_base)))
-    madt = put("APIC", _table(b"APIC", 1, madt_body(cpus)))
+    madt = put("APIC", _table(b"APIC", 1, madt_body(cpus, level_irqs)))
     rsdt = put("RSDT", _table(b"RSDT", 1, struct.pack("<II", fadt, madt)))
     rsdp = struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt)
     rsdp = rsdp[:8] + bytes([_checksum(rsdp)]) + rsdp[9:]

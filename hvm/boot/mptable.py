@@ -7,6 +7,7 @@ pc machine at MP_BASE, inside the BIOS area the memory map reserves."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from hvm.boot.acpi import IOAPIC_ADDR, LAPIC_ADDR
 from hvm.memory import GuestMemory
@@ -27,8 +28,9 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def mp_config_table(cpus: int) -> bytes:
-    """The configuration table: header and base entries."""
+def mp_config_table(cpus: int, level_irqs: Sequence[int] = ()) -> bytes:
+    """The configuration table: header and base entries. `level_irqs` (the virtio-mmio IRQs) are
+    level-triggered, active high, like the SCI (and as the MADT says)."""
     entries = []
     for i in range(cpus):       # processors, in APIC id order; vCPU 0 is the BSP
         flags = 1 | (2 if i == 0 else 0)
@@ -40,7 +42,7 @@ def mp_config_table(cpus: int) -> bytes:
         if irq == 2:
             continue
         pin = 2 if irq == 0 else irq
-        flags = LEVEL_HIGH if irq == SCI_IRQ else 0
+        flags = LEVEL_HIGH if irq == SCI_IRQ or irq in level_irqs else 0
         entries.append(struct.pack("<BBHBBBB", 3, INT, flags, ISA_BUS, irq, ioapic_id, pin))
     # Local interrupts of every LAPIC (id 0xff): LINT0 is the 8259's ExtINT (virtual wire), LINT1 NMI.
     entries.append(struct.pack("<BBHBBBB", 4, EXTINT, 0, ISA_BUS, 0, 0xFF, 0))
@@ -58,9 +60,9 @@ def mp_floating_pointer(table_addr: int) -> bytes:
     return raw[:10] + bytes([_checksum(raw)]) + raw[11:]
 
 
-def write_mp_table(mem: GuestMemory, cpus: int) -> int:
+def write_mp_table(mem: GuestMemory, cpus: int, level_irqs: Sequence[int] = ()) -> int:
     """Write the floating pointer at MP_BASE and the table after it; return the table's address."""
     table_addr = MP_BASE + 16
-    mem.write(table_addr, mp_config_table(cpus))
+    mem.write(table_addr, mp_config_table(cpus, level_irqs))
     mem.write(MP_BASE, mp_floating_pointer(table_addr))
     return table_addr

@@ -187,6 +187,8 @@ class VirtioBlk(VirtioBackend):
         elif kind == T_GET_ID:
             written = chain.write(self.serial.ljust(ID_BYTES, b"\0")[:status_at])
             status = S_OK
+        elif kind == T_DISCARD and self.readonly:
+            status = S_IOERR          # as a readonly disk's OUT (DISCARD is not offered to it)
         elif kind == T_DISCARD and self.discard:
             status = self._discard(chain)
         else:

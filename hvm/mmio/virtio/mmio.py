@@ -382,7 +382,9 @@ class VirtioMmio:
                                                          "queue_sel", "config_generation")}
             features = r.integer("driver_features", 0, U64)
             interrupt_status = r.integer("interrupt_status", 0, vc.INT_USED_BUFFER | vc.INT_CONFIG_CHANGE)
-            if features & ~self.device_features():
+            # Only a FEATURES_OK device has a negotiated set: before that the driver may have written any bits
+            # (FEATURES_OK is then refused), and such a saved state must load again.
+            if status & vc.STATUS_FEATURES_OK and features & ~self.device_features():
                 raise r.fail("driver_features", f"{features:#x} has bits not offered ({self.device_features():#x})")
             if status & vc.STATUS_FEATURES_OK and not features >> vc.F_VERSION_1 & 1:
                 raise r.fail("driver_features", "FEATURES_OK without VIRTIO_F_VERSION_1")

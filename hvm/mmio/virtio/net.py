@@ -334,6 +334,10 @@ class VirtioNet(VirtioBackend):
                         self._warn("read from tap %s failed: %s; receive stops", self.tap_name, e.strerror)
                         return
                     else:
+                        if not self._pending:     # end of file (a socket's peer closed): nothing more comes
+                            self._pending = None
+                            self._warn("tap %s closed; receive stops", self.tap_name)
+                            return
                         if len(self._pending) < ETH_HLEN or len(self._pending) > MAX_FRAME:
                             self.rx_dropped += 1
                             self._pending = None
@@ -364,6 +368,9 @@ def create(ctx: DeviceContext, props: dict) -> object:
 
 DEVICE = DeviceType(
     name="virtio-net", aliases=("virtio-net-device",), multiple=True, virtio=True, create=create, check=check,
+    # A host tap named in a snapshot is a host resource a crafted file could point at (as a disk path):
+    # a VM with a NIC is not saved; a restore never attaches to a tap it did not get from the user.
+    snapshot=False,
     props=(Prop("tap", "str", alias="ifname", help="an existing host tap device (ip tuntap add NAME mode tap)"),
            Prop("mac", "mac", None, help="the NIC's MAC (default 52:54:00:12:34:56, :57, ... by index)")),
     help="virtio network card on an existing host tap device (no checksum/TSO offloads)")
