@@ -119,7 +119,7 @@ def test_readonly_refuses_writes(memory, image):
         assert d.drv.device_features() >> blk.F_RO & 1
         assert not d.drv.device_features() >> blk.F_DISCARD & 1
         assert request(d, [header(blk.T_OUT, 0), b"\xFF" * 512], [1])[1] == bytes([blk.S_IOERR])
-        assert request(d, [header(blk.T_DISCARD), struct.pack("<QII", 0, 8, 0)], [1])[1] == bytes([blk.S_UNSUPP])
+        assert request(d, [header(blk.T_DISCARD), struct.pack("<QII", 0, 8, 0)], [1])[1] == bytes([blk.S_IOERR])
         assert request(d, [header(blk.T_FLUSH)], [1])[1] == bytes([blk.S_OK])
         n, data = request(d, [header(blk.T_IN, 0)], [512, 1])
         assert data[-1] == blk.S_OK and data[:512] == image.read_bytes()[:512]
