@@ -31,37 +31,11 @@
  *   other than the bytes the device should have written, 8 (status 17) a header field out of range. */
 #include "header.inc"
 #include "uart.inc"
-        .set MAGIC, 0x74726976          /* "virt" */
-        .set R_MAGIC, 0x000
-        .set R_VERSION, 0x004
-        .set R_DEVICE_ID, 0x008
-        .set R_DEV_FEATURES, 0x010
-        .set R_DEV_FEATURES_SEL, 0x014
-        .set R_DRV_FEATURES, 0x020
-        .set R_DRV_FEATURES_SEL, 0x024
-        .set R_QUEUE_SEL, 0x030
-        .set R_QUEUE_NUM_MAX, 0x034
-        .set R_QUEUE_NUM, 0x038
-        .set R_QUEUE_READY, 0x044
-        .set R_QUEUE_NOTIFY, 0x050
-        .set R_STATUS, 0x070
-        .set R_QUEUE_DESC, 0x080        /* low; high at +4 */
-        .set R_QUEUE_DRIVER, 0x090
-        .set R_QUEUE_DEVICE, 0x0a0
-        .set R_CONFIG, 0x100            /* virtio-blk config: capacity (u64, 512-byte sectors) at +0 */
-        .set S_ACK, 1
-        .set S_DRIVER, 2
-        .set S_DRIVER_OK, 4
-        .set S_FEATURES_OK, 8
+#include "virtio.inc"
         .set F_FLUSH, 1 << 9            /* VIRTIO_BLK_F_FLUSH */
         .set T_IN, 0
         .set T_OUT, 1
         .set T_FLUSH, 4
-        .set D_NEXT, 1
-        .set D_WRITE, 2
-        .set QSIZE, 8
-        .set AVAIL, 0x100               /* the queue's memory: descriptors +0, avail ring +0x100, used +0x200 */
-        .set USED, 0x200
         .set RQ, 0x200000               /* queue 0, requestq */
         .set REQ, 0x201000              /* the request header: type, reserved, sector (u64) */
         .set STATUS_BYTE, 0x201010

@@ -13,30 +13,7 @@
  *   0 (status 1) done, 1 (status 3) no virtio-console v2 at the base, 2 (status 5) features or queue
  *   size refused, 3 (status 7) a buffer the device did not complete. */
 #include "header.inc"
-        .set MAGIC, 0x74726976          /* "virt" */
-        .set R_MAGIC, 0x000
-        .set R_VERSION, 0x004
-        .set R_DEVICE_ID, 0x008
-        .set R_DEV_FEATURES, 0x010
-        .set R_DEV_FEATURES_SEL, 0x014
-        .set R_DRV_FEATURES, 0x020
-        .set R_DRV_FEATURES_SEL, 0x024
-        .set R_QUEUE_SEL, 0x030
-        .set R_QUEUE_NUM_MAX, 0x034
-        .set R_QUEUE_NUM, 0x038
-        .set R_QUEUE_READY, 0x044
-        .set R_QUEUE_NOTIFY, 0x050
-        .set R_STATUS, 0x070
-        .set R_QUEUE_DESC, 0x080        /* low; high at +4 */
-        .set R_QUEUE_DRIVER, 0x090
-        .set R_QUEUE_DEVICE, 0x0a0
-        .set S_ACK, 1
-        .set S_DRIVER, 2
-        .set S_DRIVER_OK, 4
-        .set S_FEATURES_OK, 8
-        .set QSIZE, 8
-        .set AVAIL, 0x100               /* a queue's memory: descriptors +0, avail ring +0x100, used +0x200 */
-        .set USED, 0x200
+#include "virtio.inc"
         .set RXQ, 0x200000              /* queue 0, receiveq */
         .set TXQ, 0x201000              /* queue 1, transmitq */
         .set RXBUF, 0x202000
