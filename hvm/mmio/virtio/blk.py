@@ -245,7 +245,7 @@ class VirtioBlk(VirtioBackend):
         if not data or len(data) % DISCARD_SEGMENT.size or len(data) // DISCARD_SEGMENT.size > 1:
             return S_IOERR      # max_discard_seg is 1
         sector, count, flags = DISCARD_SEGMENT.unpack(data)
-        if flags & ~DISCARD_F_UNMAP:
+        if flags:    # unknown flags, and UNMAP too: the spec (5.2.6.2) makes UNMAP on a DISCARD UNSUPP, as QEMU
             return S_UNSUPP
         if count > MAX_DISCARD_SECTORS:
             return S_IOERR
