@@ -141,6 +141,12 @@ class GuestMemory:
                 return region, gpa - region.gpa
         raise GuestMemoryError(f"guest access {gpa:#x}..{gpa + length:#x} is outside guest RAM")
 
+    def mapping_at(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
+        """The host mapping that holds [gpa, gpa+length) and the offset in it, for I/O straight into guest
+        RAM (a device's os.preadv into a memoryview of it); GuestMemoryError outside guest RAM."""
+        region, off = self._locate(gpa, length)
+        return region.mapping, off
+
     def contains(self, gpa: int, length: int = 1) -> bool:
         return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
 

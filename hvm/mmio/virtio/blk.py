@@ -277,8 +277,8 @@ def guest_views(memory: GuestMemory, buffers: list[tuple[int, int]], skip: int, 
                 skip -= n
                 continue
             take = min(n - skip, length)
-            region, off = memory._locate(gpa + skip, take)
-            whole = memoryview(region.mapping)
+            mapping, off = memory.mapping_at(gpa + skip, take)
+            whole = memoryview(mapping)
             views.append(whole)
             views.append(whole[off:off + take])
             length -= take
