@@ -68,7 +68,7 @@ def boot(image, *, readonly: bool) -> "object":
     mode = "ro" if readonly else "rw"
     drive = f"file={image},format=raw,if=virtio" + (",readonly=on" if readonly else "")
     return run_hvm("run", "--kernel", str(KERNEL), "-m", "256M", "--append",
-                   f"{LINUX_CMDLINE} root=/dev/vda {mode}", "--drive", drive, "--stats",
+                   f"{LINUX_CMDLINE} root=/dev/vda {mode} init=/init", "--drive", drive, "--stats",
                    "--timeout", str(BOOT_TIMEOUT), timeout=BOOT_TIMEOUT + 60)
 
 
