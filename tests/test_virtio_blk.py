@@ -6,28 +6,18 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from types import SimpleNamespace
 
 import pytest
 
 from conftest import ROOT, run_hvm
 from hvm.cli import build_parser, spec_from_args
 from hvm.config import ConfigError, parse_devices
-from hvm.memory import GuestMemory, MiB
-from hvm.mmio.device import IrqLine
-from hvm.mmio.virtio import VirtioMmio
 from hvm.mmio.virtio import blk
 from hvm.mmio.virtio import constants as vc
 from hvm.qemu_shim import ShimError, translate
-from virtio_driver import GuestDriver
+from virtio_driver import make_rig, memory  # noqa: F401 (memory: the fixture)
 
 SECTORS = 64
-
-
-@pytest.fixture
-def memory():
-    with GuestMemory(16 * MiB) as mem:
-        yield mem
 
 
 @pytest.fixture
@@ -41,11 +31,7 @@ def make(memory, path, readonly=False, serial="", discard=None, size=None):
     fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
     backend = blk.VirtioBlk(memory, fd, os.path.getsize(path) if size is None else size, readonly, serial,
                             "virtio-blk0", discard=discard)
-    irq = IrqLine(5)
-    t = VirtioMmio(memory, irq, backend)
-    drv = GuestDriver(t, memory)
-    [ring] = drv.start(1)
-    return SimpleNamespace(backend=backend, t=t, irq=irq, drv=drv, ring=ring)
+    return make_rig(memory, backend)
 
 
 @pytest.fixture
