@@ -64,7 +64,7 @@ def test_identity_features_and_wiring(mem):
     driver.w(vc.MMIO_QUEUE_SEL, 2)
     assert driver.r(vc.MMIO_QUEUE_NUM_MAX) == 0
     ctx.closers[-1]()                      # the Machine's close: blocked feeders would be let go
-    assert backend._closed
+    assert backend._input.closed
 
 
 def test_transmit_sends_chains_in_order(mem):
