@@ -55,9 +55,7 @@
         .set MB_FLAGS, 0x00010000       /* a.out kludge: the addresses below, no ELF */
         .set LOAD, 0x100000
         .code32
-        PATCHED_HEADER
-base:   .long HVM_BASE
-mode:   .long 0
+        VIRTIO_HEADER                           /* base: HVM_BASE */
 sectors: .long 128
 kib:    .long 4
 wsector: .long 128

@@ -25,14 +25,8 @@
         .set LINE_LEN, line_end - line
         .set BYE_LEN, bye_end - bye
         .code32
-        PATCHED_HEADER
-base:   .long 0xd0000000
-mode:   .long 0
-start:
-        cli
-        cld
-        mov $0x90000, %esp
-        mov base, %ebx
+        VIRTIO_HEADER
+        VIRTIO_START
         VIRTIO_PROBE 3                          /* probe: 3 reads */
         VIRTIO_ACK_VERSION_1                    /* reset, ACKNOWLEDGE, DRIVER, VERSION_1 offered: 5 */
         VIRTIO_ACCEPT_FEATURES $0               /* accept only VERSION_1, FEATURES_OK read back: 6 */

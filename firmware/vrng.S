@@ -22,14 +22,8 @@
         .set POLL_LIMIT, 1000000        /* the device completes a request within the notify exit */
         .set DEBUG_EXIT, 0xf4
         .code32
-        PATCHED_HEADER
-base:   .long 0xd0000000
-mode:   .long 0
-start:
-        cli
-        cld
-        mov $0x90000, %esp
-        mov base, %ebx
+        VIRTIO_HEADER
+        VIRTIO_START
         call handshake
         cmpl $1, mode
         jne requests
