@@ -32,6 +32,7 @@
 #include "header.inc"
 #include "uart.inc"
 #include "virtio.inc"
+#include "virtio_driver.inc"
         .set F_FLUSH, 1 << 9            /* VIRTIO_BLK_F_FLUSH */
         .set T_IN, 0
         .set T_OUT, 1
@@ -54,9 +55,7 @@
         .set MB_FLAGS, 0x00010000       /* a.out kludge: the addresses below, no ELF */
         .set LOAD, 0x100000
         .code32
-        PATCHED_HEADER
-base:   .long HVM_BASE
-mode:   .long 0
+        VIRTIO_HEADER                           /* base: HVM_BASE */
 sectors: .long 128
 kib:    .long 4
 wsector: .long 128
@@ -213,19 +212,7 @@ throughput:
 9:      mov $msg_done, %esi
         call puts
 
-done:   xor %eax, %eax
-exit:   out %al, $DEBUG_EXIT
-        cli
-2:      hlt
-        jmp 2b
-no_device:
-        mov $1, %al
-        jmp exit
-refused:
-        mov $2, %al
-        jmp exit
-stuck:  mov $3, %al
-        jmp exit
+        VIRTIO_EXITS
 io_error:
         mov $4, %al
         jmp exit
@@ -251,21 +238,12 @@ request:
         mov %edx, REQ + 8
         movl $0, REQ + 12
         movb $0xff, STATUS_BYTE
-        movl $REQ, RQ                           /* descriptor 0: the header, device-readable */
-        movl $0, RQ + 4
-        movl $16, RQ + 8
-        movw $D_NEXT, RQ + 12
+        VQ_DESC RQ, 0, $REQ, $16, $D_NEXT       /* descriptor 0: the header, device-readable */
         movw $1, RQ + 14
-        movl $STATUS_BYTE, RQ + 32              /* descriptor 2: the status byte, device-writable */
-        movl $0, RQ + 36
-        movl $1, RQ + 40
-        movw $D_WRITE, RQ + 44
+        VQ_DESC RQ, 2, $STATUS_BYTE, $1, $D_WRITE       /* descriptor 2: the status byte, device-writable */
         movw $0, RQ + 46
         jecxz 1f
-        mov %edi, RQ + 16                       /* descriptor 1: the data */
-        movl $0, RQ + 20
-        mov %ecx, RQ + 24
-        movw $D_NEXT, RQ + 28                   /* a read fills it: device-writable */
+        VQ_DESC RQ, 1, %edi, %ecx, $D_NEXT      /* descriptor 1: the data; a read fills it: device-writable */
         cmp $T_IN, %eax
         jne 2f
         movw $D_NEXT | D_WRITE, RQ + 28
@@ -278,20 +256,9 @@ request:
         jne 4f
         mov %ecx, %edi
 4:      inc %edi
-        movzwl RQ + AVAIL + 2, %eax
-        mov %eax, %ecx
-        and $QSIZE - 1, %ecx
-        movw $0, RQ + AVAIL + 4(,%ecx,2)        /* avail.ring[idx % size] = 0 */
-        inc %eax
-        mov %ax, RQ + AVAIL + 2                 /* publish (x86 keeps the stores in order) */
-        movl $0, R_QUEUE_NOTIFY(%ebx)
-        mov $POLL_LIMIT, %ecx                   /* until used.idx == avail.idx */
-5:      cmp RQ + USED + 2, %ax
-        je 6f
-        pause
-        loop 5b
-        jmp stuck
-6:      dec %eax
+        VQ_PUBLISH_HEAD0 RQ, 0
+        VQ_WAIT_USED RQ, %ax, pause             /* until used.idx == avail.idx */
+        dec %eax
         and $QSIZE - 1, %eax
         cmpl $0, RQ + USED + 4(,%eax,8)         /* used.ring[i].id: the head, descriptor 0 */
         jne bad_length
@@ -325,55 +292,19 @@ scan_slots:
 3:      ret
 
 /* handshake: probe, reset, ACKNOWLEDGE, DRIVER, VERSION_1 (and FLUSH if offered), FEATURES_OK, queue 0,
- * DRIVER_OK. */
+ * DRIVER_OK (27 MMIO accesses). */
 handshake:
-        mov R_MAGIC(%ebx), %eax
-        cmp $MAGIC, %eax
-        jne no_device
-        mov R_VERSION(%ebx), %eax
-        cmp $2, %eax
-        jne no_device
-        mov R_DEVICE_ID(%ebx), %eax
-        cmp $2, %eax
-        jne no_device
-        movl $0, R_STATUS(%ebx)
-        movl $S_ACK, R_STATUS(%ebx)
-        movl $S_ACK | S_DRIVER, R_STATUS(%ebx)
-        movl $1, R_DEV_FEATURES_SEL(%ebx)       /* VIRTIO_F_VERSION_1 (bit 32) offered */
-        mov R_DEV_FEATURES(%ebx), %eax
-        test $1, %eax
-        jz refused
+        VIRTIO_PROBE 2
+        VIRTIO_ACK_VERSION_1
         movl $0, R_DEV_FEATURES_SEL(%ebx)
         mov R_DEV_FEATURES(%ebx), %eax
         and $F_FLUSH, %eax
         mov %eax, features
-        movl $0, R_DRV_FEATURES_SEL(%ebx)
-        mov %eax, R_DRV_FEATURES(%ebx)
-        movl $1, R_DRV_FEATURES_SEL(%ebx)
-        movl $1, R_DRV_FEATURES(%ebx)
-        movl $S_ACK | S_DRIVER | S_FEATURES_OK, R_STATUS(%ebx)
-        mov R_STATUS(%ebx), %eax
-        test $S_FEATURES_OK, %eax
-        jz refused
-        mov $RQ, %edi                           /* the queue's memory zeroed: indices 0 again */
-        xor %eax, %eax
-        mov $USED / 4 + 0x40, %ecx
-        rep stosl
-        movw $1, RQ + AVAIL                     /* VRING_AVAIL_F_NO_INTERRUPT: this driver polls */
-        movl $0, R_QUEUE_SEL(%ebx)
-        mov R_QUEUE_NUM_MAX(%ebx), %eax
-        cmp $QSIZE, %eax
-        jb refused
-        movl $QSIZE, R_QUEUE_NUM(%ebx)
-        movl $RQ, R_QUEUE_DESC(%ebx)
-        movl $0, R_QUEUE_DESC + 4(%ebx)
-        movl $RQ + AVAIL, R_QUEUE_DRIVER(%ebx)
-        movl $0, R_QUEUE_DRIVER + 4(%ebx)
-        movl $RQ + USED, R_QUEUE_DEVICE(%ebx)
-        movl $0, R_QUEUE_DEVICE + 4(%ebx)
-        movl $1, R_QUEUE_READY(%ebx)
-        movl $S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK, R_STATUS(%ebx)
+        VIRTIO_ACCEPT_FEATURES %eax
+        VIRTIO_ONE_QUEUE_DRIVER_OK RQ
         ret
+
+        VIRTIO_SETUP_QUEUE_ROUTINE
 
 /* puts: the NUL-terminated string at esi to COM1 with one rep outsb. Clobbers eax, ecx, edx, esi, edi. */
 puts:   mov %esi, %edi

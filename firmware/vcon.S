@@ -14,6 +14,7 @@
  *   size refused, 3 (status 7) a buffer the device did not complete. */
 #include "header.inc"
 #include "virtio.inc"
+#include "virtio_driver.inc"
         .set RXQ, 0x200000              /* queue 0, receiveq */
         .set TXQ, 0x201000              /* queue 1, transmitq */
         .set RXBUF, 0x202000
@@ -24,45 +25,18 @@
         .set LINE_LEN, line_end - line
         .set BYE_LEN, bye_end - bye
         .code32
-        PATCHED_HEADER
-base:   .long 0xd0000000
-mode:   .long 0
-start:
-        cli
-        cld
-        mov $0x90000, %esp
-        mov base, %ebx
-        mov R_MAGIC(%ebx), %eax                 /* probe: 3 reads */
-        cmp $MAGIC, %eax
-        jne no_device
-        mov R_VERSION(%ebx), %eax
-        cmp $2, %eax
-        jne no_device
-        mov R_DEVICE_ID(%ebx), %eax
-        cmp $3, %eax
-        jne no_device
-        movl $0, R_STATUS(%ebx)                 /* reset, ACKNOWLEDGE, DRIVER: 3 writes */
-        movl $S_ACK, R_STATUS(%ebx)
-        movl $S_ACK | S_DRIVER, R_STATUS(%ebx)
-        movl $1, R_DEV_FEATURES_SEL(%ebx)       /* VIRTIO_F_VERSION_1 (bit 32) offered: 2 accesses */
-        mov R_DEV_FEATURES(%ebx), %eax
-        test $1, %eax
-        jz refused
-        movl $0, R_DRV_FEATURES_SEL(%ebx)       /* accept only VERSION_1: 4 writes */
-        movl $0, R_DRV_FEATURES(%ebx)
-        movl $1, R_DRV_FEATURES_SEL(%ebx)
-        movl $1, R_DRV_FEATURES(%ebx)
-        movl $S_ACK | S_DRIVER | S_FEATURES_OK, R_STATUS(%ebx)  /* FEATURES_OK, read back: 2 accesses */
-        mov R_STATUS(%ebx), %eax
-        test $S_FEATURES_OK, %eax
-        jz refused
+        VIRTIO_HEADER
+        VIRTIO_START
+        VIRTIO_PROBE 3                          /* probe: 3 reads */
+        VIRTIO_ACK_VERSION_1                    /* reset, ACKNOWLEDGE, DRIVER, VERSION_1 offered: 5 */
+        VIRTIO_ACCEPT_FEATURES $0               /* accept only VERSION_1, FEATURES_OK read back: 6 */
         xor %edx, %edx                          /* two queues: 10 accesses each */
         mov $RXQ, %edi
         call setup_queue
         mov $1, %edx
         mov $TXQ, %edi
         call setup_queue
-        movl $S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK, R_STATUS(%ebx)   /* 1 write: 35 in all */
+        VIRTIO_DRIVER_OK                        /* 1 write: 35 in all */
         mov mode, %eax
         cmp $1, %eax
         je echo
@@ -75,32 +49,13 @@ start:
         call send
         dec %ebp
         jnz 1b
-done:   xor %eax, %eax
-exit:   out %al, $DEBUG_EXIT
-        cli
-2:      hlt
-        jmp 2b
-no_device:
-        mov $1, %al
-        jmp exit
-refused:
-        mov $2, %al
-        jmp exit
-stuck:  mov $3, %al
-        jmp exit
+        VIRTIO_EXITS
 
 /* echo: one receive buffer at a time; what arrives goes back upper-cased through send. */
-echo:   xor %ebp, %ebp                          /* the receive queue's avail.idx */
-post:   movl $RXBUF, RXQ                        /* descriptor 0: RXBUF, device-writable */
-        movl $0, RXQ + 4
-        movl $RXBUF_LEN, RXQ + 8
-        movw $2, RXQ + 12                       /* VIRTQ_DESC_F_WRITE */
-        mov %ebp, %eax
-        and $QSIZE - 1, %eax
-        movw $0, RXQ + AVAIL + 4(,%eax,2)
-        inc %ebp
-        mov %bp, RXQ + AVAIL + 2
-        movl $0, R_QUEUE_NOTIFY(%ebx)           /* the device fills it now or when input comes */
+echo:
+post:   VQ_DESC RXQ, 0, $RXBUF, $RXBUF_LEN, $D_WRITE      /* descriptor 0: RXBUF, device-writable */
+        VQ_PUBLISH_HEAD0 RXQ, 0                 /* the device fills it now or when input comes */
+        mov %eax, %ebp                          /* ebp: the receive queue's avail.idx */
 3:      cmp RXQ + USED + 2, %bp                 /* no bound: input takes what time it takes (hvm's timeout) */
         jne 3b
         lea -1(%ebp), %eax
@@ -168,49 +123,15 @@ batch:  mov iterations, %ebp
 
 /* send: the %ecx bytes at %eax as one transmit buffer (descriptor 0), one notify, then wait for the
  * used ring. Clobbers eax, ecx, esi. */
-send:   mov %eax, TXQ
-        movl $0, TXQ + 4
-        mov %ecx, TXQ + 8
-        movw $0, TXQ + 12                       /* device-readable, no next */
-        movzwl TXQ + AVAIL + 2, %esi
-        mov %esi, %eax
-        and $QSIZE - 1, %eax
-        movw $0, TXQ + AVAIL + 4(,%eax,2)
-        inc %esi
-        mov %si, TXQ + AVAIL + 2                /* publish (x86 keeps the stores in order) */
-        movl $1, R_QUEUE_NOTIFY(%ebx)           /* the one exit per buffer */
+send:   VQ_DESC TXQ, 0, %eax, %ecx, $0          /* device-readable, no next */
+        VQ_PUBLISH_HEAD0 TXQ, 1                 /* the one exit per buffer */
+        mov %eax, %esi
 /* wait_tx: until the transmit queue's used.idx is %si (clobbers ecx). */
 wait_tx:
-        mov $POLL_LIMIT, %ecx
-1:      cmp TXQ + USED + 2, %si
-        je 2f
-        loop 1b
-        jmp stuck
-2:      ret
-
-/* setup_queue: queue %edx at %edi (zeroed here), QSIZE entries, interrupts suppressed. */
-setup_queue:
-        push %edi
-        xor %eax, %eax
-        mov $USED / 4 + 0x40, %ecx              /* descriptors, avail and used rings */
-        rep stosl
-        pop %edi
-        movw $1, AVAIL(%edi)                    /* VRING_AVAIL_F_NO_INTERRUPT: this driver polls */
-        mov %edx, R_QUEUE_SEL(%ebx)
-        mov R_QUEUE_NUM_MAX(%ebx), %eax
-        cmp $QSIZE, %eax
-        jb refused
-        movl $QSIZE, R_QUEUE_NUM(%ebx)
-        mov %edi, R_QUEUE_DESC(%ebx)
-        movl $0, R_QUEUE_DESC + 4(%ebx)
-        lea AVAIL(%edi), %eax
-        mov %eax, R_QUEUE_DRIVER(%ebx)
-        movl $0, R_QUEUE_DRIVER + 4(%ebx)
-        lea USED(%edi), %eax
-        mov %eax, R_QUEUE_DEVICE(%ebx)
-        movl $0, R_QUEUE_DEVICE + 4(%ebx)
-        movl $1, R_QUEUE_READY(%ebx)
+        VQ_WAIT_USED TXQ, %si
         ret
+
+        VIRTIO_SETUP_QUEUE_ROUTINE
 
 line:   .ascii "one line, printed three ways\n"
 line_end:

@@ -14,6 +14,7 @@
  *   was not refused, 5 (status 11) a buffer came back all zeros. */
 #include "header.inc"
 #include "virtio.inc"
+#include "virtio_driver.inc"
         .set RQ, 0x200000               /* queue 0, requestq */
         .set BUF, 0x201000
         .set BUF_LEN, 64
@@ -21,14 +22,8 @@
         .set POLL_LIMIT, 1000000        /* the device completes a request within the notify exit */
         .set DEBUG_EXIT, 0xf4
         .code32
-        PATCHED_HEADER
-base:   .long 0xd0000000
-mode:   .long 0
-start:
-        cli
-        cld
-        mov $0x90000, %esp
-        mov base, %ebx
+        VIRTIO_HEADER
+        VIRTIO_START
         call handshake
         cmpl $1, mode
         jne requests
@@ -50,13 +45,9 @@ requests:
         rep stosl
         mov $BUF, %eax
         call post
-        mov $POLL_LIMIT, %ecx                   /* until used.idx == avail.idx */
-        mov RQ + AVAIL + 2, %dx
-2:      cmp RQ + USED + 2, %dx
-        je 3f
-        loop 2b
-        jmp stuck
-3:      dec %edx
+        mov %eax, %edx                          /* until used.idx == avail.idx */
+        VQ_WAIT_USED RQ, %dx
+        dec %edx
         and $QSIZE - 1, %edx
         cmpl $BUF_LEN, RQ + USED + 8(,%edx,8)   /* used.ring[i].len */
         jne stuck
@@ -70,81 +61,26 @@ requests:
         jz zeros
         dec %ebp
         jnz 1b
-done:   xor %eax, %eax
-exit:   out %al, $DEBUG_EXIT
-        cli
-5:      hlt
-        jmp 5b
-no_device:
-        mov $1, %al
-        jmp exit
-refused:
-        mov $2, %al
-        jmp exit
-stuck:  mov $3, %al
-        jmp exit
+        VIRTIO_EXITS
 not_refused:
         mov $4, %al
         jmp exit
 zeros:  mov $5, %al
         jmp exit
 
-/* post: descriptor 0 = BUF_LEN device-writable bytes at %eax, made available, one notify. */
-post:   mov %eax, RQ
-        movl $0, RQ + 4
-        movl $BUF_LEN, RQ + 8
-        movw $2, RQ + 12                        /* VIRTQ_DESC_F_WRITE, no next */
-        movzwl RQ + AVAIL + 2, %eax
-        mov %eax, %ecx
-        and $QSIZE - 1, %ecx
-        movw $0, RQ + AVAIL + 4(,%ecx,2)        /* avail.ring[idx % size] = 0 */
-        inc %eax
-        mov %ax, RQ + AVAIL + 2                 /* publish (x86 keeps the stores in order) */
-        movl $0, R_QUEUE_NOTIFY(%ebx)
+/* post: descriptor 0 = BUF_LEN device-writable bytes at %eax, made available, one notify (1 write).
+ * Leaves avail.idx in %eax. */
+post:   VQ_DESC RQ, 0, %eax, $BUF_LEN, $D_WRITE         /* no next */
+        VQ_PUBLISH_HEAD0 RQ, 0
         ret
 
-/* handshake: probe, reset, ACKNOWLEDGE, DRIVER, VERSION_1 only, FEATURES_OK, queue 0, DRIVER_OK. */
+/* handshake: probe, reset, ACKNOWLEDGE, DRIVER, VERSION_1 only, FEATURES_OK, queue 0, DRIVER_OK
+ * (25 MMIO accesses). */
 handshake:
-        mov R_MAGIC(%ebx), %eax
-        cmp $MAGIC, %eax
-        jne no_device
-        mov R_VERSION(%ebx), %eax
-        cmp $2, %eax
-        jne no_device
-        mov R_DEVICE_ID(%ebx), %eax
-        cmp $4, %eax
-        jne no_device
-        movl $0, R_STATUS(%ebx)
-        movl $S_ACK, R_STATUS(%ebx)
-        movl $S_ACK | S_DRIVER, R_STATUS(%ebx)
-        movl $1, R_DEV_FEATURES_SEL(%ebx)       /* VIRTIO_F_VERSION_1 (bit 32) offered */
-        mov R_DEV_FEATURES(%ebx), %eax
-        test $1, %eax
-        jz refused
-        movl $0, R_DRV_FEATURES_SEL(%ebx)       /* accept only VERSION_1 */
-        movl $0, R_DRV_FEATURES(%ebx)
-        movl $1, R_DRV_FEATURES_SEL(%ebx)
-        movl $1, R_DRV_FEATURES(%ebx)
-        movl $S_ACK | S_DRIVER | S_FEATURES_OK, R_STATUS(%ebx)
-        mov R_STATUS(%ebx), %eax
-        test $S_FEATURES_OK, %eax
-        jz refused
-        mov $RQ, %edi                           /* the queue's memory zeroed: indices 0 again */
-        xor %eax, %eax
-        mov $USED / 4 + 0x40, %ecx
-        rep stosl
-        movw $1, RQ + AVAIL                     /* VRING_AVAIL_F_NO_INTERRUPT: this driver polls */
-        movl $0, R_QUEUE_SEL(%ebx)
-        mov R_QUEUE_NUM_MAX(%ebx), %eax
-        cmp $QSIZE, %eax
-        jb refused
-        movl $QSIZE, R_QUEUE_NUM(%ebx)
-        movl $RQ, R_QUEUE_DESC(%ebx)
-        movl $0, R_QUEUE_DESC + 4(%ebx)
-        movl $RQ + AVAIL, R_QUEUE_DRIVER(%ebx)
-        movl $0, R_QUEUE_DRIVER + 4(%ebx)
-        movl $RQ + USED, R_QUEUE_DEVICE(%ebx)
-        movl $0, R_QUEUE_DEVICE + 4(%ebx)
-        movl $1, R_QUEUE_READY(%ebx)
-        movl $S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK, R_STATUS(%ebx)
+        VIRTIO_PROBE 4
+        VIRTIO_ACK_VERSION_1
+        VIRTIO_ACCEPT_FEATURES $0
+        VIRTIO_ONE_QUEUE_DRIVER_OK RQ
         ret
+
+        VIRTIO_SETUP_QUEUE_ROUTINE

@@ -4,7 +4,6 @@ Linux's own driver (console=hvc0, slow)."""
 from __future__ import annotations
 
 import re
-import struct
 import threading
 import time
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ from hvm.mmio.device import DeviceStateError, IrqLine
 from hvm.mmio.virtio import attach, constants as vc
 from hvm.mmio.virtio import console as vcon
 from hvm.mmio.virtio.console import INPUT_QUEUE_LIMIT, VirtioConsole
-from virtio_driver import GuestDriver
+from virtio_driver import GuestDriver, patch_firmware
 
 BASE = 0xD000_0000
 LINE = b"one line, printed three ways\n"
@@ -65,7 +64,7 @@ def test_identity_features_and_wiring(mem):
     driver.w(vc.MMIO_QUEUE_SEL, 2)
     assert driver.r(vc.MMIO_QUEUE_NUM_MAX) == 0
     ctx.closers[-1]()                      # the Machine's close: blocked feeders would be let go
-    assert backend._closed
+    assert backend._input.closed
 
 
 def test_transmit_sends_chains_in_order(mem):
@@ -200,15 +199,7 @@ def test_hostile_receive_ring_a_read_only_buffer(mem):
 # --- firmware/vcon under a real VM -------------------------------------------------------------------
 
 def vcon_image(tmp_path, iterations: int, mode: int = 0, base: int = BASE):
-    from bench.exits import patch_header
-
-    image = patch_header(FIRMWARE / "vcon.bin", tmp_path / f"vcon-{mode}.bin", iterations, base, "<I",
-                         arg_as_built=BASE)
-    data = bytearray(image.read_bytes())
-    assert struct.unpack_from("<I", data, 12)[0] == 0
-    struct.pack_into("<I", data, 12, mode)
-    image.write_bytes(bytes(data))
-    return image
+    return patch_firmware(FIRMWARE / "vcon.bin", tmp_path / f"vcon-{mode}.bin", iterations, base, mode)
 
 
 def vcon_yaml(tmp_path, image, serial: str, extra: str = "") -> str:

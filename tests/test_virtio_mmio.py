@@ -16,7 +16,7 @@ from hvm.mmio.device import DeviceStateError, IrqLine, StateReader
 from hvm.mmio.virtio import VirtioBackend, VirtioMmio, attach
 from hvm.mmio.virtio import constants as vc
 from hvm.mmio.virtio.mmio import MAX_WARNINGS
-from virtio_driver import GuestDriver
+from virtio_driver import GuestDriver, make_rig, memory  # noqa: F401 (memory: the fixture)
 
 F_TEST = 1 << 5     # a device-specific feature bit the test backend offers
 
@@ -76,17 +76,8 @@ class Echo(VirtioBackend):
 
 
 @pytest.fixture
-def memory():
-    with GuestMemory(16 * MiB) as mem:
-        yield mem
-
-
-@pytest.fixture
 def dev(memory):
-    irq = RecordingIrq()
-    backend = Echo()
-    t = VirtioMmio(memory, irq, backend)
-    return SimpleNamespace(t=t, irq=irq, backend=backend, drv=GuestDriver(t, memory), memory=memory)
+    return make_rig(memory, Echo(), queues=None, irq=RecordingIrq())
 
 
 ALL_FEATURES = vc.TRANSPORT_FEATURES | F_TEST

@@ -28,7 +28,7 @@ from hvm.mmio.device import IrqLine
 from hvm.mmio.virtio import VirtioMmio
 from hvm.mmio.virtio import constants as vc
 from hvm.mmio.virtio import net
-from virtio_driver import GuestDriver
+from virtio_driver import GuestDriver, make_rig, memory  # noqa: F401 (memory: the fixture)
 
 W, N = vc.VIRTQ_DESC_F_WRITE, vc.VIRTQ_DESC_F_NEXT
 MAC = bytes.fromhex("525400123456")
@@ -57,22 +57,13 @@ class Rig:
         dev_end.setblocking(False)
         self.host.settimeout(5)
         self.backend = net.VirtioNet("virtio-net0", dev_end.detach(), MAC, "pair")
-        self.irq = IrqLine(5)
-        self.t = VirtioMmio(memory, self.irq, self.backend)
-        self.driver = GuestDriver(self.t, memory)
-        self.rx = self.tx = None
-        if start_driver:
-            self.rx, self.tx = self.driver.start(2, queue_size)
+        rig = make_rig(memory, self.backend, queues=2 if start_driver else None, size=queue_size)
+        self.irq, self.t, self.driver = rig.irq, rig.t, rig.drv
+        self.rx, self.tx = rig.rings if start_driver else (None, None)
 
     def close(self) -> None:
         self.backend.close()
         self.host.close()
-
-
-@pytest.fixture
-def memory():
-    with GuestMemory(16 * MiB) as mem:
-        yield mem
 
 
 @pytest.fixture

@@ -3,38 +3,25 @@
 from __future__ import annotations
 
 import re
-import struct
 from types import SimpleNamespace
 
 import pytest
 
 from conftest import FIRMWARE, run_hvm, write_yaml
-from hvm.memory import MiB, GuestMemory
 from hvm.mmio.bus import MmioBus
 from hvm.mmio.device import IrqLine
 from hvm.mmio.virtio import VirtioMmio
 from hvm.mmio.virtio import constants as vc
 from hvm.mmio.virtio import rng
-from virtio_driver import GuestDriver
+from virtio_driver import make_rig, memory, patch_firmware  # noqa: F401 (memory: the fixture)
 
 
 def counting_source(n: int) -> bytes:
     return bytes(i & 0xFF for i in range(n))
 
 
-@pytest.fixture
-def memory():
-    with GuestMemory(16 * MiB) as mem:
-        yield mem
-
-
 def make(memory, source=counting_source):
-    backend = rng.VirtioRng("virtio-rng0", source=source)
-    irq = IrqLine(5)
-    t = VirtioMmio(memory, irq, backend)
-    drv = GuestDriver(t, memory)
-    [ring] = drv.start(1)
-    return SimpleNamespace(backend=backend, t=t, irq=irq, drv=drv, ring=ring)
+    return make_rig(memory, rng.VirtioRng("virtio-rng0", source=source))
 
 
 def test_identity(memory):
@@ -127,15 +114,7 @@ BASE = 0xD000_0000
 
 
 def vrng_image(tmp_path, requests: int, mode: int = 0, base: int = BASE):
-    from bench.exits import patch_header
-
-    image = patch_header(FIRMWARE / "vrng.bin", tmp_path / f"vrng-{mode}.bin", requests, base, "<I",
-                         arg_as_built=BASE)
-    data = bytearray(image.read_bytes())
-    assert struct.unpack_from("<I", data, 12)[0] == 0
-    struct.pack_into("<I", data, 12, mode)
-    image.write_bytes(bytes(data))
-    return image
+    return patch_firmware(FIRMWARE / "vrng.bin", tmp_path / f"vrng-{mode}.bin", requests, base, mode)
 
 
 def vrng_yaml(tmp_path, image, devices: str = "virtio-rng: true") -> str:

@@ -3,13 +3,22 @@ reads the used ring, and drives a VirtioMmio's registers the way Linux's virtio_
 
 No KVM: the "guest" is this Python code writing guest RAM and calling transport.read/write.
 Other device tests (blk, net, console) may use it: `from virtio_driver import GuestDriver, RingWriter`.
+The device unit tests share `memory` (a pytest fixture: 16 MiB of guest RAM; import it into the test module),
+`make_rig` (a backend behind a VirtioMmio with a started driver) and `patch_firmware` (a firmware image with
+its header fields set).
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from hvm.memory import GuestMemory
+import pytest
+
+from hvm.memory import MiB, GuestMemory
+from hvm.mmio.device import IrqLine
+from hvm.mmio.virtio import VirtioMmio
 from hvm.mmio.virtio import constants as vc
 
 DESC = struct.Struct("<QIHH")
@@ -199,3 +208,47 @@ class GuestDriver:
         status = self.r(vc.MMIO_INTERRUPT_STATUS)
         self.w(vc.MMIO_INTERRUPT_ACK, status)
         return status
+
+
+@pytest.fixture
+def memory():
+    """16 MiB of guest RAM, closed after the test."""
+    with GuestMemory(16 * MiB) as mem:
+        yield mem
+
+
+@dataclass
+class Rig:
+    """A device backend behind its transport on guest RAM, a guest driver, and (once started) its rings."""
+
+    memory: GuestMemory
+    backend: Any
+    irq: IrqLine
+    t: VirtioMmio
+    drv: GuestDriver
+    rings: list[RingWriter]
+    ring: RingWriter | None         # rings[0]: the one queue of blk and rng
+
+
+def make_rig(memory: GuestMemory, backend, queues: int | None = 1, size: int | None = None,
+             irq: IrqLine | None = None) -> Rig:
+    """`backend` behind a VirtioMmio on IRQ 5 (or `irq`); the driver started with `queues` queues of `size`
+    (None: not started, the test drives the handshake)."""
+    irq = IrqLine(5) if irq is None else irq
+    t = VirtioMmio(memory, irq, backend)
+    drv = GuestDriver(t, memory)
+    rings = [] if queues is None else drv.start(queues, size)
+    return Rig(memory, backend, irq, t, drv, rings, rings[0] if rings else None)
+
+
+def patch_firmware(firmware: Path, out: Path, iterations: int, base: int, mode: int) -> Path:
+    """A copy of a virtio firmware image (vcon, vrng: the header of firmware/header.inc, then the MMIO base
+    at +8 and the mode at +12) at `out`, with those fields set."""
+    from bench.exits import patch_header
+
+    image = patch_header(firmware, out, iterations, base, "<I", arg_as_built=0xD000_0000)
+    data = bytearray(image.read_bytes())
+    assert struct.unpack_from("<I", data, 12)[0] == 0
+    struct.pack_into("<I", data, 12, mode)
+    image.write_bytes(bytes(data))
+    return image

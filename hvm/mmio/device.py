@@ -14,6 +14,7 @@ any, so a refused state leaves the device as it was.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterable, Protocol
 
 
@@ -129,6 +130,44 @@ class Stateless:
 
     def reset(self) -> None:
         pass
+
+
+
+class InputGate:
+    """Backpressure for the host input a console device queues for its guest (uart16550, virtio-console):
+    a feeder with the device's lock held waits for room; the device wakes it when the guest took bytes (or
+    the queue was emptied); close() lets every feeder go. The queue itself, and what delivering it means,
+    stay the device's."""
+
+    def __init__(self, lock: threading.Lock):
+        self._lock = lock
+        self._room = threading.Condition(lock)
+        self._feeders = 0
+        self.closed = False
+
+    def wait(self) -> None:
+        """Until wake() or 0.5 s (lock held): a feeder looks at `closed` at least that often."""
+        self._feeders += 1
+        try:
+            self._room.wait(0.5)
+        finally:
+            self._feeders -= 1
+
+    def wake(self) -> None:
+        """The queue may have room now (lock held)."""
+        if self._feeders:
+            self._room.notify_all()
+
+    def close(self) -> None:
+        """The machine is stopping: blocked feeders return, later input is dropped. Never blocks (it may run
+        in a signal handler that interrupted a thread holding the lock): a feeder looks at the flag at least
+        every 0.5 s, and is woken at once when the lock is free."""
+        self.closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._room.notify_all()
+            finally:
+                self._lock.release()
 
 
 class IrqLine:

@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from typing import Callable
 
-from hvm.mmio.device import IrqLine, StateReader
+from hvm.mmio.device import InputGate, IrqLine, StateReader
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -88,9 +88,7 @@ class SerialUart:
         self._output = output
         self.irq = irq or IrqLine(COM1_IRQ)
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)   # a feeder waits here for room in the input queue
-        self._feeders = 0
-        self._closed = False
+        self._input = InputGate(self._lock)            # a feeder waits here for room in the input queue
         self.rx_fifo: deque[int] = deque()
         self._pending_input: deque[int] = deque()  # host input not yet in the FIFO (bounded; see feed)
         self._power_on()
@@ -146,8 +144,7 @@ class SerialUart:
             self._pending_input = deque(pending)
             self._thr_interrupt, self._rx_active = thr_interrupt, rx_active
             self.irq.set_level(irq_level)
-            if self._feeders:
-                self._room.notify_all()   # the queue may have room now
+            self._input.wake()
 
     def reset(self) -> None:
         """Power-on registers, empty FIFOs, IRQ low. Host input not yet taken is dropped with them: what the
@@ -156,8 +153,7 @@ class SerialUart:
             self._power_on()
             self._pending_input.clear()
             self.irq.set_level(False)
-            if self._feeders:
-                self._room.notify_all()
+            self._input.wake()
 
     # --- host side -----------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -166,14 +162,10 @@ class SerialUart:
         drops what the guest has not refused. Returns at once, dropping the rest, once close() is called."""
         view = memoryview(bytes(data))
         with self._lock:
-            while view and not self._closed:
+            while view and not self._input.closed:
                 room = INPUT_QUEUE_LIMIT - len(self._pending_input)
                 if room <= 0:
-                    self._feeders += 1
-                    try:
-                        self._room.wait(0.5)
-                    finally:
-                        self._feeders -= 1
+                    self._input.wait()
                     continue
                 self._pending_input.extend(view[:room])
                 view = view[room:]
@@ -184,12 +176,7 @@ class SerialUart:
         """The machine is stopping: let blocked feeders go; later input is dropped. Never blocks (it may run
         in a signal handler that interrupted a thread holding the lock): a feeder looks at the flag at least
         every 0.5 s, and is woken at once when the lock is free."""
-        self._closed = True
-        if self._lock.acquire(blocking=False):
-            try:
-                self._room.notify_all()
-            finally:
-                self._lock.release()
+        self._input.close()
 
     @property
     def input_pending(self) -> int:
@@ -206,8 +193,7 @@ class SerialUart:
         if pending and len(self.rx_fifo) < cap:
             while pending and len(self.rx_fifo) < cap:
                 self.rx_fifo.append(pending.popleft())
-            if self._feeders:
-                self._room.notify_all()
+            self._input.wake()
         if self.rx_fifo:
             self.lsr |= LSR_DR
 

@@ -18,7 +18,7 @@ import logging
 import threading
 from typing import Callable
 
-from hvm.mmio.device import StateReader
+from hvm.mmio.device import InputGate, StateReader
 from hvm.mmio.virtio import Queue, VirtioBackend, VirtqueueError, attach
 from hvm.mmio.virtio import constants as vc
 
@@ -44,10 +44,8 @@ class VirtioConsole(VirtioBackend):
         self.name = name
         self._output = output
         self._lock = threading.Lock()                 # the input queue (taken inside transport.lock)
-        self._room = threading.Condition(self._lock)  # a feeder waits here for room
+        self._input = InputGate(self._lock)           # a feeder waits here for room
         self._pending = bytearray()
-        self._feeders = 0
-        self._closed = False
         self._paused = False
         self._queues: list[Queue] = []
         self._signal: Callable[[int], None] | None = None
@@ -98,32 +96,22 @@ class VirtioConsole(VirtioBackend):
         pending = StateReader(self.name, state, self.STATE_FIELDS).blob("pending_input", INPUT_QUEUE_LIMIT)
         with self._lock:
             self._pending[:] = pending
-            if self._feeders:
-                self._room.notify_all()
+            self._input.wake()
 
     def close(self) -> None:
         """The machine is stopping: blocked feeders return, later input is dropped. Never blocks."""
-        self._closed = True
-        if self._lock.acquire(blocking=False):
-            try:
-                self._room.notify_all()
-            finally:
-                self._lock.release()
+        self._input.close()
 
     # --- host side: console input ----------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Queue console input for the guest. Blocks while INPUT_QUEUE_LIMIT bytes wait (the guest offers
         no receive buffers); returns at once, dropping the rest, after close()."""
         view = memoryview(bytes(data))
-        while view and not self._closed:
+        while view and not self._input.closed:
             with self._lock:
                 room = INPUT_QUEUE_LIMIT - len(self._pending)
                 if room <= 0:
-                    self._feeders += 1
-                    try:
-                        self._room.wait(0.5)
-                    finally:
-                        self._feeders -= 1
+                    self._input.wait()
                     continue
                 self._pending += view[:room]
                 view = view[room:]
@@ -162,8 +150,7 @@ class VirtioConsole(VirtioBackend):
                 written = chain.write(data) if data else 0
                 with self._lock:
                     del self._pending[:written]
-                    if self._feeders:
-                        self._room.notify_all()
+                    self._input.wake()
                 queue.push_used(chain, written)
                 self.rx_bytes += written
                 used += 1
