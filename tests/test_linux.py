@@ -59,17 +59,34 @@ def test_minimal_vmlinux_reaches_user_space(assets, linux_snapshots):
     assert_reached_ud2_init(linux_snapshots.late_console + r.stdout.decode("utf-8", "replace"), r)
 
 
-def test_minimal_kernel_with_busybox(assets, syscalls_work):
+def _linux_yaml_on_a_copy_of_its_disk(tmp_path) -> str:
+    """configs/linux.yaml as it is, but its rw root disk a copy: the test leaves build/linux's image alone."""
+    import shutil
+
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "linux.yaml").read_text())
+    disk = tmp_path / "rootfs.ext4"
+    shutil.copy(ROOT / "build" / "linux" / "rootfs.ext4", disk)
+    config["boot"]["kernel"] = str(ROOT / "build" / "linux" / "vmlinux-minimal")
+    config["devices"]["virtio-blk"] = [{"file": str(disk)}]
+    path = tmp_path / "linux.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_minimal_kernel_with_busybox(assets, syscalls_work, tmp_path):
+    config = _linux_yaml_on_a_copy_of_its_disk(tmp_path)
     if syscalls_work:
         # A host where user space can enter the kernel (checked by hvm doctor's probe): a real shell.
-        r = run_hvm("run", str(ROOT / "configs" / "linux.yaml"), "--timeout", "240", "--serial", "stdio",
+        r = run_hvm("run", config, "--timeout", "240", "--serial", "stdio",
                     input=b"echo hvm-shell-$((6*7))\npoweroff -f\n", timeout=300)
         assert "hvm-shell-42" in r.out
         assert r.status == 0
     else:
         # kvm_pvm: the kernel boots, mounts its root disk (virtio-blk) and starts the disk's /init, whose
         # first system call cannot reach the kernel.
-        r = run_hvm("run", str(ROOT / "configs" / "linux.yaml"), "--timeout", "240", "--stats", timeout=300)
+        r = run_hvm("run", config, "--timeout", "240", "--stats", timeout=300)
         assert "VFS: Mounted root (ext4 filesystem) on device" in r.out
         assert "Run /init as init process" in r.out
         assert "Kernel panic - not syncing: Attempted to kill init!" in r.out
