@@ -129,6 +129,14 @@ class LinuxSnapshots:
 
 
 @pytest.fixture(scope="session")
+def built_linux() -> Path:
+    """build/linux with the minimal kernel, its initramfs images and root disks: `make linux` once per session
+    (nothing to do when they are built), so a clean clone's `make test` runs the Linux tests, not skips them."""
+    subprocess.run(["make", "-s", "linux"], cwd=ROOT, check=True, timeout=3600)
+    return ROOT / "build" / "linux"
+
+
+@pytest.fixture(scope="session")
 def linux_snapshots(tmp_path_factory) -> LinuxSnapshots:
     """Boot the minimal kernel (vmlinux-minimal, initramfs-ud2, 256 MiB: tests/test_linux.py's guest) once
     and snapshot it twice on the way; the boot then runs on to its end (on kvm_pvm: /init's UD2, the

@@ -234,16 +234,15 @@ def test_builder_passes_the_registry_slots():
     assert struct.pack("<BBBBIH", 2, 10, 0, 6, 6, 0x000D) in madt
 
 
+@pytest.mark.slow          # (it boots nothing, but needs the minimal kernel built: `make linux`)
 @pytest.mark.parametrize("virtio_cmdline", [True, False])
-def test_linux_gets_one_description_of_each_device(virtio_cmdline):
+def test_linux_gets_one_description_of_each_device(virtio_cmdline, built_linux):
     """A Linux kernel: with the command-line path (the default) the DSDT leaves the slots out (Linux would
     probe the same range twice, the second -EBUSY); with `virtio_cmdline: false` the DSDT alone has them.
     The MADT's level-triggered override is there either way."""
     from hvm.config import parse_spec
 
     kernel = LINUX / "vmlinux-minimal"
-    if not kernel.is_file():
-        pytest.skip("needs `make linux` (build/linux/vmlinux-minimal)")
     spec = parse_spec({"memory": "64M", "timeout": 5, "virtio_cmdline": virtio_cmdline,
                        "devices": {"virtio-rng": True},
                        "boot": {"kernel": str(kernel), "cmdline": "console=ttyS0"}})
@@ -336,14 +335,12 @@ def _boot_with_rng(virtio_cmdline: bool):
 
 
 def _needs_linux():
-    if not (LINUX / "vmlinux-minimal").is_file() or not (LINUX / "initramfs-ud2.cpio").is_file():
-        pytest.skip("needs `make linux` (vmlinux-minimal, initramfs-ud2.cpio)")
     if not kernel_has("CONFIG_HW_RANDOM_VIRTIO"):
         pytest.skip("the minimal kernel has no HW_RANDOM_VIRTIO")
 
 
 @pytest.mark.slow
-def test_linux_finds_virtio_rng_through_the_dsdt_alone():
+def test_linux_finds_virtio_rng_through_the_dsdt_alone(built_linux):
     """`virtio_cmdline: false`: nothing on the command line, the DSDT's LNRO0005 device is the only way the
     kernel can know the rng is there; the rng serving bytes proves virtio_mmio bound to it."""
     _needs_linux()
@@ -361,7 +358,7 @@ def test_linux_finds_virtio_rng_through_the_dsdt_alone():
 
 
 @pytest.mark.slow
-def test_linux_cmdline_path_probes_the_device_once():
+def test_linux_cmdline_path_probes_the_device_once(built_linux):
     """The default: `virtio_mmio.device=` on the command line (and the DSDT leaves the slot out): the rng is
     fed, and no second probe of the same range fails with -EBUSY."""
     _needs_linux()
@@ -375,15 +372,13 @@ def test_linux_cmdline_path_probes_the_device_once():
 
 
 @pytest.mark.slow
-def test_linux_boots_from_the_rootfs_disk(tmp_path):
+def test_linux_boots_from_the_rootfs_disk(tmp_path, built_linux):
     """configs/linux.yaml's VM on a copy of its disk: the kernel mounts the ext4 root from virtio-blk, writes
     its superblock (rw) and runs /init from it. On a kvm_pvm host /init's first system call kills it, as from
     the initramfs; the ud2 disk's /init ends the same way on any host."""
     import shutil as _shutil
     import yaml
 
-    if not (LINUX / "rootfs-ud2.ext4").is_file() or not (LINUX / "vmlinux-minimal").is_file():
-        pytest.skip("needs `make linux` (vmlinux-minimal, rootfs-ud2.ext4)")
     disk = tmp_path / "root.ext4"
     _shutil.copyfile(LINUX / "rootfs-ud2.ext4", disk)
     before = disk.read_bytes()

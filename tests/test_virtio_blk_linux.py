@@ -21,7 +21,7 @@ import pytest
 
 from conftest import LINUX_CMDLINE, ROOT, run_hvm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("built_linux")]
 LINUX = ROOT / "build" / "linux"
 KERNEL = LINUX / "vmlinux-minimal"
 UD2INIT = LINUX / "ud2init"
@@ -31,8 +31,6 @@ PANIC = "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000004
 
 
 def ext4_image(tmp_path) -> "tuple":
-    if not KERNEL.is_file() or not UD2INIT.is_file():
-        pytest.skip("build/linux has no vmlinux-minimal / ud2init (make linux)")
     if shutil.which("mke2fs") is None:
         pytest.skip("mke2fs (e2fsprogs) is not installed")
     root = tmp_path / "root"

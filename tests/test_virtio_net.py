@@ -662,7 +662,7 @@ class NetBoot:
 
 
 @pytest.fixture(scope="module")
-def linux_net_boot(tmp_path_factory):
+def linux_net_boot(tmp_path_factory, built_linux):
     """One boot of the minimal kernel with virtio-net on tap0 in a private namespace where dnsmasq serves
     DHCP and a UDP socket listens for netconsole; the /init is UD2 (this host cannot run user space)."""
     why = _kernel_lacks_networking() or _can_unshare()
