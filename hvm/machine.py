@@ -26,6 +26,7 @@ from hvm.memory import GuestMemory
 from hvm.mmio import MmioBus, PioBus, SerialUart
 from hvm.mmio import registry
 from hvm.mmio.acpi_pm import WAKE_STATUS, AcpiPm
+from hvm.mmio.rtc import Rtc
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class Machine:
         self.mmio = MmioBus()
         self.uart: SerialUart | None = None
         self.acpi_pm: AcpiPm | None = None   # machine: pc only (its power button is system_powerdown's)
+        self.rtc: Rtc | None = None          # machine: pc only (its alarm wakes the machine)
         # Registry devices (hvm/builder.py) by instance name, what they asked to run at close (LIFO), and
         # the device that takes the console's input instead of the UART (virtio-console): (feed, pending, release).
         self.devices: dict[str, object] = {}
@@ -430,10 +432,12 @@ class Machine:
         return True
 
     def _devices_call(self, method: str) -> None:
-        """pause() / resume() of every registry device that has one (devices with threads of their own), and
-        of the ioevent thread."""
+        """pause() / resume() of every registry device that has one (devices with threads of their own), of
+        the RTC's timer, and of the ioevent thread."""
         if self.ioevents is not None:
             getattr(self.ioevents, method)()
+        if self.rtc is not None:
+            getattr(self.rtc, method)()
         for device in self.devices.values():
             fn = getattr(device, method, None)
             if callable(fn):
