@@ -109,6 +109,7 @@ def build_pc(m: "Machine") -> None:
         m.acpi_pm = AcpiPm(m._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter), on_suspend=m._acpi_suspend)
         m.pio.register(PM_BASE, PM_LEN, m.acpi_pm)
         m.rtc = Rtc(irq=IrqLine(RTC_IRQ, irq_setter))
+        m.rtc.on_alarm = lambda: m.wakeup("rtc")    # the alarm wakes a machine suspended to RAM (ACPI S3)
         m.pio.register(RTC_PORT, RTC_LEN, m.rtc)
         m.device_closers.append(m.rtc.close)    # its timer thread (made when the guest enables an interrupt)
         kbc = I8042(m._cpu_reset)

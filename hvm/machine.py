@@ -887,6 +887,8 @@ class Machine:
                     self._run_on()
                 else:   # QEMU: a machine reset while not running waits in prelaunch for `cont`
                     self.run_state = "prelaunch"
+                    if self.rtc is not None:
+                        self.rtc.pause()      # held with the other devices until `cont` (running while asleep)
         self._emit("RESET", {"guest": guest, "reason": "guest-reset" if guest else "host-qmp-system-reset"})
 
     # --- ACPI S3: suspend to RAM and wake-up (hvm/mmio/acpi_pm.py; docs/lifecycle.md) -----------------
@@ -921,6 +923,10 @@ class Machine:
                     return
                 self.run_state = "suspended"
                 suspended = True
+                if self.rtc is not None:
+                    # The RTC runs on while the machine sleeps (it is on the battery well; QEMU's runs on the
+                    # host clock): its alarm is a wake-up event.
+                    self.rtc.resume()
         finally:
             with self._pause_cond:
                 self._suspending = False
@@ -1003,7 +1009,9 @@ class Machine:
         _enter_real_mode(self.vcpus[0], vector >> 4, vector & 0xF)
         for _, device in _devices(self):
             reset = getattr(device, "reset", None)
-            if callable(reset):
+            # The RTC and its CMOS live on the battery well through S3: time, settings and the alarm the
+            # guest set are kept (hvm's Rtc.reset() is a new chip: its clock offset would go).
+            if callable(reset) and device is not self.rtc:
                 reset()
         if self.acpi_pm is not None:
             self.acpi_pm.wake(reason)

@@ -110,6 +110,22 @@ def test_the_power_button_wakes_a_sleeping_machine(vm):
     assert vm.names() == ["SUSPEND", "POWERDOWN", "WAKEUP", "SHUTDOWN"]
 
 
+def test_the_rtc_alarm_wakes_a_sleeping_machine():
+    """Mode 1: the guest sets the alarm to every second (don't-care bytes) with AIE and RTC_EN, then sleeps:
+    the RTC's timer runs on while the machine sleeps, and its alarm (Rtc.on_alarm) wakes it, with RTC_STS.
+    The RTC keeps what the guest set (it is on the battery well)."""
+    v = Vm(1)
+    try:
+        v.sleep()
+        result = v.m.wait(3.0)              # the alarm comes within a second
+        assert result is not None and result.status == RESUMED_OK, v.console()
+        assert v.console().endswith(_resumed_lines(WAK_STS | RTC_STS))
+        assert v.names() == ["SUSPEND", "WAKEUP", "SHUTDOWN"]
+        assert v.m.rtc.cmos[0x0B] & 0x20 and v.m.rtc.cmos[0x01] == 0xFF     # AIE and the alarm kept
+    finally:
+        v.m.close()
+
+
 def test_wakeup_of_a_machine_not_asleep_does_nothing(vm):
     assert vm.m.wakeup("qmp") is False          # not started
     vm.sleep()
