@@ -34,16 +34,16 @@ def _resume_address() -> int:
     return next(int(line.split()[0], 16) for line in out.splitlines() if line.endswith(" resume"))
 
 
-def _spec(mode: int = 0, timeout: float = VM_TIMEOUT):
-    return parse_spec({"memory": "4M", "timeout": timeout, "machine": "pc",
+def _spec(mode: int = 0, timeout: float = VM_TIMEOUT, vcpus: int = 1):
+    return parse_spec({"memory": "4M", "timeout": timeout, "machine": "pc", "vcpus": vcpus,
                        "boot": {"image": str(S3), "regs": {"rbx": mode}}})
 
 
 class Vm:
     """An in-process Machine running s3.bin, with its events recorded (event, data, run_state then)."""
 
-    def __init__(self, mode: int = 0):
-        self.m = Machine(_spec(mode), console=Console("none", "none", open_now=False))
+    def __init__(self, mode: int = 0, vcpus: int = 1):
+        self.m = Machine(_spec(mode, vcpus=vcpus), console=Console("none", "none", open_now=False))
         self.events: list[tuple[str, dict, str]] = []
         self.m.add_listener(lambda e, d: self.events.append((e, d, self.m.run_state)))
 
@@ -79,7 +79,17 @@ def _resumed_lines(pm1_sts: int) -> str:
 
 
 # --- the machine ----------------------------------------------------------------------------------------
-def test_suspend_then_wakeup_resumes_at_the_waking_vector_with_ram_kept(vm):
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_suspend_then_wakeup_resumes_at_the_waking_vector_with_ram_kept(vcpus):
+    """With 2 vCPUs the AP (never started: waiting for INIT/SIPI) stops and is reset too."""
+    vm = Vm(vcpus=vcpus)
+    try:
+        _suspend_then_wakeup(vm)
+    finally:
+        vm.m.close()
+
+
+def _suspend_then_wakeup(vm: Vm) -> None:
     vm.sleep()
     assert vm.events == [("SUSPEND", {}, "suspended")]
     assert vm.m.state == "paused" and vm.m.running
