@@ -192,6 +192,9 @@ class Machine:
         # ACPI S3: a suspend the guest asked for and a wake-up, each on its way (guarded by _pause_cond).
         self._suspending = False
         self._waking = False
+        # Counts the machine resets (system_reset, S3 wake-ups): a suspend the guest asked for before a reset
+        # is void after it (the reset machine runs a guest that never asked).
+        self._resets = 0
         self._threads_ended: set[int] = set()   # vCPU threads past their last use of kvm_run and guest RAM
         self._probe_cond = threading.Condition()
         self._probes: dict[int, str] = {}
@@ -858,6 +861,7 @@ class Machine:
                 raise RuntimeError(f"cannot reset: the boot image {p} is not readable any more")
         was_running = self.state == "running"
         suspended = self.run_state == "suspended"
+        self._resets += 1
         if was_running:   # no STOP/RESUME around it: QEMU's system_reset reports RESET alone
             self._pause(5.0)
         try:
@@ -902,16 +906,17 @@ class Machine:
                 return
             self._suspending = True
             self._paused = True
+            resets = self._resets
         for t in self.threads:
             if t.is_alive() and not t.halted:
                 t.kick()     # this thread too: immediate_exit, so its next KVM_RUN returns at once
-        threading.Thread(target=self._complete_suspend, name="s3-suspend", daemon=True).start()
+        threading.Thread(target=self._complete_suspend, args=(resets,), name="s3-suspend", daemon=True).start()
 
-    def _complete_suspend(self) -> None:
+    def _complete_suspend(self, resets: int) -> None:
         suspended = False
         try:
             with self._lifecycle:
-                if self._done.is_set():
+                if self._done.is_set() or self._resets != resets:   # (reset meanwhile: the request is void)
                     return
                 if self.run_state == "running":
                     try:
@@ -990,6 +995,7 @@ class Machine:
         from hvm.builder import bios_chipset_state
         from hvm.snapshot import kvmstate
 
+        self._resets += 1
         vector, problem = self.waking_vector()
         if problem is not None:
             self._emit("WAKEUP")     # the wake-up happened; then the firmware resets (RESET follows)
