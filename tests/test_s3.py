@@ -284,6 +284,10 @@ def test_qmp_suspend_status_cont_migrate_and_system_wakeup(tmp_path):
             out["cont"] = await c.execute("cont")
             out["stop"] = await c.execute("stop")
             out["status2"] = await c.execute("query-status")
+            out["ctl"] = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "hvm", "ctl", str(sock), "cont"], cwd=ROOT,
+                capture_output=True, text=True, timeout=WAIT)
+            out["status3"] = await c.execute("query-status")
             await c.execute("migrate", {"uri": f"file:{tmp_path / 'vm.snap'}"})
             await _next_event(c, "MIGRATION")
             while (mig := await c.execute("query-migrate"))["status"] not in ("completed", "failed"):
@@ -308,6 +312,8 @@ def test_qmp_suspend_status_cont_migrate_and_system_wakeup(tmp_path):
     assert out["status"] == {"running": False, "status": "suspended"}
     assert out["cont"] == {} and out["stop"] == {}               # QEMU: both leave a sleeping guest asleep
     assert out["status2"] == {"running": False, "status": "suspended"}
+    assert (out["ctl"].returncode, out["ctl"].stdout, out["ctl"].stderr) == (0, "{}\n", "")      # hvm ctl cont
+    assert out["status3"] == {"running": False, "status": "suspended"}
     assert out["migrate"]["status"] == "failed"
     assert out["migrate"]["error-desc"] == (f"{tmp_path / 'vm.snap'}: the guest is suspended (ACPI S3): hvm does "
                                             "not save a sleeping VM; wake it first (system_wakeup)")
