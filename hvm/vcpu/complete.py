@@ -133,10 +133,10 @@ class _Decoder:
         self.pos = 0
 
     def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise _Short()
         if self.pos >= MAX_INSN:          # longer than any instruction: the CPU raises #GP(0)
             raise _Raise(Fault(GP, 0))
+        if self.pos >= len(self.data):
+            raise _Short()
         b = self.data[self.pos]
         self.pos += 1
         return b
@@ -320,6 +320,8 @@ def complete(insn: bytes, cpu: Cpu, fetch: Callable[[], bytes] | None = None) ->
             data = bytes(more[:MAX_INSN])
         except _Refuse:
             return None
+        except _Raise as r:    # decoding past 15 bytes: #GP(0), as the CPU
+            return Completion(_fault_name("insn", r.fault), False, r.fault)
     return None
 
 
