@@ -115,10 +115,11 @@ def build_pc(m: "Machine") -> None:
     create_devices(m, irq_setter)
 
     hidden = m.host.hidden_features + (m.host.smp_hidden_features if spec.vcpus > 1 else [])
-    supported = hide_features(m.kvm.supported_cpuid(), hidden)
+    raw_cpuid = m.kvm.supported_cpuid()
+    supported = hide_features(raw_cpuid, hidden)
     # The guest's CPUID: instructions hvm completes (hvm/vcpu/complete.py) read its feature bits here (with
     # the host's bits this backend shows the guest although hvm hid them: the guest's view is what counts).
-    m.cpuid = guest_visible_cpuid(supported, hidden, m.host.hiding_ignored & cpu_flags()) \
+    m.cpuid = guest_visible_cpuid(supported, hidden, m.host.hiding_ignored & cpu_flags(), raw_cpuid) \
         if m.host.hiding_ignored else supported
     for index in range(spec.vcpus):
         vcpu = vm.create_vcpu(index)

@@ -97,13 +97,16 @@ def cpu_flags() -> set[str]:
     return _cpu_flags()
 
 
-def guest_visible_cpuid(table: list[dict[str, int]], hidden, shown: set[str]) -> list[dict[str, int]]:
+def guest_visible_cpuid(table: list[dict[str, int]], hidden, shown: set[str],
+                        raw: list[dict[str, int]] = ()) -> list[dict[str, int]]:
     """`table` (what hvm gave KVM_SET_CPUID2) with the hidden features named in `shown` set again: on a backend
-    that shows the guest the host's bits whatever hvm hid, the CPUID the guest reads."""
+    that shows the guest the host's bits whatever hvm hid, the CPUID the guest reads. With XSAVE shown, leaf
+    0xD (the XSAVE components; hide_features empties it) comes back from `raw` too."""
     back = [f for f in hidden if f[4] in shown]
+    leaf_d = {(r["function"], r["index"]): r for r in raw if r["function"] == 0xD} if "xsave" in shown else {}
     out = []
     for e in table:
-        e = dict(e)
+        e = dict(leaf_d.get((e["function"], e["index"]), e))
         for leaf, sub, reg, bit, _name in back:
             if e["function"] == leaf and (sub is None or e["index"] == sub):
                 e[reg] |= 1 << bit

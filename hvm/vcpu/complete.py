@@ -41,6 +41,10 @@ CLFLUSHOPT = (7, 0, "ebx", 23)
 CLWB = (7, 0, "ebx", 24)
 RDPRU = (0x80000008, 0, "ebx", 4)
 XGETBV_ECX1 = (0xD, 1, "eax", 2)
+AVX = (1, 0, "ecx", 28)
+AVX2 = (7, 0, "ebx", 5)
+CR0_TS = 1 << 3
+NM = 7
 
 
 class Cpu(Protocol):
@@ -62,6 +66,13 @@ class Cpu(Protocol):
 
     def xcr(self, index: int) -> int | None:
         """The extended control register's value (KVM_GET_XCRS), None if the vCPU has none of that number."""
+
+    def cpuid(self, leaf: int, sub: int) -> tuple[int, int, int, int] | None:
+        """The guest's CPUID leaf (eax, ebx, ecx, edx), None if it has none."""
+
+    def xsave_area(self) -> bytearray:
+        """The vCPU's XSAVE area in the standard (non-compacted) format, KVM_GET_XSAVE's; written back when a
+        Completion says xsave_changed."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class Completion:
     name: str                      # counted in VcpuThread.completed ("movbe", "clac", "rdpru #UD", ...)
     regs_changed: bool             # cpu.regs must be written back (RIP advanced, a result register)
     event: Fault | SoftInterrupt | Trap | None = None
+    xsave_changed: bool = False    # cpu.xsave_area() must be written back (a vector register changed)
 
 
 class _Short(Exception):
@@ -379,6 +391,8 @@ def _execute(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
     if op == 0x9B:             # FWAIT: no x87 exception can be pending here -> a no-op
         _advance(cpu, m, d.pos)
         return Completion("fwait", True)
+    if op in (0xC4, 0xC5) and not m.real:
+        return _vex(op, d, p, m, cpu)
     if op == 0xCD:             # INT n
         vector = d.byte()
         if m.real:             # KVM's emulator does real-mode INT itself; vm86 needs IOPL checks hvm lacks
@@ -486,3 +500,124 @@ def _flush(name: str, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> None:
     # No architectural effect on a coherent guest RAM beyond the operand's checks: segment limit/canonical
     # form and a mapped page (a CLWB of an unmapped address raises #PF like a read of one byte).
     _access(d, p, m, mr, cpu).check(1, False)
+
+
+# --- AVX moves through the XSAVE area (the xsave entry of kvm-unit-tests: VZEROALL, VMOVDQA, VMOVNTDQ(A)) ----------
+XSTATE_BV = 512
+SSE_BIT, YMM_BIT, ZMM_HI256_BIT = 1, 2, 6
+XMM_OFFSET = 160
+STANDARD_OFFSET = {YMM_BIT: 576, ZMM_HI256_BIT: 1152}     # CPUID.(0xD, i).EBX on every CPU so far
+
+
+class _Vectors:
+    """YMM registers in a standard-format XSAVE area: XMM i at 160 + 16 i (SSE), bits 255:128 in component 2,
+    bits 511:256 of ZMM0-15 in component 6. A component whose XSTATE_BV bit is clear is in its initial state
+    (all zero) whatever the area's bytes say."""
+
+    def __init__(self, cpu: Cpu) -> None:
+        self.area = cpu.xsave_area()
+        self.xcr0 = cpu.xcr(0) or 0
+        self.offsets = {SSE_BIT: XMM_OFFSET}
+        for comp in (YMM_BIT, ZMM_HI256_BIT):
+            leaf = cpu.cpuid(0xD, comp)
+            off = leaf[1] if leaf and leaf[0] else STANDARD_OFFSET[comp]
+            size = 32 if comp == ZMM_HI256_BIT else 16
+            if self.xcr0 >> comp & 1 and off + 16 * size <= len(self.area):
+                self.offsets[comp] = off
+
+    def _bv(self) -> int:
+        return int.from_bytes(self.area[XSTATE_BV:XSTATE_BV + 8], "little")
+
+    def _slot(self, comp: int, reg: int) -> tuple[int, int]:
+        size = 32 if comp == ZMM_HI256_BIT else 16
+        return self.offsets[comp] + size * reg, size
+
+    def _get(self, comp: int, reg: int) -> bytes:
+        off, size = self._slot(comp, reg)
+        return bytes(self.area[off:off + size]) if self._bv() >> comp & 1 else bytes(size)
+
+    def _put(self, comp: int, reg: int, data: bytes) -> None:
+        if comp not in self.offsets:
+            return
+        bv = self._bv()
+        if not bv >> comp & 1:    # from its initial state: every register of the component reads 0 first
+            first, size = self._slot(comp, 0)
+            self.area[first:first + 16 * size] = bytes(16 * size)
+            self.area[XSTATE_BV:XSTATE_BV + 8] = (bv | 1 << comp).to_bytes(8, "little")
+        off, size = self._slot(comp, reg)
+        self.area[off:off + size] = data
+
+    def read(self, reg: int, width: int) -> bytes:
+        low = self._get(SSE_BIT, reg)
+        return low if width == 16 else low + self._get(YMM_BIT, reg)
+
+    def write(self, reg: int, data: bytes) -> None:
+        """A VEX-encoded write: bits above the operand up to the register's maximum width become 0."""
+        self._put(SSE_BIT, reg, data[:16])
+        self._put(YMM_BIT, reg, data[16:32].ljust(16, b"\0"))
+        if ZMM_HI256_BIT in self.offsets and self._bv() >> ZMM_HI256_BIT & 1:
+            self._put(ZMM_HI256_BIT, reg, bytes(32))
+
+
+def _vex(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
+    b1 = d.data[d.pos] if d.pos < len(d.data) else None
+    if b1 is None:
+        raise _Short()
+    if not m.long64 and b1 >> 6 != 3:
+        raise _Refuse()          # LES/LDS in legacy modes: KVM's emulator does those
+    d.byte()
+    legacy_rex = p.rex           # a REX prefix before VEX: #UD (checked once the instruction is decoded)
+    if op == 0xC5:
+        r, x, b, mmmmm, w, b2 = (~b1 >> 7) & 1, 0, 0, 1, 0, b1
+    else:
+        r, x, b, mmmmm = (~b1 >> 7) & 1, (~b1 >> 6) & 1, (~b1 >> 5) & 1, b1 & 0x1F
+        b2 = d.byte()
+        w = b2 >> 7
+    vvvv, wide, pp = (~b2 >> 3) & 0xF, b2 >> 2 & 1, b2 & 3
+    opcode = d.byte()
+    if not m.long64:
+        r = x = b = 0
+    p.rex = 0x40 | w << 3 | r << 2 | x << 1 | b
+    name = {(1, 0x77, 0): "vzeroall" if wide else "vzeroupper", (1, 0x6F, 1): "vmovdqa", (1, 0x7F, 1): "vmovdqa",
+            (1, 0xE7, 1): "vmovntdq", (2, 0x2A, 1): "vmovntdqa"}.get((mmmmm, opcode, pp))
+    if name is None:
+        raise _Refuse()
+    try:
+        if legacy_rex:
+            raise _Raise(Fault(UD))
+        _vex_op(name, opcode, wide, vvvv, d, p, m, cpu)
+    except _Raise as e:
+        return Completion(_fault_name(name, e.fault), False, e.fault)
+    _advance(cpu, m, d.pos)
+    return Completion(name, True, None, True)
+
+
+def _vex_op(name: str, opcode: int, wide: int, vvvv: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> None:
+    mr = None if opcode == 0x77 else _modrm(d, p, m, cpu.regs)
+    xcr0 = cpu.xcr(0) or 0
+    need = AVX2 if name == "vmovntdqa" and wide else AVX
+    if (p.lock or p.opsize or p.rep or not cpu.sregs.cr4 & CR4_OSXSAVE or (xcr0 & 6) != 6 or not _has(cpu, need)
+            or vvvv != 0):             # VEX.vvvv (stored inverted) must name no register: 1111b
+        raise _Raise(Fault(UD))
+    if mr is not None and mr.mod == 3 and opcode in (0xE7, 0x2A):
+        raise _Raise(Fault(UD))
+    if cpu.sregs.cr0 & CR0_TS:
+        raise _Raise(Fault(NM))
+    vec = _Vectors(cpu)
+    nregs = 16 if m.long64 else 8
+    if opcode == 0x77:
+        for reg in range(nregs):
+            vec.write(reg, vec.read(reg, 16) if not wide else bytes(32))
+        return
+    width = 32 if wide else 16
+    if mr.mod == 3:             # register to register (VMOVDQA only)
+        src, dst = (mr.rm, mr.reg) if opcode == 0x6F else (mr.reg, mr.rm)
+        vec.write(dst, vec.read(src, width))
+        return
+    acc = _access(d, p, m, mr, cpu)
+    if acc.linear(width) & (width - 1):   # aligned forms: #GP(0) (#SS(0) through SS) off a width boundary
+        raise _Raise(Fault(SS if acc.seg_name == "ss" else GP, 0))
+    if opcode in (0x6F, 0x2A):
+        vec.write(mr.reg, acc.read(width))
+    else:
+        acc.write(vec.read(mr.reg, width))

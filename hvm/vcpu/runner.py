@@ -93,6 +93,7 @@ class _VcpuCpu:
         self._memory = getattr(machine, "memory", None)
         self._mmio = mmio
         self._cpuid = getattr(machine, "cpuid", None) or []
+        self._xsave: bytearray | None = None
 
     def translate(self, linear: int) -> int | None:
         found = self.vcpu.translate(linear)
@@ -122,6 +123,20 @@ class _VcpuCpu:
             if e["function"] == leaf and (e["index"] == sub or not e["flags"] & 1):   # 1: index significant
                 return bool(e[reg] >> bit & 1)
         return False
+
+    def cpuid(self, leaf: int, sub: int) -> tuple[int, int, int, int] | None:
+        for e in self._cpuid:
+            if e["function"] == leaf and (e["index"] == sub or not e["flags"] & 1):
+                return e["eax"], e["ebx"], e["ecx"], e["edx"]
+        return None
+
+    def xsave_area(self) -> bytearray:
+        if self._xsave is None:
+            self._xsave = bytearray(ffi.buffer(self.vcpu.get_xsave(self.vcpu.vm.xsave_size())))
+        return self._xsave
+
+    def write_xsave(self) -> None:
+        self.vcpu.set_xsave(ffi.from_buffer(self._xsave))
 
     def xcr(self, index: int) -> int | None:
         xcrs = self.vcpu.get_xcrs()
@@ -485,6 +500,8 @@ class VcpuThread(threading.Thread):
             vcpu = self.vcpu
             if done.regs_changed:
                 vcpu.set_regs(cpu.regs)
+            if done.xsave_changed:
+                cpu.write_xsave()
             event = done.event
             if event is not None:
                 if isinstance(event, Fault) and event.cr2 is not None:
@@ -508,6 +525,7 @@ class VcpuThread(threading.Thread):
         except (OSError, GuestMemoryError) as e:   # the host refused a vCPU ioctl: reported as not completed
             log.info("vCPU %d: completing %s failed: %s", self.index, insn.hex(" "), e)
             return False
+        log.debug("vCPU %d: completed %s (%s)", self.index, done.name, insn.hex(" "))
         self.completed[done.name] = self.completed.get(done.name, 0) + 1
         return True
 
