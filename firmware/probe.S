@@ -15,6 +15,8 @@
  *  14 xgetbv  CR4.OSXSAVE, XCR0 = 3, xgetbv(0) -> EAX, EDX; xgetbv(5); xgetbv(0) with OSXSAVE clear
  *  15 rdpru   rdpru (ECX = 0)
  *  16 intn    int $0x81 at CPL0: 'N' from the handler, then 1 if the pushed RIP is the next instruction
+ *  17 avx     XCR0 = 7; vmovdqa m->ymm0, ymm0->ymm15, vmovntdq ymm15->m, vzeroall, vmovdqa ymm15->m; reports
+ *             the first and last dword of each stored copy; then a misaligned vmovdqa: #GP
  * In 11-16 #UD/#GP/#PF report their tag (then #UD the RIP's low dword; #PF CR2 as two dwords, error code;
  * #GP the error code) and resume at RESUME.
  * Tags: 'S' syscall entry, 'I' int 0x80 gate, 'E' sysenter entry, 'U' #UD, 'G' #GP, 'P' #PF,
@@ -80,7 +82,7 @@ _start:
         mov %rax, %cr3
 
         lea table(%rip), %rax
-        cmp $16, %r12
+        cmp $17, %r12
         ja done
         jmp *(%rax,%r12,8)
 
@@ -320,6 +322,32 @@ p_rdpru:
         out %eax, $REPORT
         jmp completed
 
+p_avx:  lea completed(%rip), %rax
+        mov %rax, resume(%rip)
+        mov %cr4, %rax
+        or $(1 << 18), %rax             /* CR4.OSXSAVE */
+        mov %rax, %cr4
+        xor %ecx, %ecx
+        mov $7, %eax                    /* XCR0 = x87 | SSE | AVX */
+        xor %edx, %edx
+        xsetbv
+        lea ysrc(%rip), %rdi
+        vmovdqa (%rdi), %ymm0
+        vmovdqa %ymm0, %ymm15
+        vmovntdq %ymm15, ydst(%rip)
+        mov ydst(%rip), %eax
+        out %eax, $REPORT
+        mov ydst + 28(%rip), %eax
+        out %eax, $REPORT
+        vzeroall
+        vmovdqa %ymm15, ydst(%rip)
+        mov ydst(%rip), %eax
+        out %eax, $REPORT
+        mov ydst + 28(%rip), %eax
+        out %eax, $REPORT
+        vmovdqa 16(%rdi), %ymm1         /* not 32-byte aligned: #GP(0) */
+        jmp done
+
 p_intn: int $0x81
 intn_next:
         jmp completed
@@ -421,7 +449,7 @@ set_gate:
 
         .p2align 3
 table:  .quad p_pio, p_cpl0, p_cpl3, p_syscall, p_int80, p_sysenter, p_cx16, p_xsave, p_int3, p_fwait, p_cpuid
-        .quad p_movbe, p_clac, p_clwb, p_xgetbv, p_rdpru, p_intn
+        .quad p_movbe, p_clac, p_clwb, p_xgetbv, p_rdpru, p_intn, p_avx
 
         .p2align 3
 gdt:    .quad 0
@@ -442,6 +470,9 @@ idt_desc:
         .quad idt
 
 resume: .quad 0
+        .p2align 5
+ysrc:   .long 0x11111111, 2, 3, 4, 5, 6, 7, 0x88888888
+ydst:   .skip 32
         .p2align 4
 movbuf: .quad 0, 0
 movbuf2: .quad 0

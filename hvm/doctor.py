@@ -18,7 +18,7 @@ from hvm.trace.tracer import TraceConfig
 PROBE_IMAGE = Path(__file__).resolve().parent.parent / "firmware" / "build" / "probe.bin"
 PROBES = {"pio": 0, "cpl0": 1, "cpl3": 2, "syscall": 3, "int80": 4, "sysenter": 5, "cmpxchg16b": 6,
           "xsave": 7, "int3": 8, "fwait": 9, "cpuid": 10, "movbe": 11, "clac": 12, "clwb": 13, "xgetbv": 14,
-          "rdpru": 15, "intn": 16}
+          "rdpru": 15, "intn": 16, "avx": 17}
 REPORT_PORT = 0x80
 CAPS = ("IRQCHIP", "USER_MEMORY", "SET_TSS_ADDR", "PIT2", "IMMEDIATE_EXIT", "IRQFD", "IOEVENTFD", "READONLY_MEM",
         "INTERNAL_ERROR_DATA", "VCPU_EVENTS", "MP_STATE")
@@ -141,10 +141,11 @@ def diagnose(out=print) -> dict:
     completes = {"int3": "hvm completes it: injects #BP", "fwait": "hvm completes it: skips it",
                  "clac": "hvm completes it: sets/clears RFLAGS.AC", "clwb": "hvm completes it: checks the operand",
                  "xgetbv": "hvm completes it: reads XCR0", "rdpru": "hvm completes it: #UD without CPUID RDPRU",
-                 "intn": "hvm completes it: injects the software interrupt"}
+                 "intn": "hvm completes it: injects the software interrupt",
+                 "avx": "hvm completes VZEROALL/VZEROUPPER, VMOVDQA, VMOVNTDQ(A) through the XSAVE area"}
     for probe, label in (("cmpxchg16b", "CMPXCHG16B"), ("xsave", "XSAVE/XRSTOR"), ("int3", "INT3 (64-bit)"),
                          ("fwait", "FWAIT"), ("movbe", "MOVBE"), ("clac", "CLAC/STAC"), ("clwb", "CLWB"),
-                         ("xgetbv", "XGETBV"), ("rdpru", "RDPRU"), ("intn", "INT n (CPL0)")):
+                         ("xgetbv", "XGETBV"), ("rdpru", "RDPRU"), ("intn", "INT n (CPL0)"), ("avx", "AVX moves")):
         ok, text = _describe_insn(probe)
         insns[probe] = ok
         note = f" — {completes[probe]}" if not ok and probe in completes else ""

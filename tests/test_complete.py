@@ -11,7 +11,7 @@ from hvm.vcpu import complete as c
 from hvm.vcpu.complete import Completion, Fault, SoftInterrupt, Trap, complete
 
 GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-ALL = {c.MOVBE, c.XSAVE, c.SMAP, c.CLWB, c.CLFLUSHOPT}
+ALL = {c.MOVBE, c.XSAVE, c.SMAP, c.CLWB, c.CLFLUSHOPT, c.AVX, c.AVX2}
 
 
 def seg(base=0, limit=0xFFFFFFFF, selector=0x10, db=1, l=0, type_=3, s=1, unusable=0):
@@ -74,6 +74,14 @@ class FakeCpu:
 
     def xcr(self, index):
         return self.xcrs.get(index)
+
+    def cpuid(self, leaf, sub):
+        return {(0xD, 2): (256, 576, 0, 0), (0xD, 6): (512, 1152, 0, 0)}.get((leaf, sub))
+
+    def xsave_area(self):
+        if not hasattr(self, "area"):
+            self.area = bytearray(4096)
+        return self.area
 
     def mem(self, gpa, n):
         return bytes(self.ram.get(gpa + i, 0) for i in range(n))
@@ -343,7 +351,86 @@ def test_hostile_bytes_never_raise():
         for n in GPRS:
             setattr(cpu.regs, n, rnd.getrandbits(64))
         prefix = bytes(rnd.choice([0x66, 0x67, 0xF0, 0xF3, 0x2E, 0x65, 0x48, 0x4F]) for _ in range(rnd.choice([0, 1, 3, 12, 14])))
-        body = rnd.choice([b"\x0f\x38\xf0", b"\x0f\x38\xf1", b"\x0f\x01", b"\x66\x0f\xae", b"\xcd"])
+        body = rnd.choice([b"\x0f\x38\xf0", b"\x0f\x38\xf1", b"\x0f\x01", b"\x66\x0f\xae", b"\xcd", b"\xc5", b"\xc4"])
         data = prefix + body + bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 12)))
         result = complete(data, cpu, lambda: data + bytes(20))
         assert result is None or isinstance(result, Completion)
+
+
+# --- AVX moves through the XSAVE area ----------------------------------------------------------------------------
+Y0 = bytes(range(1, 33))
+
+
+def avx_cpu(**kw):
+    cpu = FakeCpu(xcrs={0: 0xE7}, **kw)
+    cpu.xsave_area()
+    return cpu
+
+
+def ymm(cpu, i):
+    a = cpu.area
+    bv = int.from_bytes(a[512:520], "little")
+    low = bytes(a[160 + 16 * i:176 + 16 * i]) if bv & 2 else bytes(16)
+    high = bytes(a[576 + 16 * i:592 + 16 * i]) if bv & 4 else bytes(16)
+    return low + high
+
+
+def test_vmovdqa_load_reg_reg_store_and_vmovntdq():
+    cpu = avx_cpu()
+    cpu.poke(0x5000, Y0)
+    cpu.regs.rdi = 0x5000
+    done = run(cpu, "c5 fd 6f 07")                          # vmovdqa (%rdi), %ymm0
+    assert done == Completion("vmovdqa", True, None, True)
+    assert ymm(cpu, 0) == Y0 and int.from_bytes(cpu.area[512:520], "little") == 6   # SSE|YMM now in use
+    assert run(cpu, "c5 7d 6f f8").name == "vmovdqa"        # vmovdqa %ymm0, %ymm15
+    assert ymm(cpu, 15) == Y0
+    assert run(cpu, "c5 7d e7 7f 20").name == "vmovntdq"    # vmovntdq %ymm15, 0x20(%rdi)
+    assert cpu.mem(0x5020, 32) == Y0
+    assert run(cpu, "c5 f9 7f 47 40").name == "vmovdqa"     # vmovdqa %xmm0, 0x40(%rdi): 16 bytes
+    assert cpu.mem(0x5040, 32) == Y0[:16] + bytes(16)
+    assert cpu.regs.rip == 0x1000 + 4 + 4 + 5 + 5
+
+
+def test_vex128_load_zeroes_the_upper_half_and_vmovntdqa():
+    cpu = avx_cpu()
+    cpu.poke(0x5000, Y0)
+    cpu.regs.rdi = 0x5000
+    assert run(cpu, "c4 e2 7d 2a 0f").name == "vmovntdqa"  # vmovntdqa (%rdi), %ymm1
+    assert ymm(cpu, 1) == Y0
+    assert run(cpu, "c5 f9 6f 4f 10").name == "vmovdqa"     # vmovdqa 0x10(%rdi), %xmm1
+    assert ymm(cpu, 1) == Y0[16:] + bytes(16)
+
+
+def test_vzeroall_and_vzeroupper():
+    cpu = avx_cpu()
+    cpu.poke(0x5000, Y0)
+    cpu.regs.rdi = 0x5000
+    run(cpu, "c5 fd 6f 07")
+    run(cpu, "c5 7d 6f f8")
+    assert run(cpu, "c5 f8 77") == Completion("vzeroupper", True, None, True)
+    assert ymm(cpu, 0) == Y0[:16] + bytes(16) and ymm(cpu, 15) == Y0[:16] + bytes(16)
+    assert run(cpu, "c5 fc 77").name == "vzeroall"
+    assert ymm(cpu, 0) == bytes(32) and ymm(cpu, 15) == bytes(32)
+
+
+def test_avx_faults():
+    cpu = avx_cpu()
+    cpu.regs.rdi = 0x5010
+    assert run(cpu, "c5 fd 6f 07") == Completion("vmovdqa #GP", False, Fault(c.GP, 0))   # not 32-byte aligned
+    cpu.regs.rdi = 0x5000
+    assert run(cpu, "c5 fd e7 c0").event == Fault(c.UD)     # vmovntdq with a register operand
+    assert run(cpu, "c5 f5 6f 07").event == Fault(c.UD)     # VEX.vvvv names a register
+    assert run(cpu, "66 c5 fd 6f 07").event == Fault(c.UD)  # legacy 66 before VEX
+    assert run(cpu, "40 c5 fd 6f 07").event == Fault(c.UD)  # REX before VEX
+    cpu.xcrs[0] = 3                                         # YMM state not enabled
+    assert run(cpu, "c5 fd 6f 07").event == Fault(c.UD)
+    cpu.xcrs[0] = 7
+    cpu.sregs.cr0 |= c.CR0_TS
+    assert run(cpu, "c5 fd 6f 07").event == Fault(c.NM)
+    cpu.sregs.cr0 &= ~c.CR0_TS
+    cpu.features.discard(c.AVX2)
+    assert run(cpu, "c4 e2 7d 2a 0f").event == Fault(c.UD)  # VEX.256 VMOVNTDQA is AVX2
+    assert cpu.regs.rip == 0x1000 and bytes(cpu.area) == bytes(4096)
+    assert run(cpu, "c5 fd 58 c0") is None                  # vaddpd: not completed
+    legacy = FakeCpu(mode="prot32")
+    assert run(legacy, "c5 07") is None                     # LDS in 32-bit mode

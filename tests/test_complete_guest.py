@@ -84,6 +84,16 @@ def test_movbe_in_guest_kernel_mode():
                        0x8877, 0x11223344, tag("P"), 0x10, 0x7000, 2, tag("K")]
 
 
+def test_avx_moves_and_vzeroall():
+    reports, completed = probe("avx")
+    if "avx" not in FLAGS:
+        pytest.skip("the host CPU has no AVX")
+    # the copy through ymm0 -> ymm15 -> memory (first and last dword), then zeros after VZEROALL, then #GP(0)
+    assert reports == [0x11111111, 0x88888888, 0, 0, tag("G"), 0, tag("K")]
+    if PVM:
+        assert completed == {"vmovdqa": 3, "vmovntdq": 1, "vzeroall": 1, "vmovdqa #GP": 1}
+
+
 def test_stats_lists_completed_instructions():
     stats = ExitStats(by_reason={}, by_port={}, by_device={}, completed={"clac": 2, "xgetbv #GP": 1})
     text = stats.format()

@@ -41,7 +41,12 @@ def test_doctor_on_the_pvm_host(doctor):
     assert "SYSCALL from CPL3   arrives at the entry point still at CPL3 (CS=0x33)" in text
     assert "INT 0x80 from CPL3  raises #UD instead" in text
     assert "SYSENTER from CPL3  raises #UD instead" in text
-    assert results["instructions"] == {"cmpxchg16b": False, "xsave": False, "int3": False, "fwait": False}
+    assert results["instructions"] == {"cmpxchg16b": False, "xsave": False, "int3": False, "fwait": False,
+                                       "movbe": False, "clac": False, "clwb": False, "xgetbv": False,
+                                       "rdpru": False, "intn": False, "avx": False}
+    assert "MOVBE               raises #UD although the guest's CPUID has MOVBE" in text
+    assert "CLAC/STAC           cannot be emulated (INTERNAL_ERROR: suberror 1: emulation failure) — hvm completes" \
+        in text
     assert "no shell" in text
     # This backend takes CX16 out of the guest's CPUID when asked, but not XSAVE or POPCNT.
     assert {"xsave", "popcnt"} <= set(results["cpuid_hiding_ineffective"])
