@@ -44,8 +44,22 @@ class FakeCpu:
         else:   # real
             cs, cr0, efer = seg(selector=0, db=0, limit=0xFFFF, type_=0xB), 0x10, 0
         self.sregs = SimpleNamespace(cs=cs, ds=seg(selector=0x10 | self.cpl), es=seg(), fs=seg(), gs=seg(),
-                                     ss=seg(selector=0x10 | self.cpl), cr0=cr0, cr2=0, cr4=1 << 18, efer=efer)
+                                     ss=seg(selector=0x10 | self.cpl), cr0=cr0, cr2=0, cr4=1 << 18, efer=efer,
+                                     idt=SimpleNamespace(base=0x8000, limit=0xFFF),
+                                     gdt=SimpleNamespace(base=0x9000, limit=0x3F),
+                                     ldt=SimpleNamespace(base=0, limit=0, unusable=1))
         self.map(0, 0x100000)        # identity map the first MiB
+        # GDT: 0x08 a present code segment (64-bit if long), 0x18 one not present, 0x20 a data segment
+        code = 0x00AF9A000000FFFF if self.mode == "long" else 0x00CF9A000000FFFF
+        for sel, desc in ((0x08, code), (0x18, code & ~(1 << 47)), (0x20, 0x00CF92000000FFFF)):
+            self.poke(0x9000 + sel, desc.to_bytes(8, "little"))
+        for vector in range(256):    # every IDT entry: an interrupt gate to 0x08:0x4000, DPL 0
+            self.gate(vector)
+
+    def gate(self, vector, sel=0x08, dpl=0, present=1, type_=0xE):
+        lo = 0x4000 | sel << 16 | (type_ | dpl << 5 | present << 7) << 40
+        size = 16 if self.mode == "long" else 8
+        self.poke(0x8000 + vector * size, lo.to_bytes(8, "little") + bytes(size - 8))
 
     def map(self, linear: int, length: int, phys: int | None = None) -> None:
         phys = linear if phys is None else phys
@@ -320,8 +334,9 @@ def test_rdpru_ud_without_cpuid_and_refused_with_it():
 def test_clwb_checks_its_operand_only():
     cpu = FakeCpu()
     cpu.regs.rdi = 0x5000
+    before = dict(cpu.ram)
     assert run(cpu, "66 0f ae 77 08") == Completion("clwb", True)         # clwb 8(%rdi)
-    assert cpu.regs.rip == 0x1005 and cpu.ram == {}
+    assert cpu.regs.rip == 0x1005 and cpu.ram == before
     assert run(cpu, "66 0f ae 3f") == Completion("clflushopt", True)      # clflushopt (%rdi)
     cpu.regs.rdi = 0x700000000000
     assert run(cpu, "66 0f ae 37") == Completion("clwb #PF", False, Fault(c.PF, 0, 0x700000000000))
@@ -340,6 +355,35 @@ def test_int3_fwait_int_n():
     assert run(cpu, "cd") is None                          # no vector byte
     real = FakeCpu(mode="real")
     assert run(real, "cd 10") is None                      # real mode: KVM's emulator does it
+    prot = FakeCpu(mode="prot32")
+    assert run(prot, "cd 21") == Completion("int", True, SoftInterrupt(0x21)) and prot.regs.rip == 0x1002
+
+
+@pytest.mark.parametrize("mode", ["long", "prot32"])
+def test_int_n_delivery_checks(mode):
+    cpu = FakeCpu(mode=mode)
+    cpu.gate(0x21, present=0)
+    assert run(cpu, "cd 21") == Completion("int #NP", False, Fault(11, 0x21 * 8 + 2))    # gate not present
+    cpu.gate(0x21, sel=0x18)
+    assert run(cpu, "cd 21").event == Fault(11, 0x18)                                   # code segment not present
+    cpu.gate(0x21, sel=0x20)
+    assert run(cpu, "cd 21").event == Fault(c.GP, 0x20)                                 # not a code segment
+    cpu.gate(0x21, sel=0x40)
+    assert run(cpu, "cd 21").event == Fault(c.GP, 0x40)                                 # beyond the GDT limit
+    cpu.gate(0x21, sel=0x3)
+    assert run(cpu, "cd 21").event == Fault(c.GP, 0)                                    # null selector
+    cpu.gate(0x21, type_=0x2)
+    assert run(cpu, "cd 21").event == Fault(c.GP, 0x21 * 8 + 2)                        # not a gate
+    cpu.sregs.idt.limit = 0x21 * (16 if mode == "long" else 8)
+    assert run(cpu, "cd 21").event == Fault(c.GP, 0x21 * 8 + 2)                         # beyond the IDT limit
+    cpu.sregs.idt.limit = 0xFFF
+    cpu.pages.pop(0x8000 >> 12)
+    assert run(cpu, "cd 21").event == Fault(c.PF, 0, 0x8000 + 0x21 * (16 if mode == "long" else 8))
+    assert cpu.regs.rip == 0x1000
+    user = FakeCpu(mode=mode, cpl=3)
+    assert run(user, "cd 80").event == Fault(c.GP, 0x80 * 8 + 2)                       # gate DPL 0 < CPL 3
+    user.gate(0x80, dpl=3)
+    assert run(user, "cd 80") == Completion("int", True, SoftInterrupt(0x80))
 
 
 def test_hostile_bytes_never_raise():

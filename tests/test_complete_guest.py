@@ -169,7 +169,19 @@ def test_adapter_movbe_ram_mmio_and_page_fault(machine):
 
 def test_adapter_int_n_is_a_soft_interrupt(machine):
     thread, vcpu = machine.threads[0], machine.vcpus[0]
+    sregs = vcpu.get_sregs()
+    sregs.idt.base, sregs.idt.limit = 0x200000, 0xFFF         # an IDT with one gate, 0x81, not present yet
+    vcpu.set_sregs(sregs)
+    gate = 0x1000 | sregs.cs.selector << 16 | 0x0E << 40
+    machine.memory.write(0x200000 + 0x81 * 16, gate.to_bytes(8, "little") + bytes(8))
     rip = vcpu.get_regs().rip
+    assert thread._complete_emulation(bytes.fromhex("cd 81"))  # #NP(0x81 * 8 + 2), RIP at the INT
+    ev = vcpu.get_vcpu_events()
+    assert (ev.exception.injected, ev.exception.nr, ev.exception.error_code) == (1, 11, 0x81 * 8 + 2)
+    assert vcpu.get_regs().rip == rip
+    ev.exception.injected = 0
+    vcpu.set_vcpu_events(ev)
+    machine.memory.write(0x200000 + 0x81 * 16, (gate | 1 << 47).to_bytes(8, "little"))
     assert thread._complete_emulation(bytes.fromhex("cd 81"))
     ev = vcpu.get_vcpu_events()
     # KVM_GET_VCPU_EVENTS reports an injected soft interrupt as not injected (soft 0: it would be re-executed
@@ -177,4 +189,4 @@ def test_adapter_int_n_is_a_soft_interrupt(machine):
     # delivery itself is checked by the guest test above (the gate reached, RIP after the INT).
     assert (ev.interrupt.nr, ev.exception.injected) == (0x81, 0)
     assert vcpu.get_regs().rip == rip + 2
-    assert thread.completed == {"int": 1}
+    assert thread.completed == {"int #NP": 1, "int": 1}

@@ -371,7 +371,7 @@ def _complete(data: bytes, cpu: Cpu) -> Completion:
     return _execute(b, d, p, m, cpu)
 
 
-_NAME_OF_FAULT = {UD: "#UD", GP: "#GP", PF: "#PF", SS: "#SS"}
+_NAME_OF_FAULT = {UD: "#UD", GP: "#GP", PF: "#PF", SS: "#SS", 11: "#NP", 7: "#NM"}
 
 
 def _fault_name(name: str, fault: Fault) -> str:
@@ -397,6 +397,10 @@ def _execute(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
         vector = d.byte()
         if m.real:             # KVM's emulator does real-mode INT itself; vm86 needs IOPL checks hvm lacks
             raise _Refuse()
+        try:
+            _int_checks(vector, m, cpu)
+        except _Raise as e:
+            return Completion(_fault_name("int", e.fault), False, e.fault)
         _advance(cpu, m, d.pos)
         return Completion("int", True, SoftInterrupt(vector))
     if op != 0x0F:
@@ -422,6 +426,54 @@ def _execute(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
             name = "clwb" if (peek >> 3) & 7 == 6 else "clflushopt"
             return _guarded(name, _flush, name, d, p, m, cpu)
     raise _Refuse()
+
+
+NP = 11
+
+
+def _read_linear(cpu: Cpu, m: _Mode, la: int, n: int) -> bytes:
+    """A system-table read (IDT, GDT/LDT) at a linear address: supervisor access, #PF if not mapped."""
+    out = b""
+    while n:
+        k = min(n, PAGE - (la & (PAGE - 1)))
+        gpa = cpu.translate(la)
+        if gpa is None:
+            raise _Raise(Fault(PF, 0, la))
+        out += cpu.read_phys(gpa, k)
+        la, n = la + k, n - k
+    return out
+
+
+def _int_checks(vector: int, m: _Mode, cpu: Cpu) -> None:
+    """What INT n checks before it delivers through the IDT (SDM vol. 2 "INT n", protected/IA-32e mode): the
+    gate inside the IDT, of a valid type, DPL >= CPL, present; its code segment selector not null, inside its
+    descriptor table, a code segment of DPL <= CPL, present. The delivery itself is left to KVM."""
+    s = cpu.sregs
+    long_mode = bool(s.efer & EFER_LMA)
+    size = 16 if long_mode else 8
+    idt_error = vector * 8 + 2
+    if vector * size + size - 1 > s.idt.limit:
+        raise _Raise(Fault(GP, idt_error))
+    gate = int.from_bytes(_read_linear(cpu, m, s.idt.base + vector * size, 8), "little")
+    gtype, dpl, present, sel = gate >> 40 & 0xF, gate >> 45 & 3, gate >> 47 & 1, gate >> 16 & 0xFFFF
+    if gtype not in ((0xE, 0xF) if long_mode else (0x5, 0x6, 0x7, 0xE, 0xF)) or gate >> 44 & 1:
+        raise _Raise(Fault(GP, idt_error))
+    if dpl < m.cpl:
+        raise _Raise(Fault(GP, idt_error))
+    if not present:
+        raise _Raise(Fault(NP, idt_error))
+    if gtype == 0x5:
+        raise _Refuse()          # a task gate: a task switch, not something hvm completes
+    if sel & ~3 == 0:
+        raise _Raise(Fault(GP, 0))
+    table = s.ldt if sel & 4 else s.gdt
+    if (sel | 7) > table.limit or sel & 4 and getattr(table, "unusable", 0):
+        raise _Raise(Fault(GP, sel & 0xFFFC))
+    desc = int.from_bytes(_read_linear(cpu, m, table.base + (sel & ~7), 8), "little")
+    if not desc >> 44 & 1 or not desc >> 43 & 1 or (desc >> 45 & 3) > m.cpl:
+        raise _Raise(Fault(GP, sel & 0xFFFC))     # not a code segment, or its DPL above the CPL
+    if not desc >> 47 & 1:
+        raise _Raise(Fault(NP, sel & 0xFFFC))
 
 
 def _guarded(name: str, fn, arg, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
