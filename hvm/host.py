@@ -36,10 +36,12 @@ PVM_CLEARCPUID = ("xsave,cx16,popcnt,smap,smep,fsgsbase,invpcid,rdpid,rdtscp,sss
 PVM_LINUX_CMDLINE = ["nokaslr", "noxsave", "nopcid", f"clearcpuid={PVM_CLEARCPUID}", "nowatchdog", "nosoftlockup",
                      "mitigations=off", "init_on_alloc=0", "cryptomgr.notests", "tsc=reliable",
                      "clocksource=kvm-clock"]
-# Which of those the guest still sees (measured with `hvm doctor`'s cpuid probe: the guest reads leaves 1 and 7
-# of the host whatever KVM_SET_CPUID2 says, but for CX16). Instructions hvm completes check the guest's CPUID
-# as the guest sees it (hvm/vcpu/complete.py: MOVBE, CLAC/STAC, XGETBV), so these count as present.
-PVM_HIDING_IGNORED = frozenset(n for leaf, _s, _r, _b, n in PVM_HIDDEN_FEATURES if leaf in (1, 7) and n != "cx16")
+# Which of those the guest still sees when the host has them (measured with `hvm doctor`'s cpuid probe, which
+# reads leaf 1 ECX and leaf 7 EBX from a guest: all of those but CX16, PCID, INVPCID). Instructions hvm
+# completes check the guest's CPUID as the guest sees it (hvm/vcpu/complete.py: MOVBE, CLAC/STAC, XGETBV, AVX).
+PVM_HIDING_IGNORED = frozenset({"xsave", "avx", "fma", "f16c", "ssse3", "sse4_1", "sse4_2", "pclmulqdq", "aes",
+                                "movbe", "popcnt", "rdrand", "fsgsbase", "avx2", "smep", "smap", "sha_ni",
+                                "avx512f", "rdseed"})
 
 # With several vCPUs, the KVM paravirtual features through which one vCPU acts on another hang a Linux
 # boot on this backend: halt-and-kick spinlocks (KVM_HC_KICK_CPU), IPIs, remote TLB flushes and directed
