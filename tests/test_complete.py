@@ -76,6 +76,9 @@ class FakeCpu:
             return bytes(range(0xA0, 0xA0 + length))
         return bytes(self.ram.get(gpa + i, 0) for i in range(length))
 
+    def read_code(self, gpa, length):
+        return None if gpa >= self.mmio_base else self.read_phys(gpa, length)
+
     def write_phys(self, gpa, data):
         if gpa >= self.mmio_base:
             self.mmio.append(("w", gpa, len(data), int.from_bytes(data, "little")))
@@ -261,6 +264,9 @@ def test_short_bytes_are_fetched_from_guest_memory():
     assert cpu.mem(0x5010, 4) == bytes.fromhex("11223344")
     cpu.poke(0x1005, full)                                 # fetch_bytes reads CS:RIP through the page tables
     assert c.fetch_bytes(cpu, full[:2])[:5] == full
+    cpu.map(0x2000, 0x1000, phys=0xFF000000)               # code in MMIO: never read (no device access)
+    cpu.regs.rip = 0x2000
+    assert c.fetch_bytes(cpu, full[:2]) == full[:2] and cpu.mmio == []
 
 
 def test_too_many_prefixes_is_gp():

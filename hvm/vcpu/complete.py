@@ -59,6 +59,9 @@ class Cpu(Protocol):
 
     def read_phys(self, gpa: int, length: int) -> bytes: ...
 
+    def read_code(self, gpa: int, length: int) -> bytes | None:
+        """Instruction bytes: guest RAM only (None elsewhere: fetching never touches a device)."""
+
     def write_phys(self, gpa: int, data: bytes) -> None: ...
 
     def has_feature(self, feature: tuple[int, int, str, int]) -> bool:
@@ -306,12 +309,10 @@ def fetch_bytes(cpu: Cpu, insn: bytes) -> bytes:
     while len(out) < MAX_INSN:
         n = min(MAX_INSN - len(out), PAGE - (la & (PAGE - 1)))
         gpa = cpu.translate(la)
-        if gpa is None:
+        code = None if gpa is None else cpu.read_code(gpa, n)
+        if code is None:
             break
-        try:
-            out += cpu.read_phys(gpa, n)
-        except Exception:      # not RAM (the bus reads MMIO; code there is not worth completing)
-            break
+        out += code
         la += n
     return out if len(out) > len(insn) else insn
 

@@ -107,6 +107,10 @@ class _VcpuCpu:
             return self._mmio.read(gpa, length).to_bytes(length, "little")
         return bytes(self._mmio.read(gpa + i, 1) for i in range(length))
 
+    def read_code(self, gpa: int, length: int) -> bytes | None:
+        mem = self._memory
+        return mem.read(gpa, length) if mem is not None and mem.contains(gpa, length) else None
+
     def write_phys(self, gpa: int, data: bytes) -> None:
         mem = self._memory
         if mem is not None and mem.contains(gpa, len(data)):
