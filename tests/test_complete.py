@@ -400,7 +400,8 @@ def test_hostile_bytes_never_raise():
         cpu = FakeCpu(mode=rnd.choice(["long", "prot32", "prot16", "real"]))
         for n in GPRS:
             setattr(cpu.regs, n, rnd.getrandbits(64))
-        prefix = bytes(rnd.choice([0x66, 0x67, 0xF0, 0xF3, 0x2E, 0x65, 0x48, 0x4F]) for _ in range(rnd.choice([0, 1, 3, 12, 14])))
+        count = rnd.choice([0, 1, 3, 12, 14])
+        prefix = bytes(rnd.choice([0x66, 0x67, 0xF0, 0xF3, 0x2E, 0x65, 0x48, 0x4F]) for _ in range(count))
         body = rnd.choice([b"\x0f\x38\xf0", b"\x0f\x38\xf1", b"\x0f\x01", b"\x66\x0f\xae", b"\xcd", b"\xc5", b"\xc4"])
         data = prefix + body + bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 12)))
         result = complete(data, cpu, lambda: data + bytes(20))
