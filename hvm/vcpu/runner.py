@@ -514,8 +514,8 @@ class VcpuThread(threading.Thread):
                 events = vcpu.get_vcpu_events()
                 events.flags = 0
                 if isinstance(event, SoftInterrupt):
-                    # A software interrupt (not an exception: KVM takes only vectors 0-31 there): delivered
-                    # through the IDT with the gate's DPL checked, RIP already past the INT n.
+                    # A software interrupt (not an exception: KVM takes only vectors 0-31 there), RIP already
+                    # past the INT n; complete.py made INT n's IDT gate and code-segment checks first.
                     events.interrupt.injected = 1
                     events.interrupt.nr = event.vector
                     events.interrupt.soft = 1
