@@ -9,8 +9,18 @@
  *   3 syscall  from CPL3                            8 int3 at CPL0 (64-bit mode)
  *   4 int 0x80 from CPL3                            9 fwait at CPL0
  *                                                  10 cpuid: reports leaf 1 ECX, then leaf 7.0 EBX
+ *  11 movbe   stores/loads at CPL0, reports the results (see p_movbe), then #PF of an unmapped page
+ *  12 clac    stac, then clac: reports RFLAGS.AC read back by pushf as ('A' << 8) | AC after each
+ *  13 clwb    clwb of a mapped byte, then of an unmapped page
+ *  14 xgetbv  CR4.OSXSAVE, XCR0 = 3, xgetbv(0) -> EAX, EDX; xgetbv(5); xgetbv(0) with OSXSAVE clear
+ *  15 rdpru   rdpru (ECX = 0)
+ *  16 intn    int $0x81 at CPL0: 'N' from the handler, then 1 if the pushed RIP is the next instruction
+ *  17 avx     XCR0 = 7; vmovdqa m->ymm0, ymm0->ymm15, vmovntdq ymm15->m, vzeroall, vmovdqa ymm15->m; reports
+ *             the first and last dword of each stored copy; then a misaligned vmovdqa: #GP
+ * In 11-16 #UD/#GP/#PF report their tag (then #UD the RIP's low dword; #PF CR2 as two dwords, error code;
+ * #GP the error code) and resume at RESUME.
  * Tags: 'S' syscall entry, 'I' int 0x80 gate, 'E' sysenter entry, 'U' #UD, 'G' #GP, 'P' #PF,
- * 'B' #BP, 'K' the instruction under test completed. */
+ * 'B' #BP, 'K' the instruction under test completed, 'W' an instruction without visible effect passed. */
         .set REPORT, 0x80
         .set DEBUG_EXIT, 0xf4
         .set KCODE, 0x08
@@ -61,6 +71,7 @@ _start:
         mov $14, %eax;   lea h_pf(%rip), %rsi;   call gate_n
         mov $3, %eax;    lea h_bp(%rip), %rsi;   call gate_n
         mov $0x80, %eax; lea h_int80(%rip), %rsi; call gate_n
+        mov $0x81, %eax; lea h_int81(%rip), %rsi; call gate_n
         orb $0x60, idt + 0x80 * 16 + 5(%rip)     /* int 0x80 gate: DPL 3 */
         lidt idt_desc(%rip)
         /* let CPL3 touch the first 2 MiB: set U/S in hvm's identity map */
@@ -71,7 +82,7 @@ _start:
         mov %rax, %cr3
 
         lea table(%rip), %rax
-        cmp $10, %r12
+        cmp $17, %r12
         ja done
         jmp *(%rax,%r12,8)
 
@@ -189,6 +200,158 @@ p_cpuid:
         out %eax, $REPORT
         jmp done
 
+/* MOVBE. Reports: the qword a 64-bit store of 0x1122334455667788 left (low, high dword); a 64-bit load of
+ * it back (low, high); a 32-bit load of bytes 4-7 into RDX=-1 (low, high: zero-extended); a 16-bit load of
+ * bytes 0-1 into RSI=-1 (low dword: upper bits kept); a RIP-relative 32-bit store of 0x55667788 (the dword
+ * left); a 16-bit store of 0x7788 through GS with SIB and disp32 (the word left); an REX.B/REX.X form
+ * (r9 + r10*8 - 8) 32-bit load; then a store to an unmapped address: #PF. */
+p_movbe:
+        lea RESUME_MOVBE(%rip), %rax
+        mov %rax, resume(%rip)
+        movabs $0x1122334455667788, %rax
+        lea movbuf(%rip), %rdi
+        movbe %rax, (%rdi)
+        mov (%rdi), %rbx
+        call report64
+        movbe (%rdi), %rbx
+        call report64
+        mov $-1, %rdx
+        movbe 4(%rdi), %edx
+        mov %rdx, %rbx
+        call report64
+        mov $-1, %rsi
+        movbe (%rdi), %si
+        mov %esi, %eax
+        out %eax, $REPORT
+        mov $0x55667788, %eax
+        movbe %eax, movbuf2(%rip)
+        mov movbuf2(%rip), %eax
+        out %eax, $REPORT
+        mov $0xc0000101, %ecx           /* GS base = movbuf3 - 0x1000 */
+        lea movbuf3 - 0x1000(%rip), %rax
+        mov %rax, %rdx
+        shr $32, %rdx
+        wrmsr
+        mov $0x7788, %eax
+        mov $0x100, %ecx
+        movbe %ax, %gs:0xe00(,%rcx,2)
+        movzwl movbuf3(%rip), %eax
+        out %eax, $REPORT
+        lea movbuf + 8(%rip), %r9
+        mov $-2, %r10
+        movbe 8(%r9,%r10,8), %r11d      /* movbuf - 8: bytes 0-3 of movbuf */
+        mov %r11d, %eax
+        out %eax, $REPORT
+        movabs $0x0000700000000000, %rdi
+        movbe %eax, 0x10(%rdi)          /* not mapped: #PF, CR2 = 0x700000000010, error code 2 (write) */
+        jmp done                        /* not reached */
+RESUME_MOVBE:
+        jmp completed
+
+/* RBX as two reports: low dword, high dword */
+report64:
+        mov %ebx, %eax
+        out %eax, $REPORT
+        mov %rbx, %rax
+        shr $32, %rax
+        out %eax, $REPORT
+        ret
+
+p_clac: lea completed(%rip), %rax
+        mov %rax, resume(%rip)
+        stac
+        call report_ac
+        clac
+        call report_ac
+        jmp completed
+report_ac:
+        pushfq
+        pop %rax
+        shr $18, %eax
+        and $1, %eax
+        or $('A' << 8), %eax
+        out %eax, $REPORT
+        ret
+
+p_clwb: lea 1f(%rip), %rax
+        mov %rax, resume(%rip)
+        lea movbuf(%rip), %rdi
+        clwb 8(%rdi)
+        mov $('W' << 8), %eax
+        out %eax, $REPORT
+1:      lea completed(%rip), %rax
+        mov %rax, resume(%rip)
+        movabs $0x0000700000000000, %rdi
+        clwb (%rdi)                     /* not mapped: #PF (read), if the CPU has CLWB */
+        jmp completed
+
+p_xgetbv:
+        lea 1f(%rip), %rax
+        mov %rax, resume(%rip)
+        mov %cr4, %rax
+        or $(1 << 18), %rax             /* CR4.OSXSAVE */
+        mov %rax, %cr4
+        xor %ecx, %ecx
+        mov $3, %eax                    /* XCR0 = x87 | SSE */
+        xor %edx, %edx
+        xsetbv
+        mov $-1, %rax
+        mov $-1, %rdx
+        xor %ecx, %ecx
+        xgetbv
+        out %eax, $REPORT
+        mov %edx, %eax
+        out %eax, $REPORT
+        mov $5, %ecx
+        xgetbv                          /* no XCR5: #GP(0) */
+1:      lea 2f(%rip), %rax
+        mov %rax, resume(%rip)
+        mov %cr4, %rax
+        and $~(1 << 18), %rax
+        mov %rax, %cr4
+        xor %ecx, %ecx
+        xgetbv                          /* CR4.OSXSAVE clear: #UD */
+2:      jmp completed
+
+p_rdpru:
+        lea completed(%rip), %rax
+        mov %rax, resume(%rip)
+        xor %ecx, %ecx
+        rdpru
+        mov $('W' << 8), %eax
+        out %eax, $REPORT
+        jmp completed
+
+p_avx:  lea completed(%rip), %rax
+        mov %rax, resume(%rip)
+        mov %cr4, %rax
+        or $(1 << 18), %rax             /* CR4.OSXSAVE */
+        mov %rax, %cr4
+        xor %ecx, %ecx
+        mov $7, %eax                    /* XCR0 = x87 | SSE | AVX */
+        xor %edx, %edx
+        xsetbv
+        lea ysrc(%rip), %rdi
+        vmovdqa (%rdi), %ymm0
+        vmovdqa %ymm0, %ymm15
+        vmovntdq %ymm15, ydst(%rip)
+        mov ydst(%rip), %eax
+        out %eax, $REPORT
+        mov ydst + 28(%rip), %eax
+        out %eax, $REPORT
+        vzeroall
+        vmovdqa %ymm15, ydst(%rip)
+        mov ydst(%rip), %eax
+        out %eax, $REPORT
+        mov ydst + 28(%rip), %eax
+        out %eax, $REPORT
+        vmovdqa 16(%rdi), %ymm1         /* not 32-byte aligned: #GP(0) */
+        jmp done
+
+p_intn: int $0x81
+intn_next:
+        jmp completed
+
 completed:
         mov %cs, %eax
         or $('K' << 8), %eax
@@ -219,9 +382,48 @@ to_user:
         HANDLER h_syscall, 'S'
         HANDLER h_int80, 'I'
         HANDLER h_sysenter, 'E'
-        HANDLER h_ud, 'U'
-        HANDLER h_gp, 'G'
-        HANDLER h_pf, 'P'
+/* #UD/#GP/#PF: with RESUME set, report and go on there (RESUME cleared); else report and finish */
+h_ud:   pushq $0
+        mov $'U', %eax
+        jmp fault
+h_gp:   mov $'G', %eax
+        jmp fault
+h_pf:   mov $'P', %eax
+fault:  shl $8, %eax
+        mov %cs, %bx
+        or %bx, %ax
+        out %eax, $REPORT
+        cmpq $0, resume(%rip)
+        je done
+        cmp $(('P' << 8) | KCODE), %eax
+        jne 1f
+        mov %cr2, %rax
+        out %eax, $REPORT
+        shr $32, %rax
+        out %eax, $REPORT
+1:      cmp $(('U' << 8) | KCODE), %eax
+        je 2f
+        mov (%rsp), %eax                /* the error code */
+        out %eax, $REPORT
+        jmp 3f
+2:      mov 8(%rsp), %rax               /* #UD: the faulting RIP (low dword) */
+        out %eax, $REPORT
+3:      add $8, %rsp
+        mov resume(%rip), %rax
+        mov %rax, (%rsp)
+        movq $0, resume(%rip)
+        iretq
+/* int $0x81: 'N', then 1 if the return RIP is the instruction after the INT */
+h_int81:
+        mov %cs, %eax
+        or $('N' << 8), %eax
+        out %eax, $REPORT
+        lea intn_next(%rip), %rax
+        cmp %rax, (%rsp)
+        sete %al
+        movzbl %al, %eax
+        out %eax, $REPORT
+        iretq
         HANDLER unexpected, 'X'
 h_bp:   mov %cs, %eax
         or $('B' << 8), %eax
@@ -247,6 +449,7 @@ set_gate:
 
         .p2align 3
 table:  .quad p_pio, p_cpl0, p_cpl3, p_syscall, p_int80, p_sysenter, p_cx16, p_xsave, p_int3, p_fwait, p_cpuid
+        .quad p_movbe, p_clac, p_clwb, p_xgetbv, p_rdpru, p_intn, p_avx
 
         .p2align 3
 gdt:    .quad 0
@@ -266,6 +469,14 @@ idt_desc:
         .word 256 * 16 - 1
         .quad idt
 
+resume: .quad 0
+        .p2align 5
+ysrc:   .long 0x11111111, 2, 3, 4, 5, 6, 7, 0x88888888
+ydst:   .skip 32
+        .p2align 4
+movbuf: .quad 0, 0
+movbuf2: .quad 0
+movbuf3: .quad 0
         .p2align 4
 cx16buf: .quad 0, 0
         .p2align 6

@@ -22,7 +22,7 @@ from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.boot.mptable import write_mp_table
 from hvm.config import FlatBoot, KernelBoot, VmSpec
-from hvm.host import hide_features
+from hvm.host import cpu_flags, guest_visible_cpuid, hide_features
 from hvm.kvm import Kvm, install_kick_handler
 from hvm.memory import GuestMemory
 from hvm.mmio import DebugExit, IrqLine, SerialUart
@@ -118,7 +118,12 @@ def build_pc(m: "Machine") -> None:
     create_devices(m, irq_setter)
 
     hidden = m.host.hidden_features + (m.host.smp_hidden_features if spec.vcpus > 1 else [])
-    supported = hide_features(m.kvm.supported_cpuid(), hidden)
+    raw_cpuid = m.kvm.supported_cpuid()
+    supported = hide_features(raw_cpuid, hidden)
+    # The guest's CPUID: instructions hvm completes (hvm/vcpu/complete.py) read its feature bits here (with
+    # the host's bits this backend shows the guest although hvm hid them: the guest's view is what counts).
+    m.cpuid = guest_visible_cpuid(supported, hidden, m.host.hiding_ignored & cpu_flags(), raw_cpuid) \
+        if m.host.hiding_ignored else supported
     for index in range(spec.vcpus):
         vcpu = vm.create_vcpu(index)
         m.vcpus.append(vcpu)

@@ -36,6 +36,13 @@ PVM_CLEARCPUID = ("xsave,cx16,popcnt,smap,smep,fsgsbase,invpcid,rdpid,rdtscp,sss
 PVM_LINUX_CMDLINE = ["nokaslr", "noxsave", "nopcid", f"clearcpuid={PVM_CLEARCPUID}", "nowatchdog", "nosoftlockup",
                      "mitigations=off", "init_on_alloc=0", "cryptomgr.notests", "tsc=reliable",
                      "clocksource=kvm-clock"]
+# Which of those the guest still sees when the host has them (measured with `hvm doctor`'s cpuid probe, which
+# reads leaf 1 ECX and leaf 7 EBX from a guest: all of those but CX16, PCID, INVPCID). Instructions hvm
+# completes check the guest's CPUID as the guest sees it (hvm/vcpu/complete.py: MOVBE, CLAC/STAC, XGETBV, AVX).
+PVM_HIDING_IGNORED = frozenset({"xsave", "avx", "fma", "f16c", "ssse3", "sse4_1", "sse4_2", "pclmulqdq", "aes",
+                                "movbe", "popcnt", "rdrand", "fsgsbase", "avx2", "smep", "smap", "sha_ni",
+                                "avx512f", "rdseed"})
+
 # With several vCPUs, the KVM paravirtual features through which one vCPU acts on another hang a Linux
 # boot on this backend: halt-and-kick spinlocks (KVM_HC_KICK_CPU), IPIs, remote TLB flushes and directed
 # yields by hypercall. Measured with the 6.12 minimal kernel and 2 vCPUs: with them, the boot stops for good
@@ -56,6 +63,7 @@ class HostProfile:
     hidden_features: list = field(default_factory=list)
     linux_cmdline: list[str] = field(default_factory=list)
     smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
+    hiding_ignored: frozenset = frozenset()   # names of hidden_features the guest still sees
 
     def describe(self) -> str:
         if self.backend == "kvm_pvm":
@@ -76,13 +84,36 @@ def _cpu_flags() -> set[str]:
 
 def detect() -> HostProfile:
     if os.path.isdir("/sys/module/kvm_pvm"):
-        return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_HIDDEN_FEATURES)
+        return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_HIDDEN_FEATURES,
+                           PVM_HIDING_IGNORED)
     flags = _cpu_flags()
     if "vmx" in flags:
         return HostProfile("vmx", False)
     if "svm" in flags:
         return HostProfile("svm", False)
     return HostProfile("unknown", False)
+
+
+def cpu_flags() -> set[str]:
+    """The host CPU's feature flags as /proc/cpuinfo names them (movbe, smap, xsave, ...)."""
+    return _cpu_flags()
+
+
+def guest_visible_cpuid(table: list[dict[str, int]], hidden, shown: set[str],
+                        raw: list[dict[str, int]] = ()) -> list[dict[str, int]]:
+    """`table` (what hvm gave KVM_SET_CPUID2) with the hidden features named in `shown` set again: on a backend
+    that shows the guest the host's bits whatever hvm hid, the CPUID the guest reads. With XSAVE shown, leaf
+    0xD (the XSAVE components; hide_features empties it) comes back from `raw` too."""
+    back = [f for f in hidden if f[4] in shown]
+    leaf_d = {(r["function"], r["index"]): r for r in raw if r["function"] == 0xD} if "xsave" in shown else {}
+    out = []
+    for e in table:
+        e = dict(leaf_d.get((e["function"], e["index"]), e))
+        for leaf, sub, reg, bit, _name in back:
+            if e["function"] == leaf and (sub is None or e["index"] == sub):
+                e[reg] |= 1 << bit
+        out.append(e)
+    return out
 
 
 def hide_features(entries: list[dict[str, int]], hidden) -> list[dict[str, int]]:

@@ -153,6 +153,7 @@ class Machine:
         self.vm = None
         self.memory: GuestMemory | None = None
         self.vcpus = []
+        self.cpuid: list[dict[str, int]] = []    # the CPUID table the vCPUs were given (hvm/builder.py)
         self.threads: list[VcpuThread] = []
         self.pio = PioBus()
         self.mmio = MmioBus()

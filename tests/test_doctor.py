@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from hvm.doctor import run_probe
-from hvm.host import detect
+from hvm.host import cpu_flags, detect
 
 HOST = detect()
 PVM = HOST.backend == "kvm_pvm"
@@ -41,10 +41,17 @@ def test_doctor_on_the_pvm_host(doctor):
     assert "SYSCALL from CPL3   arrives at the entry point still at CPL3 (CS=0x33)" in text
     assert "INT 0x80 from CPL3  raises #UD instead" in text
     assert "SYSENTER from CPL3  raises #UD instead" in text
-    assert results["instructions"] == {"cmpxchg16b": False, "xsave": False, "int3": False, "fwait": False}
+    assert results["instructions"] == {"cmpxchg16b": False, "xsave": False, "int3": False, "fwait": False,
+                                       "movbe": False, "clac": False, "clwb": False, "xgetbv": False,
+                                       "rdpru": False, "intn": False, "avx": False}
+    assert "MOVBE               raises #UD although the guest's CPUID has MOVBE" in text
+    assert "CLAC/STAC           cannot be emulated (INTERNAL_ERROR: suberror 1: emulation failure) — hvm completes" \
+        in text
     assert "no shell" in text
     # This backend takes CX16 out of the guest's CPUID when asked, but not XSAVE or POPCNT.
     assert {"xsave", "popcnt"} <= set(results["cpuid_hiding_ineffective"])
+    # what hvm takes as the guest's view (m.cpuid, for the instructions it completes) is what was measured
+    assert set(results["cpuid_hiding_ineffective"]) == HOST.hiding_ignored & cpu_flags()
     assert "cx16" not in results["cpuid_hiding_ineffective"]
 
 

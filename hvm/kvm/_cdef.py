@@ -239,6 +239,15 @@ struct kvm_xsave {
     unsigned int extra[];
 };
 
+struct kvm_translation {
+    unsigned long long linear_address;
+    unsigned long long physical_address;
+    unsigned char valid;
+    unsigned char writeable;
+    unsigned char usermode;
+    unsigned char pad[5];
+};
+
 struct kvm_xcr {
     unsigned int xcr;
     unsigned int reserved;

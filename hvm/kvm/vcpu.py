@@ -61,6 +61,15 @@ class Vcpu:
     def set_sregs(self, sregs) -> None:
         ioctl_ptr(self.fd, ioctls.KVM_SET_SREGS, sregs)
 
+    def translate(self, linear_address: int) -> tuple[int, bool, bool] | None:
+        """KVM_TRANSLATE: the guest-physical address of a guest-virtual (linear) one through the vCPU's current
+        paging, and whether the page is writeable and user-accessible; None if it is not mapped."""
+        tr = ffi.new("struct kvm_translation *", {"linear_address": linear_address})
+        ioctl_ptr(self.fd, ioctls.KVM_TRANSLATE, tr)
+        if not tr.valid:
+            return None
+        return tr.physical_address, bool(tr.writeable), bool(tr.usermode)
+
     def get_fpu(self):
         fpu = ffi.new("struct kvm_fpu *")
         ioctl_ptr(self.fd, ioctls.KVM_GET_FPU, fpu)

@@ -28,7 +28,9 @@ from hvm.kvm import constants as k
 from hvm.kvm._ffi import API_MODE, lib
 from hvm.kvm.ioctls import KVM_RUN
 from hvm.mmio.bus import MASK, DeviceFault, MmioBus, PioBus
+from hvm.memory import GuestMemoryError
 from hvm.vcpu import fastloop
+from hvm.vcpu.complete import Fault, SoftInterrupt, complete, fetch_bytes
 from hvm.vcpu.report import CrashReport
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,74 @@ class VmControl(Protocol):
     def vcpu_probed(self, index: int, activity: str) -> None: ...
 
     def vcpu_thread_ended(self, index: int) -> None: ...
+
+
+class _VcpuCpu:
+    """hvm/vcpu/complete.py's view of a vCPU: its registers (read once), paging through KVM_TRANSLATE, RAM or
+    the MMIO bus by guest-physical address, the CPUID table the machine gave the guest, and its XCRs."""
+
+    def __init__(self, vcpu: Vcpu, machine: VmControl, mmio) -> None:
+        self.vcpu = vcpu
+        self.regs = vcpu.get_regs()
+        self.sregs = vcpu.get_sregs()
+        self._memory = getattr(machine, "memory", None)
+        self._mmio = mmio
+        self._cpuid = getattr(machine, "cpuid", None) or []
+        self._xsave: bytearray | None = None
+
+    def translate(self, linear: int) -> int | None:
+        found = self.vcpu.translate(linear)
+        return None if found is None else found[0]
+
+    def read_phys(self, gpa: int, length: int) -> bytes:
+        mem = self._memory
+        if mem is not None and mem.contains(gpa, length):
+            return mem.read(gpa, length)
+        if length in (1, 2, 4, 8):
+            return self._mmio.read(gpa, length).to_bytes(length, "little")
+        return bytes(self._mmio.read(gpa + i, 1) for i in range(length))
+
+    def read_code(self, gpa: int, length: int) -> bytes | None:
+        mem = self._memory
+        return mem.read(gpa, length) if mem is not None and mem.contains(gpa, length) else None
+
+    def write_phys(self, gpa: int, data: bytes) -> None:
+        mem = self._memory
+        if mem is not None and mem.contains(gpa, len(data)):
+            mem.write(gpa, data)
+        elif len(data) in (1, 2, 4, 8):
+            self._mmio.write(gpa, len(data), int.from_bytes(data, "little"))
+        else:
+            for i, b in enumerate(data):
+                self._mmio.write(gpa + i, 1, b)
+
+    def has_feature(self, feature: tuple[int, int, str, int]) -> bool:
+        leaf, sub, reg, bit = feature
+        for e in self._cpuid:
+            if e["function"] == leaf and (e["index"] == sub or not e["flags"] & 1):   # 1: index significant
+                return bool(e[reg] >> bit & 1)
+        return False
+
+    def cpuid(self, leaf: int, sub: int) -> tuple[int, int, int, int] | None:
+        for e in self._cpuid:
+            if e["function"] == leaf and (e["index"] == sub or not e["flags"] & 1):
+                return e["eax"], e["ebx"], e["ecx"], e["edx"]
+        return None
+
+    def xsave_area(self) -> bytearray:
+        if self._xsave is None:
+            self._xsave = bytearray(ffi.buffer(self.vcpu.get_xsave(self.vcpu.vm.xsave_size())))
+        return self._xsave
+
+    def write_xsave(self) -> None:
+        self.vcpu.set_xsave(ffi.from_buffer(self._xsave))
+
+    def xcr(self, index: int) -> int | None:
+        xcrs = self.vcpu.get_xcrs()
+        for i in range(min(xcrs.nr_xcrs, 16)):
+            if xcrs.xcrs[i].xcr == index:
+                return xcrs.xcrs[i].value
+        return None
 
 
 class _Routes:
@@ -423,26 +493,44 @@ class VcpuThread(threading.Thread):
         return True
 
     def _complete_emulation(self, insn: bytes) -> bool:
-        """Finish, as the CPU would, an instruction whose behaviour is fully defined but which the
-        host's instruction emulator gave up on (seen on the kvm_pvm backend). Returns True if done."""
-        if insn[:1] == b"\xcc":          # INT3: a trap; #BP is delivered with RIP after the instruction
-            name, length, vector = "int3", 1, 3
-        elif insn[:1] == b"\x9b":        # FWAIT: no x87 exception can be pending here -> a no-op
-            name, length, vector = "fwait", 1, None
-        else:
+        """Finish, as the CPU would, an instruction which the host's instruction emulator gave up on (seen
+        on the kvm_pvm backend): decoded and applied by hvm/vcpu/complete.py. Returns True if done (the
+        effect applied or the architectural fault injected); False: not an instruction hvm completes."""
+        try:
+            cpu = _VcpuCpu(self.vcpu, self.machine, self._mmio)
+            done = complete(insn, cpu, fetch=lambda: fetch_bytes(cpu, insn))
+            if done is None:
+                return False
+            vcpu = self.vcpu
+            if done.regs_changed:
+                vcpu.set_regs(cpu.regs)
+            if done.xsave_changed:
+                cpu.write_xsave()
+            event = done.event
+            if event is not None:
+                if isinstance(event, Fault) and event.cr2 is not None:
+                    cpu.sregs.cr2 = event.cr2
+                    vcpu.set_sregs(cpu.sregs)
+                events = vcpu.get_vcpu_events()
+                events.flags = 0
+                if isinstance(event, SoftInterrupt):
+                    # A software interrupt (not an exception: KVM takes only vectors 0-31 there), RIP already
+                    # past the INT n; complete.py made INT n's IDT gate and code-segment checks first.
+                    events.interrupt.injected = 1
+                    events.interrupt.nr = event.vector
+                    events.interrupt.soft = 1
+                else:
+                    code = event.error_code if isinstance(event, Fault) else None
+                    events.exception.injected = 1
+                    events.exception.nr = event.vector
+                    events.exception.has_error_code = int(code is not None)
+                    events.exception.error_code = code or 0
+                vcpu.set_vcpu_events(events)
+        except (OSError, GuestMemoryError) as e:   # the host refused a vCPU ioctl: reported as not completed
+            log.info("vCPU %d: completing %s failed: %s", self.index, insn.hex(" "), e)
             return False
-        regs = self.vcpu.get_regs()
-        regs.rip += length
-        self.vcpu.set_regs(regs)
-        if vector is not None:
-            events = self.vcpu.get_vcpu_events()
-            events.exception.injected = 1
-            events.exception.nr = vector
-            events.exception.has_error_code = 0
-            events.exception.error_code = 0
-            events.flags = 0
-            self.vcpu.set_vcpu_events(events)
-        self.completed[name] = self.completed.get(name, 0) + 1
+        log.debug("vCPU %d: completed %s (%s)", self.index, done.name, insn.hex(" "))
+        self.completed[done.name] = self.completed.get(done.name, 0) + 1
         return True
 
     def _exit_system_event(self) -> bool:
