@@ -73,7 +73,10 @@ def test_not_an_upstream_tree_message(tmp_path):
 # every entry QEMU passes here but intel_iommu (q35 + intel-iommu + edu: refused by hvm-qemu, a SKIP), then those
 # QEMU does not pass here.
 PASSING = {"smptest": "(1 tests)", "vmexit_cpuid": "", "vmexit_mov_from_cr8": "", "vmexit_inl_pmtimer": "",
-           "vmexit_ipi": "", "idt_test": "(4 tests)", "realmode": "", "setjmp": "(10 tests)"}
+           "vmexit_ipi": "", "idt_test": "(4 tests)", "realmode": "", "setjmp": "(10 tests)",
+           # QEMU aborts on these here (-cpu max: MSR 0x10a); hvm completes CLAC/STAC, RDPRU's #UD, XGETBV and
+           # the AVX moves that the kvm_pvm backend cannot emulate (hvm/vcpu/complete.py)
+           "smap": "(18 tests)", "rdpru": "(1 tests)", "xsave": "(386 tests)"}
 SLOW = {"realmode"}
 
 
