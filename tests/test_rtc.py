@@ -344,3 +344,20 @@ def test_a_restored_rtc_with_an_interrupt_enabled_starts_its_timer():
         assert rtc.irq.level                # the next update raised IRQ 8
     finally:
         rtc.close()
+
+
+def test_a_save_calls_no_alarm_callback_and_the_next_access_does():
+    """A snapshot (VM paused, the machine's locks held) must not call into the machine: the alarm the save
+    accounted is called by the timer or the next access."""
+    r = Rig(T0 + 0.5, reg_a=NO_PF)
+    r.set(0x01, 0x02)
+    r.set(0x03, 0xC0)
+    r.set(0x05, 0xC0)
+    r.set(0x0B, 0x22)
+    r.t = T0 + 2.5
+    state = r.rtc.save()
+    assert state["cmos"][0x0C] == 0xB0 and r.alarms == 0 and r.irqs == [1]
+    r.rtc.poll()
+    assert r.alarms == 1
+    r.rtc.poll()
+    assert r.alarms == 1
