@@ -361,3 +361,29 @@ def test_a_save_calls_no_alarm_callback_and_the_next_access_does():
     assert r.alarms == 1
     r.rtc.poll()
     assert r.alarms == 1
+
+
+def test_a_guest_waiting_for_the_update_interrupt_gets_it_after_snapshot_and_restore(tmp_path):
+    """Saved while the guest HLTs for the update-ended interrupt (UIE set): the restored RTC starts its timer
+    (or raises IRQ 8 again, when the update came before the save) and the guest runs on to its end."""
+    from hvm.config import load_config
+    from hvm.console import Console
+    from hvm.machine import Machine
+
+    cfg = write_yaml(tmp_path, f"boot: {{image: {FIRMWARE / 'rtc_irq.bin'}}}\nmemory: 4M\nmachine: pc\n"
+                               "timeout: 20\n")
+    snap = tmp_path / "vm.snap"
+    base = rtc_threads()
+    with Machine(load_config(cfg), console=Console("none", "none", open_now=False)) as vm:
+        vm.start()
+        vm.wait_for_console(b"alarm C=b0\n", timeout=15)
+        vm.snapshot(snap)
+        assert vm.rtc is not None and vm.rtc.save()["cmos"][0x0B] == 0x16     # UIE: the guest waits
+        assert rtc_threads() == base + 1
+        vm.stop()
+    assert rtc_threads() == base, "close() left the RTC's timer thread running"
+    with Machine.restore(snap, console=Console("none", "none", open_now=False), timeout=10) as vm:
+        vm.start()
+        result = vm.wait(15)
+        out = bytes(vm.console.history).decode()
+    assert out.endswith("update C=90\nrtc ok\n") and result.status == 3, (out, result)
