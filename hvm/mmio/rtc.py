@@ -106,6 +106,7 @@ class Rtc:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._paused = False
+        self._alarm_cache: tuple[tuple, int | None] | None = None
         self._alarm_due = False        # the alarm matched with AIE: on_alarm is to be called (outside the lock)
         self.timer_wakeups = 0         # host-side statistic: how often the timer thread looked at the clock
         self._power_on()
@@ -198,6 +199,16 @@ class Rtc:
     def _next_alarm(self, after_s: int) -> int | None:
         """The first guest second > after_s whose time matches the alarm registers (None: never, e.g. an
         alarm byte no time has). The time is UTC: every matching time of day comes once a day."""
+        # One entry of cache: the timer asks again on each wake-up (up to 8192 a second) within one second.
+        key = (after_s, self.cmos[REG_SECONDS_ALARM], self.cmos[REG_MINUTES_ALARM], self.cmos[REG_HOURS_ALARM],
+               self.cmos[REG_B] & (B_BINARY | B_24H))
+        if self._alarm_cache is not None and self._alarm_cache[0] == key:
+            return self._alarm_cache[1]
+        match = self._find_alarm(after_s)
+        self._alarm_cache = (key, match)
+        return match
+
+    def _find_alarm(self, after_s: int) -> int | None:
         hours = self._alarm_values(REG_HOURS_ALARM, 24)
         minutes = self._alarm_values(REG_MINUTES_ALARM, 60)
         seconds = self._alarm_values(REG_SECONDS_ALARM, 60)
