@@ -388,3 +388,18 @@ def test_a_guest_waiting_for_the_update_interrupt_gets_it_after_snapshot_and_res
         result = vm.wait(15)
         out = bytes(vm.console.history).decode()
     assert out.endswith("update C=90\nrtc ok\n") and result.status == 3, (out, result)
+
+
+def test_wake_reset_keeps_the_clock_and_cmos_and_turns_the_alarm_off():
+    r = Rig(T0 + 0.5, reg_a=NO_PF)
+    r.set(0x09, 0x30)                       # the guest set the year 2030
+    r.set(0x40, 0x5A)
+    r.set(0x01, 0xC0)
+    r.set(0x03, 0xC0)
+    r.set(0x05, 0xC0)
+    r.set(0x0B, 0x72)                       # PIE, AIE, UIE
+    r.at(T0 + 1.6)                          # (writing the year started a second at T0 + 0.5)
+    assert r.level and r.alarms == 1
+    r.rtc.wake_reset()
+    assert not r.level and r.get(0x0B) == 0x12 and r.get(0x0C) == 0x00
+    assert r.get(0x09) == 0x30 and r.get(0x40) == 0x5A

@@ -55,7 +55,7 @@ A_UIP = 0x80
 A_DV = 0x70
 A_DIVIDER_RESET = 0x60     # DV = 11x
 A_RATE = 0x0F
-B_SET, B_PIE, B_AIE, B_UIE = 0x80, 0x40, 0x20, 0x10
+B_SET, B_PIE, B_AIE, B_UIE, B_SQWE = 0x80, 0x40, 0x20, 0x10, 0x08
 B_BINARY = 0x04
 B_24H = 0x02
 C_IRQF, C_PF, C_AF, C_UF = 0x80, 0x40, 0x20, 0x10
@@ -404,6 +404,19 @@ class Rtc:
         with state_lock(self):
             self._power_on()
             self._alarm_due = False
+            if self.irq is not None:
+                self.irq.lower()
+            self._rearm()
+
+    def wake_reset(self) -> None:
+        """The reset a PC's RTC sees on an S3 wake-up (QEMU's mc146818rtc reset): PIE, AIE and SQWE off,
+        register C's flags cleared and IRQ 8 low; the clock, its offset and the CMOS bytes are kept (the
+        battery-backed part). reset() is the power-on one."""
+        with state_lock(self):
+            self._advance(self._now())
+            self._alarm_due = False
+            self.cmos[REG_B] &= ~(B_PIE | B_AIE | B_SQWE)
+            self.cmos[REG_C] = 0
             if self.irq is not None:
                 self.irq.lower()
             self._rearm()
