@@ -282,8 +282,8 @@ def test_the_timer_delivers_update_interrupts_on_time_and_close_ends_it():
             time.sleep(0.002)
         raised = [t for t, level in levels if level]
         assert len(raised) in (2, 3)
-        for t in raised:                    # each within 50 ms after a whole second
-            assert t % 1 < 0.05, raised
+        for t in raised:                    # each soon after a whole second (a loaded host: 150 ms)
+            assert t % 1 < 0.15, raised
     finally:
         rtc.close()
     assert rtc_threads() == base
