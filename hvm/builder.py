@@ -106,9 +106,10 @@ def build_pc(m: "Machine") -> None:
         if snap is None:
             bios_state(m, mem)
         m.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
-        m.acpi_pm = AcpiPm(m._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter))
+        m.acpi_pm = AcpiPm(m._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter), on_suspend=m._acpi_suspend)
         m.pio.register(PM_BASE, PM_LEN, m.acpi_pm)
         m.rtc = Rtc(irq=IrqLine(RTC_IRQ, irq_setter))
+        m.rtc.on_alarm = lambda: m.wakeup("rtc")    # the alarm wakes a machine suspended to RAM (ACPI S3)
         m.pio.register(RTC_PORT, RTC_LEN, m.rtc)
         m.device_closers.append(m.rtc.close)    # its timer thread (made when the guest enables an interrupt)
         kbc = I8042(m._cpu_reset)
@@ -181,6 +182,13 @@ def write_tables(m: "Machine", mem: GuestMemory) -> None:
 def bios_state(m: "Machine", mem: GuestMemory) -> None:
     """Leave the machine as a PC BIOS would before jumping to a kernel (see hvm/boot/bios.py)."""
     write_real_mode_ivt(mem)
+    bios_chipset_state(m)
+
+
+def bios_chipset_state(m: "Machine") -> None:
+    """The PICs (vector bases, masks) and PIT channel 0 as a PC BIOS leaves them: what its S3 resume path
+    programs again too (SeaBIOS's s3_resume: pic_setup) before jumping to the waking vector; guest RAM (the
+    IVT included) is left alone."""
     if not m.spec.irqchip:
         return
     for chip, base, imr in ((0, bios.PIC_MASTER_BASE, bios.PIC_MASTER_IMR),

@@ -106,14 +106,19 @@ def _kut_timeout(text: str) -> float:
 
 def _add_kut_parser(sub) -> None:
     p = sub.add_parser("kut", help="run kvm-unit-tests guests as upstream's runner runs them under QEMU",
-                       description="Run the entries of DIR/unittests.cfg whose binaries are in DIR.")
-    p.add_argument("directory", type=Path, help="folder with unittests.cfg and the *.flat binaries")
+                       description="Run the entries of DIR/unittests.cfg whose binaries are in DIR; or, when "
+                       "DIR is a built upstream kvm-unit-tests tree (run_tests.sh, x86/unittests.cfg), run upstream's "
+                       "own run_tests.sh on a copy of it with QEMU=hvm-qemu. Either way QEMU's results on this host "
+                       "(DIR/RESULTS-QEMU.md) are printed beside hvm's.")
+    p.add_argument("directory", type=Path, help="folder with unittests.cfg and the *.flat binaries, or an upstream "
+                   "tree")
     # default=[]: without it argparse calls a '*' positional required in its error message
     p.add_argument("names", nargs="*", default=[], help="only these entries (default: all)")
     p.add_argument("-g", "--group", action="append", help="only entries in this group")
     p.add_argument("--timeout", type=_kut_timeout, metavar="SECONDS",
                    help="override every entry's timeout (seconds)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="print the output of failing entries")
+    p.add_argument("--logs", type=Path, metavar="DIR", help="upstream tree: keep the runner's logs/ in DIR")
 
 
 def _add_trace_parser(sub) -> None:
@@ -676,13 +681,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_kut(args: argparse.Namespace) -> int:
-    from hvm.kut import Interrupted, KutError, run_all
+    from hvm.kut import Interrupted, KutError, is_upstream_tree, run_all, run_upstream
 
     directory = args.directory
+    upstream = directory.is_dir() and is_upstream_tree(directory)
     problem = ("no such directory" if not directory.exists() else "not a directory" if not directory.is_dir()
-               else "no unittests.cfg there" if not (directory / "unittests.cfg").exists() else None)
+               else "no unittests.cfg there (nor run_tests.sh and x86/unittests.cfg: an upstream tree)"
+               if not upstream and not (directory / "unittests.cfg").exists() else None)
     if problem:
         print(f"hvm: {directory}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.logs is not None and not upstream:
+        print("hvm: kut: --logs: only for an upstream tree (run_tests.sh writes the logs)", file=sys.stderr)
         return EXIT_CONFIG
 
     def stop(signo, frame):  # unwinds run_all, which kills the running child's process group first
@@ -690,7 +700,11 @@ def cmd_kut(args: argparse.Namespace) -> int:
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        results = run_all(directory, args.names, args.group, args.timeout, verbose=bool(args.verbose))
+        if upstream:
+            results = run_upstream(directory, args.names, args.group, args.timeout, verbose=bool(args.verbose),
+                                   logs=args.logs)
+        else:
+            results = run_all(directory, args.names, args.group, args.timeout, verbose=bool(args.verbose))
     except KutError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -175,7 +175,8 @@ def parse_unittests_cfg(path: Path) -> list[KutEntry]:
 
 
 def parse_qemu_results(path: Path) -> dict[str, QemuReference]:
-    """The markdown table of RESULTS-QEMU.md: | entry | command | result | seconds |."""
+    """The markdown table of RESULTS-QEMU.md: | entry | command | result | seconds |, or the upstream tree's
+    | entry | QEMU here |."""
     refs: dict[str, QemuReference] = {}
     if not path.exists():
         return refs
@@ -187,6 +188,8 @@ def parse_qemu_results(path: Path) -> dict[str, QemuReference]:
             except ValueError:
                 seconds = None
             refs[cells[0]] = QemuReference(cells[2], seconds)
+        elif len(cells) == 2 and re.match(r"^(PASS|FAIL|SKIP)", cells[1]):   # upstream/: | entry | QEMU here |
+            refs[cells[0]] = QemuReference(cells[1], None)
     return refs
 
 
@@ -318,23 +321,154 @@ def run_all(directory: Path, names: list[str] | None = None, groups: list[str] |
 
 
 def format_table(results: list[KutResult], refs: dict[str, QemuReference]) -> str:
+    """The side-by-side table; `parity` is "yes" where hvm passes or QEMU does not (an entry QEMU passes here
+    and hvm does not is "NO"), "better" where hvm passes an entry QEMU does not pass here."""
     lines = ["", "| entry | hvm | hvm s | QEMU (same host) | QEMU s | parity |", "|---|---|---|---|---|---|"]
-    parity = compared = 0
+    qemu_passes = parity = better = 0
     for r in results:
         ref = refs.get(r.entry.name)
-        hvm_cell = r.status + (f" {r.detail}" if r.detail and r.status != "SKIP" else "")
+        hvm_cell = r.status + (f" {r.detail}" if r.detail else "")
         if ref is None:
             q, qs, same = "-", "-", "-"
         else:
-            compared += 1
             q = ref.result
             qs = f"{ref.seconds:.1f}" if ref.seconds is not None else "-"
-            ok = (r.status == "PASS") or not ref.result.startswith("PASS")
-            parity += ok
-            same = "yes" if ok else "NO"
+            qemu_pass = ref.result.startswith("PASS")
+            qemu_passes += qemu_pass
+            parity += qemu_pass and r.status == "PASS"
+            better += not qemu_pass and r.status == "PASS"
+            same = ("better" if r.status == "PASS" and not qemu_pass else
+                    "NO" if qemu_pass and r.status != "PASS" else "yes")
         lines.append(f"| {r.entry.name} | {hvm_cell} | {r.seconds:.1f} | {q} | {qs} | {same} |")
     counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
     lines.append("")
     lines.append(f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP of {len(results)}"
-                 + (f"; every entry QEMU passes here, hvm passes: {parity}/{compared}" if compared else ""))
+                 + (f"; every entry QEMU passes here, hvm passes: {parity}/{qemu_passes}; hvm passes {better} "
+                    "that QEMU does not" if refs else ""))
     return "\n".join(lines)
+
+
+# --- upstream's own runner ------------------------------------------------------------------------------
+# A built kvm-unit-tests tree (run_tests.sh, scripts/, x86/unittests.cfg, x86/*.flat) is run by upstream's
+# run_tests.sh itself, with QEMU=hvm-qemu: the same runner, the same command lines and the same verdicts as
+# under QEMU. The tree is copied first (the runner writes logs/ and may sit on a read-only share) and its
+# config.mak is pointed at the copy's errata.txt (a tree built elsewhere names its build folder).
+RESULT_LINE = re.compile(r"^(PASS|FAIL|SKIP) (\S+)(?: (.*))?$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+COPY_MAX_BYTES = 256 << 20          # upstream's built x86 tree is ~30 MiB; a folder far bigger is not one
+
+
+ARCH_DIR = "x86"
+
+
+def is_upstream_tree(directory: Path) -> bool:
+    return (directory / "run_tests.sh").is_file() and (directory / ARCH_DIR / "unittests.cfg").is_file()
+
+
+def _copy_tree(directory: Path, dest: Path) -> None:
+    total = 0
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        nonlocal total
+        skipped = [n for n in names if n == "logs" and Path(folder) == directory]
+        for n in names:
+            p = Path(folder) / n
+            if n not in skipped and p.is_file() and not p.is_symlink():
+                total += p.stat().st_size
+        if total > COPY_MAX_BYTES:
+            raise KutError(f"{directory}: more than {COPY_MAX_BYTES >> 20} MiB: not a kvm-unit-tests tree")
+        return skipped
+
+    import shutil
+
+    try:
+        shutil.copytree(directory, dest, symlinks=True, ignore=ignore)
+    except OSError as e:
+        raise KutError(f"{directory}: cannot copy the tree: {e}") from None
+    config = dest / "config.mak"
+    if config.is_file():
+        text = config.read_text("utf-8", "replace")
+        text = re.sub(r"(?m)^ERRATATXT=.*$", f"ERRATATXT={dest / 'errata.txt'}", text)
+        config.write_text(text)
+
+
+def _shim_script(folder: Path) -> Path:
+    """An executable `hvm-qemu` that runs this very hvm (this interpreter, this package), whatever PATH says."""
+    package_root = Path(__file__).resolve().parent.parent
+    script = folder / "hvm-qemu"
+    script.write_text("#!/bin/sh\n"
+                      f"PYTHONPATH={shlex.quote(str(package_root))}${{PYTHONPATH:+:$PYTHONPATH}} "
+                      f"exec {shlex.quote(sys.executable)} -m hvm.qemu_shim \"$@\"\n")
+    script.chmod(0o755)
+    return script
+
+
+def run_upstream(directory: Path, names: list[str] | None = None, groups: list[str] | None = None,
+                 timeout: float | None = None, out=sys.stdout, verbose: bool = False,
+                 logs: Path | None = None) -> list[KutResult]:
+    """Upstream's run_tests.sh on a copy of `directory`, driving hvm through hvm-qemu; results as run_all's."""
+    entries = {e.name: e for e in parse_unittests_cfg(directory / ARCH_DIR / "unittests.cfg")}
+    if names:
+        unknown = set(names) - set(entries)
+        if unknown:
+            raise KutError(f"{directory / ARCH_DIR / 'unittests.cfg'}: no such entries: {', '.join(sorted(unknown))}")
+    refs = parse_qemu_results(directory / "RESULTS-QEMU.md")
+    results: list[KutResult] = []
+    with tempfile.TemporaryDirectory(prefix="hvm-kut-") as tmp:
+        tree = Path(tmp) / "tree"
+        _copy_tree(directory, tree)
+        env = dict(os.environ, QEMU=str(_shim_script(Path(tmp))))
+        env.pop("ACCEL", None)
+        if timeout is not None:
+            env["TIMEOUT"] = f"{timeout:g}"
+        cmd = ["./run_tests.sh", "-v"]
+        for g in groups or ():
+            cmd += ["-g", g]
+        cmd += list(names or ())
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            raise KutError(f"{directory / 'run_tests.sh'}: cannot run it: {e.strerror}") from None
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            t0 = time.monotonic()
+            for raw in proc.stdout:
+                line = ANSI.sub("", raw.decode("utf-8", "replace")).rstrip("\r\n")
+                m = RESULT_LINE.match(line)
+                if m is None:
+                    if verbose:
+                        print(line, file=out, flush=True)
+                    continue
+                status, name, detail = m.group(1), m.group(2), m.group(3) or ""
+                now = time.monotonic()
+                entry = entries.get(name) or KutEntry(name=name, file="?")
+                log = tree / "logs" / f"{name}.log"
+                output = ""
+                if status == "FAIL" and verbose and log.is_file():
+                    output = _read_log_tail(log)
+                result = KutResult(entry, status, detail, now - t0, None, output)
+                t0 = now
+                results.append(result)
+                print(result.line(), file=out, flush=True)
+                if output:
+                    print(output, file=out)
+            proc.wait()
+        except BaseException:
+            kill_group(proc)
+            raise
+        finally:
+            proc.stdout.close()
+        if logs is not None and (tree / "logs").is_dir():
+            import shutil
+
+            shutil.copytree(tree / "logs", logs, dirs_exist_ok=True)
+    print(format_table(results, refs), file=out)
+    return results
+
+
+def _read_log_tail(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _tail(f)

@@ -25,7 +25,7 @@ from hvm.kvm import constants as kc
 from hvm.memory import GuestMemory
 from hvm.mmio import MmioBus, PioBus, SerialUart
 from hvm.mmio import registry
-from hvm.mmio.acpi_pm import AcpiPm
+from hvm.mmio.acpi_pm import WAKE_STATUS, AcpiPm
 from hvm.mmio.rtc import Rtc
 from hvm.vcpu import CrashReport, VcpuThread, apply_boot_state
 
@@ -49,6 +49,9 @@ SAVE_WAIT = 60.0    # seconds close() waits for a snapshot/system reset on anoth
 HALT_POLL = 0.1
 PROBE_TIMEOUT = 1.0
 HALT_ROUNDS = 2
+SUSPEND_TIMEOUT = 5.0   # seconds the vCPUs get to stop for an ACPI S3 suspend (else the guest runs on)
+WAKE_WAIT = 10.0        # seconds wakeup(wait=True) waits for the wake-up to complete
+REAL_MODE_LIMIT = 0x100000   # a waking vector is entered in real mode: CS:IP reaches below 1 MiB only
 
 # Console lines whose first appearance --stats reports, in the spirit of Firecracker's boot timer:
 # the last one is the kernel handing over to user space.
@@ -141,7 +144,8 @@ class Machine:
         self.tracer: Tracer | None = None
         self.stopping = False
         # QMP's RunState (qapi/run-state.json): "prelaunch", "inmigrate", "running", "paused", "postmigrate",
-        # "shutdown", "guest-panicked", "internal-error". Changed under _lifecycle, or by _finish (once).
+        # "suspended" (ACPI S3), "shutdown", "guest-panicked", "internal-error". Changed under _lifecycle, or
+        # by _finish (once).
         self.run_state = "prelaunch"
         self.listeners: list[Callable[[str, dict], None]] = []
         self.result: RunResult | None = None
@@ -185,6 +189,12 @@ class Machine:
         self._timer: threading.Timer | None = None
         self._halt_watch: threading.Thread | None = None
         self._vm_teardown_pending = False   # close() left the VM objects to the last vCPU thread
+        # ACPI S3: a suspend the guest asked for and a wake-up, each on its way (guarded by _pause_cond).
+        self._suspending = False
+        self._waking = False
+        # Counts the machine resets (system_reset, S3 wake-ups): a suspend the guest asked for before a reset
+        # is void after it (the reset machine runs a guest that never asked).
+        self._resets = 0
         self._threads_ended: set[int] = set()   # vCPU threads past their last use of kvm_run and guest RAM
         self._probe_cond = threading.Condition()
         self._probes: dict[int, str] = {}
@@ -251,7 +261,7 @@ class Machine:
     # --- lifecycle -------------------------------------------------------------------------------
     # QMP RunState -> the coarse state older callers read (Machine.state).
     _COARSE_STATE = {"prelaunch": "created", "inmigrate": "created", "running": "running", "paused": "paused",
-                     "postmigrate": "paused"}
+                     "postmigrate": "paused", "suspended": "paused"}
 
     @property
     def state(self) -> str:
@@ -398,8 +408,9 @@ class Machine:
         """pause() without the STOP event (system_reset's, which QEMU reports as RESET alone); True when
         the VM was running and is paused now."""
         with self._lifecycle:
-            if self.run_state in ("paused", "postmigrate") or (self.run_state in ("prelaunch", "inmigrate") and self._launched):
-                return False     # (started with -S: frozen already)
+            if self.run_state in ("paused", "postmigrate", "suspended") or \
+                    (self.run_state in ("prelaunch", "inmigrate") and self._launched):
+                return False     # (started with -S: frozen already; suspended: stopped already, as QEMU's stop)
             if self.run_state != "running" or self._done.is_set():
                 raise RuntimeError(f"cannot pause a VM that is {self._describe_state()}")
             with self._pause_cond:
@@ -448,12 +459,16 @@ class Machine:
             frozen_at_start = self.run_state in ("prelaunch", "inmigrate") and self._launched   # -S
             if not (self.run_state in ("paused", "postmigrate") or frozen_at_start) or self._done.is_set():
                 raise RuntimeError(f"cannot resume a VM that is {self._describe_state()}")
-            self._devices_call("resume")     # (paused by pause(), or by start(paused=True))
-            with self._pause_cond:
-                self._paused = False
-                self._pause_cond.notify_all()
-            self.run_state = "running"
+            self._run_on()
         return True
+
+    def _run_on(self) -> None:
+        """Let the parked vCPUs and the paused device threads go (under _lifecycle): "running"."""
+        self._devices_call("resume")     # (paused by pause(), or by start(paused=True))
+        with self._pause_cond:
+            self._paused = False
+            self._pause_cond.notify_all()
+        self.run_state = "running"
 
     def set_trace(self, config: TraceConfig | None, pause_timeout: float = 5.0) -> None:
         """Start exit tracing to `config` (None: stop it) while the VM runs (QMP's x-hvm-trace). The vCPUs
@@ -498,12 +513,15 @@ class Machine:
             raise RuntimeError("system_powerdown needs the ACPI power button of machine: pc")
         if self._done.is_set() or self.vm is None:
             raise RuntimeError("cannot press the power button of a VM that has ended")
-        self.acpi_pm.press_power_button()
         self._emit("POWERDOWN", {})
+        # A sleeping (S3) machine wakes up on its power button, which it then reports in PM1 status
+        # (PWRBTN_STS with WAK_STS): the press is the wake event, not a request to power off.
+        if not self.wakeup("powerbutton", wait=True):
+            self.acpi_pm.press_power_button()
 
     @property
     def running(self) -> bool:
-        return self.run_state in ("running", "paused", "postmigrate") and not self._done.is_set()
+        return self.run_state in ("running", "paused", "postmigrate", "suspended") and not self._done.is_set()
 
     @property
     def ended(self) -> bool:
@@ -690,6 +708,9 @@ class Machine:
         if self.result is not None or self.state == "stopped" or self.memory is None:
             reason = self.result.reason if self.result is not None else "closed"
             raise SnapshotError(f"{path}: the VM has ended ({reason}): there is nothing to save")
+        if self.run_state == "suspended" or self._suspending or self._waking:
+            raise SnapshotError(f"{path}: the guest is suspended (ACPI S3): hvm does not save a sleeping VM; "
+                                "wake it first (system_wakeup)")
         for d in self.spec.devices:
             dt = registry.lookup(d.type)
             if dt is not None and not dt.snapshot:
@@ -818,11 +839,14 @@ class Machine:
     def system_reset(self) -> None:
         """QMP system_reset: the machine starts again from its boot state: guest RAM zeroed and the boot
         image loaded again, the irqchip, PIT and every vCPU as created (vCPU 0 then given the boot state),
-        devices reset. A running VM runs on from the reset; a paused one stays paused. Emits RESET."""
+        devices reset. A running VM runs on from the reset; a paused one stays paused; a suspended (S3) one
+        becomes "prelaunch" and waits for resume() / `cont`, as QEMU's does. Emits RESET."""
         with self._save_lock, self._lifecycle:   # as snapshot(): no resume() from elsewhere mid-reset
             self._system_reset_locked()
 
-    def _system_reset_locked(self) -> None:
+    def _system_reset_locked(self, guest: bool = False) -> None:
+        """guest=True: the reset is the firmware's (an S3 wake-up without a usable waking vector): a
+        suspended VM runs from the reset, and RESET says the guest did it."""
         from hvm.builder import bios_state, load_boot, write_tables
         from hvm.snapshot import kvmstate
 
@@ -836,6 +860,8 @@ class Machine:
             if not os.access(p, os.R_OK):
                 raise RuntimeError(f"cannot reset: the boot image {p} is not readable any more")
         was_running = self.state == "running"
+        suspended = self.run_state == "suspended"
+        self._resets += 1
         if was_running:   # no STOP/RESUME around it: QEMU's system_reset reports RESET alone
             self._pause(5.0)
         try:
@@ -860,7 +886,144 @@ class Machine:
         finally:
             if was_running and self.result is None:
                 self._resume()
-        self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+            elif suspended and self.result is None:
+                if guest:
+                    self._run_on()
+                else:   # QEMU: a machine reset while not running waits in prelaunch for `cont`
+                    self.run_state = "prelaunch"
+                    if self.rtc is not None:
+                        self.rtc.pause()      # held with the other devices until `cont` (running while asleep)
+        self._emit("RESET", {"guest": guest, "reason": "guest-reset" if guest else "host-qmp-system-reset"})
+
+    # --- ACPI S3: suspend to RAM and wake-up (hvm/mmio/acpi_pm.py; docs/lifecycle.md) -----------------
+    def _acpi_suspend(self) -> None:
+        """The guest wrote SLP_TYP=S3 | SLP_EN (AcpiPm, on the writing vCPU's thread). As QEMU's
+        qemu_system_suspend_request, that vCPU stops at once: it parks before its next KVM_RUN. The rest (every
+        vCPU parked, device threads paused, "suspended", SUSPEND) runs on a thread of its own: a vCPU thread
+        must never wait for the lifecycle lock, which a pause or a snapshot holds while waiting for it."""
+        with self._pause_cond:
+            if self._suspending or self.run_state == "suspended" or self.stopping:
+                return
+            self._suspending = True
+            self._paused = True
+            resets = self._resets
+        for t in self.threads:
+            if t.is_alive() and not t.halted:
+                t.kick()     # this thread too: immediate_exit, so its next KVM_RUN returns at once
+        threading.Thread(target=self._complete_suspend, args=(resets,), name="s3-suspend", daemon=True).start()
+
+    def _complete_suspend(self, resets: int) -> None:
+        suspended = False
+        try:
+            with self._lifecycle:
+                if self._done.is_set() or self._resets != resets:   # (reset meanwhile: the request is void)
+                    return
+                if self.run_state == "running":
+                    try:
+                        self._pause(SUSPEND_TIMEOUT)     # no STOP event: QEMU's suspend sends SUSPEND alone
+                    except (TimeoutError, RuntimeError) as e:
+                        log.warning("ACPI S3: the vCPUs did not stop for the suspend (%s); the guest runs on", e)
+                        return
+                elif self.run_state not in ("paused", "postmigrate"):    # (stopped meanwhile: parked already)
+                    return
+                self.run_state = "suspended"
+                suspended = True
+                if self.rtc is not None:
+                    # The RTC runs on while the machine sleeps (it is on the battery well; QEMU's runs on the
+                    # host clock): its alarm is a wake-up event.
+                    self.rtc.resume()
+        finally:
+            with self._pause_cond:
+                self._suspending = False
+        if suspended:
+            log.info("ACPI S3: the guest is suspended to RAM")
+            self._emit("SUSPEND")
+
+    def wakeup(self, reason: str, wait: bool = False) -> bool:
+        """Wake a suspended (ACPI S3) machine: reason "rtc" (the RTC alarm), "powerbutton" or "qmp" (QMP
+        system_wakeup). True if it was suspended and wakes up; False (nothing done) otherwise. Safe from any
+        thread (a device's, a vCPU's): the wake-up runs on a thread of its own; wait=True (callers that may
+        block: the QMP command thread) returns once it is done. The wake-up is a reset of the CPUs and
+        chipset with RAM kept: see _wake_locked."""
+        if reason not in WAKE_STATUS:
+            raise ValueError(f"unknown wake-up reason {reason!r}")
+        with self._pause_cond:
+            if self.run_state != "suspended" or self._waking or self.stopping:
+                return False
+            self._waking = True
+        t = threading.Thread(target=self._wake, args=(reason,), name="s3-wakeup", daemon=True)
+        t.start()
+        if wait:
+            t.join(WAKE_WAIT)
+        return True
+
+    def _wake(self, reason: str) -> None:
+        try:
+            with self._save_lock, self._lifecycle:   # as system_reset: nothing else changes the VM meanwhile
+                if self.run_state != "suspended" or self.result is not None:
+                    return
+                self._wake_locked(reason)
+        except Exception as e:   # a KVM ioctl failing on the reset: the host's trouble, reported, never raised
+            log.error("ACPI S3 wake-up failed: %s: %s", type(e).__name__, e)
+            log.debug("ACPI S3 wake-up", exc_info=True)
+            self._finish(EXIT_HOST, "host-error", f"ACPI S3 wake-up failed: {e}")
+        finally:
+            with self._pause_cond:
+                self._waking = False
+
+    def waking_vector(self) -> tuple[int, str | None]:
+        """The FACS's firmware waking vector and, when it cannot be used, why (the guest wrote it: checked
+        as hostile input). 0 is "no vector": SeaBIOS then reboots, as hvm does."""
+        from hvm.boot.acpi import FACS_ADDR, FACS_WAKING_VECTOR
+
+        mem = self.memory
+        if mem is None or not mem.contains(FACS_ADDR, 64) or mem.read(FACS_ADDR, 4) != b"FACS":
+            return 0, "the FACS is gone (its signature was overwritten)"
+        vector = mem.read_u32(FACS_ADDR + FACS_WAKING_VECTOR)
+        if vector == 0:
+            return 0, "no firmware waking vector (0) in the FACS"
+        if vector >= REAL_MODE_LIMIT or not mem.contains(vector, 1):
+            return vector, f"the firmware waking vector {vector:#x} is not in RAM below 1 MiB"
+        return vector, None
+
+    def _wake_locked(self, reason: str) -> None:
+        """As QEMU's pc wake-up (a machine reset that keeps RAM) followed by SeaBIOS's S3 resume path: the
+        irqchip and PIT as at power-on (the VM clock runs on), then as the firmware leaves them; every vCPU
+        as created (the APs wait for INIT/SIPI again); devices reset, PM1 status given WAK_STS and the wake
+        source's bit; vCPU 0 in real mode at the waking vector (CS = vector >> 4, IP = vector & 0xF). No
+        usable vector: the firmware reboots, so the machine gets a full reset (one warning line)."""
+        from hvm.builder import bios_chipset_state
+        from hvm.snapshot import kvmstate
+
+        self._resets += 1
+        vector, problem = self.waking_vector()
+        if problem is not None:
+            self._emit("WAKEUP")     # the wake-up happened; then the firmware resets (RESET follows)
+            log.warning("ACPI S3 wake-up: %s: resetting the machine", problem)
+            self._system_reset_locked(guest=True)
+            return
+        irqchip, pit = self.spec.irqchip, self.spec.irqchip and self.spec.pit
+        if self._reset_vm_state is not None:
+            state = dict(self._reset_vm_state)
+            state["clock"] = kvmstate.save_vm(self.vm, False, False)["clock"]
+            kvmstate.restore_vm(self.vm, state, irqchip, pit)
+        if self.spec.machine == "pc":
+            bios_chipset_state(self)
+        xsave_size = self.vm.xsave_size()
+        for vcpu, saved in zip(self.vcpus, self._reset_vcpu_states):
+            kvmstate.restore_vcpu(vcpu, saved, xsave_size, irqchip)
+        _enter_real_mode(self.vcpus[0], vector >> 4, vector & 0xF)
+        for _, device in _devices(self):
+            reset = getattr(device, "reset", None)
+            # The RTC and its CMOS live on the battery well through S3: time, settings and the alarm the
+            # guest set are kept (hvm's Rtc.reset() is a new chip: its clock offset would go).
+            if callable(reset) and device is not self.rtc:
+                reset()
+        if self.acpi_pm is not None:
+            self.acpi_pm.wake(reason)
+        log.info("ACPI S3: woken up by %s; resuming at %04x:%04x", reason, vector >> 4, vector & 0xF)
+        self._run_on()
+        self._emit("WAKEUP")
 
     # --- results ---------------------------------------------------------------------------------
     def stats(self) -> ExitStats:
@@ -1010,6 +1173,21 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _enter_real_mode(vcpu, segment: int, offset: int) -> None:
+    """A vCPU in its power-on state, made to start at segment:offset in real mode with every general register
+    0 and interrupts off: how SeaBIOS's S3 resume path far-calls the waking vector."""
+    sregs = vcpu.get_sregs()
+    sregs.cs.selector = segment
+    sregs.cs.base = segment << 4
+    vcpu.set_sregs(sregs)
+    regs = vcpu.get_regs()
+    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"):
+        setattr(regs, name, 0)
+    regs.rip = offset
+    regs.rflags = 0x2
+    vcpu.set_regs(regs)
 
 
 def _devices(machine: Machine):

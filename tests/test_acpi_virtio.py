@@ -164,7 +164,7 @@ def test_tables_in_memory_describe_the_slots():
     placed = write_acpi_tables(mem, 2, 0x600, virtio_slots=[SLOT0, SLOT1])
     dsdt = _read_table(mem, placed["DSDT"])
     assert sum(dsdt) % 256 == 0
-    assert dsdt[36:] == acpi.S5_AML + virtio_mmio_aml([SLOT0, SLOT1])
+    assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML + virtio_mmio_aml([SLOT0, SLOT1])
     madt = _read_table(mem, placed["APIC"])
     assert sum(madt) % 256 == 0
     overrides = [struct.unpack("<BBBBIH", madt[i:i + 10]) for i in range(44, len(madt)) if madt[i:i + 2] == b"\x02\x0a"]
@@ -176,7 +176,7 @@ def test_tables_in_memory_describe_the_slots():
 def test_without_slots_the_tables_are_as_before():
     mem = GuestMemory(16 << 20)
     placed = write_acpi_tables(mem, 1, 0x600)
-    assert _read_table(mem, placed["DSDT"])[36:] == acpi.S5_AML
+    assert _read_table(mem, placed["DSDT"])[36:] == acpi.S3_AML + acpi.S5_AML
     assert _read_table(mem, placed["APIC"])[44:] == madt_body(1)[8:]
     assert b"\x02\x0a\x00\x05" not in madt_body(1)
 
@@ -229,7 +229,7 @@ def test_builder_passes_the_registry_slots():
     spec = parse_spec({"memory": "64M", "timeout": 5, "machine": "pc",
                        "devices": {"virtio-rng": True, "virtio-console": True}, "boot": {"image": str(image)}})
     dsdt, madt, _ = _machine_tables(spec)
-    assert dsdt[36:] == acpi.S5_AML + virtio_mmio_aml([SLOT0, SLOT1])
+    assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML + virtio_mmio_aml([SLOT0, SLOT1])
     assert struct.pack("<BBBBIH", 2, 10, 0, 5, 5, 0x000D) in madt
     assert struct.pack("<BBBBIH", 2, 10, 0, 6, 6, 0x000D) in madt
 
@@ -249,9 +249,9 @@ def test_linux_gets_one_description_of_each_device(virtio_cmdline, built_linux):
     dsdt, madt, _ = _machine_tables(spec)
     assert struct.pack("<BBBBIH", 2, 10, 0, 5, 5, 0x000D) in madt
     if virtio_cmdline:
-        assert dsdt[36:] == acpi.S5_AML
+        assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML
     else:
-        assert dsdt[36:] == acpi.S5_AML + virtio_mmio_aml([SLOT0])
+        assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML + virtio_mmio_aml([SLOT0])
 
 
 # --- iasl --------------------------------------------------------------------------------------------
@@ -262,12 +262,15 @@ IASL = shutil.which("iasl")
 @pytest.mark.skipif(IASL is None, reason="iasl not installed (Debian acpica-tools)")
 def test_iasl_disassembles_the_dsdt(tmp_path):
     aml = tmp_path / "dsdt.aml"
-    aml.write_bytes(acpi._table(b"DSDT", 1, acpi.S5_AML + virtio_mmio_aml([SLOT0, (0xD000_1000, 0x1000, 14)])))
+    aml.write_bytes(acpi._table(b"DSDT", 1, acpi.S3_AML + acpi.S5_AML
+                                + virtio_mmio_aml([SLOT0, (0xD000_1000, 0x1000, 14)])))
     proc = subprocess.run([IASL, "-d", str(aml)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     dsl = (tmp_path / "dsdt.dsl").read_text()
     compact = re.sub(r"\s+", " ", re.sub(r"//[^\n]*", "", dsl))
     assert "Scope (\\_SB)" in compact
+    assert "Name (_S3, Package (0x04) { One, One, Zero, Zero })" in compact, compact
+    assert "Name (_S5, Package (0x04) { 0x05, 0x05, Zero, Zero })" in compact, compact
     for n, (base, irq) in enumerate(((0xD000_0000, 5), (0xD000_1000, 14))):
         assert (f'Device (VR0{n}) {{ Name (_HID, "LNRO0005") Name (_UID, {("Zero", "One")[n]}) '
                 f'Name (_CCA, One) Name (_CRS, ResourceTemplate () {{ Memory32Fixed (ReadWrite, '

@@ -201,12 +201,16 @@ def test_usage_and_folder_messages(tmp_path):
     assert r.stderr == "hvm kut: the following arguments are required: directory (see `hvm kut --help`)\n"
     usage = subprocess.run([sys.executable, "-m", "hvm", "kut", "--help"], capture_output=True, text=True,
                            cwd=ROOT, timeout=20).stdout
-    assert "usage: hvm kut [-h] [-g GROUP] [--timeout SECONDS] [-v] directory [names ...]" in usage
+    assert " ".join(usage.split()).startswith("usage: hvm kut [-h] [-g GROUP] [--timeout SECONDS] [-v] [--logs DIR] "
+                                               "directory [names ...]")
     assert hvm_kut(tmp_path / "nope").stderr == f"hvm: {tmp_path / 'nope'}: no such directory\n"
-    assert hvm_kut(tmp_path).stderr == f"hvm: {tmp_path}: no unittests.cfg there\n"
+    assert hvm_kut(tmp_path).stderr == (f"hvm: {tmp_path}: no unittests.cfg there (nor run_tests.sh and "
+                                        "x86/unittests.cfg: an upstream tree)\n")
     (tmp_path / "f").write_text("")
     assert hvm_kut(tmp_path / "f").stderr == f"hvm: {tmp_path / 'f'}: not a directory\n"
     (tmp_path / "unittests.cfg").write_text("[a]\nfile = a.flat\n")
+    assert hvm_kut(tmp_path, "--logs", tmp_path / "l").stderr == ("hvm: kut: --logs: only for an upstream tree "
+                                                             "(run_tests.sh writes the logs)\n")
     r = hvm_kut(tmp_path, "b", "c")
     assert (r.returncode, r.stderr) == (2, f"hvm: {tmp_path / 'unittests.cfg'}: no such entries: b, c\n")
     for bad in ("nan", "inf", "0", "-1", "1e300", "x"):

@@ -190,6 +190,7 @@ def test_greeting_version_commands_and_status(vm):
     assert version["package"].startswith("hvm ")
     names = {c["name"] for c in commands}
     assert names == {"qmp_capabilities", "query-status", "stop", "cont", "system_reset", "system_powerdown",
+                     "system_wakeup",
                      "quit", "query-cpus-fast", "query-version", "query-commands", "migrate", "query-migrate",
                      "x-hvm-stats", "x-hvm-trace"}
     assert status == {"running": True, "status": "running"}

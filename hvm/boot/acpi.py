@@ -1,5 +1,6 @@
 """Minimal ACPI tables for a PC-like guest, written where a BIOS leaves them (0xE0000..0xFFFFF):
-RSDP -> RSDT -> FADT (PM timer, PM1 blocks; FACS, DSDT with \\_S5 so guests can power off), MADT
+RSDP -> RSDT -> FADT (PM timer, PM1 blocks; FACS, DSDT with \\_S3 and \\_S5 so guests can suspend to
+RAM and power off), MADT
 (one LAPIC per vCPU, the IOAPIC, IRQ0 -> GSI 2 as on a PC). ACPI 1.0 layouts: what kvm-unit-tests
 and Linux read. The DSDT also describes each virtio-mmio slot as a "LNRO0005" device (as Firecracker
 and QEMU's microvm do), so a kernel finds them without `virtio_mmio.device=` on its command line; the
@@ -18,6 +19,13 @@ LAPIC_ADDR = 0xFEE00000
 IOAPIC_ADDR = 0xFEC00000
 # AML: Name (_S5, Package (4) { 5, 5, 0, 0 }) -- the sleep type the PM1 control register expects for S5.
 S5_AML = bytes([0x08, 0x5F, 0x53, 0x35, 0x5F, 0x12, 0x08, 0x04, 0x0A, 0x05, 0x0A, 0x05, 0x00, 0x00])
+# AML: Name (_S3, Package (4) { One, One, Zero, Zero }) -- S3's sleep type, 1 as in QEMU's PIIX4 DSDT
+# (hvm/mmio/acpi_pm.py S3_SLEEP_TYPE).
+S3_AML = bytes([0x08, 0x5F, 0x53, 0x33, 0x5F, 0x12, 0x06, 0x04, 0x01, 0x01, 0x00, 0x00])
+# The FACS's Firmware Waking Vector (ACPI 1.0 5.2.9, a 32-bit physical address): where the guest tells the
+# firmware to resume from S3 (Machine.wakeup jumps there in real mode, as SeaBIOS's s3_resume).
+FACS_WAKING_VECTOR = 12
+FACS_ADDR = ACPI_BASE + 0x40    # the first table after the RSDP (write_acpi_tables), on every build
 VIRTIO_MMIO_HID = "LNRO0005"   # Linux's virtio_mmio ACPI id (drivers/virtio/virtio_mmio.c)
 MADT_LEVEL_HIGH = 0x000D       # MPS INTI flags: polarity 01 (active high), trigger 11 (level)
 
@@ -181,7 +189,8 @@ def write_acpi_tables(mem: GuestMemory, cpus: int, pm_base: int,
         return at
 
     facs = put("FACS", struct.pack("<4sIIIII", b"FACS", 64, 0, 0, 0, 0).ljust(64, b"\0"))
-    dsdt = put("DSDT", _table(b"DSDT", 1, S5_AML + virtio_mmio_aml(virtio_slots)))
+    assert facs == FACS_ADDR
+    dsdt = put("DSDT", _table(b"DSDT", 1, S3_AML + S5_AML + virtio_mmio_aml(virtio_slots)))
     fadt = put("FACP", _table(b"FACP", 1, fadt_body(facs, dsdt, pm_base)))
     madt = put("APIC", _table(b"APIC", 1, madt_body(cpus, level_irqs)))
     rsdt = put("RSDT", _table(b"RSDT", 1, struct.pack("<II", fadt, madt)))

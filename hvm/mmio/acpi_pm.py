@@ -1,6 +1,11 @@
 """ACPI fixed-hardware power management registers at QEMU's PIIX4 addresses (base 0x600):
-PM1a event block (status/enable), PM1a control block (SCI_EN, sleep type and enable: S5 = power off)
-and the 3.579545 MHz PM timer at 0x608, which guests (kvm-unit-tests, Linux) use as a clock.
+PM1a event block (status/enable), PM1a control block (SCI_EN, sleep type and enable: S5 = power off,
+S3 = suspend to RAM) and the 3.579545 MHz PM timer at 0x608, which guests (kvm-unit-tests, Linux) use as a clock.
+
+S3 (as QEMU's acpi_pm1_cnt_write): SLP_TYP = S3_SLEEP_TYPE with SLP_EN calls on_suspend (Machine: the vCPUs
+stop, RAM and devices are kept); the Machine's wake-up then calls wake(reason), which sets WAK_STS and the
+status bit of what woke the machine (RTC_STS for the RTC alarm, PWRBTN_STS for the power button or a QMP
+system_wakeup, which QEMU also reports as a power button press).
 
 The fixed-feature power button (QMP system_powerdown): press_power_button() sets PWRBTN_STS; while
 PWRBTN_EN is set too, the SCI (IRQ 9, level-triggered, active high: the FADT's SCI_INT and the MADT's
@@ -25,11 +30,17 @@ SCI_EN = 1 << 0
 SLP_EN = 1 << 13
 SLP_TYP_SHIFT = 10
 S5_SLEEP_TYPE = 5  # what the DSDT's \_S5 package tells the guest to write
+S3_SLEEP_TYPE = 1  # the DSDT's \_S3 (QEMU's PIIX4 DSDT gives 1 for S3 too)
 TMR_STS = 1 << 0
 PWRBTN_STS = 1 << 8   # PM1 status; the enable register has PWRBTN_EN at the same bit
 PWRBTN_EN = 1 << 8
+RTC_STS = 1 << 10     # PM1 status; RTC_EN at the same bit of the enable register
+RTC_EN = 1 << 10
+WAK_STS = 1 << 15     # set by the wake-up from a sleeping state (S3)
+# Wake reasons (Machine.wakeup) -> the PM1 status bits the wake sets, as QEMU's acpi_notify_wakeup.
+WAKE_STATUS = {"rtc": WAK_STS | RTC_STS, "powerbutton": WAK_STS | PWRBTN_STS, "qmp": WAK_STS | PWRBTN_STS}
 # The events this device can raise an SCI for (TMR_STS is never set: timer overflow is not modelled).
-SCI_EVENTS = TMR_STS | PWRBTN_STS
+SCI_EVENTS = TMR_STS | PWRBTN_STS | RTC_STS
 TIMER_NS_LIMIT = (1 << 63) - 1
 
 
@@ -37,8 +48,9 @@ class AcpiPm:
     name = "acpi-pm"
 
     def __init__(self, on_poweroff: Callable[[], None] | None = None, clock_ns: Callable[[], int] = time.monotonic_ns,
-                 sci: IrqLine | None = None):
+                 sci: IrqLine | None = None, on_suspend: Callable[[], None] | None = None):
         self._on_poweroff = on_poweroff
+        self.on_suspend = on_suspend
         self._clock = clock_ns
         self.sci = sci or IrqLine(SCI_IRQ)
         # PM1 registers are written by vCPUs and by press_power_button() from another thread (QMP)
@@ -63,6 +75,13 @@ class AcpiPm:
         Safe from any thread."""
         with self._lock:
             self.pm1_sts |= PWRBTN_STS
+            self._update_sci()
+
+    def wake(self, reason: str) -> None:
+        """After the machine's wake-up reset (Machine.wakeup): WAK_STS and the reason's status bit, which the
+        resumed guest reads (and clears) as on a real board. Safe from any thread."""
+        with self._lock:
+            self.pm1_sts |= WAKE_STATUS[reason]
             self._update_sci()
 
     # --- device state (hvm.mmio.device) ------------------------------------------------------------
@@ -102,7 +121,7 @@ class AcpiPm:
         return (regs >> (8 * offset)) & ((1 << (8 * size)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        poweroff = False
+        poweroff = suspend = False
         with self._lock:
             if offset == PM1_EVT and size >= 2:
                 self.pm1_sts &= ~(value & 0xFFFF)  # write 1 to clear
@@ -113,7 +132,12 @@ class AcpiPm:
             elif offset == PM1_CNT:
                 value &= 0xFFFF
                 self.pm1_cnt = (value & ~SLP_EN) | SCI_EN
-                poweroff = bool(value & SLP_EN and (value >> SLP_TYP_SHIFT) & 7 == S5_SLEEP_TYPE)
+                sleep_type = (value >> SLP_TYP_SHIFT) & 7 if value & SLP_EN else None
+                poweroff = sleep_type == S5_SLEEP_TYPE
+                suspend = sleep_type == S3_SLEEP_TYPE
             self._update_sci()
-        if poweroff and self._on_poweroff:   # outside the lock: it stops the machine
+        # outside the lock: they stop the machine (other sleep types are ignored, as QEMU does)
+        if poweroff and self._on_poweroff:
             self._on_poweroff()
+        elif suspend and self.on_suspend:
+            self.on_suspend()

@@ -43,6 +43,7 @@ SCHEMA: dict[str, dict[str, tuple[str, bool]]] = {
     "cont": {},
     "system_reset": {},
     "system_powerdown": {},
+    "system_wakeup": {},
     "quit": {},
     "query-cpus-fast": {},
     "query-version": {},
@@ -127,6 +128,8 @@ class Commands:
         if self.machine.ended:
             # QEMU's words for a guest that powered off (with -no-shutdown) and is asked to continue
             raise QmpError("Resetting the Virtual Machine is required")
+        if state == "suspended":
+            return {}      # as QEMU's qmp_cont: only a wake-up event (system_wakeup) runs a sleeping guest
         if state in ("prelaunch", "inmigrate") and not self.machine._launched:
             raise QmpError(f"the VM is {state}: it starts by itself once its QMP client connected"
                            if state == "prelaunch" else
@@ -150,6 +153,14 @@ class Commands:
         except (RuntimeError, OSError, ValueError) as e:
             raise QmpError(str(e)) from None
         return {}   # Machine.system_powerdown emits POWERDOWN, as QEMU does
+
+    def cmd_system_wakeup(self) -> dict:
+        # QEMU's qemu_system_wakeup_request (reason "other"): the guest sees WAK_STS | PWRBTN_STS. The reply
+        # comes once the vCPUs run again; Machine.wakeup emits WAKEUP.
+        wakeup = getattr(self.machine, "wakeup", None)
+        if wakeup is None or not wakeup("qmp", wait=True):
+            raise QmpError("Unable to wake up: guest is not in suspended state")
+        return {}
 
     def cmd_quit(self) -> dict:
         # The reply goes out first (the server queues it before calling after_reply), then the VM ends.
