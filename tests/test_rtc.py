@@ -282,8 +282,8 @@ def test_the_timer_delivers_update_interrupts_on_time_and_close_ends_it():
             time.sleep(0.002)
         raised = [t for t, level in levels if level]
         assert len(raised) in (2, 3)
-        for t in raised:                    # each within 50 ms after a whole second
-            assert t % 1 < 0.05, raised
+        for t in raised:                    # each soon after a whole second (a loaded host: 150 ms)
+            assert t % 1 < 0.15, raised
     finally:
         rtc.close()
     assert rtc_threads() == base
@@ -344,3 +344,62 @@ def test_a_restored_rtc_with_an_interrupt_enabled_starts_its_timer():
         assert rtc.irq.level                # the next update raised IRQ 8
     finally:
         rtc.close()
+
+
+def test_a_save_calls_no_alarm_callback_and_the_next_access_does():
+    """A snapshot (VM paused, the machine's locks held) must not call into the machine: the alarm the save
+    accounted is called by the timer or the next access."""
+    r = Rig(T0 + 0.5, reg_a=NO_PF)
+    r.set(0x01, 0x02)
+    r.set(0x03, 0xC0)
+    r.set(0x05, 0xC0)
+    r.set(0x0B, 0x22)
+    r.t = T0 + 2.5
+    state = r.rtc.save()
+    assert state["cmos"][0x0C] == 0xB0 and r.alarms == 0 and r.irqs == [1]
+    r.rtc.poll()
+    assert r.alarms == 1
+    r.rtc.poll()
+    assert r.alarms == 1
+
+
+def test_a_guest_waiting_for_the_update_interrupt_gets_it_after_snapshot_and_restore(tmp_path):
+    """Saved while the guest HLTs for the update-ended interrupt (UIE set): the restored RTC starts its timer
+    (or raises IRQ 8 again, when the update came before the save) and the guest runs on to its end."""
+    from hvm.config import load_config
+    from hvm.console import Console
+    from hvm.machine import Machine
+
+    cfg = write_yaml(tmp_path, f"boot: {{image: {FIRMWARE / 'rtc_irq.bin'}}}\nmemory: 4M\nmachine: pc\n"
+                               "timeout: 20\n")
+    snap = tmp_path / "vm.snap"
+    base = rtc_threads()
+    with Machine(load_config(cfg), console=Console("none", "none", open_now=False)) as vm:
+        vm.start()
+        vm.wait_for_console(b"alarm C=b0\n", timeout=15)
+        time.sleep(0.2)                     # into its HLT (the update comes ~1 s after the alarm)
+        vm.snapshot(snap)
+        assert vm.rtc is not None and vm.rtc.save()["cmos"][0x0B] & 0x30     # AIE or UIE: an interrupt waited for
+        assert rtc_threads() == base + 1
+        vm.stop()
+    assert rtc_threads() == base, "close() left the RTC's timer thread running"
+    with Machine.restore(snap, console=Console("none", "none", open_now=False), timeout=10) as vm:
+        vm.start()
+        result = vm.wait(15)
+        out = bytes(vm.console.history).decode()
+    assert out.endswith("update C=90\nrtc ok\n") and result.status == 3, (out, result)
+
+
+def test_wake_reset_keeps_the_clock_and_cmos_and_turns_the_alarm_off():
+    r = Rig(T0 + 0.5, reg_a=NO_PF)
+    r.set(0x09, 0x30)                       # the guest set the year 2030
+    r.set(0x40, 0x5A)
+    r.set(0x01, 0xC0)
+    r.set(0x03, 0xC0)
+    r.set(0x05, 0xC0)
+    r.set(0x0B, 0x72)                       # PIE, AIE, UIE
+    r.at(T0 + 1.6)                          # (writing the year started a second at T0 + 0.5)
+    assert r.level and r.alarms == 1
+    r.rtc.wake_reset()
+    assert not r.level and r.get(0x0B) == 0x12 and r.get(0x0C) == 0x00
+    assert r.get(0x09) == 0x30 and r.get(0x40) == 0x5A

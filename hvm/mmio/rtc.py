@@ -55,7 +55,7 @@ A_UIP = 0x80
 A_DV = 0x70
 A_DIVIDER_RESET = 0x60     # DV = 11x
 A_RATE = 0x0F
-B_SET, B_PIE, B_AIE, B_UIE = 0x80, 0x40, 0x20, 0x10
+B_SET, B_PIE, B_AIE, B_UIE, B_SQWE = 0x80, 0x40, 0x20, 0x10, 0x08
 B_BINARY = 0x04
 B_24H = 0x02
 C_IRQF, C_PF, C_AF, C_UF = 0x80, 0x40, 0x20, 0x10
@@ -106,6 +106,8 @@ class Rtc:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._paused = False
+        self._alarm_cache: tuple[tuple, int | None] | None = None
+        self._alarm_due = False        # the alarm matched with AIE: on_alarm is to be called (outside the lock)
         self.timer_wakeups = 0         # host-side statistic: how often the timer thread looked at the clock
         self._power_on()
 
@@ -197,6 +199,16 @@ class Rtc:
     def _next_alarm(self, after_s: int) -> int | None:
         """The first guest second > after_s whose time matches the alarm registers (None: never, e.g. an
         alarm byte no time has). The time is UTC: every matching time of day comes once a day."""
+        # One entry of cache: the timer asks again on each wake-up (up to 8192 a second) within one second.
+        key = (after_s, self.cmos[REG_SECONDS_ALARM], self.cmos[REG_MINUTES_ALARM], self.cmos[REG_HOURS_ALARM],
+               self.cmos[REG_B] & (B_BINARY | B_24H))
+        if self._alarm_cache is not None and self._alarm_cache[0] == key:
+            return self._alarm_cache[1]
+        match = self._find_alarm(after_s)
+        self._alarm_cache = (key, match)
+        return match
+
+    def _find_alarm(self, after_s: int) -> int | None:
         hours = self._alarm_values(REG_HOURS_ALARM, 24)
         minutes = self._alarm_values(REG_MINUTES_ALARM, 60)
         seconds = self._alarm_values(REG_SECONDS_ALARM, 60)
@@ -218,19 +230,18 @@ class Rtc:
                             return base + candidate
         return None
 
-    def _advance(self, now: int) -> bool:
-        """Account the events between the last call and `now` in register C (lock held); True when the
-        alarm matched with AIE set (on_alarm is due)."""
+    def _advance(self, now: int) -> None:
+        """Account the events between the last call and `now` in register C (lock held). An alarm match
+        with AIE set makes on_alarm due: the caller that takes it (_take_alarm) calls it, without the lock."""
         before, self._synced_ns = self._synced_ns, now
         if now <= before or not self._divider_running():
-            return False      # (after a host clock step back, events are counted again from there)
+            return            # (after a host clock step back, events are counted again from there)
         off = self.offset_us * 1000
         ga, gb = before + off, now + off
         new = 0
         period = period_ticks(self.cmos[REG_A] & A_RATE)
         if period and (gb * TIME_BASE_HZ // NS) // period > (ga * TIME_BASE_HZ // NS) // period:
             new |= C_PF
-        alarm = False
         if not self.cmos[REG_B] & B_SET:       # SET stops the updates, and with them UF and AF
             sa, sb = ga // NS, gb // NS
             if sb > sa:
@@ -238,10 +249,15 @@ class Rtc:
                 match = self._next_alarm(sa)
                 if match is not None and match <= sb:
                     new |= C_AF
-                    alarm = bool(self.cmos[REG_B] & B_AIE)
+                    if self.cmos[REG_B] & B_AIE:
+                        self._alarm_due = True
         if new:
             self._set_flags(new)
-        return alarm
+
+    def _take_alarm(self) -> bool:
+        """Whether on_alarm is due (lock held); the caller calls _alarm() once it released the lock."""
+        due, self._alarm_due = self._alarm_due, False
+        return due
 
     def _set_flags(self, flags: int) -> None:
         self.cmos[REG_C] |= flags
@@ -283,7 +299,8 @@ class Rtc:
         """Account the events up to now (raising IRQ 8 as they say; on_alarm called): what the timer thread
         does on each wake-up. For tests without the thread."""
         with self._lock:
-            alarm = self._advance(self._now())
+            self._advance(self._now())
+            alarm = self._take_alarm()
         if alarm:
             self._alarm()
 
@@ -314,7 +331,10 @@ class Rtc:
                     return
                 self.timer_wakeups += 1
                 now = self._now()
-                alarm = False if self._paused else self._advance(now)
+                alarm = False
+                if not self._paused:
+                    self._advance(now)
+                    alarm = self._take_alarm()
                 if not alarm:
                     due = None if self._paused else self._next_event(now)
                     self._wake.wait(None if due is None else min(max(due - now, 0) / NS, TIMER_MAX_WAIT))
@@ -348,11 +368,12 @@ class Rtc:
 
     def save(self) -> dict:
         with state_lock(self):
-            alarm = self._advance(self._now())     # register C as of now (the flags are the clock's)
-            state = {"index": self.index, "cmos": bytes(self.cmos), "offset_us": self.offset_us}
-        if alarm:
-            self._alarm()
-        return state
+            # Register C as of now (the flags are the clock's). An alarm's on_alarm is left to the timer or
+            # the next access: a save (a snapshot, the VM paused) calls nothing of the machine's.
+            self._advance(self._now())
+            if self._alarm_due:
+                self._rearm()
+            return {"index": self.index, "cmos": bytes(self.cmos), "offset_us": self.offset_us}
 
     def load(self, state: dict) -> None:
         r = StateReader(self.name, state, self.STATE_FIELDS)
@@ -372,6 +393,7 @@ class Rtc:
         with state_lock(self):
             self.index, self.cmos, self.offset_us = index, cmos, offset_us
             self._synced_ns = self._now()
+            self._alarm_due = False
             if self.irq is not None:
                 self.irq.set_level(bool(cmos[REG_C] & C_IRQF))
             self._rearm()
@@ -381,6 +403,20 @@ class Rtc:
         (the clock reads host UTC again), interrupts are off and IRQ 8 low."""
         with state_lock(self):
             self._power_on()
+            self._alarm_due = False
+            if self.irq is not None:
+                self.irq.lower()
+            self._rearm()
+
+    def wake_reset(self) -> None:
+        """The reset a PC's RTC sees on an S3 wake-up (QEMU's mc146818rtc reset): PIE, AIE and SQWE off,
+        register C's flags cleared and IRQ 8 low; the clock, its offset and the CMOS bytes are kept (the
+        battery-backed part). reset() is the power-on one."""
+        with state_lock(self):
+            self._advance(self._now())
+            self._alarm_due = False
+            self.cmos[REG_B] &= ~(B_PIE | B_AIE | B_SQWE)
+            self.cmos[REG_C] = 0
             if self.irq is not None:
                 self.irq.lower()
             self._rearm()
@@ -390,50 +426,52 @@ class Rtc:
         if offset == 0:
             return 0xFF  # the index port is write-only
         with self._lock:
-            value, alarm = self._read_data()
+            value = self._read_data()
+            alarm = self._take_alarm()
         if alarm:
             self._alarm()
         return value
 
-    def _read_data(self) -> tuple[int, bool]:
+    def _read_data(self) -> int:
         # (every value read back is a byte: cmos[] holds bytes, the time fields are < 100 BCD or binary)
         reg = self.index
         if reg in TIME_REGS:
             if not self._running():
-                return self.cmos[reg], False
-            return self._encode(reg, self._fields(self._guest_ns(self._now()) // NS)[reg]), False
+                return self.cmos[reg]
+            return self._encode(reg, self._fields(self._guest_ns(self._now()) // NS)[reg])
         if reg == REG_A:
             value = self.cmos[REG_A]
             if self._running() and self._guest_ns(self._now()) % NS >= NS - UIP_NS:
                 value |= A_UIP
-            return value, False
+            return value
         if reg == REG_C:
-            alarm = self._advance(self._now())
+            self._advance(self._now())
             value, self.cmos[REG_C] = self.cmos[REG_C], 0  # interrupt flags clear on read
             if self.irq is not None:
                 self.irq.lower()
             if value & C_IRQF:
                 self._rearm()     # the timer slept while IRQF was set
-            return value, alarm
-        return self.cmos[reg], False
+            return value
+        return self.cmos[reg]
 
     def write(self, offset: int, size: int, value: int) -> None:
         with self._lock:
-            alarm = self._write(offset, value)
+            self._write(offset, value)
+            alarm = self._take_alarm()
         if alarm:
             self._alarm()
 
-    def _write(self, offset: int, value: int) -> bool:
+    def _write(self, offset: int, value: int) -> None:
         value &= 0xFF   # both ports are 8 bits wide: a wider access carries nothing more for the chip
         if offset == 0:
             self.index = value & 0x7F
-            return False
+            return
         reg = self.index
         if reg in (REG_C, REG_D):
-            return False  # read-only
+            return  # read-only
         now = self._now()
         # Account what happened under the old settings (time, modes, alarm) before they change.
-        alarm = self._advance(now)
+        self._advance(now)
         if reg in TIME_REGS:
             if not self._running():
                 self.cmos[reg] = value      # the clock is stopped: the guest writes the bytes it starts from
@@ -442,7 +480,7 @@ class Rtc:
             else:
                 self.cmos[reg] = value
             self._rearm()
-            return alarm
+            return
         if reg == REG_A:
             was_running, divider_was = self._running(), self._divider_running()
             self.cmos[REG_A] = value & ~A_UIP    # UIP is read-only
@@ -453,7 +491,7 @@ class Rtc:
                 phase = self._guest_ns(now) % NS if divider_was else NS // 2
                 self._thaw(now, phase)
             self._rearm()
-            return alarm
+            return
         if reg == REG_B:
             was_running = self._running()
             if value & B_SET:
@@ -475,11 +513,10 @@ class Rtc:
                 if self.irq is not None:
                     self.irq.lower()
             self._rearm()
-            return alarm
+            return
         self.cmos[reg] = value
         if reg in (REG_SECONDS_ALARM, REG_MINUTES_ALARM, REG_HOURS_ALARM):
             self._rearm()
-        return alarm
 
     def _set_field(self, reg: int, value: int, now: int) -> None:
         """A time register written while the clock runs: the clock jumps there, the second starting now."""
