@@ -1016,9 +1016,12 @@ class Machine:
         _enter_real_mode(self.vcpus[0], vector >> 4, vector & 0xF)
         for _, device in _devices(self):
             reset = getattr(device, "reset", None)
-            # The RTC and its CMOS live on the battery well through S3: time, settings and the alarm the
-            # guest set are kept (hvm's Rtc.reset() is a new chip: its clock offset would go).
-            if callable(reset) and device is not self.rtc:
+            # The RTC and its CMOS live on the battery well through S3: time and CMOS bytes are kept (hvm's
+            # Rtc.reset() is a new chip: its clock offset would go); its interrupt enables are not, as QEMU's
+            # system reset on wake-up turns off PIE/AIE/SQWE (Rtc.wake_reset()).
+            if device is self.rtc:
+                self.rtc.wake_reset()
+            elif callable(reset):
                 reset()
         if self.acpi_pm is not None:
             self.acpi_pm.wake(reason)
