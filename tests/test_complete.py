@@ -336,6 +336,19 @@ def test_rdpru_ud_without_cpuid_and_refused_with_it():
     assert run(cpu, "0f 01 fd") is None
 
 
+# --- INVPCID -----------------------------------------------------------------------------------------------------
+def test_invpcid_ud_without_cpuid_and_refused_with_it():
+    """kvm-unit-tests pcid-disabled: INVPCID with no INVPCID in CPUID raises #UD (the backend cannot emulate it)."""
+    cpu = FakeCpu()
+    cpu.regs.rax = 0x5000
+    assert run(cpu, "66 0f 38 82 18") == Completion("invpcid #UD", False, Fault(c.UD))   # invpcid (%rax),%rbx
+    assert cpu.regs.rip == 0x1000                           # a fault: RIP stays at the instruction
+    assert run(cpu, "66 0f 38 82 d8") == Completion("invpcid #UD", False, Fault(c.UD))   # register form
+    cpu.features.add(c.INVPCID)
+    assert run(cpu, "66 0f 38 82 18") is None                # the invalidation itself is not hvm's: refused
+    assert run(cpu, "0f 38 82 18") is None                   # no 66 prefix: not INVPCID
+
+
 # --- CLWB / CLFLUSHOPT -------------------------------------------------------------------------------------------
 def test_clwb_checks_its_operand_only():
     cpu = FakeCpu()

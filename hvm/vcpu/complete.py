@@ -3,7 +3,7 @@ failure), as the CPU would have executed them: decode the bytes, apply the archi
 architectural fault, advance RIP.
 
 Seen on the kvm_pvm backend, where guest kernel-mode code is emulated by KVM's instruction emulator: INT3,
-FWAIT, INT n (outside real mode), MOVBE, CLAC/STAC, CLWB/CLFLUSHOPT, XGETBV and RDPRU end there.
+FWAIT, INT n (outside real mode), MOVBE, CLAC/STAC, CLWB/CLFLUSHOPT, XGETBV, RDPRU and INVPCID end there.
 
 No KVM here: the instruction works on a `Cpu` (registers and segment state as plain attributes, guest
 memory reached through callables), so it is unit-testable with fakes; hvm/vcpu/runner.py adapts a vCPU.
@@ -40,6 +40,7 @@ SMAP = (7, 0, "ebx", 20)
 CLFLUSHOPT = (7, 0, "ebx", 23)
 CLWB = (7, 0, "ebx", 24)
 RDPRU = (0x80000008, 0, "ebx", 4)
+INVPCID = (7, 0, "ebx", 10)
 XGETBV_ECX1 = (0xD, 1, "eax", 2)
 AVX = (1, 0, "ecx", 28)
 AVX2 = (7, 0, "ebx", 5)
@@ -411,6 +412,8 @@ def _execute(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
         op3 = d.byte()
         if op3 in (0xF0, 0xF1) and p.rep == 0:
             return _guarded("movbe", _movbe, op3, d, p, m, cpu)
+        if op3 == 0x82 and p.opsize and not p.rep:
+            return _guarded("invpcid", _invpcid, op3, d, p, m, cpu)
         raise _Refuse()
     if op2 == 0x01:
         modrm = d.byte()
@@ -543,6 +546,16 @@ def _rdpru(_modrm: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> None:
     if p.lock or not _has(cpu, RDPRU):
         raise _Raise(Fault(UD))
     # MPERF/APERF as this vCPU sees them are not hvm's to read: refused (crash report) rather than made up
+    raise _Refuse()
+
+
+def _invpcid(_op3: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> None:
+    mr = _modrm(d, p, m, cpu.regs)
+    # #UD comes first (no INVPCID in CPUID, LOCK, a register descriptor, real/vm86 mode), as the SDM orders them
+    if p.lock or mr.mod == 3 or not _has(cpu, INVPCID) or m.real:
+        raise _Raise(Fault(UD))
+    # With INVPCID in the guest's CPUID the TLB invalidation is the backend's to do, not hvm's: refused (crash
+    # report) rather than pretended.
     raise _Refuse()
 
 
