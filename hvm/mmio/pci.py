@@ -87,6 +87,7 @@ class Bar:
     size: int
     region: Any          # an object with name, read(offset, size), write(offset, size, value)
     mapped: int | None = None
+    refused: int | None = None   # the address last refused (logged once; tried again at each config write)
 
 
 class BarRegion:
@@ -300,27 +301,31 @@ class PciBus:
             if bar is None:
                 continue
             want, why = self._placement(fn, bar, fn.config)
-            if want == bar.mapped:
+            if want is not None and want == bar.mapped:
                 continue
             self._unmap(bar)
+            address = fn.bar_address(bar)
             if want is None:
                 if why:
-                    self._refuse(fn, bar, why)
+                    self._refuse(fn, bar, address, why)
                 continue
             bus = self.pio if bar.io else self.mmio
             try:
                 bus.register(want, bar.size, bar.region)
             except BusError as e:
-                self._refuse(fn, bar, str(e))
+                self._refuse(fn, bar, address, str(e))
                 continue
-            bar.mapped = want
+            bar.mapped, bar.refused = want, None
 
     def _unmap(self, bar: Bar) -> None:
         if bar.mapped is not None:
             (self.pio if bar.io else self.mmio).unregister(bar.mapped, bar.region)
             bar.mapped = None
 
-    def _refuse(self, fn: PciFunction, bar: Bar, why: str) -> None:
+    def _refuse(self, fn: PciFunction, bar: Bar, address: int, why: str) -> None:
+        if bar.refused == address:
+            return                                      # the same placement again: said already
+        bar.refused = address
         self._refused += 1
         if self._refused <= LOGGED_REFUSALS:
             log.warning("pci %s BAR%d left unmapped: %s", fn.name, bar.index, why)

@@ -1,0 +1,317 @@
+"""PCI bus 0 of the pc machine (hvm/mmio/pci.py) and QEMU's pci-testdev (hvm/mmio/pci_testdev.py):
+configuration mechanism #1, BAR sizing/decoding/moves and their limits, device state, the registry and the
+shim, and firmware/pci.S enumerating the bus in a real VM."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from conftest import FIRMWARE, run_hvm, write_yaml
+from hvm.config import ConfigError, parse_spec
+from hvm.mmio.bus import MmioBus, PioBus
+from hvm.mmio.device import DeviceStateError
+from hvm.mmio.pci import LOGGED_REFUSALS, PciBus
+from hvm.mmio.pci_testdev import PciTestDev
+from hvm.qemu_shim import translate
+
+RAM = [(0, 128 << 20)]
+TESTDEV = 0x8           # devfn 00:01.0
+
+
+class Scratch:
+    """A fixed device another BAR must not cover."""
+    name = "scratch"
+
+    def read(self, offset, size):
+        return 0x5A
+
+    def write(self, offset, size, value):
+        pass
+
+
+@pytest.fixture
+def pc():
+    pio, mmio = PioBus(), MmioBus()
+    bus = PciBus(pio, mmio, RAM)
+    pio.register(0xCF8, 8, bus)
+    dev = PciTestDev()
+    assert bus.add(dev) == TESTDEV
+    bus.assign_bars()
+    return pio, mmio, bus, dev
+
+
+def addr(devfn: int, reg: int, bus: int = 0, enable: bool = True) -> int:
+    return (0x8000_0000 if enable else 0) | bus << 16 | devfn << 8 | (reg & 0xFC)
+
+
+def cfg_read(pio, devfn, reg, size=4, **kw):
+    pio.write(0xCF8, 4, addr(devfn, reg, **kw))
+    return pio.read(0xCFC + (reg & 3), size)
+
+
+def cfg_write(pio, devfn, reg, value, size=4):
+    pio.write(0xCF8, 4, addr(devfn, reg))
+    pio.write(0xCFC + (reg & 3), size, value)
+
+
+def ranges(bus):
+    return [(hex(r.base), r.length, r.device.name) for r in bus.ranges]
+
+
+# --- configuration mechanism #1 --------------------------------------------------------------------------
+def test_address_register_reads_back_without_reserved_bits(pc):
+    pio, *_ = pc
+    pio.write(0xCF8, 4, 0xFFFF_FFFF)
+    assert pio.read(0xCF8, 4) == 0x80FF_FFFC
+    pio.write(0xCF8, 4, 0x8000_0000)
+    pio.write(0xCFB, 1, 0x01)                 # Linux's type-1 probe: a byte write is not the register
+    pio.write(0xCF8, 2, 0x1234)
+    assert pio.read(0xCF8, 4) == 0x8000_0000
+    assert pio.read(0xCF8, 1) == 0xFF and pio.read(0xCFA, 2) == 0xFFFF
+
+
+def test_host_bridge_and_testdev_ids_at_every_data_offset(pc):
+    pio, *_ = pc
+    assert cfg_read(pio, 0, 0) == 0x1237_8086
+    assert cfg_read(pio, 0, 0x08) >> 8 == 0x060000
+    assert cfg_read(pio, TESTDEV, 0) == 0x0005_1B36
+    assert cfg_read(pio, TESTDEV, 0x08) >> 8 == 0x00FF00
+    assert cfg_read(pio, TESTDEV, 0x02, 2) == 0x0005           # port 0xCFE, 2 bytes
+    assert cfg_read(pio, TESTDEV, 0x01, 1) == 0x1B             # port 0xCFD, 1 byte
+    assert cfg_read(pio, TESTDEV, 0x03, 1) == 0x00
+    pio.write(0xCF8, 4, addr(0, 0))
+    assert pio.read(0xCFE, 4) == 0xFFFF_1237                   # bytes past the dword: all ones
+
+
+def test_absent_functions_other_buses_and_disabled_reads_are_all_ones(pc):
+    pio, *_ = pc
+    assert cfg_read(pio, 0x10, 0) == 0xFFFF_FFFF               # 00:02.0
+    assert cfg_read(pio, 0x09, 0) == 0xFFFF_FFFF               # 00:01.1
+    assert cfg_read(pio, 0, 0, bus=1) == 0xFFFF_FFFF
+    assert cfg_read(pio, 0, 0, enable=False) == 0xFFFF_FFFF
+    assert cfg_read(pio, 0x10, 0, size=1) == 0xFF
+    cfg_write(pio, 0x10, 0x3C, 0x55)                           # dropped, nothing raises
+
+
+def test_read_only_bytes_ignore_writes_and_writable_ones_keep_them(pc):
+    pio, *_ = pc
+    cfg_write(pio, TESTDEV, 0, 0xDEAD_BEEF)
+    assert cfg_read(pio, TESTDEV, 0) == 0x0005_1B36
+    cfg_write(pio, TESTDEV, 0x3C, 0x0B, size=1)                # interrupt line: writable
+    assert cfg_read(pio, TESTDEV, 0x3C) == 0x0000_000B          # pin 0: pci-testdev has none
+
+
+def test_bar_sizing_protocol_and_firmware_assignment(pc):
+    pio, mmio, _, _ = pc
+    assert cfg_read(pio, TESTDEV, 0x10) == 0xC000_0000          # memory window, as SeaBIOS
+    assert cfg_read(pio, TESTDEV, 0x14) == 0x0000_C001          # I/O from 0xc000
+    assert cfg_read(pio, TESTDEV, 0x04, 2) == 0x3               # decoding enabled
+    cfg_write(pio, TESTDEV, 0x10, 0xFFFF_FFFF)
+    assert cfg_read(pio, TESTDEV, 0x10) == 0xFFFF_F000          # 4 KiB, 32-bit memory
+    assert ranges(mmio) == []                                   # the sizing pattern decodes nothing
+    cfg_write(pio, TESTDEV, 0x14, 0xFFFF_FFFF)
+    assert cfg_read(pio, TESTDEV, 0x14) == 0xFFFF_FF01          # 256 ports
+    cfg_write(pio, TESTDEV, 0x18, 0xFFFF_FFFF)
+    assert cfg_read(pio, TESTDEV, 0x18) == 0                    # no BAR2
+    cfg_write(pio, TESTDEV, 0x10, 0xC000_0000)
+    cfg_write(pio, TESTDEV, 0x14, 0xC000)
+    assert ranges(mmio) == [("0xc0000000", 4096, "pci-testdev-bar0")]
+    assert ("0xc000", 256, "pci-testdev-bar1") in ranges(pio)
+
+
+def test_bar_move_and_decode_enable(pc):
+    pio, mmio, _, _ = pc
+    mmio.write(0xC000_0000, 1, 0)                               # start test 0
+    assert mmio.read(0xC000_0010, 4) == int.from_bytes(b"mmio", "little")
+    cfg_write(pio, TESTDEV, 0x10, 0xC800_0000)
+    assert ranges(mmio) == [("0xc8000000", 4096, "pci-testdev-bar0")]
+    assert mmio.read(0xC000_0010, 4) == 0xFFFF_FFFF             # the old place: nothing
+    assert mmio.read(0xC800_0010, 4) == int.from_bytes(b"mmio", "little")
+    cfg_write(pio, TESTDEV, 0x04, 0x1, size=2)                  # I/O only
+    assert ranges(mmio) == [] and ("0xc000", 256, "pci-testdev-bar1") in ranges(pio)
+    assert mmio.read(0xC800_0010, 4) == 0xFFFF_FFFF
+    cfg_write(pio, TESTDEV, 0x04, 0x0, size=2)
+    assert [r for r in ranges(pio) if r[2].startswith("pci-testdev")] == []
+    assert pio.read(0xC010, 1) == 0xFF
+    cfg_write(pio, TESTDEV, 0x04, 0x3, size=2)
+    assert pio.read(0xC010, 1) == ord("m")
+
+
+def test_bar_over_ram_or_another_device_stays_unmapped_with_a_bounded_log(pc, caplog):
+    pio, mmio, _, _ = pc
+    mmio.register(0xC100_0000, 0x1000, Scratch())
+    caplog.set_level(logging.WARNING, "hvm.mmio.pci")
+    cfg_write(pio, TESTDEV, 0x10, 0x0010_0000)                  # RAM
+    assert ranges(mmio) == [("0xc1000000", 4096, "scratch")]
+    assert "pci pci-testdev BAR0 left unmapped: 0x100000-0x100fff is over RAM" in caplog.text
+    cfg_write(pio, TESTDEV, 0x10, 0xC100_0000)                  # another device
+    assert ranges(mmio) == [("0xc1000000", 4096, "scratch")]
+    assert mmio.read(0xC100_0000, 1) == 0x5A
+    assert "overlaps 0xc1000000..0xc1000fff of scratch" in caplog.text
+    cfg_write(pio, TESTDEV, 0x14, 0x0100)                       # the chipset's ports
+    assert "pci pci-testdev BAR1 left unmapped: ports 0x100-0x1ff are the chipset's (below 0x1000)" in caplog.text
+    assert len(caplog.records) == 3                             # BAR0's refusal is not said again
+    cfg_write(pio, TESTDEV, 0x10, 0xFEBF_F000)                  # right below the IOAPIC: fine
+    assert ("0xfebff000", 4096, "pci-testdev-bar0") in ranges(mmio)
+    cfg_write(pio, TESTDEV, 0x10, 0xFEC0_0000)                  # the IOAPIC's: not decoded (silently)
+    assert ranges(mmio) == [("0xc1000000", 4096, "scratch")]
+    for i in range(100):
+        cfg_write(pio, TESTDEV, 0x10, 0x0020_0000 + i * 0x1000)
+    refusals = [r for r in caplog.records if r.name == "hvm.mmio.pci"]
+    assert len(refusals) == LOGGED_REFUSALS + 1                 # then one "not logged" line
+    cfg_write(pio, TESTDEV, 0x10, 0xC000_0000)                  # the guest can always move it back
+    assert ("0xc0000000", 4096, "pci-testdev-bar0") in ranges(mmio)
+
+
+# --- pci-testdev -----------------------------------------------------------------------------------------
+def header(read, base, n=40) -> bytes:
+    return bytes(read(base + i, 1) for i in range(n))
+
+
+def test_testdev_headers_and_counts_as_qemu_lays_them_out(pc):
+    pio, mmio, _, dev = pc
+    assert header(mmio.read, 0xC000_0000, 8) == bytes(8)       # no test running: zeros
+    expected = {0: (b"mmio-no-eventfd", 0x800, 0xFA), 1: (b"mmio-wildcard-eventfd", 0x801, 0xCE),
+                2: (b"mmio-datamatch-eventfd", 0x802, 0xFA)}
+    for n, (name, offset, data) in expected.items():
+        mmio.write(0xC000_0000, 1, n)
+        h = header(mmio.read, 0xC000_0000)
+        assert h[:2] == bytes([n, 1]) and int.from_bytes(h[4:8], "little") == offset and h[8] == data
+        assert h[16:16 + len(name) + 1] == name + b"\0"
+        for _ in range(16):
+            mmio.write(0xC000_0000 + offset, 1, data)
+        mmio.write(0xC000_0000 + offset, 1, 0x11)              # counts only where data need not match
+        assert mmio.read(0xC000_000C, 4) == (17 if n == 1 else 16)
+    pio.write(0xC000, 1, 2)
+    assert header(pio.read, 0xC000, 44)[16:44] == b"portio-datamatch-eventfd\0\0\0\0"
+    assert pio.read(0xC004, 4) == 0x85
+    pio.write(0xC000 + 0x85, 2, 0xFAFA)        # a word is two byte writes (as QEMU splits it): one at 0x85
+    assert pio.read(0xC00C, 4) == 1
+    pio.write(0xC000, 1, 3)                                     # no test 3: none runs
+    assert pio.read(0xC001, 1) == 0 and dev.current == -1
+
+
+# --- device state ----------------------------------------------------------------------------------------
+def test_state_round_trip_moves_the_bars_and_keeps_the_test(pc):
+    pio, mmio, bus, dev = pc
+    cfg_write(pio, TESTDEV, 0x10, 0xC800_0000)
+    pio.write(0xC000, 1, 1)
+    for _ in range(5):
+        pio.write(0xC000 + 0x84, 1, 0)
+    cfg_write(pio, TESTDEV, 0x04, 0x2, size=2)                  # BAR1 not decoded
+    state = bus.save()
+    bus.reset()                                                 # back to the firmware's assignment
+    assert ("0xc0000000", 4096, "pci-testdev-bar0") in ranges(mmio) and dev.current == -1
+    assert pio.read(0xCF8, 4) == 0
+    bus.load(state)
+    assert ranges(mmio) == [("0xc8000000", 4096, "pci-testdev-bar0")]
+    assert not [r for r in ranges(pio) if r[2].startswith("pci-testdev")]
+    assert mmio.read(0xC800_000C, 4) == 5 and mmio.read(0xC800_0010, 4) == int.from_bytes(b"port", "little")
+    assert bus.save() == state
+
+
+def test_state_with_a_bar_over_ram_or_another_device_is_refused_unchanged(pc):
+    pio, mmio, bus, _ = pc
+    good = bus.save()
+    bad = bus.save()
+    config = bytearray(bad["functions"]["00:01.0"]["config"])
+    config[0x10:0x14] = (0x0010_0000).to_bytes(4, "little")
+    bad["functions"]["00:01.0"]["config"] = bytes(config)
+    with pytest.raises(DeviceStateError) as e:
+        bus.load(bad)
+    assert str(e.value) == ("device pci 00:01.0 (pci-testdev): state field 'config': BAR0 is saved as mapped, "
+                            "but 0x100000-0x100fff is over RAM")
+    assert bus.save() == good
+    mmio.register(0xC100_0000, 0x1000, Scratch())
+    config[0x10:0x14] = (0xC100_0000).to_bytes(4, "little")
+    bad["functions"]["00:01.0"]["config"] = bytes(config)
+    with pytest.raises(DeviceStateError, match="BAR0 at 0xc1000000 overlaps scratch"):
+        bus.load(bad)
+    other = bus.save()
+    config = bytearray(other["functions"]["00:01.0"]["config"])
+    config[0] = 0x86                                            # another vendor
+    other["functions"]["00:01.0"]["config"] = bytes(config)
+    with pytest.raises(DeviceStateError, match="read-only byte 0x00 is 0x86, this machine's pci-testdev has 0x36"):
+        bus.load(other)
+    del other["functions"]["00:01.0"]
+    with pytest.raises(DeviceStateError, match="'functions': has 00:00.0, this machine has 00:00.0, 00:01.0"):
+        bus.load(other)
+    assert bus.save() == good
+
+
+# --- configuration, registry, shim ----------------------------------------------------------------------
+def test_yaml_pci_testdev_asks_for_a_pc_and_refuses_machine_none(tmp_path):
+    image = str(FIRMWARE / "pci.bin")
+    spec = parse_spec({"boot": {"image": image, "mode": "protected", "load": 0x100000},
+                       "devices": {"pci-testdev": True}})
+    assert spec.machine == "pc" and [d.type for d in spec.devices] == ["pci-testdev"]
+    with pytest.raises(ConfigError, match="devices.pci-testdev: a PCI device: it needs machine: pc"):
+        parse_spec({"boot": {"image": image}, "machine": "none", "devices": {"pci-testdev": True}})
+
+
+def test_shim_passes_pci_testdev_to_the_registry():
+    args = translate(["-device", "pci-testdev", "-kernel", "x.flat"])
+    assert args[-4:] == ["--device", "pci-testdev", "--kernel", "x.flat"]
+
+
+def test_device_help_lists_pci_testdev():
+    run = run_hvm("run", "--device", "help", timeout=30)
+    assert "pci-testdev: QEMU's pci-testdev (1b36:0005)" in run.out
+
+
+# --- a real VM -------------------------------------------------------------------------------------------
+FIRMWARE_OUT = """\
+pci 00:00.0 8086:1237 class 060000
+pci 00:01.0 1b36:0005 class 00ff00
+bus1 ffffffff disabled ffffffff
+bar0 c0000000 bar1 0000c001
+size0 fffff000 size1 ffffff01
+mem mmio-no-eventfd offset 00000800 data fa count 00000010
+mem mmio-wildcard-eventfd offset 00000801 data ce count 00000010
+mem mmio-datamatch-eventfd offset 00000802 data fa count 00000010
+io portio-no-eventfd offset 00000083 data fa count 00000010
+io portio-wildcard-eventfd offset 00000084 data ce count 00000010
+io portio-datamatch-eventfd offset 00000085 data fa count 00000010
+off ffffffff on 6f696d6d
+moved 6f696d6d old ffffffff
+"""
+
+
+def pci_yaml(tmp_path: Path) -> Path:
+    return write_yaml(tmp_path, f"name: pcifw\nmemory: 16M\n"
+                      f"boot: {{image: '{FIRMWARE / 'pci.bin'}', load: 0x100000, mode: protected}}\n", "pci.yaml")
+
+
+def test_firmware_enumerates_bus_0_and_runs_the_testdev(tmp_path):
+    run = run_hvm("run", str(pci_yaml(tmp_path)), "--device", "pci-testdev", "--timeout", "10", timeout=60)
+    assert run.status == 1, run.err
+    assert run.out == FIRMWARE_OUT
+
+
+def test_firmware_without_pci_testdev_sees_the_host_bridge_only(tmp_path):
+    run = run_hvm("run", str(pci_yaml(tmp_path)), "--machine", "pc", "--timeout", "10", timeout=60)
+    assert run.status == 1, run.err
+    assert run.out == "pci 00:00.0 8086:1237 class 060000\nbus1 ffffffff disabled ffffffff\n"
+
+
+def test_snapshot_keeps_a_moved_bar_and_the_running_test(tmp_path):
+    from hvm.config import load_config
+    from hvm.console import Console
+    from hvm.machine import Machine
+
+    cfg = write_yaml(tmp_path, pci_yaml(tmp_path).read_text() + "timeout: 20\ndevices: {pci-testdev: true}\n")
+    path = tmp_path / "pci.snap"
+    with Machine(load_config(cfg), console=Console("none", "none", open_now=False)) as vm:
+        cfg_write(vm.pio, TESTDEV, 0x10, 0xC800_0000)
+        vm.mmio.write(0xC800_0000, 1, 2)
+        vm.mmio.write(0xC800_0802, 1, 0xFA)
+        vm.snapshot(path)
+    with Machine.restore(path, console=Console("none", "none", open_now=False), timeout=20) as vm:
+        assert ("0xc8000000", 4096, "pci-testdev-bar0") in ranges(vm.mmio)
+        assert cfg_read(vm.pio, TESTDEV, 0x10) == 0xC800_0000
+        assert vm.mmio.read(0xC800_000C, 4) == 1
+        assert vm.mmio.read(0xC800_0010, 4) == int.from_bytes(b"mmio", "little")
+        vm.system_reset()
+        assert cfg_read(vm.pio, TESTDEV, 0x10) == 0xC000_0000
