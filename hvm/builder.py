@@ -180,7 +180,7 @@ def write_tables(m: "Machine", mem: GuestMemory) -> None:
     # instead of the command line). `virtio_cmdline: false` makes the DSDT the only description.
     in_dsdt = [] if virtio_on_cmdline(spec) else slots
     write_acpi_tables(mem, spec.vcpus, PM_BASE, virtio_slots=[(s.base, s.size, s.irq) for s in in_dsdt],
-                      level_irqs=[s.irq for s in slots])
+                      level_irqs=[s.irq for s in slots], pci_host=True)
     # the same CPUs and interrupts for guests without ACPI
     write_mp_table(mem, spec.vcpus, level_irqs=[s.irq for s in slots])
 

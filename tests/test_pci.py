@@ -4,6 +4,8 @@ shim, and firmware/pci.S enumerating the bus in a real VM."""
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -315,3 +317,44 @@ def test_snapshot_keeps_a_moved_bar_and_the_running_test(tmp_path):
         assert vm.mmio.read(0xC800_0010, 4) == int.from_bytes(b"mmio", "little")
         vm.system_reset()
         assert cfg_read(vm.pio, TESTDEV, 0x10) == 0xC000_0000
+
+
+# --- the DSDT's root bridge ------------------------------------------------------------------------------
+PCI0_ASL = """DefinitionBlock ("", "SSDT", 1, "HVM", "HVMTABLE", 1) {
+    Scope (\\_SB) {
+        Device (PCI0) {
+            Name (_HID, EisaId ("PNP0A03"))
+            Name (_ADR, 0)
+            Name (_UID, 0)
+            Name (_CRS, ResourceTemplate () {
+                WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0, 0xFF, 0, 0x100)
+                IO (Decode16, 0xCF8, 0xCF8, 1, 8)
+                WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, 0, 0xCF7, 0, 0xCF8)
+                WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, 0xD00, 0xFFFF, 0, 0xF300)
+                DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, Cacheable, ReadWrite,
+                             0, 0xA0000, 0xBFFFF, 0, 0x20000)
+                DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite,
+                             0, 0xC0000000, 0xCFFFFFFF, 0, 0x10000000)
+            })
+        }
+    }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("iasl") is None, reason="iasl not installed (Debian acpica-tools)")
+def test_iasl_compiles_the_same_pci0(tmp_path):
+    """The root bridge as QEMU's pc DSDT writes it in ASL, compiled by iasl: hvm's hand-encoded AML is the
+    same bytes (but the End Tag checksum, which iasl leaves 0)."""
+    from hvm.boot import acpi
+
+    (tmp_path / "p.asl").write_text(PCI0_ASL)
+    proc = subprocess.run(["iasl", "-p", str(tmp_path / "p"), str(tmp_path / "p.asl")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    theirs = (tmp_path / "p.aml").read_bytes()[36:]
+    ours = acpi.pci_host_aml()
+    assert len(theirs) == len(ours)
+    end = ours.index(bytes([0x79]), len(ours) - 3)        # the End Tag: 0x79, checksum
+    assert theirs[:end + 1] == ours[:end + 1] and theirs[end + 2:] == ours[end + 2:]
+    assert theirs[end + 1] == 0 and sum(ours[ours.index(bytes([0x88])):end + 2]) % 256 == 0
