@@ -63,10 +63,10 @@ def ranges(bus):
 
 
 # --- configuration mechanism #1 --------------------------------------------------------------------------
-def test_address_register_reads_back_without_reserved_bits(pc):
+def test_address_register_reads_back_as_written(pc):
     pio, *_ = pc
     pio.write(0xCF8, 4, 0xFFFF_FFFF)
-    assert pio.read(0xCF8, 4) == 0x80FF_FFFC
+    assert pio.read(0xCF8, 4) == 0xFFFF_FFFF                  # as QEMU keeps it
     pio.write(0xCF8, 4, 0x8000_0000)
     pio.write(0xCFB, 1, 0x01)                 # Linux's type-1 probe: a byte write is not the register
     pio.write(0xCF8, 2, 0x1234)
@@ -85,6 +85,11 @@ def test_host_bridge_and_testdev_ids_at_every_data_offset(pc):
     assert cfg_read(pio, TESTDEV, 0x03, 1) == 0x00
     pio.write(0xCF8, 4, addr(0, 0))
     assert pio.read(0xCFE, 4) == 0xFFFF_1237                   # bytes past the dword: all ones
+    # kvm-unit-tests' pci_config_readw(dev, 2): the address's bits 1:0 pick the byte, as in QEMU
+    pio.write(0xCF8, 4, addr(TESTDEV, 0) | 2)
+    assert pio.read(0xCFC, 2) == 0x0005
+    pio.write(0xCF8, 4, addr(TESTDEV, 0) | 1)
+    assert pio.read(0xCFC, 1) == 0x1B and pio.read(0xCFE, 1) == 0x00   # offset 1 | 2 = 3
 
 
 def test_absent_functions_other_buses_and_disabled_reads_are_all_ones(pc):
@@ -358,3 +363,30 @@ def test_iasl_compiles_the_same_pci0(tmp_path):
     end = ours.index(bytes([0x79]), len(ours) - 3)        # the End Tag: 0x79, checksum
     assert theirs[:end + 1] == ours[:end + 1] and theirs[end + 2:] == ours[end + 2:]
     assert theirs[end + 1] == 0 and sum(ours[ours.index(bytes([0x88])):end + 2]) % 256 == 0
+
+
+# --- kvm-unit-tests' vmexit guest: its pci-testdev exit measurements -------------------------------------
+UPSTREAM = next((d for d in (Path(__file__).resolve().parents[1].parent / "shared" / "kvm-unit-tests" / "upstream",
+                             Path(__file__).resolve().parents[2].parent / "shared" / "kvm-unit-tests" / "upstream")
+                 if d.is_dir()), Path("/nonexistent"))
+
+
+@pytest.mark.skipif(not (UPSTREAM / "x86" / "vmexit.flat").is_file(), reason="no shared kvm-unit-tests tree")
+@pytest.mark.parametrize("bar, kind", [("pci-mem", "mmio"), ("pci-io", "portio")])
+def test_kut_vmexit_measures_every_pci_testdev_test(tmp_path, bar, kind):
+    """x86/vmexit.flat with `pci-mem`/`pci-io` (upstream's command line through hvm-qemu): it finds the
+    device through 0xCF8/0xCFC, reads its BIOS-assigned BARs, and times each test the device lists."""
+    import sys
+
+    flat = tmp_path / "vmexit.flat"
+    shutil.copy(UPSTREAM / "x86" / "vmexit.flat", flat)
+    argv = ["--no-reboot", "-nodefaults", "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+            "-display", "none", "-serial", "stdio", "-device", "pci-testdev", "-machine", "accel=kvm",
+            "-kernel", str(flat), "-append", bar]
+    proc = subprocess.run([sys.executable, "-c", "from hvm.qemu_shim import entry_point; entry_point()", *argv],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr     # exit(0): (0 << 1) | 1
+    assert "pci-testdev at 0x8 membar c0000000 iobar c000\n" in proc.stdout
+    for test in ("no-eventfd", "wildcard-eventfd", "datamatch-eventfd"):
+        line = next(l for l in proc.stdout.splitlines() if l.startswith(f"{kind}-{test}:{bar} "))
+        assert int(line.split()[1]) > 0

@@ -2,11 +2,13 @@
 
 What a guest sees (as on QEMU's pc machine, hw/pci/pci.c and hw/pci-host/i440fx.c):
 - port 0xCF8, 32-bit accesses only: the CONFIG_ADDRESS register (bit 31 enable, bits 23:16 bus, 15:11
-  device, 10:8 function, 7:2 dword register). Narrower accesses there are not the register (Linux's
-  type-1 probe writes a byte to 0xCFB and expects the register unchanged): reads all ones, writes dropped.
-- ports 0xCFC-0xCFF: CONFIG_DATA, any size at any offset, to the dword the address selects plus the port's
-  offset. Disabled address, another bus than 0, or an absent function: reads all ones, writes dropped
-  (what a PCI master abort gives the CPU: how guests tell a slot is empty).
+  device, 10:8 function, 7:0 register). Narrower accesses there are not the register (Linux's type-1
+  probe writes a byte to 0xCFB and expects the register unchanged): reads all ones, writes dropped. The
+  register keeps all 32 bits as written, as QEMU's does, and its bits 1:0 select a byte too:
+  kvm-unit-tests' pci_config_readw(dev, 2) writes 0x80000002 there and reads the device ID at 0xCFC.
+- ports 0xCFC-0xCFF: CONFIG_DATA, any size at any offset: configuration offset (address & 0xFF) | (port
+  & 3), as QEMU computes it. Disabled address, another bus than 0, or an absent function: reads all
+  ones, writes dropped (what a PCI master abort gives the CPU: how guests tell a slot is empty).
 - 00:00.0 is the host bridge (8086:1237, class 0x0600); registry devices with `pci=True` take the next
   slots (00:01.0, 00:02.0, ... in the spec's order).
 
@@ -48,7 +50,6 @@ log = logging.getLogger(__name__)
 PCI_CONFIG_PORT = 0xCF8
 PCI_CONFIG_LEN = 8
 CONFIG_SIZE = 256
-ADDRESS_MASK = 0x80FF_FFFC     # enable, bus, device, function, register; reserved bits read as 0
 
 # Configuration space offsets (PCI 3.0, type 0 header).
 VENDOR_ID, DEVICE_ID, COMMAND, STATUS = 0x00, 0x02, 0x04, 0x06
@@ -227,26 +228,26 @@ class PciBus:
             fn, reg = self._target(offset - 4)
             if fn is None:
                 return (1 << (8 * size)) - 1
-            n = min(size, 8 - offset)            # bytes that stay inside the dword at 0xCFC
+            n = min(size, 4 - (reg & 3))         # bytes that stay inside the selected dword
             value = int.from_bytes(fn.config[reg:reg + n], "little")
             return value | (((1 << (8 * (size - n))) - 1) << (8 * n))
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset < 4:
             if offset == 0 and size == 4:
-                self.address = value & ADDRESS_MASK
+                self.address = value
             return
         with self._lock:
             fn, reg = self._target(offset - 4)
             if fn is None:
                 return
-            self.config_write(fn, reg, min(size, 8 - offset), value)
+            self.config_write(fn, reg, min(size, 4 - (reg & 3)), value)
 
     def _target(self, port_offset: int) -> tuple[PciFunction | None, int]:
         a = self.address
         if not a & 0x8000_0000 or (a >> 16) & 0xFF:
             return None, 0
-        return self.functions.get((a >> 8) & 0xFF), (a & 0xFC) + port_offset
+        return self.functions.get((a >> 8) & 0xFF), (a & 0xFF) | port_offset
 
     def config_write(self, fn: PciFunction, reg: int, size: int, value: int) -> None:
         """A guest write of `size` bytes at configuration offset `reg`: masked byte by byte by the
@@ -345,8 +346,6 @@ class PciBus:
     def load(self, state: dict) -> None:
         r = StateReader(self.name, state, ("address", "functions"))
         address = r.integer("address", 0, 0xFFFF_FFFF)
-        if address & ~ADDRESS_MASK:
-            raise r.fail("address", f"{address:#x} has reserved bits set")
         saved = state["functions"]
         names = {devfn_name(d): d for d in self.functions}
         if not isinstance(saved, dict) or set(saved) != set(names):
