@@ -3,6 +3,8 @@
  * Prints, on COM1:
  *   pci 00:DD.0 VVVV:DDDD class CCCCCC     for every device of bus 0 (function 0)
  *   bus1 XXXXXXXX / disabled XXXXXXXX      a read of bus 1, and one with the enable bit clear (all ones)
+ *   ecam XXXXXXXX XXXXXXXX XXXXXXXX        through ECAM at 0xe0000000: 00:00.0's and 00:01.0's IDs, and
+ *                                          00:01.0's offset 0x100 (no extended space: all ones)
  * and, when a 1b36:0005 was found:
  *   bar0 XXXXXXXX bar1 XXXXXXXX            its BARs as the firmware (hvm) assigned them
  *   size0 XXXXXXXX size1 XXXXXXXX          what reads back after writing all ones (then restored)
@@ -16,6 +18,7 @@
         .set CONFIG_DATA, 0xcfc
         .set TESTDEV, 0x8000            /* scratch: the config address of pci-testdev (0: none) */
         .set MOVED, 0xc8000000
+        .set ECAM, 0xe0000000
 
         .code32
         .globl _start
@@ -72,6 +75,21 @@ next:   inc %ebp
         call puts
         mov $0x00000800, %eax           /* device 1 with the enable bit clear */
         call cfg_read
+        call hex8
+        call newline
+
+        /* ECAM (MMCONFIG): 00:00.0 and 00:01.0's IDs, and 00:01.0's first extended dword */
+        mov $s_ecam, %esi
+        call puts
+        mov ECAM, %eax
+        call hex8
+        mov $' ', %al
+        call putc
+        mov ECAM + 0x8000, %eax
+        call hex8
+        mov $' ', %al
+        call putc
+        mov ECAM + 0x8100, %eax
         call hex8
         call newline
 
@@ -331,3 +349,4 @@ s_off:      .asciz "off "
 s_on:       .asciz " on "
 s_moved:    .asciz "moved "
 s_old:      .asciz " old "
+s_ecam:     .asciz "ecam "

@@ -30,7 +30,7 @@ from hvm.mmio import registry
 from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, SCI_IRQ, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
 from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
-from hvm.mmio.pci import PCI_CONFIG_LEN, PCI_CONFIG_PORT, PciBus
+from hvm.mmio.pci import ECAM_BASE, ECAM_SIZE, PCI_CONFIG_LEN, PCI_CONFIG_PORT, PciBus, PciEcam
 from hvm.mmio.registry import DeviceConfig, DeviceContext, VirtioSlot
 from hvm.mmio.rtc import RTC_LEN, RTC_PORT, Rtc
 from hvm.vcpu import VcpuThread, apply_boot_state, cpuid_for_vcpu
@@ -116,6 +116,7 @@ def build_pc(m: "Machine") -> None:
         # PCI bus 0 with the host bridge, as on QEMU's pc machine (hvm/mmio/pci.py)
         m.pci = PciBus(m.pio, m.mmio, [(r.gpa, r.size) for r in mem.regions])
         m.pio.register(PCI_CONFIG_PORT, PCI_CONFIG_LEN, m.pci)
+        m.mmio.register(ECAM_BASE, ECAM_SIZE, PciEcam(m.pci))
     create_devices(m, irq_setter)
     if m.pci is not None:
         try:   # the firmware's part: every device is on the bus now

@@ -24,7 +24,7 @@ from hvm.mmio.device import DeviceStateError, IrqLine
 from hvm.mmio.fw_cfg import FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE, FwCfg
 from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
 from hvm.mmio.bus import MmioBus, PioBus
-from hvm.mmio.pci import PciBus
+from hvm.mmio.pci import ECAM_SIZE, PciBus, PciEcam
 from hvm.mmio.pci_testdev import PciTestDev
 from hvm.mmio.pvconsole import PvConsole
 from hvm.mmio.rtc import Rtc
@@ -135,11 +135,19 @@ def pci_rig(now=None) -> Rig:
     return Rig(bus, [(bus, 8), (dev.bars[0].region, 4096), (dev.bars[1].region, 256)])
 
 
+def pci_ecam_rig(now=None) -> Rig:
+    """The ECAM window: no state of its own (the PciBus it writes through has it)."""
+    bus = pci_rig().dev
+    ecam = PciEcam(bus)
+    return Rig(ecam, [(ecam, ECAM_SIZE)])
+
+
 # Every device class in hvm/mmio/ with its rig. A device class missing here fails test_every_device_has_a_rig.
 RIGS: dict[str, Callable[..., Rig]] = {
     "SerialUart": uart_rig, "Rtc": rtc_rig, "_Port": i8042_rig, "AcpiPm": acpi_rig, "FwCfg": fw_cfg_rig,
     "DebugExit": debug_exit_rig, "DebugCon": debugcon_rig, "PvConsole": pvconsole_rig,
     "PcTestDev": pc_testdev_rig, "PcTestDevIrq": pc_testdev_irq_rig, "PciBus": pci_rig,
+    "PciEcam": pci_ecam_rig,
 }
 # The RTC reads host wall-clock time plus the guest's offset: a restored one is compared at the same host
 # time. The PM timer counts on from its saved value whatever the new host's clock says.
@@ -405,6 +413,7 @@ BUSY: dict[str, Callable[[], Rig]] = {
     "SerialUart": uart_busy, "Rtc": rtc_busy, "_Port": i8042_busy, "AcpiPm": acpi_busy, "FwCfg": fw_cfg_busy,
     "PcTestDev": pc_testdev_busy, "PcTestDevIrq": pc_testdev_irq_busy, "PciBus": pci_busy,
     "DebugExit": debug_exit_rig, "DebugCon": debugcon_rig, "PvConsole": pvconsole_rig,    # no state to reach
+    "PciEcam": pci_ecam_rig,
 }
 
 

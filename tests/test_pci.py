@@ -14,7 +14,7 @@ from conftest import FIRMWARE, run_hvm, write_yaml
 from hvm.config import ConfigError, parse_spec
 from hvm.mmio.bus import MmioBus, PioBus
 from hvm.mmio.device import DeviceStateError
-from hvm.mmio.pci import LOGGED_REFUSALS, PciBus
+from hvm.mmio.pci import ECAM_BASE, ECAM_SIZE, LOGGED_REFUSALS, PciBus, PciEcam
 from hvm.mmio.pci_testdev import PciTestDev
 from hvm.qemu_shim import translate
 
@@ -172,6 +172,49 @@ def test_bar_over_ram_or_another_device_stays_unmapped_with_a_bounded_log(pc, ca
     assert ("0xc0000000", 4096, "pci-testdev-bar0") in ranges(mmio)
 
 
+def test_ecam_is_the_same_configuration_space(pc):
+    pio, mmio, bus, _ = pc
+    ecam = PciEcam(bus)
+    mmio.register(ECAM_BASE, ECAM_SIZE, ecam)
+    assert mmio.read(ECAM_BASE, 4) == 0x1237_8086
+    assert mmio.read(ECAM_BASE + 0x8002, 2) == 0x0005                # 00:01.0, any size and offset
+    assert mmio.read(ECAM_BASE + 0x8000, 8) == cfg_read(pio, TESTDEV, 4) << 32 | 0x0005_1B36
+    assert mmio.read(ECAM_BASE + 0x8100, 4) == 0xFFFF_FFFF            # no extended space
+    assert mmio.read(ECAM_BASE + 0x1_0000, 4) == 0xFFFF_FFFF          # 00:02.0: absent
+    mmio.write(ECAM_BASE + 0x8010, 4, 0xC900_0000)                   # BAR0 moved through ECAM
+    assert cfg_read(pio, TESTDEV, 0x10) == 0xC900_0000
+    assert ("0xc9000000", 4096, "pci-testdev-bar0") in ranges(mmio)
+    mmio.write(ECAM_BASE + 0x8000, 4, 0)                             # read-only: ignored
+    assert cfg_read(pio, TESTDEV, 0) == 0x0005_1B36
+    cfg_write(pio, TESTDEV, 0x10, ECAM_BASE)                         # a BAR over the ECAM window: refused
+    assert mmio.read(ECAM_BASE, 4) == 0x1237_8086
+
+
+def test_machine_tables_have_pci0_the_ecam_reservation_and_mcfg():
+    import struct
+
+    from hvm.boot import acpi
+    from hvm.console import Console
+    from hvm.machine import Machine
+
+    spec = parse_spec({"memory": "16M", "timeout": 5, "devices": {"pci-testdev": True},
+                       "boot": {"image": str(FIRMWARE / "pci.bin"), "mode": "protected", "load": 0x100000}})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as vm:
+        rsdp = vm.memory.read(acpi.ACPI_BASE, 20)
+        rsdt_at = struct.unpack_from("<I", rsdp, 16)[0]
+        length = struct.unpack("<I", vm.memory.read(rsdt_at + 4, 4))[0]
+        entries = struct.unpack_from(f"<{(length - 36) // 4}I", vm.memory.read(rsdt_at + 36, length - 36))
+        tables = {vm.memory.read(a, 4): a for a in entries}
+        assert set(tables) == {b"FACP", b"APIC", b"MCFG"}
+        mcfg = vm.memory.read(tables[b"MCFG"], 60)
+        assert sum(mcfg) % 256 == 0 and mcfg[36:] == bytes(8) + struct.pack("<QHBBI", 0xE000_0000, 0, 0, 0, 0)
+        dsdt_at = struct.unpack("<I", vm.memory.read(tables[b"FACP"] + 40, 4))[0]
+        dsdt_len = struct.unpack("<I", vm.memory.read(dsdt_at + 4, 4))[0]
+        assert vm.memory.read(dsdt_at + 36, dsdt_len - 36) == acpi.S5_AML + acpi.pci_host_aml() + acpi.ecam_reserve_aml()
+        assert [(hex(r.base), r.length, r.device.name) for r in vm.mmio.ranges if r.device.name.startswith("pci")] == \
+            [("0xc0000000", 4096, "pci-testdev-bar0"), ("0xe0000000", ECAM_SIZE, "pci-ecam")]
+
+
 # --- pci-testdev -----------------------------------------------------------------------------------------
 def header(read, base, n=40) -> bytes:
     return bytes(read(base + i, 1) for i in range(n))
@@ -273,6 +316,7 @@ FIRMWARE_OUT = """\
 pci 00:00.0 8086:1237 class 060000
 pci 00:01.0 1b36:0005 class 00ff00
 bus1 ffffffff disabled ffffffff
+ecam 12378086 00051b36 ffffffff
 bar0 c0000000 bar1 0000c001
 size0 fffff000 size1 ffffff01
 mem mmio-no-eventfd offset 00000800 data fa count 00000010
@@ -300,7 +344,8 @@ def test_firmware_enumerates_bus_0_and_runs_the_testdev(tmp_path):
 def test_firmware_without_pci_testdev_sees_the_host_bridge_only(tmp_path):
     run = run_hvm("run", str(pci_yaml(tmp_path)), "--machine", "pc", "--timeout", "10", timeout=60)
     assert run.status == 1, run.err
-    assert run.out == "pci 00:00.0 8086:1237 class 060000\nbus1 ffffffff disabled ffffffff\n"
+    assert run.out == ("pci 00:00.0 8086:1237 class 060000\nbus1 ffffffff disabled ffffffff\n"
+                       "ecam 12378086 ffffffff ffffffff\n")
 
 
 def test_snapshot_keeps_a_moved_bar_and_the_running_test(tmp_path):

@@ -165,6 +165,26 @@ def pci_host_aml() -> bytes:
     return aml_scope(bytes([ROOT_CHAR]) + aml_nameseg("_SB_"), device)
 
 
+# The ECAM window of bus 0 (hvm/mmio/pci.py ECAM_BASE/ECAM_SIZE): the MCFG table points at it and a
+# motherboard-resources device (PNP0C02) reserves it, which Linux requires before it uses MMCONFIG.
+ECAM_BASE, ECAM_SIZE = 0xE000_0000, 1 << 20
+
+
+def ecam_reserve_aml() -> bytes:
+    """Scope (\\_SB) { Device (PCIR) { _HID EisaId ("PNP0C02"), _UID 1, _CRS { Memory32Fixed (ReadOnly,
+    ECAM_BASE, ECAM_SIZE) } } }."""
+    crs = resource_template(memory32_fixed(ECAM_BASE, ECAM_SIZE, writable=False))
+    device = aml_device("PCIR", aml_name("_HID", aml_integer(eisa_id("PNP0C02")))
+                        + aml_name("_UID", aml_integer(1)) + aml_name("_CRS", aml_buffer(crs)))
+    return aml_scope(bytes([ROOT_CHAR]) + aml_nameseg("_SB_"), device)
+
+
+def mcfg_body() -> bytes:
+    """MCFG (PCI Firmware spec 3.x 4.1.2): 8 reserved bytes, then one allocation: base, segment 0,
+    buses 0-0 (the window is ECAM_SIZE: bus 0 only)."""
+    return bytes(8) + struct.pack("<QHBBI", ECAM_BASE, 0, 0, (ECAM_SIZE >> 20) - 1, 0)
+
+
 def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
@@ -225,11 +245,14 @@ def write_acpi_tables(mem: GuestMemory, cpus: int, pm_base: int,
         return at
 
     facs = put("FACS", struct.pack("<4sIIIII", b"FACS", 64, 0, 0, 0, 0).ljust(64, b"\0"))
-    pci_aml = pci_host_aml() if pci_host else b""
+    pci_aml = pci_host_aml() + ecam_reserve_aml() if pci_host else b""
     dsdt = put("DSDT", _table(b"DSDT", 1, S5_AML + pci_aml + virtio_mmio_aml(virtio_slots)))
     fadt = put("FACP", _table(b"FACP", 1, fadt_body(facs, dsdt, pm_base)))
     madt = put("APIC", _table(b"APIC", 1, madt_body(cpus, level_irqs)))
-    rsdt = put("RSDT", _table(b"RSDT", 1, struct.pack("<II", fadt, madt)))
+    tables = [fadt, madt]
+    if pci_host:
+        tables.append(put("MCFG", _table(b"MCFG", 1, mcfg_body())))
+    rsdt = put("RSDT", _table(b"RSDT", 1, struct.pack(f"<{len(tables)}I", *tables)))
     rsdp = struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt)
     rsdp = rsdp[:8] + bytes([_checksum(rsdp)]) + rsdp[9:]
     mem.write(ACPI_BASE, rsdp)

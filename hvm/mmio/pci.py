@@ -27,6 +27,11 @@ hvm assigns the BARs at build time as SeaBIOS would (assign_bars): memory from 0
 starts there, hvm/memory.py), I/O from 0xc000, largest first, each aligned to its size, and enables the
 decoding; kvm-unit-tests and Linux read these assignments instead of making their own.
 
+ECAM (PCI Express enhanced configuration access, QEMU q35's MMCONFIG) at 0xe0000000: 1 MiB for bus 0,
+4 KiB per function at (device << 15) | (function << 12); any access size at any offset of the first 256
+bytes (the same configuration space as through 0xCFC), all ones beyond them (conventional functions have
+no extended space) and for absent functions. The ACPI MCFG table (hvm/boot/acpi.py) tells guests where.
+
 Device state: the bus (registered at 0xCF8, so the snapshot finds it at "port:0xcf8") saves the address
 register and every function's configuration space, which BARs were mapped, and the function's own state;
 BAR regions themselves have no state (they move, so their bus address is no key). load() checks all of it
@@ -40,7 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from hvm.mmio.bus import BusError
-from hvm.mmio.device import StateReader
+from hvm.mmio.device import StateReader, Stateless
 
 if TYPE_CHECKING:
     from hvm.mmio.bus import MmioBus, PioBus
@@ -70,6 +75,9 @@ IO_WINDOW = (0xC000, 0x1_0000)
 # What a memory BAR may never cover: from here up sit the IOAPIC, HPET space, the LAPIC and the firmware.
 MEM_LIMIT = 0xFEC0_0000
 IO_MIN = 0x1000
+
+ECAM_BASE = 0xE000_0000
+ECAM_SIZE = 1 << 20         # bus 0 only: 32 devices x 8 functions x 4 KiB
 
 LOGGED_REFUSALS = 8    # BAR placements refused with a line each; later ones are counted, not logged
 
@@ -412,3 +420,28 @@ class PciBus:
                 fn.config[:] = fn.reset_config
                 fn.reset_state()
                 self._update(fn)
+
+
+class PciEcam(Stateless):
+    """The ECAM window of bus 0 (register it at ECAM_BASE, ECAM_SIZE on the MmioBus). It has no state of
+    its own: it is another way into the functions' configuration spaces, which the PciBus saves."""
+
+    name = "pci-ecam"
+
+    def __init__(self, bus: PciBus) -> None:
+        self.bus = bus
+
+    def read(self, offset: int, size: int) -> int:
+        devfn, reg = offset >> 12, offset & 0xFFF
+        with self.bus._lock:
+            fn = self.bus.functions.get(devfn)
+            if fn is None or reg + size > CONFIG_SIZE:
+                return (1 << (8 * size)) - 1
+            return fn.get(reg, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        devfn, reg = offset >> 12, offset & 0xFFF
+        with self.bus._lock:
+            fn = self.bus.functions.get(devfn)
+            if fn is not None and reg < CONFIG_SIZE:
+                self.bus.config_write(fn, reg, min(size, CONFIG_SIZE - reg), value)
