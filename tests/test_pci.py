@@ -337,13 +337,13 @@ def pci_yaml(tmp_path: Path) -> Path:
 
 def test_firmware_enumerates_bus_0_and_runs_the_testdev(tmp_path):
     run = run_hvm("run", str(pci_yaml(tmp_path)), "--device", "pci-testdev", "--timeout", "10", timeout=60)
-    assert run.status == 1, run.err
+    assert run.status == 1, run.stderr
     assert run.out == FIRMWARE_OUT
 
 
 def test_firmware_without_pci_testdev_sees_the_host_bridge_only(tmp_path):
     run = run_hvm("run", str(pci_yaml(tmp_path)), "--machine", "pc", "--timeout", "10", timeout=60)
-    assert run.status == 1, run.err
+    assert run.status == 1, run.stderr
     assert run.out == ("pci 00:00.0 8086:1237 class 060000\nbus1 ffffffff disabled ffffffff\n"
                        "ecam 12378086 ffffffff ffffffff\n")
 
@@ -435,3 +435,10 @@ def test_kut_vmexit_measures_every_pci_testdev_test(tmp_path, bar, kind):
     for test in ("no-eventfd", "wildcard-eventfd", "datamatch-eventfd"):
         line = next(l for l in proc.stdout.splitlines() if l.startswith(f"{kind}-{test}:{bar} "))
         assert int(line.split()[1]) > 0
+
+
+def test_cli_pci_testdev_on_machine_none_is_one_line_status_2(tmp_path):
+    run = run_hvm("run", str(pci_yaml(tmp_path)), "--machine", "none", "--device", "pci-testdev", "--timeout", "5",
+                  timeout=60)
+    assert run.status == 2
+    assert run.stderr == "hvm: --device pci-testdev: a PCI device: it needs machine: pc (the PCI bus is the PC's)\n"
