@@ -30,6 +30,7 @@ from hvm.mmio import registry
 from hvm.mmio.acpi_pm import PM_BASE, PM_LEN, SCI_IRQ, AcpiPm
 from hvm.mmio.fw_cfg import FW_CFG_PORT, FwCfg
 from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
+from hvm.mmio.pci import ECAM_BASE, ECAM_SIZE, PCI_CONFIG_LEN, PCI_CONFIG_PORT, PciBus, PciEcam
 from hvm.mmio.registry import DeviceConfig, DeviceContext, VirtioSlot
 from hvm.mmio.rtc import RTC_IRQ, RTC_LEN, RTC_PORT, Rtc
 from hvm.vcpu import VcpuThread, apply_boot_state, cpuid_for_vcpu
@@ -115,7 +116,16 @@ def build_pc(m: "Machine") -> None:
         kbc = I8042(m._cpu_reset)
         m.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
         m.pio.register(I8042_CMD_PORT, 1, kbc.port(I8042_CMD_PORT))
+        # PCI bus 0 with the host bridge, as on QEMU's pc machine (hvm/mmio/pci.py)
+        m.pci = PciBus(m.pio, m.mmio, [(r.gpa, r.size) for r in mem.regions])
+        m.pio.register(PCI_CONFIG_PORT, PCI_CONFIG_LEN, m.pci)
+        m.mmio.register(ECAM_BASE, ECAM_SIZE, PciEcam(m.pci))
     create_devices(m, irq_setter)
+    if m.pci is not None:
+        try:   # the firmware's part: every device is on the bus now
+            m.pci.assign_bars()
+        except ValueError as e:
+            raise BootError(str(e)) from None
 
     hidden = m.host.hidden_features + (m.host.smp_hidden_features if spec.vcpus > 1 else [])
     raw_cpuid = m.kvm.supported_cpuid()
@@ -162,7 +172,7 @@ def create_devices(m: "Machine", irq_setter: Callable[[int, int], None] | None) 
         ctx = DeviceContext(name=d.name, index=d.index, memory=m.memory, console=m.console, pio=m.pio,
                             mmio=m.mmio, slot=slots.get(id(d)), irq_line=lambda irq: IrqLine(irq, irq_setter),
                             on_close=m.device_closers.append, set_console_input=set_console_input,
-                            irq_setter=irq_setter, ioevent=ioevent, machine=m)
+                            irq_setter=irq_setter, ioevent=ioevent, machine=m, pci=m.pci)
         device = dt.create(ctx, d.values)
         m.devices[d.name] = device
 
@@ -179,7 +189,7 @@ def write_tables(m: "Machine", mem: GuestMemory) -> None:
     # instead of the command line). `virtio_cmdline: false` makes the DSDT the only description.
     in_dsdt = [] if virtio_on_cmdline(spec) else slots
     write_acpi_tables(mem, spec.vcpus, PM_BASE, virtio_slots=[(s.base, s.size, s.irq) for s in in_dsdt],
-                      level_irqs=[s.irq for s in slots])
+                      level_irqs=[s.irq for s in slots], pci_host=True)
     # the same CPUs and interrupts for guests without ACPI
     write_mp_table(mem, spec.vcpus, level_irqs=[s.irq for s in slots])
 

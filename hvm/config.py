@@ -541,7 +541,8 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if machine == "auto":
         # A kernel gets a PC (as QEMU's -kernel does); a flat image gets a bare machine, so that its
         # `cli; hlt` reaches hvm and ends the VM, unless it has several vCPUs to start.
-        machine = "pc" if isinstance(boot, KernelBoot) or vcpus > 1 else "none"
+        # A PCI device (pci-testdev) needs the PC's PCI bus: asking for one asks for a PC.
+        machine = "pc" if isinstance(boot, KernelBoot) or vcpus > 1 or _wants_pci(top.get("devices")) else "none"
     irqchip = _on_off(top, "irqchip", machine == "pc")
     if vcpus > 1 and not irqchip:
         raise top.error("irqchip", f"{vcpus} vCPUs need the in-kernel irqchip (to start the other CPUs)")
@@ -581,6 +582,9 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
             debug_exit = DebugExitSpec(df.int("port", 0xF4, 0, 0xFFFF - size + 1), size)
 
     device_list = _registry_devices(devices, base, irqchip)
+    for d in device_list:
+        if machine != "pc" and getattr(registry.lookup(d.type), "pci", False):
+            raise devices.error(d.type, "a PCI device: it needs machine: pc (the PCI bus is the PC's)")
     _check_port_overlaps(devices, serial, debug_exit, device_list)
     virtio_cmdline = _on_off(top, "virtio_cmdline", True)
 
@@ -618,6 +622,14 @@ def parse_devices(mapping: Any, source: str = "Python", irqchip: bool = True,
     description. Relative paths are relative to `base` (default: the current directory)."""
     fields = _Fields(source, mapping, "devices", tuple(registry.device_types()), {})
     return _registry_devices(fields, Path.cwd() if base is None else base, irqchip)
+
+
+def _wants_pci(raw: Any) -> bool:
+    """Whether a `devices:` mapping (not validated yet) asks for a PCI device."""
+    if not isinstance(raw, dict):
+        return False
+    return any(v not in (None, False) and getattr(registry.device_types().get(str(k)), "pci", False)
+               for k, v in raw.items())
 
 
 def device_keys() -> tuple[str, ...]:

@@ -160,6 +160,7 @@ class Machine:
         self.uart: SerialUart | None = None
         self.acpi_pm: AcpiPm | None = None   # machine: pc only (its power button is system_powerdown's)
         self.rtc: Rtc | None = None          # machine: pc only (its alarm wakes the machine)
+        self.pci = None                       # machine: pc only: PCI bus 0 (hvm/mmio/pci.py PciBus)
         # Registry devices (hvm/builder.py) by instance name, what they asked to run at close (LIFO), and
         # the device that takes the console's input instead of the UART (virtio-console): (feed, pending, release).
         self.devices: dict[str, object] = {}

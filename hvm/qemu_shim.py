@@ -205,9 +205,7 @@ def translate(argv: list[str]) -> list[str]:
         elif a == "-device":
             v = value()
             name = v.split(",")[0]
-            if name == "pci-testdev":
-                pass  # not emulated: guests find no PCI device and skip what needs it
-            elif name in ("virtio-serial-device", "virtio-serial"):
+            if name in ("virtio-serial-device", "virtio-serial"):
                 serial_bus = True   # the bus a virtconsole sits on: hvm's virtio-console is both
             elif name == "virtconsole":
                 if not serial_bus:

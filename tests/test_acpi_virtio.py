@@ -229,7 +229,8 @@ def test_builder_passes_the_registry_slots():
     spec = parse_spec({"memory": "64M", "timeout": 5, "machine": "pc",
                        "devices": {"virtio-rng": True, "virtio-console": True}, "boot": {"image": str(image)}})
     dsdt, madt, _ = _machine_tables(spec)
-    assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML + virtio_mmio_aml([SLOT0, SLOT1])
+    assert dsdt[36:] == (acpi.S3_AML + acpi.S5_AML + acpi.pci_host_aml() + acpi.ecam_reserve_aml()
+                         + virtio_mmio_aml([SLOT0, SLOT1]))
     assert struct.pack("<BBBBIH", 2, 10, 0, 5, 5, 0x000D) in madt
     assert struct.pack("<BBBBIH", 2, 10, 0, 6, 6, 0x000D) in madt
 
@@ -249,9 +250,9 @@ def test_linux_gets_one_description_of_each_device(virtio_cmdline, built_linux):
     dsdt, madt, _ = _machine_tables(spec)
     assert struct.pack("<BBBBIH", 2, 10, 0, 5, 5, 0x000D) in madt
     if virtio_cmdline:
-        assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML
+        assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML + acpi.pci_host_aml() + acpi.ecam_reserve_aml()
     else:
-        assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML + virtio_mmio_aml([SLOT0])
+        assert dsdt[36:] == acpi.S3_AML + acpi.S5_AML + acpi.pci_host_aml() + acpi.ecam_reserve_aml() + virtio_mmio_aml([SLOT0])
 
 
 # --- iasl --------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ from hvm.mmio.debugcon import DebugCon
 from hvm.mmio.device import DeviceStateError, IrqLine
 from hvm.mmio.fw_cfg import FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE, FwCfg
 from hvm.mmio.i8042 import I8042, I8042_CMD_PORT, I8042_DATA_PORT
+from hvm.mmio.bus import MmioBus, PioBus
+from hvm.mmio.pci import ECAM_SIZE, PciBus, PciEcam
+from hvm.mmio.pci_testdev import PciTestDev
 from hvm.mmio.pvconsole import PvConsole
 from hvm.mmio.rtc import Rtc
 from hvm.mmio.testdev import PcTestDev, PcTestDevIrq
@@ -122,11 +125,30 @@ def pc_testdev_irq_rig(now=None) -> Rig:
     return rig
 
 
+def pci_rig(now=None) -> Rig:
+    """PCI bus 0 with a pci-testdev, BARs assigned; the guest reaches ports 0xCF8-0xCFF and both BARs."""
+    pio, mmio = PioBus(), MmioBus()
+    bus = PciBus(pio, mmio, [(0, 16 << 20)])
+    pio.register(0xCF8, 8, bus)
+    dev = PciTestDev()
+    bus.add(dev)
+    bus.assign_bars()
+    return Rig(bus, [(bus, 8), (dev.bars[0].region, 4096), (dev.bars[1].region, 256)])
+
+
+def pci_ecam_rig(now=None) -> Rig:
+    """The ECAM window: no state of its own (the PciBus it writes through has it)."""
+    bus = pci_rig().dev
+    ecam = PciEcam(bus)
+    return Rig(ecam, [(ecam, ECAM_SIZE)])
+
+
 # Every device class in hvm/mmio/ with its rig. A device class missing here fails test_every_device_has_a_rig.
 RIGS: dict[str, Callable[..., Rig]] = {
     "SerialUart": uart_rig, "Rtc": rtc_rig, "_Port": i8042_rig, "AcpiPm": acpi_rig, "FwCfg": fw_cfg_rig,
     "DebugExit": debug_exit_rig, "DebugCon": debugcon_rig, "PvConsole": pvconsole_rig,
-    "PcTestDev": pc_testdev_rig, "PcTestDevIrq": pc_testdev_irq_rig,
+    "PcTestDev": pc_testdev_rig, "PcTestDevIrq": pc_testdev_irq_rig, "PciBus": pci_rig,
+    "PciEcam": pci_ecam_rig,
 }
 # The RTC reads host wall-clock time plus the guest's offset: a restored one is compared at the same host
 # time. The PM timer counts on from its saved value whatever the new host's clock says.
@@ -378,10 +400,21 @@ def pc_testdev_busy() -> Rig:
     return rig
 
 
+def pci_busy() -> Rig:
+    rig = pci_rig()
+    bus, bar0 = rig.dev, rig.targets[1][0]
+    bus.write(0, 4, 0x8000_0810)
+    bus.write(4, 4, 0xC800_0000)          # BAR0 moved
+    bar0.write(0, 1, 1)                   # test 1 runs
+    bar0.write(0x801, 1, 0)
+    return rig
+
+
 BUSY: dict[str, Callable[[], Rig]] = {
     "SerialUart": uart_busy, "Rtc": rtc_busy, "_Port": i8042_busy, "AcpiPm": acpi_busy, "FwCfg": fw_cfg_busy,
-    "PcTestDev": pc_testdev_busy, "PcTestDevIrq": pc_testdev_irq_busy,
+    "PcTestDev": pc_testdev_busy, "PcTestDevIrq": pc_testdev_irq_busy, "PciBus": pci_busy,
     "DebugExit": debug_exit_rig, "DebugCon": debugcon_rig, "PvConsole": pvconsole_rig,    # no state to reach
+    "PciEcam": pci_ecam_rig,
 }
 
 
@@ -397,6 +430,8 @@ def bad_values(key, value):
         return [True, "1", 1.0, 1 << 70, -(1 << 70), [1]] + ([] if key in OPTIONAL else [None])
     if isinstance(value, bytes):
         return [bytes(1 << 17), "text", 7, None, bytearray(1), list(value[:2])]
+    if isinstance(value, dict):
+        return [{}, None, [value], "text", 7, {**value, "bogus": value}]
     raise AssertionError(f"unexpected value type {type(value)}")
 
 
@@ -608,16 +643,17 @@ def test_every_device_of_a_pc_machine_saves_and_loads_into_a_new_machine(tmp_pat
         # the i8042 command byte, PM1 enable, testdev scratch and an IRQ line
         for port, size, value in ((0x3FB, 1, 0x83), (0x3F8, 1, 0x01), (0x3FB, 1, 0x03), (0x3FA, 1, 0xC7),
                                   (0x3FF, 1, 0x77), (0x70, 1, 0x20), (0x71, 1, 0x99), (0x510, 2, 0x05),
-                                  (0x64, 1, 0x20), (0x602, 2, 0x0100), (0xE0, 4, 0x12345678), (0x2005, 1, 1)):
+                                  (0x64, 1, 0x20), (0x602, 2, 0x0100), (0xE0, 4, 0x12345678), (0x2005, 1, 1),
+                                  (0xCF8, 4, 0x8000_000C), (0xCFD, 1, 0x40)):   # host bridge latency timer
             a.pio.write(port, size, value)
         assert a.pio.read(0x511, 1) == 1            # fw_cfg NB_CPUS, first byte
         a.acpi_pm.press_power_button()
         saved = machine_states(a)
         assert set(saved) == {"port:0x3f8", "port:0xf4", "port:0x510", "port:0x600", "port:0x70", "port:0x60",
-                              "port:0x64", "port:0xe9", "port:0xe00", "port:0xe0", "port:0x2000"}
+                              "port:0x64", "port:0xe9", "port:0xe00", "port:0xe0", "port:0x2000", "port:0xcf8"}
         changed = {k for k in saved if without_time(saved)[k] != without_time(fresh)[k]}
         assert changed == {"port:0x3f8", "port:0x510", "port:0x600", "port:0x70", "port:0x60", "port:0x64",
-                           "port:0xe0", "port:0x2000"}
+                           "port:0xe0", "port:0x2000", "port:0xcf8"}
         devices_b = {f"{b.pio.kind}:{r.base:#x}": r.device for r in b.pio.ranges}
         for key, state in saved.items():
             devices_b[key].load(state)

@@ -99,7 +99,8 @@ UPSTREAM_PREFIX = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_p
 def test_qemu_shim_translation():
     args = translate(UPSTREAM_PREFIX + ["-kernel", "x.flat", "-smp", "2", "-append", "ipi", "-machine", "pit=off"])
     assert args == ["run", "--quiet", "--machine", "pc", "--serial", "none", "--device", "pc-testdev",
-                    "--device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "--serial", "stdio", "--kernel", "x.flat",
+                    "--device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "--serial", "stdio",
+                    "--device", "pci-testdev", "--kernel", "x.flat",
                     "--vcpus", "2", "--append", "ipi", "--no-pit"]
 
 

@@ -129,6 +129,70 @@ def virtio_mmio_aml(slots: Sequence[tuple[int, int, int]]) -> bytes:
     return aml_scope(bytes([ROOT_CHAR]) + aml_nameseg("_SB_"), devices)
 
 
+def eisa_id(text: str) -> int:
+    """EisaId ("PNP0A03"): three letters packed 5 bits each (big-endian) and four hex digits, as a DWord."""
+    c = [ord(ch) - 0x40 for ch in text[:3]]
+    packed = ((c[0] << 10) | (c[1] << 5) | c[2]).to_bytes(2, "big") + bytes.fromhex(text[3:])
+    return int.from_bytes(packed, "little")
+
+
+def word_address(kind: int, lo: int, hi: int, type_flags: int = 0) -> bytes:
+    """WordBusNumber/WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, lo, hi): large item 0x88,
+    length 13 (6.4.3.5.3). kind: 1 I/O, 2 bus numbers; general flags 0x0C: MinFixed | MaxFixed, producer."""
+    return struct.pack("<BHBBBHHHHH", 0x88, 13, kind, 0x0C, type_flags, 0, lo, hi, 0, hi - lo + 1)
+
+
+def dword_memory(lo: int, hi: int, cacheable: bool) -> bytes:
+    """DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, Cacheable|NonCacheable, ReadWrite):
+    large item 0x87, length 23 (6.4.3.5.2); type-specific flags: bit 0 read-write, bits 2:1 caching."""
+    return struct.pack("<BHBBBIIIII", 0x87, 23, 0, 0x0C, 0x01 | (0x02 if cacheable else 0), 0, lo, hi, 0,
+                       hi - lo + 1)
+
+
+def io_port(base: int, length: int) -> bytes:
+    """IO (Decode16, base, base, 1, length): small item 0x47 (6.4.2.5)."""
+    return struct.pack("<BBHHBB", 0x47, 0x01, base, base, 1, length)
+
+
+# The windows PCI0's _CRS gives the bus: as QEMU's pc DSDT, but the 32-bit memory window is only the one
+# hvm assigns BARs from (hvm/mmio/pci.py MEM_WINDOW): the virtio-mmio slots at 0xd0000000 stay outside it.
+PCI_MEM_WINDOW = (0xC000_0000, 0xCFFF_FFFF)
+
+
+def pci_host_aml() -> bytes:
+    """Scope (\\_SB) { Device (PCI0) { _HID EisaId ("PNP0A03"), _ADR 0, _UID 0, _CRS { bus 0-0xff,
+    the config ports 0xCF8-0xCFF, I/O 0-0xcf7 and 0xd00-0xffff, VGA memory 0xa0000-0xbffff, the 32-bit
+    window } }: the root bridge Linux's ACPI PCI driver scans (with ACPI IRQ routing, x86 Linux scans only
+    the root bridges ACPI describes). No _PRT: no device on the bus has an interrupt pin yet."""
+    crs = resource_template(word_address(2, 0, 0xFF), io_port(0xCF8, 8),
+                            word_address(1, 0, 0xCF7, 0x03), word_address(1, 0xD00, 0xFFFF, 0x03),
+                            dword_memory(0xA0000, 0xBFFFF, True), dword_memory(*PCI_MEM_WINDOW, False))
+    device = aml_device("PCI0", aml_name("_HID", aml_integer(eisa_id("PNP0A03")))
+                        + aml_name("_ADR", aml_integer(0)) + aml_name("_UID", aml_integer(0))
+                        + aml_name("_CRS", aml_buffer(crs)))
+    return aml_scope(bytes([ROOT_CHAR]) + aml_nameseg("_SB_"), device)
+
+
+# The ECAM window of bus 0 (hvm/mmio/pci.py ECAM_BASE/ECAM_SIZE): the MCFG table points at it and a
+# motherboard-resources device (PNP0C02) reserves it, which Linux requires before it uses MMCONFIG.
+ECAM_BASE, ECAM_SIZE = 0xE000_0000, 1 << 20
+
+
+def ecam_reserve_aml() -> bytes:
+    """Scope (\\_SB) { Device (PCIR) { _HID EisaId ("PNP0C02"), _UID 1, _CRS { Memory32Fixed (ReadOnly,
+    ECAM_BASE, ECAM_SIZE) } } }."""
+    crs = resource_template(memory32_fixed(ECAM_BASE, ECAM_SIZE, writable=False))
+    device = aml_device("PCIR", aml_name("_HID", aml_integer(eisa_id("PNP0C02")))
+                        + aml_name("_UID", aml_integer(1)) + aml_name("_CRS", aml_buffer(crs)))
+    return aml_scope(bytes([ROOT_CHAR]) + aml_nameseg("_SB_"), device)
+
+
+def mcfg_body() -> bytes:
+    """MCFG (PCI Firmware spec 3.x 4.1.2): 8 reserved bytes, then one allocation: base, segment 0,
+    buses 0-0 (the window is ECAM_SIZE: bus 0 only)."""
+    return bytes(8) + struct.pack("<QHBBI", ECAM_BASE, 0, 0, (ECAM_SIZE >> 20) - 1, 0)
+
+
 def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
@@ -171,10 +235,10 @@ def madt_body(cpus: int, level_irqs: Sequence[int] = ()) -> bytes:
 
 def write_acpi_tables(mem: GuestMemory, cpus: int, pm_base: int,
                       virtio_slots: Sequence[tuple[int, int, int]] = (),
-                      level_irqs: Sequence[int] | None = None) -> dict[str, int]:
+                      level_irqs: Sequence[int] | None = None, pci_host: bool = False) -> dict[str, int]:
     """Write the tables; return their addresses by signature. `virtio_slots`: (base, size, irq) of each
     virtio-mmio device the DSDT describes; `level_irqs` (default: those slots' IRQs) get level-triggered,
-    active-high interrupt source overrides in the MADT."""
+    active-high interrupt source overrides in the MADT; `pci_host`: the DSDT has the PCI0 root bridge."""
     if level_irqs is None:
         level_irqs = [irq for _, _, irq in virtio_slots]
     addr = ACPI_BASE + 0x40                       # RSDP first, then the tables, 64-byte aligned
@@ -190,10 +254,14 @@ def write_acpi_tables(mem: GuestMemory, cpus: int, pm_base: int,
 
     facs = put("FACS", struct.pack("<4sIIIII", b"FACS", 64, 0, 0, 0, 0).ljust(64, b"\0"))
     assert facs == FACS_ADDR
-    dsdt = put("DSDT", _table(b"DSDT", 1, S3_AML + S5_AML + virtio_mmio_aml(virtio_slots)))
+    pci_aml = pci_host_aml() + ecam_reserve_aml() if pci_host else b""
+    dsdt = put("DSDT", _table(b"DSDT", 1, S3_AML + S5_AML + pci_aml + virtio_mmio_aml(virtio_slots)))
     fadt = put("FACP", _table(b"FACP", 1, fadt_body(facs, dsdt, pm_base)))
     madt = put("APIC", _table(b"APIC", 1, madt_body(cpus, level_irqs)))
-    rsdt = put("RSDT", _table(b"RSDT", 1, struct.pack("<II", fadt, madt)))
+    tables = [fadt, madt]
+    if pci_host:
+        tables.append(put("MCFG", _table(b"MCFG", 1, mcfg_body())))
+    rsdt = put("RSDT", _table(b"RSDT", 1, struct.pack(f"<{len(tables)}I", *tables)))
     rsdp = struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt)
     rsdp = rsdp[:8] + bytes([_checksum(rsdp)]) + rsdp[9:]
     mem.write(ACPI_BASE, rsdp)

@@ -122,8 +122,23 @@ class _Bus:
             for listener in self.listeners:   # after the routes are in place
                 listener.claimed(base, length)
 
+    def unregister(self, base: int, device: Device) -> None:
+        """Remove the range at `base` registered for `device` (a PCI BAR that moves or stops decoding):
+        its addresses go back to the miss path. A listener that was told the range is claimed keeps
+        sending its accesses to Python, where they are served as misses (correct, just not short-cut)."""
+        with self._route_lock:
+            i = bisect.bisect_left(self._bases, base)
+            if i >= len(self.ranges) or self.ranges[i].base != base or self.ranges[i].device is not device:
+                raise BusError(f"{self.kind} {base:#x}: no range of {device.name} there to remove")
+            r = self.ranges.pop(i)
+            del self._bases[i]
+            self._uninstall(r.base, r.length)
+
     def _install(self, base: int, length: int, device: Device) -> None:
         """Route [base, base+length) to the device in the bus's fast lookup structures."""
+
+    def _uninstall(self, base: int, length: int) -> None:
+        """Route [base, base+length) back to the miss path."""
 
     def find(self, addr: int) -> BusRange | None:
         i = bisect.bisect(self._bases, addr) - 1
@@ -352,6 +367,12 @@ class PioBus(_Bus, _PioAccess):
             self._handlers[port] = pair
             self._offsets[port] = port - base
 
+    def _uninstall(self, base: int, length: int) -> None:
+        miss = (self._miss_read, self._miss_write)
+        for port in range(base, base + length):
+            self._handlers[port] = miss
+            self._offsets[port] = port
+
     def _own_hits(self) -> dict[int, int]:
         return {port: n for port, n in enumerate(self._hits) if n}
 
@@ -423,6 +444,9 @@ class MmioBus(_Bus, _MmioAccess):
         self._other_route = (self._other_read, self._other_write, OTHER, OTHER)
 
     def _install(self, base: int, length: int, device: Device) -> None:
+        self._routes.clear()
+
+    def _uninstall(self, base: int, length: int) -> None:
         self._routes.clear()
 
     def _route(self, addr: int) -> tuple:

@@ -87,6 +87,7 @@ class DeviceType:
     uses_console: bool = False                 # writes to the console (then it is the terminal without a UART)
     snapshot: bool = True                      # False: the VM cannot be snapshotted with it (host files, fds)
     requires_irqchip: bool = False             # raises interrupts that mean nothing without the irqchip
+    pci: bool = False                          # a PCI function on the pc machine's bus 0 (ctx.pci; machine: pc)
 
     def prop(self, name: str) -> Prop | None:
         for p in self.props:
@@ -128,13 +129,16 @@ class DeviceContext:
     # thread without an exit to hvm (KVM_IOEVENTFD, hvm/ioevents.py); False where that is not available.
     ioevent: Callable[[int, int, int | None, Callable[[], None]], bool] | None = None
     machine: Any = field(default=None, repr=False)
+    # The pc machine's PCI bus 0 (hvm/mmio/pci.py): a `pci=True` device adds its PciFunction with
+    # ctx.pci.add(); the machine assigns the BARs once every device is created. None on machine: none.
+    pci: Any = None
 
 
 _types: dict[str, DeviceType] | None = None
 _names: dict[str, DeviceType] = {}
 _lock = threading.Lock()
 _PACKAGES = ("hvm.mmio", "hvm.mmio.virtio")
-_NOT_DEVICES = {"registry", "bus", "device"}
+_NOT_DEVICES = {"registry", "bus", "device", "pci"}
 
 
 def _discover() -> dict[str, DeviceType]:
