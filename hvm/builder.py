@@ -22,7 +22,8 @@ from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.boot.mptable import write_mp_table
 from hvm.config import FlatBoot, KernelBoot, VmSpec
-from hvm.host import hide_features
+from hvm.cpu_model import CpuModelError, apply_cpu_model, check_cpu
+from hvm.host import hide_features, host_cpu_flags
 from hvm.kvm import Kvm, install_kick_handler
 from hvm.memory import GuestMemory
 from hvm.mmio import DebugExit, IrqLine, SerialUart
@@ -115,7 +116,14 @@ def build_pc(m: "Machine") -> None:
     create_devices(m, irq_setter)
 
     hidden = m.host.hidden_features + (m.host.smp_hidden_features if spec.vcpus > 1 else [])
-    supported = hide_features(m.kvm.supported_cpuid(), hidden)
+    kvm_supported = m.kvm.supported_cpuid()
+    supported = hide_features(kvm_supported, hidden)
+    if spec.cpu is not None:
+        try:
+            check_cpu(spec.cpu, kvm_supported, hidden, m.host.honours_clear, host_cpu_flags())
+        except CpuModelError as e:
+            raise BootError(f"cpu {spec.cpu}: {e}") from None
+    supported = apply_cpu_model(supported, spec.cpu)
     for index in range(spec.vcpus):
         vcpu = vm.create_vcpu(index)
         m.vcpus.append(vcpu)

@@ -49,6 +49,22 @@ PVM_SMP_HIDDEN_FEATURES = [
 ]
 
 
+# What of hvm's CPUID the kvm_pvm backend lets a guest see, measured with firmware/cpuid64.S (every feature bit of
+# leaves 1, 7.0 and 0x80000001 cleared, then set): the vendor (leaf 0) and leaf 0x80000001 are the VMM's; of
+# leaf 1 only the bits KVM emulates itself (x2apic, tsc-deadline) can be cleared, the guest reads the others
+# from the host CPU; leaf 7.0 is the host's whatever hvm sets. So `-cpu ...,-feature` is refused for the rest
+# (hvm/cpu_model.py) unless the host lacks the feature anyway. Leaves not measured count as not honoured.
+PVM_CPUID_CLEARABLE = {(1, "ecx", 21), (1, "ecx", 24)}
+PVM_CPUID_CLEARABLE_LEAVES = {0x80000001}
+
+
+def cpuid_clear_honoured(backend: str, leaf: int, reg: str, bit: int) -> bool:
+    """Whether a CPUID feature bit hvm clears is really gone for the guest on this backend."""
+    if backend != "kvm_pvm":
+        return True    # hardware-assisted KVM gives the guest exactly the CPUID the VMM sets
+    return leaf in PVM_CPUID_CLEARABLE_LEAVES or (leaf, reg, bit) in PVM_CPUID_CLEARABLE
+
+
 @dataclass(frozen=True)
 class HostProfile:
     backend: str                       # "kvm_pvm", "vmx", "svm" or "unknown"
@@ -56,6 +72,9 @@ class HostProfile:
     hidden_features: list = field(default_factory=list)
     linux_cmdline: list[str] = field(default_factory=list)
     smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
+
+    def honours_clear(self, leaf: int, reg: str, bit: int) -> bool:
+        return cpuid_clear_honoured(self.backend, leaf, reg, bit)
 
     def describe(self) -> str:
         if self.backend == "kvm_pvm":
@@ -72,6 +91,11 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def host_cpu_flags() -> set[str]:
+    """The host CPU's feature flags as Linux names them (/proc/cpuinfo)."""
+    return _cpu_flags()
 
 
 def detect() -> HostProfile:

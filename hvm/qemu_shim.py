@@ -8,6 +8,7 @@ import os
 import sys
 
 from hvm.cli import main as hvm_main
+from hvm.cli import quiet_broken_pipe
 from hvm.mmio import registry
 
 VERSION = "QEMU emulator version 7.2.0 (hvm-qemu: hvm's QEMU command-line shim)"
@@ -222,6 +223,8 @@ def translate(argv: list[str]) -> list[str]:
                     elif key not in ("id", "name", "nr"):
                         raise ShimError(f"-device virtconsole: {key}: property not supported by hvm")
                 out += ["--device", "virtio-console"]
+            elif name in ("intel-iommu", "edu", "amd-iommu", "virtio-iommu", "virtio-iommu-pci"):
+                raise ShimError(f"-device {name}: not a device hvm has (hvm has no IOMMU and no 'edu' PCI device)")
             elif name == "isa-debug-exit" or registry.lookup(name) is not None:
                 out += ["--device", v]     # the device registry: QEMU's names are its aliases
             else:
@@ -230,8 +233,12 @@ def translate(argv: list[str]) -> list[str]:
             for opt in value().split(","):
                 if opt == "pit=off":
                     out.append("--no-pit")
-                elif opt in ("pc", "q35", "accel=kvm", "pit=on") or opt.startswith("accel="):
+                elif opt in ("pc", "accel=kvm", "pit=on") or opt.startswith("accel="):
                     continue
+                elif opt.startswith("q35") or opt.startswith("pc-q35") or opt == "type=q35":
+                    # q35 is another chipset (ICH9, PCIe, no ISA PIIX): the guest would be told a machine
+                    # hvm does not have
+                    raise ShimError(f"-machine {opt}: hvm emulates the i440FX-era 'pc' machine only, not q35")
                 else:
                     raise ShimError(f"-machine {opt}: not supported by hvm")
         elif a == "-qmp":
@@ -242,7 +249,7 @@ def translate(argv: list[str]) -> list[str]:
         elif a == "-S":
             out.append("-S")     # frozen until a QMP `cont`
         elif a == "-cpu":
-            value()  # hvm always gives the guest the host's supported CPUID
+            out += ["--cpu", value()]   # checked against KVM and the backend before the kernel (check_cpu_arg)
         elif a == "-chardev":
             backend, *opts = value().split(",")
             for opt in opts:
@@ -264,6 +271,29 @@ def translate(argv: list[str]) -> list[str]:
         elif backend != "null":
             raise ShimError(f"-chardev {backend}: hvm-qemu gives a virtconsole stdio or null only")
     return out + net_args + blk_args
+
+
+def check_cpu_arg(value: str) -> None:
+    """The -cpu value refused now, as QEMU refuses a bad -cpu before it looks at the kernel: upstream's runner
+    first runs the VMM with a kernel that does not exist and SKIPs the test if the error is anything else."""
+    from hvm.cpu_model import CpuModelError, check_cpu, parse_cpu
+    from hvm.host import detect, host_cpu_flags
+    from hvm.kvm import Kvm
+
+    try:
+        cpu = parse_cpu(value)
+    except CpuModelError as e:
+        raise ShimError(f"-cpu {value[:100]}: {e}") from None
+    host = detect()
+    try:
+        with Kvm() as kvm:
+            supported = kvm.supported_cpuid()
+    except OSError as e:    # KvmError is one; no /dev/kvm: hvm run then says so in its own words
+        raise ShimError(f"-cpu {value[:100]}: cannot ask KVM what it supports: {e}") from None
+    try:
+        check_cpu(cpu, supported, host.hidden_features, host.honours_clear, host_cpu_flags())
+    except CpuModelError as e:
+        raise ShimError(f"-cpu {value[:100]}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args = translate(argv)
+        if "--cpu" in args:
+            check_cpu_arg(args[args.index("--cpu") + 1])
         if "--kernel" in args:
             # Fail as QEMU does, in the words upstream's runner looks for.
             kernel = args[args.index("--kernel") + 1]
@@ -304,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    sys.exit(quiet_broken_pipe(main))
 
 
 if __name__ == "__main__":
