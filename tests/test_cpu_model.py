@@ -240,3 +240,19 @@ def test_no_broken_pipe_traceback(command):
         os.close(w)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
     assert proc.returncode in (0, 141)
+
+
+def test_what_the_backend_takes_matches_hosts_table(hvm, tmp_path):
+    """hvm/host.py's table of what kvm_pvm takes from hvm's CPUID, checked against the backend: qemu64 clears all of
+    leaf 7.0 and most of leaf 1; on kvm_pvm the guest still reads the host's there (so `-feature` of those is
+    refused), but x2apic/tsc-deadline and leaf 0x80000001 follow the model. A hardware-assisted host takes all."""
+    from hvm.host import detect
+
+    host = seen(run_cpuid(hvm, tmp_path))
+    model = seen(run_cpuid(hvm, tmp_path, "--cpu", "qemu64,-x2apic"))
+    assert int(model["80000001.ecx"], 16) & ~1 == 0                       # honoured everywhere
+    assert int(model["1.ecx"], 16) >> 21 & 1 == 0 and int(model["1.ecx"], 16) >> 24 & 1 == 0
+    if detect().backend == "kvm_pvm":
+        assert (model["7.ebx"], model["7.ecx"], model["1.edx"]) == (host["7.ebx"], host["7.ecx"], host["1.edx"])
+    else:
+        assert (model["7.ebx"], model["7.ecx"]) == ("00000000", "00000000")
