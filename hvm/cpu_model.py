@@ -88,6 +88,9 @@ MODELS: dict[str, ModelDef | None] = {
                            _bits("vme sse2 sse fxsr mmx clflush pse36 pat cmov mca pge mtrr sep apic cx8 mce pae msr "
                                  "tsc pse de fpu pni hypervisor lm nx syscall")),
 }
+# Leaf 1 EDX bits AMD CPUs repeat in leaf 0x80000001 EDX (QEMU's CPUID_EXT2_AMD_ALIASES): fpu..apic, mtrr..pse36,
+# mmx, fxsr. QEMU copies them for an AMD vendor.
+AMD_ALIASES = 0x0183F3FF
 MODEL_LEAVES = ((1, None, "ecx"), (1, None, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"),
                 (0x80000001, None, "ecx"), (0x80000001, None, "edx"), (0x80000008, None, "ebx"))
 
@@ -218,7 +221,18 @@ def apply_cpu_model(supported: list[dict], cpu: CpuSpec | None) -> list[dict]:
             e = _entry(out, key[0], key[1])
             if e is not None:
                 e[key[2]] &= model.features.get(key, 0)
+        # neither model has leaf 7's sub-leaves beyond 0 nor XSAVE state components (leaf 0xD)
+        out = [e for e in out if not (e["function"] == 7 and e["index"] > 0)]
+        for e in out:
+            if e["function"] == 7:
+                e["eax"] = 0
+            elif e["function"] == 0xD:
+                e["eax"] = e["ebx"] = e["ecx"] = e["edx"] = 0
     vendor = cpu.vendor or (model.vendor if model is not None else None)
+    if model is not None and vendor == "AuthenticAMD":
+        leaf1, ext1, kvm_ext1 = _entry(out, 1, None), _entry(out, 0x80000001, None), _entry(supported, 0x80000001, None)
+        if leaf1 is not None and ext1 is not None and kvm_ext1 is not None:
+            ext1["edx"] |= leaf1["edx"] & AMD_ALIASES & kvm_ext1["edx"]
     if vendor is not None:
         e = _entry(out, 0, None)
         if e is not None:
