@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: hvm-qemu [-kernel FILE] [-append ARGS] [-initrd FILE] [-smp N] [-m SIZE] "
                   "[-device pc-testdev|isa-debug-exit,...] [-device virtio-serial-device -device virtconsole[,chardev=ID]] "
                   "[-chardev stdio|null,id=ID] [-machine pit=off] [-serial stdio|none] "
+                  "[-cpu host|max|qemu64|Opteron_G1[,vendor=V][,+feat][,-feat]] "
                   "[-qmp unix:PATH,server=on,wait=off] [-S]")
         return 0
     if len(argv) == 2 and argv[0] == "-device" and argv[1] in ("?", "help"):
@@ -312,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
             for name in (*dt.aliases, dt.name):
                 if name not in DEVICES_HELP:
                     print(f'name "{name}", bus {"virtio-bus" if dt.virtio else "ISA"}, desc "{dt.help}"')
+        return 0
+    if len(argv) == 2 and argv[0] == "-cpu" and argv[1] in ("?", "help"):
+        from hvm.cpu_model import FEATURES, MODELS
+
+        print("Available CPUs:")
+        for name in MODELS:
+            print(f"x86 {name}")
+        print("\nRecognized CPUID flags:\n  " + " ".join(sorted(FEATURES)))
         return 0
     if len(argv) == 2 and argv[0] in ("-machine", "-M") and argv[1] in ("?", "help"):
         print("Supported machines are:\npc                   Standard PC (hvm)")

@@ -225,6 +225,13 @@ def test_shim_refuses_before_the_kernel_so_the_runner_skips(args, message):
     assert (r.returncode, r.stderr.strip()) == (2, message)
 
 
+def test_shim_lists_its_cpu_models():
+    r = shim("-cpu", "help")
+    assert r.returncode == 0 and r.stdout.splitlines()[:5] == ["Available CPUs:", "x86 host", "x86 max", "x86 qemu64",
+                                                               "x86 Opteron_G1"]
+    assert " x2apic " in r.stdout and " rdpru " in r.stdout
+
+
 def test_shim_accepts_a_cpu_it_can_give():
     r = shim("-cpu", "Opteron_G1,vendor=AuthenticAMD", "-kernel", "_NO_FILE_4Uhere_")
     assert r.returncode == 1 and "could not load kernel '_NO_FILE_4Uhere_'" in r.stderr
