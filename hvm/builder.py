@@ -23,7 +23,7 @@ from hvm.boot.bios import write_real_mode_ivt
 from hvm.boot.mptable import write_mp_table
 from hvm.config import FlatBoot, KernelBoot, VmSpec
 from hvm.cpu_model import CpuModelError, apply_cpu_model, check_cpu
-from hvm.host import hide_features, host_cpu_flags
+from hvm.host import guest_default_flags, hide_features
 from hvm.kvm import Kvm, install_kick_handler
 from hvm.memory import GuestMemory
 from hvm.mmio import DebugExit, IrqLine, SerialUart
@@ -120,7 +120,7 @@ def build_pc(m: "Machine") -> None:
     supported = hide_features(kvm_supported, hidden)
     if spec.cpu is not None:
         try:
-            check_cpu(spec.cpu, kvm_supported, hidden, m.host.honours_clear, host_cpu_flags())
+            check_cpu(spec.cpu, kvm_supported, hidden, m.host.honours_clear, guest_default_flags(m.host))
         except CpuModelError as e:
             raise BootError(f"cpu {spec.cpu}: {e}") from None
     supported = apply_cpu_model(supported, spec.cpu)

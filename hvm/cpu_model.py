@@ -186,7 +186,8 @@ def check_cpu(cpu: CpuSpec, kvm_supported: list[dict], hidden, honours, host_fla
     """Refuse a +feature KVM does not support or hvm hides here, and a -feature this backend does not let hvm
     hide while the guest would see it. `kvm_supported`: KVM_GET_SUPPORTED_CPUID; `hidden`: hvm's hidden
     features (hvm/host.py); `honours(leaf, reg, bit)`: whether the backend takes a cleared bit from hvm;
-    `host_flags`: /proc/cpuinfo's flags (where the backend does not take hvm's bits, the guest sees these)."""
+    `host_flags`: the flags (Linux's names) a guest sees where the backend does not take hvm's bits
+    (hvm/host.py guest_default_flags)."""
     hidden_names = {n.replace("_", "-") for *_, n in hidden}
     hidden_bits = {(leaf, reg, bit) for leaf, _sub, reg, bit, _n in hidden}
     for name, on in cpu.features:
@@ -195,7 +196,9 @@ def check_cpu(cpu: CpuSpec, kvm_supported: list[dict], hidden, honours, host_fla
         present = e is not None and e[reg] >> bit & 1
         if on and (not present or name in hidden_names or (leaf, reg, bit) in hidden_bits):
             raise CpuModelError(f"host doesn't support requested feature: {describe(name)}")
-        if not on and (present or linux_flag(name) in host_flags) and not honours(leaf, reg, bit):
+        # A cleared bit the backend does not take: the guest reads the backend's own view, the host's flags
+        # (`host_flags`, less what the backend keeps from every guest), whatever hvm's table says.
+        if not on and not honours(leaf, reg, bit) and linux_flag(name) in host_flags:
             raise CpuModelError(f"this KVM backend does not let hvm hide a feature the host has: {describe(name)} "
                                 "(the guest would still see it)")
 

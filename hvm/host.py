@@ -55,6 +55,9 @@ PVM_SMP_HIDDEN_FEATURES = [
 # from the host CPU; leaf 7.0 is the host's whatever hvm sets. So `-cpu ...,-feature` is refused for the rest
 # (hvm/cpu_model.py) unless the host lacks the feature anyway. Leaves not measured count as not honoured.
 PVM_CPUID_CLEARABLE = {(1, "ecx", 21), (1, "ecx", 24)}
+# ... and features of this host CPU the backend itself keeps from every guest, whatever the VMM sets (measured
+# the same way: the host's /proc/cpuinfo has them, no guest sees them). A -feature of these is no lie.
+PVM_BACKEND_HIDES = ("cx16", "pcid", "invpcid", "rdpid")
 PVM_CPUID_CLEARABLE_LEAVES = {0x80000001}
 
 
@@ -96,6 +99,15 @@ def _cpu_flags() -> set[str]:
 def host_cpu_flags() -> set[str]:
     """The host CPU's feature flags as Linux names them (/proc/cpuinfo)."""
     return _cpu_flags()
+
+
+def guest_default_flags(profile: "HostProfile") -> set[str]:
+    """The host flags (Linux's names) a guest sees where the backend does not take hvm's CPUID bits: the host
+    CPU's, less what the backend keeps from every guest."""
+    flags = _cpu_flags()
+    if profile.backend == "kvm_pvm":
+        flags -= set(PVM_BACKEND_HIDES)   # Linux names them as QEMU does
+    return flags
 
 
 def detect() -> HostProfile:

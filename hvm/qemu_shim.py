@@ -277,7 +277,7 @@ def check_cpu_arg(value: str) -> None:
     """The -cpu value refused now, as QEMU refuses a bad -cpu before it looks at the kernel: upstream's runner
     first runs the VMM with a kernel that does not exist and SKIPs the test if the error is anything else."""
     from hvm.cpu_model import CpuModelError, check_cpu, parse_cpu
-    from hvm.host import detect, host_cpu_flags
+    from hvm.host import detect, guest_default_flags
     from hvm.kvm import Kvm
 
     try:
@@ -291,7 +291,7 @@ def check_cpu_arg(value: str) -> None:
     except OSError as e:    # KvmError is one; no /dev/kvm: hvm run then says so in its own words
         raise ShimError(f"-cpu {value[:100]}: cannot ask KVM what it supports: {e}") from None
     try:
-        check_cpu(cpu, supported, host.hidden_features, host.honours_clear, host_cpu_flags())
+        check_cpu(cpu, supported, host.hidden_features, host.honours_clear, guest_default_flags(host))
     except CpuModelError as e:
         raise ShimError(f"-cpu {value[:100]}: {e}") from None
 

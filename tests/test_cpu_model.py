@@ -11,7 +11,7 @@ import pytest
 
 from conftest import FIRMWARE, ROOT, write_yaml
 from hvm.cpu_model import (FEATURES, CpuModelError, CpuSpec, apply_cpu_model, check_cpu, describe, parse_cpu)
-from hvm.host import cpuid_clear_honoured
+from hvm.host import PVM_BACKEND_HIDES, cpuid_clear_honoured
 from hvm.qemu_shim import translate
 
 INTEL = [int.from_bytes(b"GenuineIntel"[i:i + 4], "little") for i in (0, 4, 8)]   # ebx, edx, ecx
@@ -129,7 +129,8 @@ def test_check_refuses_unsupported_hidden_and_unhideable():
         check("max,+smap")                               # KVM has it, hvm hides it on this backend
     with pytest.raises(CpuModelError, match=re.escape("does not let hvm hide a feature the host has: "
                                                       "CPUID.01H:ECX.pcid [bit 17]")):
-        check("qemu64,-pcid")
+        check("qemu64,-pcid", {"pcid"})                  # the guest would read the host's pcid
+    check("qemu64,-pcid,-invpcid")                       # the backend keeps them from guests anyway
     regs(t, 7)["ebx"] &= ~(1 << 7)
     with pytest.raises(CpuModelError, match="smep"):
         check("max,-smep", {"smep"})                     # not in KVM's table, but the guest reads the host's
@@ -267,5 +268,9 @@ def test_what_the_backend_takes_matches_hosts_table(hvm, tmp_path):
     assert int(model["1.ecx"], 16) >> 21 & 1 == 0 and int(model["1.ecx"], 16) >> 24 & 1 == 0
     if detect().backend == "kvm_pvm":
         assert (model["7.ebx"], model["7.ecx"], model["1.edx"]) == (host["7.ebx"], host["7.ecx"], host["1.edx"])
+        # what the backend keeps from every guest (hvm/host.py PVM_BACKEND_HIDES): no guest sees it
+        for name in PVM_BACKEND_HIDES:
+            leaf, _sub, reg, bit = FEATURES[name]
+            assert int(host[f"{leaf:x}.{reg}"], 16) >> bit & 1 == 0, name
     else:
         assert (model["7.ebx"], model["7.ecx"]) == ("00000000", "00000000")
