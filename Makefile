@@ -9,7 +9,7 @@ FW := firmware
 FWB := $(FW)/build
 FLAT16 := hello ticker echo pvcon count rtc_irq s3
 FLAT32 := hello32 triple smp vcon vrng vblk pci
-FLAT64 := hello64 probe
+FLAT64 := hello64 probe testdev64 cpuid64
 FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf
 
 .PHONY: all firmware install run test test-fast bench clean docs-devices

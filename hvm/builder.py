@@ -22,7 +22,8 @@ from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.boot.mptable import write_mp_table
 from hvm.config import FlatBoot, KernelBoot, VmSpec
-from hvm.host import cpu_flags, guest_visible_cpuid, hide_features
+from hvm.cpu_model import CpuModelError, apply_cpu_model, check_cpu
+from hvm.host import cpu_flags, guest_default_flags, guest_visible_cpuid, hide_features
 from hvm.kvm import Kvm, install_kick_handler
 from hvm.memory import GuestMemory
 from hvm.mmio import DebugExit, IrqLine, SerialUart
@@ -130,6 +131,12 @@ def build_pc(m: "Machine") -> None:
     hidden = m.host.hidden_features + (m.host.smp_hidden_features if spec.vcpus > 1 else [])
     raw_cpuid = m.kvm.supported_cpuid()
     supported = hide_features(raw_cpuid, hidden)
+    if spec.cpu is not None:
+        try:
+            check_cpu(spec.cpu, raw_cpuid, hidden, m.host.honours_clear, guest_default_flags(m.host))
+        except CpuModelError as e:
+            raise BootError(f"cpu {spec.cpu}: {e}") from None
+    supported = apply_cpu_model(supported, spec.cpu)
     # The guest's CPUID: instructions hvm completes (hvm/vcpu/complete.py) read its feature bits here (with
     # the host's bits this backend shows the guest although hvm hid them: the guest's view is what counts).
     m.cpuid = guest_visible_cpuid(supported, hidden, m.host.hiding_ignored & cpu_flags(), raw_cpuid) \

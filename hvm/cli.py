@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Callable
 from pathlib import Path
 
 from hvm.boot import BootError
@@ -60,6 +61,8 @@ def _add_run_parser(sub) -> None:
                    help="add a virtio-blk disk on a raw image file (repeatable: vda, vdb, ...; QEMU's if=virtio, "
                         "id=, serial= accepted)")
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
+    p.add_argument("--cpu", metavar="MODEL[,vendor=V][,+feat][,-feat]",
+                   help="CPU model as QEMU's -cpu: host, max, qemu64, Opteron_G1 (docs/config.md)")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="run the script: steps in FILE (a YAML list) against the serial console, replacing the "
                         "config's (a failing step: exit status 8)")
@@ -313,7 +316,8 @@ def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None
     origins = {} if origins is None else origins
     over: dict = {}
     for attr, key, flag in (("memory", "memory", "--memory"), ("vcpus", "vcpus", "--vcpus"),
-                            ("timeout", "timeout", "--timeout"), ("machine", "machine", "--machine")):
+                            ("timeout", "timeout", "--timeout"), ("machine", "machine", "--machine"),
+                            ("cpu", "cpu", "--cpu")):
         value = getattr(args, attr)
         if value is not None:
             over[key] = value
@@ -426,7 +430,7 @@ def _line_break(machine: Machine) -> str:
 INCOMING_CONFLICTS = (("config", "a config file"), ("kernel", "--kernel"), ("append", "--append"),
                       ("initrd", "--initrd"), ("memory", "--memory"), ("vcpus", "--vcpus"), ("machine", "--machine"),
                       ("device", "--device"), ("netdev", "--netdev"), ("drive", "--drive"),
-                      ("no_pit", "--no-pit"))
+                      ("no_pit", "--no-pit"), ("cpu", "--cpu"))
 
 
 def _incoming_console(args: argparse.Namespace):
@@ -757,9 +761,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def quiet_broken_pipe(run: Callable[[], int]) -> int:
+    """run() with its output flushed; if the reader of stdout went away (`hvm --help | head -1`), the status a
+    shell gives a process SIGPIPE ended (141), with no traceback: what other command-line tools do."""
+    try:
+        status = run()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # Python would try to flush stdout again at exit and report the same error: point it at /dev/null
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
 def entry_point() -> None:
-    status = main()
-    sys.stdout.flush()
+    status = quiet_broken_pipe(main)
     # The process ends here: move every live object out of the collector's reach, so the interpreter's
     # final collections skip them (20-30 ms of a ~150 ms `hvm run`). Teardown itself still runs.
     gc.freeze()

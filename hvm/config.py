@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hvm.files import HostFileError, _describe, check_regular_input, expand_user
+from hvm.cpu_model import CpuModelError, CpuSpec, parse_cpu
 from hvm.mmio import registry
 from hvm.mmio.registry import REQUIRED, DeviceConfig
 from hvm.qmp.address import QmpAddress, QmpAddressError, parse_qmp_address
@@ -115,6 +116,7 @@ class VmSpec:
     source: str = "command line"
     script: tuple = ()              # hvm.script.Step: `script:` steps `hvm run` runs against the console
     qmp: QmpAddress | None = None   # a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md)
+    cpu: CpuSpec | None = None      # `cpu:`/--cpu: QEMU's -cpu model (hvm/cpu_model.py); None: the host's CPUID
 
     def __post_init__(self) -> None:
         # A VmSpec built in code (not by parse_spec) gets the checks that keep the watchdog working.
@@ -306,7 +308,7 @@ def _kind(v: Any) -> str:
 
 
 TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices", "script", "qmp",
-            "virtio_cmdline")
+            "virtio_cmdline", "cpu")
 MACHINES = ("auto", "pc", "none")
 BOOT_KEYS = ("image", "load", "entry", "mode", "regs", "kernel", "initrd", "cmdline")
 GP_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
@@ -610,9 +612,19 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
         except QmpAddressError as e:
             raise top.error("qmp", str(e)) from None
 
+    cpu = None
+    raw_cpu = data.get("cpu")
+    if raw_cpu is not None:
+        if not isinstance(raw_cpu, str):
+            raise top.error("cpu", f"expected MODEL[,vendor=NAME][,+feature][,-feature], got {_kind(raw_cpu)}")
+        try:
+            cpu = parse_cpu(raw_cpu)
+        except CpuModelError as e:
+            raise top.error("cpu", str(e)) from None
+
     return VmSpec(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
                   irqchip=irqchip, pit=pit, serial=serial, debug_exit=debug_exit, devices=device_list,
-                  virtio_cmdline=virtio_cmdline, source=source, qmp=qmp, script=script)
+                  virtio_cmdline=virtio_cmdline, source=source, qmp=qmp, script=script, cpu=cpu)
 
 
 def parse_devices(mapping: Any, source: str = "Python", irqchip: bool = True,

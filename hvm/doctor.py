@@ -164,6 +164,13 @@ def diagnose(out=print) -> dict:
         else:
             out("  CPUID hiding        effective: the guest sees the CPUID hvm sets")
 
+    if host.backend == "kvm_pvm":
+        # measured with firmware/cpuid64.S (hvm/host.py PVM_CPUID_CLEARABLE): what `--cpu MODEL,-feature` can hide
+        results["cpu_model_can_hide"] = ["vendor", "leaf 0x80000001", "x2apic", "tsc-deadline"]
+        out("  --cpu / -cpu        this backend takes from hvm: the vendor, leaf 0x80000001 (lm, nx, syscall, rdtscp,")
+        out("                      svm, ...), x2apic and tsc-deadline; the guest reads the rest of leaf 1 and all of")
+        out("                      leaf 7 from the host, so -feature of those is refused (+feature: if KVM has it)")
+
     out("")
     if not any(entries.values()):
         out("  => Linux boots here up to starting /init, but user space cannot enter the kernel: the first system")

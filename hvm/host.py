@@ -56,6 +56,25 @@ PVM_SMP_HIDDEN_FEATURES = [
 ]
 
 
+# What of hvm's CPUID the kvm_pvm backend lets a guest see, measured with firmware/cpuid64.S (every feature bit of
+# leaves 1, 7.0 and 0x80000001 cleared, then set): the vendor (leaf 0) and leaf 0x80000001 are the VMM's; of
+# leaf 1 only the bits KVM emulates itself (x2apic, tsc-deadline) can be cleared, the guest reads the others
+# from the host CPU; leaf 7.0 is the host's whatever hvm sets. So `-cpu ...,-feature` is refused for the rest
+# (hvm/cpu_model.py) unless the host lacks the feature anyway. Leaves not measured count as not honoured.
+PVM_CPUID_CLEARABLE = {(1, "ecx", 21), (1, "ecx", 24)}
+# ... and features of this host CPU the backend itself keeps from every guest, whatever the VMM sets (measured
+# the same way: the host's /proc/cpuinfo has them, no guest sees them). A -feature of these is no lie.
+PVM_BACKEND_HIDES = ("cx16", "pcid", "invpcid", "rdpid")
+PVM_CPUID_CLEARABLE_LEAVES = {0x80000001}
+
+
+def cpuid_clear_honoured(backend: str, leaf: int, reg: str, bit: int) -> bool:
+    """Whether a CPUID feature bit hvm clears is really gone for the guest on this backend."""
+    if backend != "kvm_pvm":
+        return True    # hardware-assisted KVM gives the guest exactly the CPUID the VMM sets
+    return leaf in PVM_CPUID_CLEARABLE_LEAVES or (leaf, reg, bit) in PVM_CPUID_CLEARABLE
+
+
 @dataclass(frozen=True)
 class HostProfile:
     backend: str                       # "kvm_pvm", "vmx", "svm" or "unknown"
@@ -64,6 +83,9 @@ class HostProfile:
     linux_cmdline: list[str] = field(default_factory=list)
     smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
     hiding_ignored: frozenset = frozenset()   # names of hidden_features the guest still sees
+
+    def honours_clear(self, leaf: int, reg: str, bit: int) -> bool:
+        return cpuid_clear_honoured(self.backend, leaf, reg, bit)
 
     def describe(self) -> str:
         if self.backend == "kvm_pvm":
@@ -80,6 +102,20 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def host_cpu_flags() -> set[str]:
+    """The host CPU's feature flags as Linux names them (/proc/cpuinfo)."""
+    return _cpu_flags()
+
+
+def guest_default_flags(profile: "HostProfile") -> set[str]:
+    """The host flags (Linux's names) a guest sees where the backend does not take hvm's CPUID bits: the host
+    CPU's, less what the backend keeps from every guest."""
+    flags = _cpu_flags()
+    if profile.backend == "kvm_pvm":
+        flags -= set(PVM_BACKEND_HIDES)   # Linux names them as QEMU does
+    return flags
 
 
 def detect() -> HostProfile:

@@ -8,6 +8,7 @@ import os
 import sys
 
 from hvm.cli import main as hvm_main
+from hvm.cli import quiet_broken_pipe
 from hvm.mmio import registry
 
 VERSION = "QEMU emulator version 7.2.0 (hvm-qemu: hvm's QEMU command-line shim)"
@@ -220,6 +221,8 @@ def translate(argv: list[str]) -> list[str]:
                     elif key not in ("id", "name", "nr"):
                         raise ShimError(f"-device virtconsole: {key}: property not supported by hvm")
                 out += ["--device", "virtio-console"]
+            elif name in ("intel-iommu", "edu", "amd-iommu", "virtio-iommu", "virtio-iommu-pci"):
+                raise ShimError(f"-device {name}: not a device hvm has (hvm has no IOMMU and no 'edu' PCI device)")
             elif name == "isa-debug-exit" or registry.lookup(name) is not None:
                 out += ["--device", v]     # the device registry: QEMU's names are its aliases
             else:
@@ -228,8 +231,12 @@ def translate(argv: list[str]) -> list[str]:
             for opt in value().split(","):
                 if opt == "pit=off":
                     out.append("--no-pit")
-                elif opt in ("pc", "q35", "accel=kvm", "pit=on") or opt.startswith("accel="):
+                elif opt in ("pc", "accel=kvm", "pit=on") or opt.startswith("accel="):
                     continue
+                elif opt.startswith("q35") or opt.startswith("pc-q35") or opt == "type=q35":
+                    # q35 is another chipset (ICH9, PCIe, no ISA PIIX): the guest would be told a machine
+                    # hvm does not have
+                    raise ShimError(f"-machine {opt}: hvm emulates the i440FX-era 'pc' machine only, not q35")
                 else:
                     raise ShimError(f"-machine {opt}: not supported by hvm")
         elif a == "-qmp":
@@ -240,7 +247,7 @@ def translate(argv: list[str]) -> list[str]:
         elif a == "-S":
             out.append("-S")     # frozen until a QMP `cont`
         elif a == "-cpu":
-            value()  # hvm always gives the guest the host's supported CPUID
+            out += ["--cpu", value()]   # checked against KVM and the backend before the kernel (check_cpu_arg)
         elif a == "-chardev":
             backend, *opts = value().split(",")
             for opt in opts:
@@ -264,6 +271,29 @@ def translate(argv: list[str]) -> list[str]:
     return out + net_args + blk_args
 
 
+def check_cpu_arg(value: str) -> None:
+    """The -cpu value refused now, as QEMU refuses a bad -cpu before it looks at the kernel: upstream's runner
+    first runs the VMM with a kernel that does not exist and SKIPs the test if the error is anything else."""
+    from hvm.cpu_model import CpuModelError, check_cpu, parse_cpu
+    from hvm.host import detect, guest_default_flags
+    from hvm.kvm import Kvm
+
+    try:
+        cpu = parse_cpu(value)
+    except CpuModelError as e:
+        raise ShimError(f"-cpu {value[:100]}: {e}") from None
+    host = detect()
+    try:
+        with Kvm() as kvm:
+            supported = kvm.supported_cpuid()
+    except OSError as e:    # KvmError is one; no /dev/kvm: hvm run then says so in its own words
+        raise ShimError(f"-cpu {value[:100]}: cannot ask KVM what it supports: {e}") from None
+    try:
+        check_cpu(cpu, supported, host.hidden_features, host.honours_clear, guest_default_flags(host))
+    except CpuModelError as e:
+        raise ShimError(f"-cpu {value[:100]}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv in (["--version"], ["-version"], ["-h"], ["--help"], ["-help"]):
@@ -272,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: hvm-qemu [-kernel FILE] [-append ARGS] [-initrd FILE] [-smp N] [-m SIZE] "
                   "[-device pc-testdev|isa-debug-exit,...] [-device virtio-serial-device -device virtconsole[,chardev=ID]] "
                   "[-chardev stdio|null,id=ID] [-machine pit=off] [-serial stdio|none] "
+                  "[-cpu host|max|qemu64|Opteron_G1[,vendor=V][,+feat][,-feat]] "
                   "[-qmp unix:PATH,server=on,wait=off] [-S]")
         return 0
     if len(argv) == 2 and argv[0] == "-device" and argv[1] in ("?", "help"):
@@ -281,11 +312,21 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in DEVICES_HELP:
                     print(f'name "{name}", bus {"virtio-bus" if dt.virtio else "ISA"}, desc "{dt.help}"')
         return 0
+    if len(argv) == 2 and argv[0] == "-cpu" and argv[1] in ("?", "help"):
+        from hvm.cpu_model import FEATURES, MODELS
+
+        print("Available CPUs:")
+        for name in MODELS:
+            print(f"x86 {name}")
+        print("\nRecognized CPUID flags:\n  " + " ".join(sorted(FEATURES)))
+        return 0
     if len(argv) == 2 and argv[0] in ("-machine", "-M") and argv[1] in ("?", "help"):
         print("Supported machines are:\npc                   Standard PC (hvm)")
         return 0
     try:
         args = translate(argv)
+        if "--cpu" in args:
+            check_cpu_arg(args[args.index("--cpu") + 1])
         if "--kernel" in args:
             # Fail as QEMU does, in the words upstream's runner looks for.
             kernel = args[args.index("--kernel") + 1]
@@ -302,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    sys.exit(quiet_broken_pipe(main))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from hvm.mmio.pci import ECAM_SIZE, PciBus, PciEcam
 from hvm.mmio.pci_testdev import PciTestDev
 from hvm.mmio.pvconsole import PvConsole
 from hvm.mmio.rtc import Rtc
-from hvm.mmio.testdev import PcTestDev, PcTestDevIrq
+from hvm.mmio.testdev import PcTestDev, PcTestDevByteView, PcTestDevIomem, PcTestDevIrq
 from hvm.mmio.uart16550 import FIFO_SIZE, INPUT_QUEUE_LIMIT, SerialUart
 
 WALL_T0 = 1.7e9          # a host UTC time (seconds) for the RTC
@@ -118,6 +118,17 @@ def pc_testdev_rig(now=None) -> Rig:
     return Rig(dev, [(dev, 8)])
 
 
+def pc_testdev_byte_rig(now=None) -> Rig:
+    dev = PcTestDev()
+    view = PcTestDevByteView(dev, 1)
+    return Rig(dev, [(view, 3), (dev, 8)])   # the view's state is the register's: saved by PcTestDev
+
+
+def pc_testdev_iomem_rig(now=None) -> Rig:
+    dev = PcTestDevIomem()
+    return Rig(dev, [(dev, 0x10000)])
+
+
 def pc_testdev_irq_rig(now=None) -> Rig:
     rig = Rig(None, [])
     rig.dev = PcTestDevIrq(lambda n, level: rig.out.append(("irq", n, level)))
@@ -149,6 +160,7 @@ RIGS: dict[str, Callable[..., Rig]] = {
     "DebugExit": debug_exit_rig, "DebugCon": debugcon_rig, "PvConsole": pvconsole_rig,
     "PcTestDev": pc_testdev_rig, "PcTestDevIrq": pc_testdev_irq_rig, "PciBus": pci_rig,
     "PciEcam": pci_ecam_rig,
+    "PcTestDevByteView": pc_testdev_byte_rig, "PcTestDevIomem": pc_testdev_iomem_rig,
 }
 # The RTC reads host wall-clock time plus the guest's offset: a restored one is compared at the same host
 # time. The PM timer counts on from its saved value whatever the new host's clock says.
@@ -410,9 +422,16 @@ def pci_busy() -> Rig:
     return rig
 
 
+def pc_testdev_iomem_busy() -> Rig:
+    rig = pc_testdev_iomem_rig()
+    rig.dev.write(0xFFFC, 4, 0xCAFEF00D)
+    return rig
+
+
 BUSY: dict[str, Callable[[], Rig]] = {
     "SerialUart": uart_busy, "Rtc": rtc_busy, "_Port": i8042_busy, "AcpiPm": acpi_busy, "FwCfg": fw_cfg_busy,
     "PcTestDev": pc_testdev_busy, "PcTestDevIrq": pc_testdev_irq_busy, "PciBus": pci_busy,
+    "PcTestDevIomem": pc_testdev_iomem_busy, "PcTestDevByteView": pc_testdev_byte_rig,   # its state is the register's
     "DebugExit": debug_exit_rig, "DebugCon": debugcon_rig, "PvConsole": pvconsole_rig,    # no state to reach
     "PciEcam": pci_ecam_rig,
 }
@@ -650,7 +669,8 @@ def test_every_device_of_a_pc_machine_saves_and_loads_into_a_new_machine(tmp_pat
         a.acpi_pm.press_power_button()
         saved = machine_states(a)
         assert set(saved) == {"port:0x3f8", "port:0xf4", "port:0x510", "port:0x600", "port:0x70", "port:0x60",
-                              "port:0x64", "port:0xe9", "port:0xe00", "port:0xe0", "port:0x2000", "port:0xcf8"}
+                              "port:0x64", "port:0xe9", "port:0xe00", "port:0xe0", "port:0x2000", "port:0xcf8",
+                              "port:0xe8", "port:0xea", "port:0xeb"}   # pc-testdev's byte view; 0xe9 debugcon's
         changed = {k for k in saved if without_time(saved)[k] != without_time(fresh)[k]}
         assert changed == {"port:0x3f8", "port:0x510", "port:0x600", "port:0x70", "port:0x60", "port:0x64",
                            "port:0xe0", "port:0x2000", "port:0xcf8"}
@@ -664,6 +684,12 @@ def test_every_device_of_a_pc_machine_saves_and_loads_into_a_new_machine(tmp_pat
         for r in b.pio.ranges:
             r.device.reset()
         assert without_time(machine_states(b)) == without_time(fresh) and not b.acpi_pm.sci.level
+        # pc-testdev's iomem, on the MMIO bus (saved under mmio:0xff000000 in a snapshot)
+        a.mmio.write(0xFF00FFFC, 4, 0xCAFEF00D)
+        iomem_a = {r.base: r.device for r in a.mmio.ranges}[0xFF000000]
+        iomem_b = {r.base: r.device for r in b.mmio.ranges}[0xFF000000]
+        iomem_b.load(iomem_a.save())
+        assert b.mmio.read(0xFF00FFFC, 4) == 0xCAFEF00D and b.mmio.read(0xFF00FFFE, 8) == 0xCAFE
 
 
 def test_a_guest_write_cannot_give_the_testdev_a_state_its_load_refuses():

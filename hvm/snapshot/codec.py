@@ -98,7 +98,20 @@ def spec_to_dict(spec: VmSpec) -> dict:
         # Registry devices as the YAML would give them: read back through the same validation.
         "devices": [[d.type, {k: (str(v) if isinstance(v, Path) else v) for k, v in d.props}] for d in spec.devices],
         "virtio_cmdline": spec.virtio_cmdline,
+        "cpu": None if spec.cpu is None else str(spec.cpu),   # read back through parse_cpu's validation
     }
+
+
+def _cpu(raw: Any):
+    """The saved CPU model (a -cpu string, or None in files from before models)."""
+    from hvm.cpu_model import CpuModelError, parse_cpu
+
+    if raw is None:
+        return None
+    try:
+        return parse_cpu(raw)
+    except CpuModelError:
+        raise CodecError("description field 'cpu' is malformed") from None
 
 
 def _devices_from_list(raw: Any, irqchip: bool) -> tuple:
@@ -178,7 +191,7 @@ def spec_from_dict(d: Any, source: str) -> VmSpec:
                       machine=_want(d, "machine", str), irqchip=_want(d, "irqchip", bool), pit=_want(d, "pit", bool),
                       serial=serial, debug_exit=debug_exit,
                       devices=_devices_from_list(d.get("devices"), _want(d, "irqchip", bool)),
-                      virtio_cmdline=_want(d, "virtio_cmdline", bool), source=source)
+                      virtio_cmdline=_want(d, "virtio_cmdline", bool), source=source, cpu=_cpu(d.get("cpu")))
     except CodecError:
         raise
     except Exception as e:   # VmSpec's own checks (ConfigError)
