@@ -193,28 +193,30 @@ def parse_qemu_results(path: Path) -> dict[str, QemuReference]:
     return refs
 
 
-def hvm_args_for(entry: KutEntry, directory: Path, timeout: float | None = None) -> list[str]:
-    """The `hvm run` flags equivalent to upstream's QEMU command line for this entry."""
-    args = ["run", "--kernel", str(directory / entry.file), "--vcpus", str(entry.smp), "--device", "pc-testdev",
-            "--serial", "stdio", "--timeout", f"{timeout if timeout is not None else entry.timeout:g}"]
+# What upstream's x86/run puts before each entry's own flags (its QEMU command line's common prefix).
+QEMU_PREFIX = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=discard", "-device", "pc-testdev",
+               "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "-display", "none", "-serial", "stdio",
+               "-device", "pci-testdev", "-machine", "accel=kvm"]
+
+
+def qemu_args_for(entry: KutEntry, directory: Path) -> list[str]:
+    """Upstream's QEMU command line for this entry (after the binary): x86/run KERNEL -smp N -append ARGS PARAMS."""
+    args = QEMU_PREFIX + ["-kernel", str(directory / entry.file), "-smp", str(entry.smp)]
     if entry.args:
-        args += ["--append", entry.args]
-    params = shlex.split(entry.qemu_params)
-    i = 0
-    while i < len(params):
-        p = params[i]
-        if p in ("-machine", "-M") and i + 1 < len(params):
-            for opt in params[i + 1].split(","):
-                if opt == "pit=off":
-                    args.append("--no-pit")
-            i += 2
-            continue
-        if p == "-m" and i + 1 < len(params):
-            args += ["--memory", params[i + 1]]
-            i += 2
-            continue
-        i += 1
-    return args
+        args += ["-append", entry.args]
+    return args + shlex.split(entry.qemu_params)
+
+
+def hvm_args_for(entry: KutEntry, directory: Path, timeout: float | None = None) -> list[str]:
+    """The `hvm run` flags for this entry: upstream's QEMU command line through hvm-qemu's own translation, so
+    both ways of running an entry mean the same. Raises hvm.qemu_shim.ShimError for a flag hvm cannot honour
+    (-cpu with a feature this host cannot give, q35, intel-iommu): upstream's runner makes that a SKIP."""
+    from hvm.qemu_shim import check_cpu_arg, translate
+
+    args = translate(qemu_args_for(entry, directory))
+    if "--cpu" in args:
+        check_cpu_arg(args[args.index("--cpu") + 1])
+    return args + ["--timeout", f"{timeout if timeout is not None else entry.timeout:g}"]
 
 
 def _tail(f) -> str:
@@ -257,6 +259,12 @@ def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None) ->
     if not binary.is_file():
         return KutResult(entry, "SKIP", f"(Test file '{binary}' not found)")
     limit = timeout if timeout is not None else entry.timeout
+    from hvm.qemu_shim import ShimError
+
+    try:
+        args = hvm_args_for(entry, directory, limit)
+    except ShimError as e:     # as upstream's runner: QEMU refused the command line before loading the kernel
+        return KutResult(entry, "SKIP", f"(hvm-qemu: {e})")
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
         # Its own session: a Ctrl-C at the terminal reaches the runner alone, and the runner can end the
@@ -266,7 +274,7 @@ def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None) ->
         # pending signal is raised right after the mask is restored, inside the `try`).
         old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "hvm", *hvm_args_for(entry, directory, limit)],
+            proc = subprocess.Popen([sys.executable, "-m", "hvm", *args],
                                     stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f, start_new_session=True)
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)

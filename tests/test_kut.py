@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from hvm.kut import format_table, hvm_args_for, parse_qemu_results, parse_unittests_cfg, run_all, run_entry
+from hvm.kut import QEMU_PREFIX, format_table, hvm_args_for, parse_qemu_results, parse_unittests_cfg, run_all, run_entry
 from hvm.qemu_shim import translate
 
 # Beside the checkout (/work/main -> /work/shared), or beside the folder of worktrees (/work/wt/NAME).
@@ -72,6 +72,19 @@ def test_runner_output_format(tmp_path):
     assert "1 PASS, 0 FAIL, 2 SKIP of 3; every entry QEMU passes here, hvm passes: 1/1" in text
 
 
+@needs_kut
+def test_a_command_line_hvm_cannot_honour_is_a_skip(tmp_path):
+    """As upstream's runner: hvm-qemu refuses the entry's flags before loading the kernel -> SKIP with its words."""
+    (tmp_path / "setjmp.flat").symlink_to(KUT / "setjmp.flat")
+    (tmp_path / "unittests.cfg").write_text("[vmx]\nfile = setjmp.flat\nqemu_params = -cpu qemu64,+vmx\n\n"
+                                            "[q35]\nfile = setjmp.flat\nqemu_params = -M q35\n")
+    results = run_all(tmp_path, timeout=60, out=io.StringIO())
+    assert [r.status for r in results] == ["SKIP", "SKIP"]
+    assert results[0].detail.startswith("(hvm-qemu: -cpu qemu64,+vmx: host doesn't support requested feature: "
+                                        "CPUID.01H:ECX.vmx [bit 5]"), results[0].detail
+    assert results[1].detail.startswith("(hvm-qemu: -machine q35"), results[1].detail
+
+
 def test_a_failing_guest_is_a_fail(tmp_path):
     # The multiboot test firmware exits with code 5 -> status 11: upstream's FAIL.
     from conftest import FIRMWARE
@@ -91,9 +104,7 @@ def test_hvm_kut_cli_on_one_entry():
     assert "| smptest | PASS (1 tests) |" in proc.stdout
 
 
-UPSTREAM_PREFIX = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=discard", "-device", "pc-testdev",
-                   "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "-display", "none", "-serial", "stdio",
-                   "-device", "pci-testdev", "-machine", "accel=kvm"]
+UPSTREAM_PREFIX = QEMU_PREFIX
 
 
 def test_qemu_shim_translation():
