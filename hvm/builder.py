@@ -75,6 +75,9 @@ def build_pc(m: "Machine") -> None:
     m.vm = vm = m.kvm.create_vm()
     vm.set_identity_map_address()
     vm.set_tss_address()
+    if m.host.disabled_quirks:
+        disabled = vm.disable_quirks(m.host.disabled_quirks)
+        log.debug("KVM quirks disabled: %#x of %#x", disabled, m.host.disabled_quirks)
     if spec.irqchip:
         vm.create_irqchip()
         if spec.pit:

@@ -49,6 +49,15 @@ PVM_SMP_HIDDEN_FEATURES = [
 ]
 
 
+# KVM quirks hvm disables on this backend (KVM_CAP_DISABLE_QUIRKS2 bits). FIX_HYPERCALL_INSN (1 << 5): a guest's
+# VMCALL or VMMCALL (kvm-unit-tests' hypercall, vmexit_vmcall, apic's PV IPI test; Linux's KVM PV features)
+# is no hypercall on kvm_pvm: it raises #UD, KVM's emulator then "fixes" it by writing the backend's own
+# hypercall bytes (the same 0f 01 c1 a VMCALL already has, measured: the guest's code is unchanged) and runs
+# it again, forever, inside KVM_RUN (no exit reaches the VMM; one host CPU spins; QEMU hangs the same).
+# With the quirk disabled KVM raises #UD in the guest, as a CPU without VMX/SVM does.
+PVM_DISABLED_QUIRKS = 1 << 5
+
+
 @dataclass(frozen=True)
 class HostProfile:
     backend: str                       # "kvm_pvm", "vmx", "svm" or "unknown"
@@ -56,6 +65,7 @@ class HostProfile:
     hidden_features: list = field(default_factory=list)
     linux_cmdline: list[str] = field(default_factory=list)
     smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
+    disabled_quirks: int = 0           # KVM_X86_QUIRK_* bits hvm disables (KVM_CAP_DISABLE_QUIRKS2)
 
     def describe(self) -> str:
         if self.backend == "kvm_pvm":
@@ -76,7 +86,8 @@ def _cpu_flags() -> set[str]:
 
 def detect() -> HostProfile:
     if os.path.isdir("/sys/module/kvm_pvm"):
-        return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_HIDDEN_FEATURES)
+        return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_HIDDEN_FEATURES,
+                           PVM_DISABLED_QUIRKS)
     flags = _cpu_flags()
     if "vmx" in flags:
         return HostProfile("vmx", False)

@@ -71,6 +71,9 @@ KVM_SET_XSAVE = _iow(0xA5, "struct kvm_xsave")
 KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
 KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
 KVM_GET_XSAVE2 = _ior(0xCF, "struct kvm_xsave")
+# struct kvm_enable_cap (u32 cap, u32 flags, u64 args[4], u8 pad[64]) is not in the cdef: its size is fixed.
+KVM_ENABLE_CAP_SIZE = 104
+KVM_ENABLE_CAP = IOC(IOC_WRITE, KVMIO, 0xA3, KVM_ENABLE_CAP_SIZE)
 
 # For error messages: request number -> name.
 NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and isinstance(v, int) and k != "KVMIO"}

@@ -17,6 +17,10 @@ DEFAULT_IDENTITY_MAP_ADDR = 0xFEFFC000
 DEFAULT_TSS_ADDR = 0xFEFFD000
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_CAP_XSAVE2 = 208
+KVM_CAP_DISABLE_QUIRKS2 = 213
+# KVM_X86_QUIRK_FIX_HYPERCALL_INSN: on a VMCALL/VMMCALL that is not the host vendor's, KVM rewrites the
+# instruction in guest memory (instead of raising #UD) and runs it again.
+KVM_X86_QUIRK_FIX_HYPERCALL_INSN = 1 << 5
 
 
 class Vm:
@@ -85,6 +89,28 @@ class Vm:
 
     def set_clock(self, data) -> None:
         ioctl_ptr(self.fd, ioctls.KVM_SET_CLOCK, data)
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM with up to four arguments."""
+        if len(args) > 4:
+            raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments")
+        buf = ffi.new("unsigned long long[]", ioctls.KVM_ENABLE_CAP_SIZE // 8)
+        buf[0] = cap   # u32 cap, u32 flags = 0 (little-endian)
+        for i, a in enumerate(args):
+            buf[1 + i] = a
+        ioctl_ptr(self.fd, ioctls.KVM_ENABLE_CAP, buf)
+
+    def disable_quirks(self, quirks: int) -> int:
+        """Disable the KVM_X86_QUIRK_* bits of `quirks` that this KVM can disable; returns those disabled
+        (0 when KVM_CAP_DISABLE_QUIRKS2 is missing)."""
+        try:
+            can = self.check_extension(KVM_CAP_DISABLE_QUIRKS2)
+        except OSError:
+            return 0
+        quirks &= can
+        if quirks:
+            self.enable_cap(KVM_CAP_DISABLE_QUIRKS2, quirks)
+        return quirks
 
     def xsave_size(self) -> int:
         """Bytes of a vCPU's XSAVE area: KVM_CAP_XSAVE2's answer (at least 4096), or 4096 without it."""
