@@ -8,7 +8,7 @@ STAMP := $(VENV)/.hvm-installed
 FW := firmware
 FWB := $(FW)/build
 FLAT16 := hello ticker echo pvcon count
-FLAT32 := hello32 triple smp vcon vrng vblk vmcall
+FLAT32 := hello32 triple smp vcon vrng vblk vmcall msrgp
 FLAT64 := hello64 probe
 FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf
 

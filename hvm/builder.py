@@ -22,7 +22,7 @@ from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.boot.mptable import write_mp_table
 from hvm.config import FlatBoot, KernelBoot, VmSpec
-from hvm.host import hide_features
+from hvm.host import denied_feature_msrs, hide_features
 from hvm.kvm import Kvm, install_kick_handler
 from hvm.memory import GuestMemory
 from hvm.mmio import DebugExit, IrqLine, SerialUart
@@ -127,6 +127,11 @@ def build_pc(m: "Machine") -> None:
         if index == 0 and snap is None:
             apply_boot_state(vcpu, m.boot_state)
         # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
+    if m.host.filter_feature_msrs:
+        denied = denied_feature_msrs(supported)
+        if denied:
+            vm.deny_msrs(denied)
+            log.debug("MSRs denied (no CPUID feature for them): %s", ", ".join(f"{b:#x}" for b, _ in denied))
     if snap is not None:
         m._restore_vcpus_and_devices(snap)
     m.threads = [VcpuThread(v, m, complete_emulation=m.adapt_to_host, fast_loop=m.fast_loop) for v in m.vcpus]

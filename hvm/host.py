@@ -58,6 +58,25 @@ PVM_SMP_HIDDEN_FEATURES = [
 PVM_DISABLED_QUIRKS = 1 << 5
 
 
+# MSRs that exist only with a CPUID feature: (MSR, count, [(leaf, register, bit), ...] any of which enables
+# it). KVM on VT-x/AMD-V raises #GP on them when the guest's CPUID lacks every feature; kvm_pvm lets the
+# guest read and write them whatever its CPUID says (kvm-unit-tests msr/msr64: "Expected #GP on
+# RDMSR(SPEC_CTRL), got vector 0"; KVM_GET_SUPPORTED_CPUID offers none of these bits here). hvm denies them
+# with a KVM MSR filter when the vCPU's CPUID does not offer them (pvm_denied_msrs).
+FEATURE_MSRS = [
+    (0x48, 1, [(7, "edx", 26), (0x80000008, "ebx", 14)]),                       # SPEC_CTRL: IBRS / AMD IBRS
+    (0x49, 1, [(7, "edx", 26), (0x80000008, "ebx", 12)]),                       # PRED_CMD: IBRS / AMD IBPB
+    (0x10B, 1, [(7, "edx", 28)]),                                               # FLUSH_CMD: FLUSH_L1D
+]
+
+
+def denied_feature_msrs(cpuid: list[dict[str, int]]) -> list[tuple[int, int]]:
+    """(base, count) of the FEATURE_MSRS this CPUID (KVM_GET_SUPPORTED_CPUID-style entries) does not offer."""
+    def has(leaf: int, reg: str, bit: int) -> bool:
+        return any(e["function"] == leaf and e["index"] == 0 and e[reg] >> bit & 1 for e in cpuid)
+    return [(msr, n) for msr, n, features in FEATURE_MSRS if not any(has(*f) for f in features)]
+
+
 @dataclass(frozen=True)
 class HostProfile:
     backend: str                       # "kvm_pvm", "vmx", "svm" or "unknown"
@@ -66,6 +85,7 @@ class HostProfile:
     linux_cmdline: list[str] = field(default_factory=list)
     smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
     disabled_quirks: int = 0           # KVM_X86_QUIRK_* bits hvm disables (KVM_CAP_DISABLE_QUIRKS2)
+    filter_feature_msrs: bool = False  # deny FEATURE_MSRS the guest's CPUID lacks (the backend does not)
 
     def describe(self) -> str:
         if self.backend == "kvm_pvm":
@@ -87,7 +107,7 @@ def _cpu_flags() -> set[str]:
 def detect() -> HostProfile:
     if os.path.isdir("/sys/module/kvm_pvm"):
         return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_HIDDEN_FEATURES,
-                           PVM_DISABLED_QUIRKS)
+                           PVM_DISABLED_QUIRKS, filter_feature_msrs=True)
     flags = _cpu_flags()
     if "vmx" in flags:
         return HostProfile("vmx", False)
