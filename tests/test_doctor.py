@@ -46,6 +46,8 @@ def test_doctor_on_the_pvm_host(doctor):
     # This backend takes CX16 out of the guest's CPUID when asked, but not XSAVE or POPCNT.
     assert {"xsave", "popcnt"} <= set(results["cpuid_hiding_ineffective"])
     assert "cx16" not in results["cpuid_hiding_ineffective"]
+    assert "hvm disables KVM's fix-hypercall quirk: a guest's VMCALL/VMMCALL raises #UD" in text
+    assert "hvm denies SPEC_CTRL, PRED_CMD and FLUSH_CMD (#GP) to guests whose CPUID lacks their features" in text
 
 
 @pytest.mark.skipif(PVM, reason="answers of a hardware-assisted host")
