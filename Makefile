@@ -8,7 +8,7 @@ STAMP := $(VENV)/.hvm-installed
 FW := firmware
 FWB := $(FW)/build
 FLAT16 := hello ticker echo pvcon count rtc_irq s3
-FLAT32 := hello32 triple smp vcon vrng vblk pci
+FLAT32 := hello32 triple smp vcon vrng vblk pci vmcall msrgp
 FLAT64 := hello64 probe testdev64 cpuid64
 FW_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(FLAT16) modes $(FLAT32) $(FLAT64))) $(FWB)/mbtest.elf
 

@@ -23,7 +23,7 @@ from hvm.boot.bios import write_real_mode_ivt
 from hvm.boot.mptable import write_mp_table
 from hvm.config import FlatBoot, KernelBoot, VmSpec
 from hvm.cpu_model import CpuModelError, apply_cpu_model, check_cpu
-from hvm.host import cpu_flags, guest_default_flags, guest_visible_cpuid, hide_features
+from hvm.host import cpu_flags, denied_feature_msrs, guest_default_flags, guest_visible_cpuid, hide_features
 from hvm.kvm import Kvm, install_kick_handler
 from hvm.memory import GuestMemory
 from hvm.mmio import DebugExit, IrqLine, SerialUart
@@ -77,6 +77,9 @@ def build_pc(m: "Machine") -> None:
     m.vm = vm = m.kvm.create_vm()
     vm.set_identity_map_address()
     vm.set_tss_address()
+    if m.host.disabled_quirks:
+        disabled = vm.disable_quirks(m.host.disabled_quirks)
+        log.debug("KVM quirks disabled: %#x of %#x", disabled, m.host.disabled_quirks)
     if spec.irqchip:
         vm.create_irqchip()
         if spec.pit:
@@ -149,6 +152,11 @@ def build_pc(m: "Machine") -> None:
         if index == 0 and snap is None:
             apply_boot_state(vcpu, m.boot_state)
         # Other vCPUs stay in their reset state: with the in-kernel LAPIC they wait for INIT/SIPI.
+    if m.host.filter_feature_msrs:
+        denied = denied_feature_msrs(supported)
+        if denied:
+            vm.deny_msrs(denied)
+            log.debug("MSRs denied (no CPUID feature for them): %s", ", ".join(f"{b:#x}" for b, _ in denied))
     if snap is not None:
         m._restore_vcpus_and_devices(snap)
     m.threads = [VcpuThread(v, m, complete_emulation=m.adapt_to_host, fast_loop=m.fast_loop) for v in m.vcpus]

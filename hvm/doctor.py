@@ -183,5 +183,10 @@ def diagnose(out=print) -> dict:
         out(f"  => hvm asks KVM to hide these CPUID features: {', '.join(n for *_, n in host.hidden_features)}")
     if host.smp_hidden_features:
         out(f"  => and, with several vCPUs: {', '.join(n for *_, n in host.smp_hidden_features)}")
+    if host.disabled_quirks:
+        out("  => hvm disables KVM's fix-hypercall quirk: a guest's VMCALL/VMMCALL raises #UD (it is no hypercall on")
+        out("     this backend, and with the quirk KVM re-runs it forever inside KVM_RUN)")
+    if host.filter_feature_msrs:
+        out("  => hvm denies SPEC_CTRL, PRED_CMD and FLUSH_CMD (#GP) to guests whose CPUID lacks their features")
     results["elapsed_s"] = time.monotonic() - t0
     return results

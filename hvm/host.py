@@ -73,6 +73,32 @@ def cpuid_clear_honoured(backend: str, leaf: int, reg: str, bit: int) -> bool:
     if backend != "kvm_pvm":
         return True    # hardware-assisted KVM gives the guest exactly the CPUID the VMM sets
     return leaf in PVM_CPUID_CLEARABLE_LEAVES or (leaf, reg, bit) in PVM_CPUID_CLEARABLE
+# KVM quirks hvm disables on this backend (KVM_CAP_DISABLE_QUIRKS2 bits). FIX_HYPERCALL_INSN (1 << 5): a guest's
+# VMCALL or VMMCALL (kvm-unit-tests' hypercall, vmexit_vmcall, apic's PV IPI test; Linux's KVM PV features)
+# is no hypercall on kvm_pvm: it raises #UD, KVM's emulator then "fixes" it by writing the backend's own
+# hypercall bytes (the same 0f 01 c1 a VMCALL already has, measured: the guest's code is unchanged) and runs
+# it again, forever, inside KVM_RUN (no exit reaches the VMM; one host CPU spins; QEMU hangs the same).
+# With the quirk disabled KVM raises #UD in the guest, as a CPU without VMX/SVM does.
+PVM_DISABLED_QUIRKS = 1 << 5
+
+
+# MSRs that exist only with a CPUID feature: (MSR, count, [(leaf, register, bit), ...] any of which enables
+# it). KVM on VT-x/AMD-V raises #GP on them when the guest's CPUID lacks every feature; kvm_pvm lets the
+# guest read and write them whatever its CPUID says (kvm-unit-tests msr/msr64: "Expected #GP on
+# RDMSR(SPEC_CTRL), got vector 0"; KVM_GET_SUPPORTED_CPUID offers none of these bits here). hvm denies them
+# with a KVM MSR filter when the vCPU's CPUID does not offer them (pvm_denied_msrs).
+FEATURE_MSRS = [
+    (0x48, 1, [(7, "edx", 26), (0x80000008, "ebx", 14)]),                       # SPEC_CTRL: IBRS / AMD IBRS
+    (0x49, 1, [(7, "edx", 26), (0x80000008, "ebx", 12)]),                       # PRED_CMD: IBRS / AMD IBPB
+    (0x10B, 1, [(7, "edx", 28)]),                                               # FLUSH_CMD: FLUSH_L1D
+]
+
+
+def denied_feature_msrs(cpuid: list[dict[str, int]]) -> list[tuple[int, int]]:
+    """(base, count) of the FEATURE_MSRS this CPUID (KVM_GET_SUPPORTED_CPUID-style entries) does not offer."""
+    def has(leaf: int, reg: str, bit: int) -> bool:
+        return any(e["function"] == leaf and e["index"] == 0 and e[reg] >> bit & 1 for e in cpuid)
+    return [(msr, n) for msr, n, features in FEATURE_MSRS if not any(has(*f) for f in features)]
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,8 @@ class HostProfile:
     linux_cmdline: list[str] = field(default_factory=list)
     smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
     hiding_ignored: frozenset = frozenset()   # names of hidden_features the guest still sees
+    disabled_quirks: int = 0           # KVM_X86_QUIRK_* bits hvm disables (KVM_CAP_DISABLE_QUIRKS2)
+    filter_feature_msrs: bool = False  # deny FEATURE_MSRS the guest's CPUID lacks (the backend does not)
 
     def honours_clear(self, leaf: int, reg: str, bit: int) -> bool:
         return cpuid_clear_honoured(self.backend, leaf, reg, bit)
@@ -121,7 +149,7 @@ def guest_default_flags(profile: "HostProfile") -> set[str]:
 def detect() -> HostProfile:
     if os.path.isdir("/sys/module/kvm_pvm"):
         return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_HIDDEN_FEATURES,
-                           PVM_HIDING_IGNORED)
+                           PVM_HIDING_IGNORED, PVM_DISABLED_QUIRKS, filter_feature_msrs=True)
     flags = _cpu_flags()
     if "vmx" in flags:
         return HostProfile("vmx", False)

@@ -53,6 +53,8 @@ def test_doctor_on_the_pvm_host(doctor):
     # what hvm takes as the guest's view (m.cpuid, for the instructions it completes) is what was measured
     assert set(results["cpuid_hiding_ineffective"]) == HOST.hiding_ignored & cpu_flags()
     assert "cx16" not in results["cpuid_hiding_ineffective"]
+    assert "hvm disables KVM's fix-hypercall quirk: a guest's VMCALL/VMMCALL raises #UD" in text
+    assert "hvm denies SPEC_CTRL, PRED_CMD and FLUSH_CMD (#GP) to guests whose CPUID lacks their features" in text
 
 
 @pytest.mark.skipif(PVM, reason="answers of a hardware-assisted host")

@@ -56,8 +56,10 @@ def test_a_failing_upstream_entry_is_a_fail_with_its_log(tmp_path):
     out = io.StringIO()
     results = run_upstream(UPSTREAM, ["vmexit_vmcall"], timeout=5, out=out, verbose=True)
     assert [(r.entry.name, r.status) for r in results] == [("vmexit_vmcall", "FAIL")]
-    assert results[0].detail == "(timeout; duration=5)"
-    assert "vmcall" in out.getvalue()
+    # kvm_pvm: VMCALL is no hypercall there; with KVM's fix-hypercall quirk off (hvm/host.py) the guest gets
+    # #UD at once instead of hanging until the timeout
+    assert results[0].detail == ""
+    assert "vmcall" in out.getvalue() and "Unhandled exception 6 #UD" in out.getvalue()
 
 
 def test_not_an_upstream_tree_message(tmp_path):

@@ -72,6 +72,13 @@ KVM_SET_XSAVE = _iow(0xA5, "struct kvm_xsave")
 KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
 KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
 KVM_GET_XSAVE2 = _ior(0xCF, "struct kvm_xsave")
+# struct kvm_enable_cap (u32 cap, u32 flags, u64 args[4], u8 pad[64]) is not in the cdef: its size is fixed.
+KVM_ENABLE_CAP_SIZE = 104
+KVM_ENABLE_CAP = IOC(IOC_WRITE, KVMIO, 0xA3, KVM_ENABLE_CAP_SIZE)
+# struct kvm_msr_filter: u32 flags, (pad), 16 x struct kvm_msr_filter_range {u32 flags, u32 nmsrs, u32 base,
+# (pad), u8 *bitmap} = 8 + 16 * 24 bytes; packed by hand in Vm.set_msr_filter.
+KVM_MSR_FILTER_SIZE = 8 + 16 * 24
+KVM_X86_SET_MSR_FILTER = IOC(IOC_WRITE, KVMIO, 0xC6, KVM_MSR_FILTER_SIZE)
 
 # For error messages: request number -> name.
 NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and isinstance(v, int) and k != "KVMIO"}

@@ -17,6 +17,14 @@ DEFAULT_IDENTITY_MAP_ADDR = 0xFEFFC000
 DEFAULT_TSS_ADDR = 0xFEFFD000
 KVM_PIT_SPEAKER_DUMMY = 1
 KVM_CAP_XSAVE2 = 208
+KVM_CAP_DISABLE_QUIRKS2 = 213
+# KVM_X86_QUIRK_FIX_HYPERCALL_INSN: on a VMCALL/VMMCALL that is not the host vendor's, KVM rewrites the
+# instruction in guest memory (instead of raising #UD) and runs it again.
+KVM_X86_QUIRK_FIX_HYPERCALL_INSN = 1 << 5
+KVM_CAP_X86_MSR_FILTER = 189
+KVM_MSR_FILTER_READ = 1
+KVM_MSR_FILTER_WRITE = 2
+KVM_MSR_FILTER_MAX_RANGES = 16
 
 
 class Vm:
@@ -85,6 +93,48 @@ class Vm:
 
     def set_clock(self, data) -> None:
         ioctl_ptr(self.fd, ioctls.KVM_SET_CLOCK, data)
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        """KVM_ENABLE_CAP on the VM with up to four arguments."""
+        if len(args) > 4:
+            raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments")
+        buf = ffi.new("unsigned long long[]", ioctls.KVM_ENABLE_CAP_SIZE // 8)
+        buf[0] = cap   # u32 cap, u32 flags = 0 (little-endian)
+        for i, a in enumerate(args):
+            buf[1 + i] = a
+        ioctl_ptr(self.fd, ioctls.KVM_ENABLE_CAP, buf)
+
+    def disable_quirks(self, quirks: int) -> int:
+        """Disable the KVM_X86_QUIRK_* bits of `quirks` that this KVM can disable; returns those disabled
+        (0 when KVM_CAP_DISABLE_QUIRKS2 is missing)."""
+        try:
+            can = self.check_extension(KVM_CAP_DISABLE_QUIRKS2)
+        except OSError:
+            return 0
+        quirks &= can
+        if quirks:
+            self.enable_cap(KVM_CAP_DISABLE_QUIRKS2, quirks)
+        return quirks
+
+    def deny_msrs(self, ranges: list[tuple[int, int]]) -> None:
+        """KVM_X86_SET_MSR_FILTER (default allow) denying reads and writes of each (base, count) range: the
+        guest's RDMSR/WRMSR of them raises #GP (hvm does not enable KVM_CAP_X86_USER_SPACE_MSR exits)."""
+        if not 0 < len(ranges) <= KVM_MSR_FILTER_MAX_RANGES:
+            raise ValueError(f"deny_msrs: 1..{KVM_MSR_FILTER_MAX_RANGES} ranges, not {len(ranges)}")
+        buf = ffi.new("unsigned char[]", ioctls.KVM_MSR_FILTER_SIZE)
+        words = ffi.cast("unsigned int *", buf)
+        bitmaps = []
+        for i, (base, count) in enumerate(ranges):
+            if not 0 < count <= 0x600 or not 0 <= base <= 0xFFFFFFFF:
+                raise ValueError(f"deny_msrs: bad range {base:#x}+{count}")
+            bitmap = ffi.new("unsigned char[]", (count + 7) // 8)   # all 0: every MSR of the range denied
+            bitmaps.append(bitmap)                                   # alive until KVM has copied it
+            off = (8 + 24 * i) // 4
+            words[off] = KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE
+            words[off + 1] = count
+            words[off + 2] = base
+            ffi.cast("unsigned long long *", buf + 8 + 24 * i + 16)[0] = int(ffi.cast("uintptr_t", bitmap))
+        ioctl_ptr(self.fd, ioctls.KVM_X86_SET_MSR_FILTER, buf)
 
     def xsave_size(self) -> int:
         """Bytes of a vCPU's XSAVE area: KVM_CAP_XSAVE2's answer (at least 4096), or 4096 without it."""
