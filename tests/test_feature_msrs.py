@@ -3,14 +3,10 @@ whatever its CPUID says; hvm denies them with a KVM MSR filter when the vCPU's C
 the guest gets the #GP a CPU without them raises (kvm-unit-tests msr/msr64)."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import FIRMWARE, ROOT, write_yaml
+from conftest import FIRMWARE, write_yaml
 from hvm.host import denied_feature_msrs, detect
 from hvm.kvm import Kvm
 
@@ -64,36 +60,4 @@ def test_deny_msrs_validates_its_ranges():
             vm.deny_msrs([(0x48, 1)] * 17)
         vm.deny_msrs([(0x48, 2), (0x10B, 1)])
 
-
-# --- upstream's runner: msr and msr64 pass (they failed on the three MSRs before the filter) ------------------
-UPSTREAM = next((d for d in (ROOT.parent / "shared" / "kvm-unit-tests" / "upstream",
-                             ROOT.parent.parent / "shared" / "kvm-unit-tests" / "upstream")
-                 if (d / "run_tests.sh").is_file()), None)
-
-
-@pytest.fixture(scope="module")
-def kut_copy(tmp_path_factory):
-    if UPSTREAM is None:
-        pytest.skip("no upstream kvm-unit-tests tree beside the checkout")
-    dest = tmp_path_factory.mktemp("kut") / "upstream"
-    shutil.copytree(UPSTREAM, dest)
-    cfg = dest / "config.mak"
-    cfg.write_text("".join(f"ERRATATXT={dest}/errata.txt\n" if line.startswith("ERRATATXT=") else line
-                           for line in cfg.read_text().splitlines(keepends=True)))
-    shim = dest / "bin" / "hvm-qemu"        # this tree's shim, as .hvmbin/hvm-qemu
-    shim.parent.mkdir()
-    shim.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -c '
-                    f'"import sys; from hvm.qemu_shim import entry_point; entry_point()" "$@"\n')
-    shim.chmod(0o755)
-    return dest
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(HOST.backend != "kvm_pvm", reason="the MSR filter is kvm_pvm's")
-@pytest.mark.parametrize("entry", ["msr", "msr64"])
-def test_upstream_msr_entries_pass(kut_copy, entry):
-    env = dict(os.environ, PATH=f"{kut_copy / 'bin'}:{os.environ['PATH']}", QEMU="hvm-qemu", TIMEOUT="60")
-    proc = subprocess.run(["./run_tests.sh", "-v", entry], cwd=kut_copy, env=env, capture_output=True, text=True,
-                          timeout=120)
-    last = proc.stdout.strip().splitlines()[-1]
-    assert f"PASS\x1b[0m {entry} (1904 tests)" in last, (last, (kut_copy / "logs" / f"{entry}.log").read_text())
+# upstream's runner on msr and msr64 (they failed on the three MSRs before the filter): tests/test_kut_upstream.py
