@@ -469,11 +469,17 @@ def run_upstream(directory: Path, names: list[str] | None = None, groups: list[s
             raise
         finally:
             proc.stdout.close()
+        copy_error = None
         if logs is not None and (tree / "logs").is_dir():
             import shutil
 
-            shutil.copytree(tree / "logs", logs, dirs_exist_ok=True)
+            try:
+                shutil.copytree(tree / "logs", logs, dirs_exist_ok=True)
+            except (OSError, shutil.Error) as e:   # --logs is the user's: one line, after the results
+                copy_error = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
     print(format_table(results, refs), file=out)
+    if copy_error is not None:
+        raise KutError(f"kut: --logs {logs}: cannot copy the runner's logs: {copy_error}")
     return results
 
 

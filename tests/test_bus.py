@@ -211,3 +211,24 @@ def test_a_guest_touching_every_port_costs_a_fixed_amount_of_memory():
     assert grown < 512 * 1024, grown
     assert sum(bus.unhandled.values()) == 2 * 0x10000
     assert [p for p in bus._seen] == list(range(0x10000))
+
+
+def test_a_moving_range_leaves_no_counts_behind():
+    # A PCI BAR the guest moves around (hvm/mmio/pci.py): each place it sat had its own per-address counts,
+    # which stayed after the move (reported as unclaimed addresses): a guest moving a BAR and touching it
+    # grew hvm's memory without bound. The counts of a range go with it.
+    bus = MmioBus()
+    view = bus.for_vcpu()
+    dev = Recorder("bar")
+    for i in range(50):
+        base = 0xC000_0000 + i * 0x1000
+        bus.register(base, 0x100, dev)
+        for off in range(0x100):
+            view.read(base + off, 1)
+            bus.write(base + off, 1, 0)
+        bus.unregister(base, dev)
+    assert len(view._hits) + len(bus._hits) == 0
+    assert bus.unhandled == {} and bus.counts == {}
+    bus.register(0xD000_0000, 0x100, dev)
+    view.read(0xD000_0000, 4)
+    assert bus.counts == {0xD000_0000: 1}

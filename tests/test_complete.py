@@ -498,3 +498,40 @@ def test_avx_faults():
     assert run(cpu, "c5 fd 58 c0") is None                  # vaddpd: not completed
     legacy = FakeCpu(mode="prot32")
     assert run(legacy, "c5 07") is None                     # LDS in 32-bit mode
+
+
+class U64Cpu(FakeCpu):
+    """KVM_TRANSLATE takes a __u64: cffi raises OverflowError for a linear address of 2**64 or more."""
+
+    def translate(self, linear):
+        if not 0 <= linear < 2 ** 64:
+            raise OverflowError("int too big to convert")
+        return super().translate(linear)
+
+
+def test_int_n_idt_at_the_top_of_the_address_space_wraps():
+    # A guest IDT whose base is near 2**64 (canonical, LIDT takes it): the gate's address wraps to 0x400 as on
+    # the CPU, never a linear address of 2**64 or more handed to KVM_TRANSLATE (an exception in the vCPU thread).
+    cpu = U64Cpu()
+    cpu.sregs.idt.base = 2 ** 64 - 0x400
+    cpu.map(2 ** 64 - 0x1000, 0x1000, 0x20000)
+    assert run(cpu, "cd 80").event == Fault(c.GP, 0x80 * 8 + 2)     # the wrapped gate at 0x400 is zero: invalid
+    prot = U64Cpu(mode="prot32")
+    prot.sregs.idt.base = 0xFFFFFC00                                 # 32-bit linear addresses wrap at 4 GiB
+    prot.gate(0x80)                                                  # at 0x8400; the wrapped one (0x0) is zero
+    assert run(prot, "cd 80").event == Fault(c.GP, 0x80 * 8 + 2)
+
+
+def test_fetch_bytes_at_the_top_of_the_address_space_wraps():
+    cpu = U64Cpu()
+    cpu.regs.rip = 2 ** 64 - 2
+    cpu.map(2 ** 64 - 0x1000, 0x1000, 0x20000)
+    cpu.poke(0x20FFE, b"\x0f\x38")
+    cpu.poke(0, b"\xf1\x07")
+    assert c.fetch_bytes(cpu, b"\x0f")[:4] == b"\x0f\x38\xf1\x07"
+    prot = U64Cpu(mode="prot32")
+    prot.regs.rip = 0xFFFFFFFE
+    prot.map(0xFFFFF000, 0x1000, 0x20000)
+    prot.poke(0x20FFE, b"\x0f\x38")
+    prot.poke(0, b"\xf1\x07")
+    assert c.fetch_bytes(prot, b"\x0f")[:4] == b"\x0f\x38\xf1\x07"

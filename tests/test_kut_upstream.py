@@ -91,3 +91,16 @@ def test_upstream_entry_passes(name):
     out = io.StringIO()
     results = run_upstream(UPSTREAM, [name], out=out, verbose=True)
     assert [r.line() for r in results] == [f"PASS {name} {PASSING[name]}".rstrip()], out.getvalue()[-3000:]
+
+
+@needs_upstream
+def test_logs_that_cannot_be_written_is_one_line(tmp_path):
+    """--logs naming a regular file: one line, status 2, after the results and the table (not a traceback)."""
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "hvm", "kut", str(UPSTREAM), "cmpxchg8b", "--logs",
+                           str(tmp_path / "file")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.splitlines()[0] == "SKIP cmpxchg8b (i386 only)" and "| cmpxchg8b" in proc.stdout
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"hvm: kut: --logs {tmp_path / 'file'}: cannot copy the runner's logs: ")
+    assert (tmp_path / "file").read_text() == "x"

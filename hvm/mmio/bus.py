@@ -448,6 +448,12 @@ class MmioBus(_Bus, _MmioAccess):
 
     def _uninstall(self, base: int, length: int) -> None:
         self._routes.clear()
+        # The range's per-address counts go with it: a range that moves (a PCI BAR the guest places) would
+        # otherwise leave counts at every place it sat, without bound (and report them as unclaimed).
+        end = base + length
+        for hits in [self._hits] + [view._hits for view in self._views]:
+            for addr in [a for a in list(hits) if base <= a < end]:   # list(): vCPUs add keys meanwhile
+                hits.pop(addr, None)
 
     def _route(self, addr: int) -> tuple:
         """(read, write, offset, key of the hit count) for an address not in the route cache."""

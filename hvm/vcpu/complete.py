@@ -305,7 +305,8 @@ def fetch_bytes(cpu: Cpu, insn: bytes) -> bytes:
     when the exit gave fewer bytes than the decoder needs."""
     rip = cpu.regs.rip
     m = cpu_mode(cpu)
-    la = rip if m.long64 else (cpu.sregs.cs.base + rip) & 0xFFFFFFFF
+    wrap = 2 ** 64 - 1 if m.long64 else 0xFFFFFFFF    # linear addresses wrap (KVM_TRANSLATE takes a __u64)
+    la = rip & wrap if m.long64 else (cpu.sregs.cs.base + rip) & wrap
     out = b""
     while len(out) < MAX_INSN:
         n = min(MAX_INSN - len(out), PAGE - (la & (PAGE - 1)))
@@ -314,7 +315,7 @@ def fetch_bytes(cpu: Cpu, insn: bytes) -> bytes:
         if code is None:
             break
         out += code
-        la += n
+        la = (la + n) & wrap
     return out if len(out) > len(insn) else insn
 
 
@@ -438,13 +439,16 @@ NP = 11
 def _read_linear(cpu: Cpu, m: _Mode, la: int, n: int) -> bytes:
     """A system-table read (IDT, GDT/LDT) at a linear address: supervisor access, #PF if not mapped."""
     out = b""
+    # a table near the top of the linear address space wraps, as on the CPU (KVM_TRANSLATE takes a __u64)
+    wrap = 2 ** 64 - 1 if cpu.sregs.efer & EFER_LMA else 0xFFFFFFFF
+    la &= wrap
     while n:
         k = min(n, PAGE - (la & (PAGE - 1)))
         gpa = cpu.translate(la)
         if gpa is None:
             raise _Raise(Fault(PF, 0, la))
         out += cpu.read_phys(gpa, k)
-        la, n = la + k, n - k
+        la, n = (la + k) & wrap, n - k
     return out
 
 
