@@ -3,12 +3,26 @@
  * (each register as 8 hex digits), then exits through debug-exit with 0. Tests compare it with the
  * -cpu/cpu: model they gave. */
 #include "uart.inc"
+
+/* PUT_LEAF leaf, first, msg1, second, msg2: CPUID leaf (sub-leaf 0), print msg1 and the 32-bit register first,
+ * then msg2 and the 64-bit register second (pushed across the first call) */
+.macro PUT_LEAF leaf, first, msg1, second, msg2
+        mov $\leaf, %eax
+        xor %ecx, %ecx
+        cpuid
+        push \second
+        lea \msg1(%rip), %rsi
+        mov \first, %eax
+        call put_named
+        pop %rax
+        lea \msg2(%rip), %rsi
+        call put_named
+.endm
+
         .code64
         .globl _start
 _start:
-        cli
-        lea stack_top(%rip), %rsp
-        UART_INIT
+        LONG_MODE_START
         xor %eax, %eax
         cpuid
         mov %ebx, vendor(%rip)
@@ -16,36 +30,9 @@ _start:
         mov %ecx, vendor+8(%rip)
         lea msg_vendor(%rip), %rsi
         call puts
-        mov $1, %eax
-        xor %ecx, %ecx
-        cpuid
-        push %rdx
-        lea msg_1ecx(%rip), %rsi
-        mov %ecx, %eax
-        call put_named
-        pop %rax
-        lea msg_1edx(%rip), %rsi
-        call put_named
-        mov $7, %eax
-        xor %ecx, %ecx
-        cpuid
-        push %rcx
-        lea msg_7ebx(%rip), %rsi
-        mov %ebx, %eax
-        call put_named
-        pop %rax
-        lea msg_7ecx(%rip), %rsi
-        call put_named
-        mov $0x80000001, %eax
-        xor %ecx, %ecx
-        cpuid
-        push %rdx
-        lea msg_8ecx(%rip), %rsi
-        mov %ecx, %eax
-        call put_named
-        pop %rax
-        lea msg_8edx(%rip), %rsi
-        call put_named
+        PUT_LEAF 1, %ecx, msg_1ecx, %rdx, msg_1edx
+        PUT_LEAF 7, %ebx, msg_7ebx, %rcx, msg_7ecx
+        PUT_LEAF 0x80000001, %ecx, msg_8ecx, %rdx, msg_8edx
         lea msg_nl(%rip), %rsi
         call puts
         xor %eax, %eax

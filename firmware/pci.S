@@ -20,6 +20,15 @@
         .set MOVED, 0xc8000000
         .set ECAM, 0xe0000000
 
+/* BAR_FIELD label, offset, fn: print the string at label, then call fn with eax = pci-testdev's config address
+ * (edi) + offset */
+.macro BAR_FIELD label, offset, fn
+        mov $\label, %esi
+        call puts
+        lea \offset(%edi), %eax
+        call \fn
+.endm
+
         .code32
         .globl _start
 _start:
@@ -98,27 +107,15 @@ next:   inc %ebp
         jz done
 
         /* the BARs as assigned, and the sizing protocol */
-        mov $s_bar0, %esi
-        call puts
-        lea 0x10(%edi), %eax
-        call cfg_read
+        BAR_FIELD s_bar0, 0x10, cfg_read
         mov %eax, %ebx                  /* ebx = BAR0 */
         call hex8
-        mov $s_bar1, %esi
-        call puts
-        lea 0x14(%edi), %eax
-        call cfg_read
+        BAR_FIELD s_bar1, 0x14, cfg_read
         mov %eax, %ebp                  /* ebp = BAR1 */
         call hex8
         call newline
-        mov $s_size0, %esi
-        call puts
-        lea 0x10(%edi), %eax
-        call size_bar
-        mov $s_size1, %esi
-        call puts
-        lea 0x14(%edi), %eax
-        call size_bar
+        BAR_FIELD s_size0, 0x10, size_bar
+        BAR_FIELD s_size1, 0x14, size_bar
         call newline
 
         /* BAR0's tests: memory accesses */

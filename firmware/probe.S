@@ -92,6 +92,17 @@ p_pio:  mov %r13, %rcx
         jnz 1b
         jmp done
 
+/* set CR4.OSXSAVE, then XCR0 = xcr0 (clobbers rax, rcx, rdx) */
+.macro ENABLE_XSAVE xcr0
+        mov %cr4, %rax
+        or $(1 << 18), %rax             /* CR4.OSXSAVE */
+        mov %rax, %cr4
+        xor %ecx, %ecx
+        mov $\xcr0, %eax
+        xor %edx, %edx
+        xsetbv
+.endm
+
 /* report 1, spin R13 iterations of dec+jnz, report 2, finish */
 .macro TIMED_LOOP
         mov $1, %eax
@@ -166,13 +177,7 @@ p_cx16: xor %eax, %eax
         jmp completed
 
 p_xsave:
-        mov %cr4, %rax
-        or $(1 << 18), %rax             /* CR4.OSXSAVE */
-        mov %rax, %cr4
-        xor %ecx, %ecx
-        mov $3, %eax                    /* XCR0 = x87 | SSE */
-        xor %edx, %edx
-        xsetbv
+        ENABLE_XSAVE 3                  /* XCR0 = x87 | SSE */
         lea xsavebuf(%rip), %rdi
         mov $3, %eax
         xor %edx, %edx
@@ -288,13 +293,7 @@ p_clwb: lea 1f(%rip), %rax
 p_xgetbv:
         lea 1f(%rip), %rax
         mov %rax, resume(%rip)
-        mov %cr4, %rax
-        or $(1 << 18), %rax             /* CR4.OSXSAVE */
-        mov %rax, %cr4
-        xor %ecx, %ecx
-        mov $3, %eax                    /* XCR0 = x87 | SSE */
-        xor %edx, %edx
-        xsetbv
+        ENABLE_XSAVE 3                  /* XCR0 = x87 | SSE */
         mov $-1, %rax
         mov $-1, %rdx
         xor %ecx, %ecx
@@ -324,13 +323,7 @@ p_rdpru:
 
 p_avx:  lea completed(%rip), %rax
         mov %rax, resume(%rip)
-        mov %cr4, %rax
-        or $(1 << 18), %rax             /* CR4.OSXSAVE */
-        mov %rax, %cr4
-        xor %ecx, %ecx
-        mov $7, %eax                    /* XCR0 = x87 | SSE | AVX */
-        xor %edx, %edx
-        xsetbv
+        ENABLE_XSAVE 7                  /* XCR0 = x87 | SSE | AVX */
         lea ysrc(%rip), %rdi
         vmovdqa (%rdi), %ymm0
         vmovdqa %ymm0, %ymm15

@@ -17,9 +17,7 @@
         .code64
         .globl _start
 _start:
-        cli
-        lea stack_top(%rip), %rsp
-        UART_INIT
+        LONG_MODE_START
         mov $IOMEM, %edi
         /* 1: an 8-byte write reads back as 8, 4, 2 and 1 bytes */
         movabs $0x1122334455667788, %rax

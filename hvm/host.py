@@ -36,13 +36,6 @@ PVM_CLEARCPUID = ("xsave,cx16,popcnt,smap,smep,fsgsbase,invpcid,rdpid,rdtscp,sss
 PVM_LINUX_CMDLINE = ["nokaslr", "noxsave", "nopcid", f"clearcpuid={PVM_CLEARCPUID}", "nowatchdog", "nosoftlockup",
                      "mitigations=off", "init_on_alloc=0", "cryptomgr.notests", "tsc=reliable",
                      "clocksource=kvm-clock"]
-# Which of those the guest still sees when the host has them (measured with `hvm doctor`'s cpuid probe, which
-# reads leaf 1 ECX and leaf 7 EBX from a guest: all of those but CX16, PCID, INVPCID). Instructions hvm
-# completes check the guest's CPUID as the guest sees it (hvm/vcpu/complete.py: MOVBE, CLAC/STAC, XGETBV, AVX).
-PVM_HIDING_IGNORED = frozenset({"xsave", "avx", "fma", "f16c", "ssse3", "sse4_1", "sse4_2", "pclmulqdq", "aes",
-                                "movbe", "popcnt", "rdrand", "fsgsbase", "avx2", "smep", "smap", "sha_ni",
-                                "avx512f", "rdseed"})
-
 # With several vCPUs, the KVM paravirtual features through which one vCPU acts on another hang a Linux
 # boot on this backend: halt-and-kick spinlocks (KVM_HC_KICK_CPU), IPIs, remote TLB flushes and directed
 # yields by hypercall. Measured with the 6.12 minimal kernel and 2 vCPUs: with them, the boot stops for good
@@ -73,6 +66,8 @@ def cpuid_clear_honoured(backend: str, leaf: int, reg: str, bit: int) -> bool:
     if backend != "kvm_pvm":
         return True    # hardware-assisted KVM gives the guest exactly the CPUID the VMM sets
     return leaf in PVM_CPUID_CLEARABLE_LEAVES or (leaf, reg, bit) in PVM_CPUID_CLEARABLE
+
+
 # KVM quirks hvm disables on this backend (KVM_CAP_DISABLE_QUIRKS2 bits). FIX_HYPERCALL_INSN (1 << 5): a guest's
 # VMCALL or VMMCALL (kvm-unit-tests' hypercall, vmexit_vmcall, apic's PV IPI test; Linux's KVM PV features)
 # is no hypercall on kvm_pvm: it raises #UD, KVM's emulator then "fixes" it by writing the backend's own
@@ -101,6 +96,22 @@ def denied_feature_msrs(cpuid: list[dict[str, int]]) -> list[tuple[int, int]]:
     return [(msr, n) for msr, n, features in FEATURE_MSRS if not any(has(*f) for f in features)]
 
 
+# OSXSAVE is no host feature: it mirrors the guest's own CR4.OSXSAVE (and /proc/cpuinfo never lists it).
+_DYNAMIC_CPUID_BITS = frozenset({"osxsave"})
+
+
+def cpuid_hiding_ignored(backend: str, hidden) -> frozenset[str]:
+    """Names of the `hidden` features a guest on `backend` still sees when the host has them: the bits whose clear
+    the backend does not take (cpuid_clear_honoured), less those it keeps from every guest itself. On kvm_pvm,
+    `hvm doctor`'s cpuid probe (leaf 1 ECX, leaf 7 EBX read from a guest) measures the same: all of hvm's hidden
+    features but CX16, PCID, INVPCID. Instructions hvm completes check the guest's CPUID as the guest sees it
+    (hvm/vcpu/complete.py: MOVBE, CLAC/STAC, XGETBV, AVX)."""
+    keeps = set(PVM_BACKEND_HIDES) if backend == "kvm_pvm" else set()
+    return frozenset(name for leaf, _sub, reg, bit, name in hidden
+                     if not cpuid_clear_honoured(backend, leaf, reg, bit)
+                     and name not in keeps and name not in _DYNAMIC_CPUID_BITS)
+
+
 @dataclass(frozen=True)
 class HostProfile:
     backend: str                       # "kvm_pvm", "vmx", "svm" or "unknown"
@@ -108,9 +119,13 @@ class HostProfile:
     hidden_features: list = field(default_factory=list)
     linux_cmdline: list[str] = field(default_factory=list)
     smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
-    hiding_ignored: frozenset = frozenset()   # names of hidden_features the guest still sees
     disabled_quirks: int = 0           # KVM_X86_QUIRK_* bits hvm disables (KVM_CAP_DISABLE_QUIRKS2)
     filter_feature_msrs: bool = False  # deny FEATURE_MSRS the guest's CPUID lacks (the backend does not)
+
+    @property
+    def hiding_ignored(self) -> frozenset[str]:
+        """Names of hidden_features the guest still sees when the host has them."""
+        return cpuid_hiding_ignored(self.backend, self.hidden_features)
 
     def honours_clear(self, leaf: int, reg: str, bit: int) -> bool:
         return cpuid_clear_honoured(self.backend, leaf, reg, bit)
@@ -149,7 +164,7 @@ def guest_default_flags(profile: "HostProfile") -> set[str]:
 def detect() -> HostProfile:
     if os.path.isdir("/sys/module/kvm_pvm"):
         return HostProfile("kvm_pvm", True, PVM_HIDDEN_FEATURES, PVM_LINUX_CMDLINE, PVM_SMP_HIDDEN_FEATURES,
-                           PVM_HIDING_IGNORED, PVM_DISABLED_QUIRKS, filter_feature_msrs=True)
+                           PVM_DISABLED_QUIRKS, filter_feature_msrs=True)
     flags = _cpu_flags()
     if "vmx" in flags:
         return HostProfile("vmx", False)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -23,6 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware" / "build"
 CONFIGS = ROOT / "configs"
 GUEST_TIMEOUT = 20  # seconds: the outer bound on any single small guest run in the tests
+
+
+def shared_tree(relative: str, is_tree: Callable[[Path], bool]) -> Path:
+    """A tree under ../shared (kvm-unit-tests' guests, upstream's runner): beside the checkout (/work/main ->
+    /work/shared) or beside the folder of worktrees (/work/wt/NAME); the first place if neither has it."""
+    places = [ROOT.parent / "shared" / relative, ROOT.parent.parent / "shared" / relative]
+    return next((d for d in places if is_tree(d)), places[0])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import FIRMWARE, ROOT, write_yaml
 from hvm.cpu_model import (FEATURES, CpuModelError, CpuSpec, apply_cpu_model, check_cpu, describe, parse_cpu)
-from hvm.host import PVM_BACKEND_HIDES, cpuid_clear_honoured
+from hvm.host import PVM_BACKEND_HIDES, PVM_HIDDEN_FEATURES, cpuid_clear_honoured, cpuid_hiding_ignored
 from hvm.qemu_shim import translate
 
 INTEL = [int.from_bytes(b"GenuineIntel"[i:i + 4], "little") for i in (0, 4, 8)]   # ebx, edx, ecx
@@ -138,6 +138,20 @@ def test_check_refuses_unsupported_hidden_and_unhideable():
     check("qemu64,-x2apic,+tsc-deadline,-lm,-rdtscp,vendor=GenuineIntel")   # all honoured on kvm_pvm
     check_cpu(parse_cpu("qemu64,-pcid"), t, [], lambda *a: True)            # a hardware-assisted host
 
+
+
+def test_hiding_ignored_comes_from_the_same_table():
+    """What hvm/vcpu/complete.py takes as the guest's view (HostProfile.hiding_ignored) and what check_cpu refuses
+    to hide both come from cpuid_clear_honoured + PVM_BACKEND_HIDES: a bit in one is never honoured by the other."""
+    ignored = cpuid_hiding_ignored("kvm_pvm", PVM_HIDDEN_FEATURES)
+    assert {"xsave", "popcnt", "movbe", "smap", "smep", "avx2"} <= ignored
+    # CX16/PCID/INVPCID/RDPID: the backend keeps them from guests; RDTSCP: leaf 0x80000001 is honoured;
+    # OSXSAVE follows the guest's CR4
+    assert not ignored & {"cx16", "pcid", "invpcid", "rdpid", "rdtscp", "osxsave"}
+    for leaf, _sub, reg, bit, name in PVM_HIDDEN_FEATURES:
+        if name in ignored:
+            assert not cpuid_clear_honoured("kvm_pvm", leaf, reg, bit), name
+    assert cpuid_hiding_ignored("vmx", PVM_HIDDEN_FEATURES) == frozenset()
 
 def run_cpuid(hvm, tmp_path, *extra: str, yaml_cpu: str | None = None):
     cfg = write_yaml(tmp_path, f"""

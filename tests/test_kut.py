@@ -9,13 +9,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, shared_tree
 from hvm.kut import QEMU_PREFIX, format_table, hvm_args_for, parse_qemu_results, parse_unittests_cfg, run_all, run_entry
 from hvm.qemu_shim import translate
 
-# Beside the checkout (/work/main -> /work/shared), or beside the folder of worktrees (/work/wt/NAME).
-KUT = next((d for d in (ROOT.parent / "shared" / "kvm-unit-tests", ROOT.parent.parent / "shared" / "kvm-unit-tests")
-            if (d / "unittests.cfg").is_file()), ROOT.parent / "shared" / "kvm-unit-tests")
+KUT = shared_tree("kvm-unit-tests", lambda d: (d / "unittests.cfg").is_file())
 needs_kut = pytest.mark.skipif(not (KUT / "unittests.cfg").is_file(), reason=f"{KUT} is not there")
 
 SLOW_ENTRIES = {"realmode"}

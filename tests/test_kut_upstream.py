@@ -10,12 +10,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, shared_tree
 from hvm.kut import is_upstream_tree, parse_qemu_results, parse_unittests_cfg, run_upstream
 
-UPSTREAM = next((d for d in (ROOT.parent / "shared" / "kvm-unit-tests" / "upstream",
-                             ROOT.parent.parent / "shared" / "kvm-unit-tests" / "upstream")
-                 if is_upstream_tree(d)), ROOT.parent / "shared" / "kvm-unit-tests" / "upstream")
+UPSTREAM = shared_tree("kvm-unit-tests/upstream", is_upstream_tree)
 needs_upstream = pytest.mark.skipif(not is_upstream_tree(UPSTREAM), reason=f"{UPSTREAM} is not there")
 
 

@@ -21,12 +21,18 @@ RESERVED_END = 0x7000  # first byte a loaded image may use
 BOOT_CS = 0x10
 BOOT_DS = 0x18
 
+# Architectural control-register and flag bits (hvm/vcpu/complete.py takes its own from here too).
 CR0_PE = 1 << 0
+CR0_TS = 1 << 3
 CR0_ET = 1 << 4
 CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
+CR4_LA57 = 1 << 12
+CR4_OSXSAVE = 1 << 18
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
+RFLAGS_VM = 1 << 17
+RFLAGS_AC = 1 << 18
 
 PTE_PRESENT = 1 << 0
 PTE_WRITE = 1 << 1

@@ -110,17 +110,22 @@ class _Bus:
         if length <= 0:
             raise BusError(f"{self.kind} range for {device.name} has no length")
         with self._route_lock:
-            for r in self.ranges:
-                if base < r.end and r.base < base + length:
-                    raise BusError(
-                        f"{self.kind} range {base:#x}..{base + length - 1:#x} of {device.name} overlaps "
-                        f"{r.base:#x}..{r.end - 1:#x} of {r.device.name}")
+            clash = self.overlapping(base, length)
+            if clash:
+                r = clash[0]
+                raise BusError(
+                    f"{self.kind} range {base:#x}..{base + length - 1:#x} of {device.name} overlaps "
+                    f"{r.base:#x}..{r.end - 1:#x} of {r.device.name}")
             i = bisect.bisect(self._bases, base)
             self.ranges.insert(i, BusRange(base, length, device))
             self._bases.insert(i, base)
             self._install(base, length, device)
             for listener in self.listeners:   # after the routes are in place
                 listener.claimed(base, length)
+
+    def overlapping(self, base: int, length: int) -> list[BusRange]:
+        """The registered ranges sharing an address with [base, base+length), in address order."""
+        return [r for r in self.ranges if base < r.end and r.base < base + length]
 
     def unregister(self, base: int, device: Device) -> None:
         """Remove the range at `base` registered for `device` (a PCI BAR that moves or stops decoding):

@@ -405,8 +405,8 @@ class PciBus:
                     placed: list[tuple[bool, int, int, str]]) -> None:
         end = base + bar.size
         bus = self.pio if bar.io else self.mmio
-        for rng in bus.ranges:
-            if id(rng.device) not in ours and base < rng.end and rng.base < end:
+        for rng in bus.overlapping(base, bar.size):
+            if id(rng.device) not in ours:
                 raise fr.fail("config", f"BAR{bar.index} at {base:#x} overlaps {rng.device.name}")
         for io, lo, hi, what in placed:
             if io == bar.io and base < hi and lo < end:

@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+# architectural bits: one definition, beside the boot code's (hvm/boot calls no KVM either)
+from hvm.boot.cpu_modes import CR0_PE, CR0_TS, CR4_LA57, CR4_OSXSAVE, EFER_LMA, RFLAGS_AC, RFLAGS_VM
+
 MAX_INSN = 15            # the architectural limit of an x86 instruction's length
 PAGE = 4096
 
@@ -25,13 +28,6 @@ UD, GP, SS, PF, BP = 6, 13, 12, 14, 3
 GPR = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 SEG_PREFIX = {0x26: "es", 0x2E: "cs", 0x36: "ss", 0x3E: "ds", 0x64: "fs", 0x65: "gs"}
-
-RFLAGS_AC = 1 << 18
-RFLAGS_VM = 1 << 17
-CR0_PE = 1 << 0
-CR4_OSXSAVE = 1 << 18
-CR4_LA57 = 1 << 12
-EFER_LMA = 1 << 10
 
 # CPUID feature bits: (leaf, subleaf, register, bit)
 MOVBE = (1, 0, "ecx", 22)
@@ -44,7 +40,6 @@ INVPCID = (7, 0, "ebx", 10)
 XGETBV_ECX1 = (0xD, 1, "eax", 2)
 AVX = (1, 0, "ecx", 28)
 AVX2 = (7, 0, "ebx", 5)
-CR0_TS = 1 << 3
 NM = 7
 
 
