@@ -45,7 +45,10 @@ XGETBV_ECX1 = (0xD, 1, "eax", 2)
 AVX = (1, 0, "ecx", 28)
 AVX2 = (7, 0, "ebx", 5)
 CR0_TS = 1 << 3
-NM = 7
+CR0_EM = 1 << 2
+CR0_NE = 1 << 5
+NM, MF = 7, 16
+MMX = (1, 0, "edx", 23)
 
 
 class Cpu(Protocol):
@@ -373,7 +376,7 @@ def _complete(data: bytes, cpu: Cpu) -> Completion:
     return _execute(b, d, p, m, cpu)
 
 
-_NAME_OF_FAULT = {UD: "#UD", GP: "#GP", PF: "#PF", SS: "#SS", 11: "#NP", 7: "#NM"}
+_NAME_OF_FAULT = {UD: "#UD", GP: "#GP", PF: "#PF", SS: "#SS", 11: "#NP", 7: "#NM", 16: "#MF"}
 
 
 def _fault_name(name: str, fault: Fault) -> str:
@@ -422,6 +425,14 @@ def _execute(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
         if fn is None or p.rep:
             raise _Refuse()
         return _guarded(fn[0], fn[1], modrm, d, p, m, cpu)
+    if op2 in MMX_MOVES and not p.opsize and not p.rep:
+        name = MMX_MOVES[op2]
+        try:
+            _mmx_move(op2, d, p, m, cpu)
+        except _Raise as e:
+            return Completion(_fault_name(name, e.fault), False, e.fault)
+        _advance(cpu, m, d.pos)
+        return Completion(name, True, None, True)
     if op2 == 0xAE and p.opsize and not p.rep:
         peek = d.data[d.pos] if d.pos < len(d.data) else None
         if peek is None:
@@ -687,3 +698,94 @@ def _vex_op(name: str, opcode: int, wide: int, vvvv: int, d: _Decoder, p: _Insn,
         vec.write(mr.reg, acc.read(width))
     else:
         acc.write(vec.read(mr.reg, width))
+
+
+# --- MMX moves through the x87 part of the XSAVE area (the emulator entry's test_mmx) ------------------------------
+X87_BIT = 0
+FCW, FSW, FTW = 0, 2, 4            # legacy-region offsets: control, status, abridged tag (one bit per register)
+ST_OFFSET = 32                     # ST(i) at 32 + 16 i: an 80-bit register in each 16-byte slot
+FSW_ES = 1 << 7                    # an unmasked x87 exception is pending
+MMX_MOVES = {0x6E: "movd mm", 0x7E: "movd r/m,mm", 0x6F: "movq mm", 0x7F: "movq m,mm"}
+
+
+class _Mmx:
+    """MM0-7 are the mantissas (bits 63:0) of the physical x87 registers R0-R7. The XSAVE area holds them in
+    stack order (slot i = ST(i) = R((TOP + i) mod 8)). Every MMX instruction but EMMS sets TOP to 0 and tags all
+    eight registers valid; a write also sets the register's exponent and sign (bits 79:64) to all ones."""
+
+    def __init__(self, cpu: Cpu) -> None:
+        self.area = cpu.xsave_area()
+        bv = int.from_bytes(self.area[XSTATE_BV:XSTATE_BV + 8], "little")
+        if not bv >> X87_BIT & 1:      # the x87 state is in its initial configuration, whatever the bytes say
+            self.area[FCW:FCW + 2] = (0x037F).to_bytes(2, "little")
+            self.area[FSW:24] = bytes(22)      # FSW, FTW, FOP, FIP, FDP; MXCSR (at 24) is SSE state
+            self.area[ST_OFFSET:ST_OFFSET + 128] = bytes(128)
+            self.area[XSTATE_BV:XSTATE_BV + 8] = (bv | 1 << X87_BIT).to_bytes(8, "little")
+        self.fsw = int.from_bytes(self.area[FSW:FSW + 2], "little")
+
+    def pending(self) -> bool:
+        return bool(self.fsw & FSW_ES)
+
+    def enter(self) -> None:
+        """The MMX-mode transition: registers moved to their physical slots, TOP = 0, all tagged valid."""
+        top = self.fsw >> 11 & 7
+        slots = [bytes(self.area[ST_OFFSET + 16 * i:ST_OFFSET + 16 * i + 16]) for i in range(8)]
+        for phys in range(8):
+            off = ST_OFFSET + 16 * phys
+            self.area[off:off + 16] = slots[(phys - top) & 7]
+        self.fsw &= ~(7 << 11)
+        self.area[FSW:FSW + 2] = self.fsw.to_bytes(2, "little")
+        self.area[FTW] = 0xFF
+
+    def read(self, reg: int) -> int:
+        off = ST_OFFSET + 16 * reg
+        return int.from_bytes(self.area[off:off + 8], "little")
+
+    def write(self, reg: int, value: int) -> None:
+        off = ST_OFFSET + 16 * reg
+        self.area[off:off + 10] = (value & (2 ** 64 - 1)).to_bytes(8, "little") + b"\xff\xff"
+
+
+def _mmx_move(op2: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> None:
+    """MOVD/MOVQ between an MMX register and a general register or memory (NP 0F 6E/7E with REX.W for 64
+    bits; NP 0F 6F/7F: 64 bits, MMX register or memory). Faults in the SDM's order: #UD (LOCK, CR0.EM, no
+    MMX), #NM (CR0.TS), #MF (a pending unmasked x87 exception), then the memory operand's."""
+    regs = cpu.regs
+    mr = _modrm(d, p, m, regs)
+    if p.lock or cpu.sregs.cr0 & CR0_EM or not _has(cpu, MMX):
+        raise _Raise(Fault(UD))
+    if cpu.sregs.cr0 & CR0_TS:
+        raise _Raise(Fault(NM))
+    mmx = _Mmx(cpu)
+    if mmx.pending():
+        if not cpu.sregs.cr0 & CR0_NE:
+            raise _Refuse()      # FERR#/IGNNE# external reporting: no such pin here
+        raise _Raise(Fault(MF))
+    mm = mr.reg & 7              # REX.R does not extend an MMX register number
+    if op2 in (0x6E, 0x7E):
+        size = 8 if p.rex & 8 else 4
+    else:
+        size = 8
+    if mr.mod == 3:
+        if op2 in (0x6E, 0x7E):
+            gpr = GPR[mr.rm]
+            if op2 == 0x6E:
+                value = getattr(regs, gpr) & ((1 << (8 * size)) - 1)
+                mmx.enter()
+                mmx.write(mm, value)
+            else:
+                mmx.enter()
+                setattr(regs, gpr, mmx.read(mm) & ((1 << (8 * size)) - 1))   # a 32-bit write zero-extends
+            return
+        src, dst = (mr.rm & 7, mm) if op2 == 0x6F else (mm, mr.rm & 7)
+        mmx.enter()
+        mmx.write(dst, mmx.read(src))
+        return
+    acc = _access(d, p, m, mr, cpu)
+    if op2 in (0x6E, 0x6F):
+        value = int.from_bytes(acc.read(size), "little")
+        mmx.enter()
+        mmx.write(mm, value)
+    else:
+        mmx.enter()
+        acc.write((mmx.read(mm) & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
