@@ -510,7 +510,7 @@ def test_movq_mm_from_gpr_then_store_to_mmio_from_initial_x87_state():
     cpu.xsave_area()[0:32] = bytes(range(1, 33))      # garbage: XSTATE_BV.x87 clear, so the initial state counts
     cpu.area[24:28] = (0x1F80).to_bytes(4, "little")  # MXCSR is SSE state: kept
     cpu.regs.rax = 0x0102030405060708
-    assert run(cpu, "48 0f 6e c0") == Completion("movd mm", True, None, True)    # movq %rax, %mm0
+    assert run(cpu, "48 0f 6e c0") == Completion("movd/q mm,r/m", True, None, True)    # movq %rax, %mm0
     assert st_slot(cpu, 0) == bytes.fromhex("0807060504030201ffff")
     assert int.from_bytes(cpu.area[0:2], "little") == 0x037F                     # FCW: initial
     assert cpu.area[4] == 0xFF and int.from_bytes(cpu.area[2:4], "little") == 0   # all valid, TOP 0
@@ -519,7 +519,7 @@ def test_movq_mm_from_gpr_then_store_to_mmio_from_initial_x87_state():
     cpu.map(0xFFFFFFFFFFFFA000, 0x2000, 0xFF000000)
     cpu.regs.r12 = 0xFFFFFFFFFFFFA000
     done = run(cpu, "41 0f 7f 84 24 00 10 00 00")       # movq %mm0, 0x1000(%r12): an MMIO store
-    assert done == Completion("movq m,mm", True, None, True)
+    assert done == Completion("movq mm/m,mm", True, None, True)
     assert cpu.mmio == [("w", 0xFF001000, 8, 0x0102030405060708)]
     assert cpu.regs.rip == 0x1000 + 4 + 9
 
@@ -528,11 +528,11 @@ def test_mmx_load_movd_and_register_forms():
     cpu = FakeCpu()
     cpu.poke(0x5000, (0x8070605040302010).to_bytes(8, "little"))
     cpu.regs.rdi = 0x5000
-    assert run(cpu, "0f 6f 0f").name == "movq mm"               # movq (%rdi), %mm1
-    assert run(cpu, "48 0f 7e c8").name == "movd r/m,mm"        # movq %mm1, %rax
+    assert run(cpu, "0f 6f 0f").name == "movq mm,mm/m"               # movq (%rdi), %mm1
+    assert run(cpu, "48 0f 7e c8").name == "movd/q r/m,mm"        # movq %mm1, %rax
     assert cpu.regs.rax == 0x8070605040302010
     cpu.regs.rbx = 0xFFFFFFFFFFFFFFFF
-    assert run(cpu, "0f 7e cb").name == "movd r/m,mm"           # movd %mm1, %ebx: zero-extends
+    assert run(cpu, "0f 7e cb").name == "movd/q r/m,mm"           # movd %mm1, %ebx: zero-extends
     assert cpu.regs.rbx == 0x40302010
     cpu.regs.rcx = 0xAAAABBBBCCCCDDDD
     run(cpu, "0f 6e d1")                                        # movd %ecx, %mm2: upper half 0
@@ -551,7 +551,7 @@ def test_mmx_registers_are_physical_registers_and_top_becomes_0():
     area[2:4] = (3 << 11).to_bytes(2, "little")         # TOP = 3: slot i holds ST(i) = R((3 + i) mod 8)
     for i in range(8):
         area[32 + 16 * i:32 + 16 * i + 10] = bytes([0x10 + i] * 8) + b"\x00\x40"
-    assert run(cpu, "48 0f 7e c0").name == "movd r/m,mm"        # movq %mm0, %rax: R0 was slot 5
+    assert run(cpu, "48 0f 7e c0").name == "movd/q r/m,mm"        # movq %mm0, %rax: R0 was slot 5
     assert cpu.regs.rax == 0x1515151515151515
     assert int.from_bytes(area[2:4], "little") >> 11 & 7 == 0 and area[4] == 0xFF
     assert [st_slot(cpu, r)[0] for r in range(8)] == [0x15, 0x16, 0x17, 0x10, 0x11, 0x12, 0x13, 0x14]
@@ -562,7 +562,7 @@ def test_mmx_faults():
     cpu = FakeCpu()
     cpu.regs.rdi = 0x5000
     cpu.sregs.cr0 |= c.CR0_EM
-    assert run(cpu, "0f 6f 07") == Completion("movq mm #UD", False, Fault(c.UD))
+    assert run(cpu, "0f 6f 07") == Completion("movq mm,mm/m #UD", False, Fault(c.UD))
     cpu.sregs.cr0 &= ~c.CR0_EM
     assert run(cpu, "f0 0f 6f 07").event == Fault(c.UD)         # LOCK
     cpu.sregs.cr0 |= c.CR0_TS
@@ -571,10 +571,23 @@ def test_mmx_faults():
     cpu.xsave_area()[512] = 1
     cpu.area[2:4] = (0x80 | 0x04).to_bytes(2, "little")         # ES|ZE: an unmasked divide-by-zero pending
     cpu.sregs.cr0 |= c.CR0_NE
-    assert run(cpu, "0f 7f 07") == Completion("movq m,mm #MF", False, Fault(c.MF))
+    assert run(cpu, "0f 7f 07") == Completion("movq mm/m,mm #MF", False, Fault(c.MF))
     cpu.area[2:4] = bytes(2)
     assert run(cpu, "0f 7f 87 00 00 f0 00").event == Fault(c.PF, 2, 0xF05000)   # store to an unmapped page
     assert cpu.regs.rip == 0x1000
     cpu.features.discard(c.MMX)
     assert run(cpu, "0f 6f 07").event == Fault(c.UD)
     assert run(cpu, "66 0f 6f 07") is None                      # movdqa (SSE2): not an MMX move
+
+
+def test_fnstsw_ax_reads_the_status_word():
+    cpu = FakeCpu()
+    cpu.regs.rax = 0x1234567890ABCDEF
+    assert run(cpu, "df e0") == Completion("fnstsw", True)          # initial x87 state: FSW 0
+    assert cpu.regs.rax == 0x1234567890AB0000 and cpu.regs.rip == 0x1002
+    cpu.area[512] = 1
+    cpu.area[2:4] = (0x3884).to_bytes(2, "little")                   # TOP 7, ES, ZE: still no #MF (no-wait form)
+    run(cpu, "df e0")
+    assert cpu.regs.rax & 0xFFFF == 0x3884
+    cpu.sregs.cr0 |= c.CR0_TS
+    assert run(cpu, "df e0") == Completion("fnstsw #NM", False, Fault(c.NM))

@@ -94,6 +94,17 @@ def test_avx_moves_and_vzeroall():
         assert completed == {"vmovdqa": 3, "vmovntdq": 1, "vzeroall": 1, "vmovdqa #GP": 1}
 
 
+def test_mmx_moves_and_fnstsw():
+    reports, completed = probe("mmx")
+    # FNSTSW AX after fninit + MMX: FSW 0 in AX, RAX's upper bits kept; movq mm0 -> m; movq m -> mm1 -> rax;
+    # movd ecx -> mm2 (upper half 0) -> rax
+    assert reports == [0x55660000, 0x55667788, 0x11223344, 0x40302010, 0x80706050, 0x99887766, 0, tag("K")]
+    if PVM:
+        # measured: KVM's emulator does MOVQ between an MMX register and memory itself; the GPR forms and
+        # FNSTSW reach hvm
+        assert completed == {"movd/q mm,r/m": 2, "movd/q r/m,mm": 2, "fnstsw": 1}
+
+
 def test_stats_lists_completed_instructions():
     stats = ExitStats(by_reason={}, by_port={}, by_device={}, completed={"clac": 2, "xgetbv #GP": 1})
     text = stats.format()

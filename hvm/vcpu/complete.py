@@ -398,6 +398,13 @@ def _execute(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
         return Completion("fwait", True)
     if op in (0xC4, 0xC5) and not m.real:
         return _vex(op, d, p, m, cpu)
+    if op == 0xDF and d.data[d.pos:d.pos + 1] == b"\xe0" and not p.lock:   # FNSTSW AX
+        d.byte()
+        if cpu.sregs.cr0 & (CR0_EM | CR0_TS):
+            return Completion("fnstsw #NM", False, Fault(NM))
+        cpu.regs.rax = cpu.regs.rax & ~0xFFFF | _Mmx(cpu).fsw    # no-wait form: no #MF check
+        _advance(cpu, m, d.pos)
+        return Completion("fnstsw", True)
     if op == 0xCD:             # INT n
         vector = d.byte()
         if m.real:             # KVM's emulator does real-mode INT itself; vm86 needs IOPL checks hvm lacks
@@ -705,7 +712,7 @@ X87_BIT = 0
 FCW, FSW, FTW = 0, 2, 4            # legacy-region offsets: control, status, abridged tag (one bit per register)
 ST_OFFSET = 32                     # ST(i) at 32 + 16 i: an 80-bit register in each 16-byte slot
 FSW_ES = 1 << 7                    # an unmasked x87 exception is pending
-MMX_MOVES = {0x6E: "movd mm", 0x7E: "movd r/m,mm", 0x6F: "movq mm", 0x7F: "movq m,mm"}
+MMX_MOVES = {0x6E: "movd/q mm,r/m", 0x7E: "movd/q r/m,mm", 0x6F: "movq mm,mm/m", 0x7F: "movq mm/m,mm"}
 
 
 class _Mmx:
