@@ -591,3 +591,70 @@ def test_fnstsw_ax_reads_the_status_word():
     assert cpu.regs.rax & 0xFFFF == 0x3884
     cpu.sregs.cr0 |= c.CR0_TS
     assert run(cpu, "df e0") == Completion("fnstsw #NM", False, Fault(c.NM))
+
+
+# --- a fault whose delivery page-faults (the frame's stack not writable) becomes that #PF --------------------------
+def test_page_writable_walks_four_levels():
+    mem = {}
+
+    def put(addr, value):
+        mem[addr] = value.to_bytes(8, "little")
+
+    put(0x1000, 0x2000 | 3)              # PML4[0]
+    put(0x2000, 0x3000 | 3)              # PDPT[0]
+    put(0x3000, 0x4000 | 3)              # PD[0] -> page table
+    put(0x3008, 0x200000 | 0x83)         # PD[1]: a writable 2 MiB page
+    put(0x3010, 0x400000 | 0x81)         # PD[2]: a read-only 2 MiB page
+    put(0x4000 + 5 * 8, 0x5000 | 1)      # read-only 4 KiB page
+    put(0x4000 + 6 * 8, 0x6000 | 3)
+    read = lambda gpa, n: mem.get(gpa, bytes(8))   # noqa: E731
+    assert c.page_writable(read, 0x1000, 0x5123) is False
+    assert c.page_writable(read, 0x1000, 0x6FFF) is True
+    assert c.page_writable(read, 0x1000, 0x7000) is None
+    assert c.page_writable(read, 0x1000, 0x3FFFFF) is True
+    assert c.page_writable(read, 0x1000, 0x400000) is False
+    assert c.page_writable(read, 0x1000, 1 << 39) is None
+
+
+@dataclass
+class PagedCpu(FakeCpu):
+    readonly: set = field(default_factory=set)     # linear pages mapped read-only
+
+    def writable(self, linear):
+        if self.translate(linear) is None:
+            return None
+        return linear >> 12 not in self.readonly
+
+
+def test_np_delivered_onto_a_read_only_stack_becomes_a_page_fault():
+    cpu = PagedCpu()
+    cpu.sregs.cr0 |= c.CR0_WP
+    cpu.sregs.tr = SimpleNamespace(base=0xA000)
+    cpu.gate(0x21, present=0)
+    cpu.regs.rsp = 0x7FFF                  # the frame goes below 0x7FF0, all on page 7
+    cpu.readonly.add(7)
+    done = run(cpu, "cd 21")
+    assert done == Completion("int #NP -> #PF", False, Fault(c.PF, 3, 0x7FE8))
+    assert cpu.regs.rip == 0x1000          # the #PF handler returns to the INT, which faults again
+    cpu.sregs.cr0 &= ~c.CR0_WP             # without CR0.WP a supervisor write ignores R/W
+    assert run(cpu, "cd 21").event == Fault(c.NP, 0x21 * 8 + 2)
+    cpu.sregs.cr0 |= c.CR0_WP
+    cpu.regs.rsp = 0x8010                  # the frame straddles: 0x8008 is fine, page 7 is not
+    assert run(cpu, "cd 21").event == Fault(c.PF, 3, 0x7FF8)
+    cpu.regs.rsp = 0x200010                # outside the identity-mapped MiB: not present
+    assert run(cpu, "cd 21").event == Fault(c.PF, 2, 0x200008)
+
+
+def test_np_through_an_ist_gate_uses_the_ist_stack():
+    cpu = PagedCpu()
+    cpu.sregs.cr0 |= c.CR0_WP
+    cpu.sregs.tr = SimpleNamespace(base=0xA000)
+    cpu.poke(0xA024, (0x9000).to_bytes(8, "little"))     # TSS IST1
+    cpu.gate(0x21, present=0)
+    lo = int.from_bytes(bytes(cpu.mem(0x8000 + 11 * 16, 8)), "little") | 1 << 32   # #NP's gate: IST 1
+    cpu.poke(0x8000 + 11 * 16, lo.to_bytes(8, "little"))
+    cpu.regs.rsp = 0x7FFF
+    cpu.readonly.add(7)
+    assert run(cpu, "cd 21") == Completion("int #NP", False, Fault(c.NP, 0x21 * 8 + 2))
+    cpu.readonly.add(8)                    # the IST stack itself read-only
+    assert run(cpu, "cd 21").event == Fault(c.PF, 3, 0x8FF8)

@@ -46,6 +46,7 @@ AVX = (1, 0, "ecx", 28)
 AVX2 = (7, 0, "ebx", 5)
 CR0_TS = 1 << 3
 CR0_EM = 1 << 2
+CR0_WP = 1 << 16
 CR0_NE = 1 << 5
 NM, MF = 7, 16
 MMX = (1, 0, "edx", 23)
@@ -324,6 +325,73 @@ def fetch_bytes(cpu: Cpu, insn: bytes) -> bytes:
 def complete(insn: bytes, cpu: Cpu, fetch: Callable[[], bytes] | None = None) -> Completion | None:
     """Complete the instruction whose bytes are `insn` (from the exit; `fetch` gives more from guest memory
     if the decoder needs them). None: an instruction or encoding hvm does not complete."""
+    done = _complete_insn(insn, cpu, fetch)
+    if done is not None and isinstance(done.event, Fault) and done.event.vector != PF:
+        pf = _delivery_fault(cpu, done.event)
+        if pf is not None:
+            return Completion(f"{done.name} -> #PF", False, pf)
+    return done
+
+
+def page_writable(read_phys: Callable[[int, int], bytes], cr3: int, linear: int) -> bool | None:
+    """4-level paging: is `linear` mapped writable for a supervisor write (CR0.WP set)? None: not present.
+    (KVM_TRANSLATE says writable for every page, so hvm walks the tables itself where it matters.)"""
+    table, writable = cr3 & 0x000FFFFFFFFFF000, True
+    for level, shift in enumerate((39, 30, 21, 12)):
+        entry = int.from_bytes(read_phys(table + ((linear >> shift) & 0x1FF) * 8, 8), "little")
+        if not entry & 1:
+            return None
+        writable = writable and bool(entry & 2)
+        if level in (1, 2) and entry & 0x80:        # a 1 GiB or 2 MiB page
+            return writable
+        table = entry & 0x000FFFFFFFFFF000
+    return writable
+
+
+def _delivery_fault(cpu: Cpu, fault: Fault) -> Fault | None:
+    """The #PF the CPU would raise while delivering `fault` in 64-bit mode: the frame's stack (IST, the TSS's
+    RSP of a more privileged target, or RSP aligned to 16) not writable. A contributory or benign exception
+    whose delivery page-faults becomes that #PF (SDM vol. 3 6.15, table 6-5); RIP stays at the instruction, so
+    the guest's #PF handler returns to it. The kvm_pvm backend turns such a delivery into a shutdown instead.
+    None: delivery would not page-fault, or the check does not apply (not 4-level 64-bit paging, or the
+    Cpu cannot tell writability)."""
+    writable = getattr(cpu, "writable", None)
+    s = cpu.sregs
+    if writable is None or not s.efer & EFER_LMA or s.cr4 & CR4_LA57 or fault.vector >= 32:
+        return None
+    m = cpu_mode(cpu)
+    try:
+        if fault.vector * 16 + 15 > s.idt.limit:
+            return None
+        gate = int.from_bytes(_read_linear(cpu, m, s.idt.base + fault.vector * 16, 8), "little")
+        if not gate >> 47 & 1:
+            return None
+        ist, sel = gate >> 32 & 7, gate >> 16 & 0xFFFC
+        if sel == 0 or (sel | 7) > s.gdt.limit or sel & 4:
+            return None
+        desc = int.from_bytes(_read_linear(cpu, m, s.gdt.base + sel, 8), "little")
+        dpl = desc >> 45 & 3
+        if ist:
+            rsp = int.from_bytes(_read_linear(cpu, m, s.tr.base + 0x24 + 8 * (ist - 1), 8), "little")
+        elif dpl < m.cpl:
+            rsp = int.from_bytes(_read_linear(cpu, m, s.tr.base + 4 + 8 * dpl, 8), "little")
+        else:
+            rsp = cpu.regs.rsp
+    except _Raise:
+        return None            # the tables themselves are not mapped: left to the backend's delivery
+    rsp &= ~0xF
+    pushes = 6 if fault.error_code is not None else 5
+    for i in range(1, pushes + 1):
+        la = (rsp - 8 * i) & (2 ** 64 - 1)
+        ok = writable(la)
+        if ok is False and not s.cr0 & CR0_WP:     # supervisor writes ignore R/W without CR0.WP
+            ok = True
+        if ok is None or not ok:
+            return Fault(PF, 2 | (0 if ok is None else 1), la)
+    return None
+
+
+def _complete_insn(insn: bytes, cpu: Cpu, fetch: Callable[[], bytes] | None) -> Completion | None:
     data = bytes(insn[:MAX_INSN])
     for attempt in range(2):
         try:
