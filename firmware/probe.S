@@ -17,6 +17,10 @@
  *  16 intn    int $0x81 at CPL0: 'N' from the handler, then 1 if the pushed RIP is the next instruction
  *  17 avx     XCR0 = 7; vmovdqa m->ymm0, ymm0->ymm15, vmovntdq ymm15->m, vzeroall, vmovdqa ymm15->m; reports
  *             the first and last dword of each stored copy; then a misaligned vmovdqa: #GP
+ *  18 mmx     CR0.EM/TS clear, fninit; movq rax->mm0; FSW; movq mm0->m (two
+ *             dwords); movq m->mm1, movq mm1->rax (two dwords); movd ecx->mm2, movq mm2->rax (two dwords)
+ *  19 npstack CR0.WP; 2-4 MiB read-only; RSP = 0x300000; int $0x82 through a not-present gate: the #NP's frame
+ *             cannot be written, so the CPU raises #PF (handler on IST1): 'P', CR2, error code
  * In 11-16 #UD/#GP/#PF report their tag (then #UD the RIP's low dword; #PF CR2 as two dwords, error code;
  * #GP the error code) and resume at RESUME.
  * Tags: 'S' syscall entry, 'I' int 0x80 gate, 'E' sysenter entry, 'U' #UD, 'G' #GP, 'P' #PF,
@@ -82,7 +86,7 @@ _start:
         mov %rax, %cr3
 
         lea table(%rip), %rax
-        cmp $17, %r12
+        cmp $19, %r12
         ja done
         jmp *(%rax,%r12,8)
 
@@ -341,6 +345,56 @@ p_avx:  lea completed(%rip), %rax
         vmovdqa 16(%rdi), %ymm1         /* not 32-byte aligned: #GP(0) */
         jmp done
 
+p_mmx:  lea completed(%rip), %rax
+        mov %rax, resume(%rip)
+        mov %cr0, %rax
+        and $~0xc, %rax                 /* CR0.EM, CR0.TS */
+        mov %rax, %cr0
+        fninit                          /* (x87 loads such as fld1 are emulation failures on kvm_pvm) */
+        mov $0x1122334455667788, %rax
+        movq %rax, %mm0
+        fnstsw %ax
+        out %eax, $REPORT
+        movq %mm0, mmdst(%rip)
+        mov mmdst(%rip), %eax
+        out %eax, $REPORT
+        mov mmdst + 4(%rip), %eax
+        out %eax, $REPORT
+        movq mmsrc(%rip), %mm1
+        movq %mm1, %rax
+        out %eax, $REPORT
+        shr $32, %rax
+        out %eax, $REPORT
+        mov $0xaabbccdd99887766, %rcx
+        movd %ecx, %mm2
+        movq %mm2, %rax
+        out %eax, $REPORT
+        shr $32, %rax
+        out %eax, $REPORT
+        jmp completed
+
+p_npstack:
+        lea 1f(%rip), %rax
+        mov %rax, resume(%rip)
+        lea kstack_top(%rip), %rax
+        mov %rax, tss + 0x24(%rip)          /* IST1 */
+        orb $1, idt + 14 * 16 + 4(%rip)     /* #PF through IST1 */
+        andb $0x7f, idt + 0x82 * 16 + 5(%rip)   /* gate 0x82 not present */
+        mov %cr0, %rax
+        or $(1 << 16), %rax                 /* CR0.WP */
+        mov %rax, %cr0
+        andq $~2, HVM_PD + 8                /* 2-4 MiB read-only */
+        mov %cr3, %rax
+        mov %rax, %cr3
+        mov %rsp, %rbx
+        mov $0x300000, %rsp
+        int $0x82
+1:      mov %rbx, %rsp
+        orq $2, HVM_PD + 8
+        mov %cr3, %rax
+        mov %rax, %cr3
+        jmp completed
+
 p_intn: int $0x81
 intn_next:
         jmp completed
@@ -442,7 +496,7 @@ set_gate:
 
         .p2align 3
 table:  .quad p_pio, p_cpl0, p_cpl3, p_syscall, p_int80, p_sysenter, p_cx16, p_xsave, p_int3, p_fwait, p_cpuid
-        .quad p_movbe, p_clac, p_clwb, p_xgetbv, p_rdpru, p_intn, p_avx
+        .quad p_movbe, p_clac, p_clwb, p_xgetbv, p_rdpru, p_intn, p_avx, p_mmx, p_npstack
 
         .p2align 3
 gdt:    .quad 0
@@ -466,6 +520,8 @@ resume: .quad 0
         .p2align 5
 ysrc:   .long 0x11111111, 2, 3, 4, 5, 6, 7, 0x88888888
 ydst:   .skip 32
+mmsrc:  .quad 0x8070605040302010
+mmdst:  .quad 0
         .p2align 4
 movbuf: .quad 0, 0
 movbuf2: .quad 0

@@ -18,7 +18,7 @@ from hvm.trace.tracer import TraceConfig
 PROBE_IMAGE = Path(__file__).resolve().parent.parent / "firmware" / "build" / "probe.bin"
 PROBES = {"pio": 0, "cpl0": 1, "cpl3": 2, "syscall": 3, "int80": 4, "sysenter": 5, "cmpxchg16b": 6,
           "xsave": 7, "int3": 8, "fwait": 9, "cpuid": 10, "movbe": 11, "clac": 12, "clwb": 13, "xgetbv": 14,
-          "rdpru": 15, "intn": 16, "avx": 17}
+          "rdpru": 15, "intn": 16, "avx": 17, "mmx": 18, "npstack": 19}
 REPORT_PORT = 0x80
 CAPS = ("IRQCHIP", "USER_MEMORY", "SET_TSS_ADDR", "PIT2", "IMMEDIATE_EXIT", "IRQFD", "IOEVENTFD", "READONLY_MEM",
         "INTERNAL_ERROR_DATA", "VCPU_EVENTS", "MP_STATE")

@@ -11,7 +11,7 @@ from hvm.vcpu import complete as c
 from hvm.vcpu.complete import Completion, Fault, SoftInterrupt, Trap, complete
 
 GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
-ALL = {c.MOVBE, c.XSAVE, c.SMAP, c.CLWB, c.CLFLUSHOPT, c.AVX, c.AVX2}
+ALL = {c.MOVBE, c.XSAVE, c.SMAP, c.CLWB, c.CLFLUSHOPT, c.AVX, c.AVX2, c.MMX}
 
 
 def seg(base=0, limit=0xFFFFFFFF, selector=0x10, db=1, l=0, type_=3, s=1, unusable=0):
@@ -535,3 +535,163 @@ def test_fetch_bytes_at_the_top_of_the_address_space_wraps():
     prot.poke(0x20FFE, b"\x0f\x38")
     prot.poke(0, b"\xf1\x07")
     assert c.fetch_bytes(prot, b"\x0f")[:4] == b"\x0f\x38\xf1\x07"
+
+
+# --- MMX moves (x87 registers in the XSAVE area's legacy region) ----------------------------------------------------
+def st_slot(cpu, i):
+    return bytes(cpu.area[32 + 16 * i:32 + 16 * i + 10])
+
+
+def test_movq_mm_from_gpr_then_store_to_mmio_from_initial_x87_state():
+    cpu = FakeCpu()
+    cpu.xsave_area()[0:32] = bytes(range(1, 33))      # garbage: XSTATE_BV.x87 clear, so the initial state counts
+    cpu.area[24:28] = (0x1F80).to_bytes(4, "little")  # MXCSR is SSE state: kept
+    cpu.regs.rax = 0x0102030405060708
+    assert run(cpu, "48 0f 6e c0") == Completion("movd/q mm,r/m", True, None, True)    # movq %rax, %mm0
+    assert st_slot(cpu, 0) == bytes.fromhex("0807060504030201ffff")
+    assert int.from_bytes(cpu.area[0:2], "little") == 0x037F                     # FCW: initial
+    assert cpu.area[4] == 0xFF and int.from_bytes(cpu.area[2:4], "little") == 0   # all valid, TOP 0
+    assert int.from_bytes(cpu.area[24:28], "little") == 0x1F80
+    assert int.from_bytes(cpu.area[512:520], "little") & 1
+    cpu.map(0xFFFFFFFFFFFFA000, 0x2000, 0xFF000000)
+    cpu.regs.r12 = 0xFFFFFFFFFFFFA000
+    done = run(cpu, "41 0f 7f 84 24 00 10 00 00")       # movq %mm0, 0x1000(%r12): an MMIO store
+    assert done == Completion("movq mm/m,mm", True, None, True)
+    assert cpu.mmio == [("w", 0xFF001000, 8, 0x0102030405060708)]
+    assert cpu.regs.rip == 0x1000 + 4 + 9
+
+
+def test_mmx_load_movd_and_register_forms():
+    cpu = FakeCpu()
+    cpu.poke(0x5000, (0x8070605040302010).to_bytes(8, "little"))
+    cpu.regs.rdi = 0x5000
+    assert run(cpu, "0f 6f 0f").name == "movq mm,mm/m"               # movq (%rdi), %mm1
+    assert run(cpu, "48 0f 7e c8").name == "movd/q r/m,mm"        # movq %mm1, %rax
+    assert cpu.regs.rax == 0x8070605040302010
+    cpu.regs.rbx = 0xFFFFFFFFFFFFFFFF
+    assert run(cpu, "0f 7e cb").name == "movd/q r/m,mm"           # movd %mm1, %ebx: zero-extends
+    assert cpu.regs.rbx == 0x40302010
+    cpu.regs.rcx = 0xAAAABBBBCCCCDDDD
+    run(cpu, "0f 6e d1")                                        # movd %ecx, %mm2: upper half 0
+    assert st_slot(cpu, 2)[:8] == (0xCCCCDDDD).to_bytes(8, "little")
+    run(cpu, "0f 6f da")                                        # movq %mm2, %mm3
+    run(cpu, "0f 7f 5f 08")                                     # movq %mm3, 8(%rdi)
+    assert cpu.mem(0x5008, 8) == (0xCCCCDDDD).to_bytes(8, "little")
+    run(cpu, "0f 7e 4f 10")                                     # movd %mm1, 0x10(%rdi): 4 bytes
+    assert cpu.mem(0x5010, 8) == (0x40302010).to_bytes(4, "little") + bytes(4)
+
+
+def test_mmx_registers_are_physical_registers_and_top_becomes_0():
+    cpu = FakeCpu()
+    area = cpu.xsave_area()
+    area[512] = 1                                       # x87 state in use
+    area[2:4] = (3 << 11).to_bytes(2, "little")         # TOP = 3: slot i holds ST(i) = R((3 + i) mod 8)
+    for i in range(8):
+        area[32 + 16 * i:32 + 16 * i + 10] = bytes([0x10 + i] * 8) + b"\x00\x40"
+    assert run(cpu, "48 0f 7e c0").name == "movd/q r/m,mm"        # movq %mm0, %rax: R0 was slot 5
+    assert cpu.regs.rax == 0x1515151515151515
+    assert int.from_bytes(area[2:4], "little") >> 11 & 7 == 0 and area[4] == 0xFF
+    assert [st_slot(cpu, r)[0] for r in range(8)] == [0x15, 0x16, 0x17, 0x10, 0x11, 0x12, 0x13, 0x14]
+    assert st_slot(cpu, 3)[8:] == b"\x00\x40"                   # a read leaves the exponent as it was
+
+
+def test_mmx_faults():
+    cpu = FakeCpu()
+    cpu.regs.rdi = 0x5000
+    cpu.sregs.cr0 |= c.CR0_EM
+    assert run(cpu, "0f 6f 07") == Completion("movq mm,mm/m #UD", False, Fault(c.UD))
+    cpu.sregs.cr0 &= ~c.CR0_EM
+    assert run(cpu, "f0 0f 6f 07").event == Fault(c.UD)         # LOCK
+    cpu.sregs.cr0 |= c.CR0_TS
+    assert run(cpu, "0f 6f 07").event == Fault(c.NM)
+    cpu.sregs.cr0 &= ~c.CR0_TS
+    cpu.xsave_area()[512] = 1
+    cpu.area[2:4] = (0x80 | 0x04).to_bytes(2, "little")         # ES|ZE: an unmasked divide-by-zero pending
+    cpu.sregs.cr0 |= c.CR0_NE
+    assert run(cpu, "0f 7f 07") == Completion("movq mm/m,mm #MF", False, Fault(c.MF))
+    cpu.area[2:4] = bytes(2)
+    assert run(cpu, "0f 7f 87 00 00 f0 00").event == Fault(c.PF, 2, 0xF05000)   # store to an unmapped page
+    assert cpu.regs.rip == 0x1000
+    cpu.features.discard(c.MMX)
+    assert run(cpu, "0f 6f 07").event == Fault(c.UD)
+    assert run(cpu, "66 0f 6f 07") is None                      # movdqa (SSE2): not an MMX move
+
+
+def test_fnstsw_ax_reads_the_status_word():
+    cpu = FakeCpu()
+    cpu.regs.rax = 0x1234567890ABCDEF
+    assert run(cpu, "df e0") == Completion("fnstsw", True)          # initial x87 state: FSW 0
+    assert cpu.regs.rax == 0x1234567890AB0000 and cpu.regs.rip == 0x1002
+    cpu.area[512] = 1
+    cpu.area[2:4] = (0x3884).to_bytes(2, "little")                   # TOP 7, ES, ZE: still no #MF (no-wait form)
+    run(cpu, "df e0")
+    assert cpu.regs.rax & 0xFFFF == 0x3884
+    cpu.sregs.cr0 |= c.CR0_TS
+    assert run(cpu, "df e0") == Completion("fnstsw #NM", False, Fault(c.NM))
+
+
+# --- a fault whose delivery page-faults (the frame's stack not writable) becomes that #PF --------------------------
+def test_page_writable_walks_four_levels():
+    mem = {}
+
+    def put(addr, value):
+        mem[addr] = value.to_bytes(8, "little")
+
+    put(0x1000, 0x2000 | 3)              # PML4[0]
+    put(0x2000, 0x3000 | 3)              # PDPT[0]
+    put(0x3000, 0x4000 | 3)              # PD[0] -> page table
+    put(0x3008, 0x200000 | 0x83)         # PD[1]: a writable 2 MiB page
+    put(0x3010, 0x400000 | 0x81)         # PD[2]: a read-only 2 MiB page
+    put(0x4000 + 5 * 8, 0x5000 | 1)      # read-only 4 KiB page
+    put(0x4000 + 6 * 8, 0x6000 | 3)
+    read = lambda gpa, n: mem.get(gpa, bytes(8))   # noqa: E731
+    assert c.page_writable(read, 0x1000, 0x5123) is False
+    assert c.page_writable(read, 0x1000, 0x6FFF) is True
+    assert c.page_writable(read, 0x1000, 0x7000) is None
+    assert c.page_writable(read, 0x1000, 0x3FFFFF) is True
+    assert c.page_writable(read, 0x1000, 0x400000) is False
+    assert c.page_writable(read, 0x1000, 1 << 39) is None
+
+
+@dataclass
+class PagedCpu(FakeCpu):
+    readonly: set = field(default_factory=set)     # linear pages mapped read-only
+
+    def writable(self, linear):
+        if self.translate(linear) is None:
+            return None
+        return linear >> 12 not in self.readonly
+
+
+def test_np_delivered_onto_a_read_only_stack_becomes_a_page_fault():
+    cpu = PagedCpu()
+    cpu.sregs.cr0 |= c.CR0_WP
+    cpu.sregs.tr = SimpleNamespace(base=0xA000)
+    cpu.gate(0x21, present=0)
+    cpu.regs.rsp = 0x7FFF                  # the frame goes below 0x7FF0, all on page 7
+    cpu.readonly.add(7)
+    done = run(cpu, "cd 21")
+    assert done == Completion("int #NP -> #PF", False, Fault(c.PF, 3, 0x7FE8))
+    assert cpu.regs.rip == 0x1000          # the #PF handler returns to the INT, which faults again
+    cpu.sregs.cr0 &= ~c.CR0_WP             # without CR0.WP a supervisor write ignores R/W
+    assert run(cpu, "cd 21").event == Fault(c.NP, 0x21 * 8 + 2)
+    cpu.sregs.cr0 |= c.CR0_WP
+    cpu.regs.rsp = 0x8010                  # the frame straddles: 0x8008 is fine, page 7 is not
+    assert run(cpu, "cd 21").event == Fault(c.PF, 3, 0x7FF8)
+    cpu.regs.rsp = 0x200010                # outside the identity-mapped MiB: not present
+    assert run(cpu, "cd 21").event == Fault(c.PF, 2, 0x200008)
+
+
+def test_np_through_an_ist_gate_uses_the_ist_stack():
+    cpu = PagedCpu()
+    cpu.sregs.cr0 |= c.CR0_WP
+    cpu.sregs.tr = SimpleNamespace(base=0xA000)
+    cpu.poke(0xA024, (0x9000).to_bytes(8, "little"))     # TSS IST1
+    cpu.gate(0x21, present=0)
+    lo = int.from_bytes(bytes(cpu.mem(0x8000 + 11 * 16, 8)), "little") | 1 << 32   # #NP's gate: IST 1
+    cpu.poke(0x8000 + 11 * 16, lo.to_bytes(8, "little"))
+    cpu.regs.rsp = 0x7FFF
+    cpu.readonly.add(7)
+    assert run(cpu, "cd 21") == Completion("int #NP", False, Fault(c.NP, 0x21 * 8 + 2))
+    cpu.readonly.add(8)                    # the IST stack itself read-only
+    assert run(cpu, "cd 21").event == Fault(c.PF, 3, 0x8FF8)

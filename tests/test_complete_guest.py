@@ -1,5 +1,5 @@
 """Instructions hvm completes after an emulation failure, run by a guest in kernel mode (firmware/probe.S,
-probes 11-16, through hvm's own adaptation) and compared with each instruction's definition; the counts are
+probes 11-19, through hvm's own adaptation) and compared with each instruction's definition; the counts are
 the ones `--stats` shows. Then the vCPU adapter (hvm/vcpu/runner.py _VcpuCpu) on a real vCPU: KVM_TRANSLATE,
 guest RAM, the MMIO bus, #PF injection with CR2."""
 from __future__ import annotations
@@ -92,6 +92,28 @@ def test_avx_moves_and_vzeroall():
     assert reports == [0x11111111, 0x88888888, 0, 0, tag("G"), 0, tag("K")]
     if PVM:
         assert completed == {"vmovdqa": 3, "vmovntdq": 1, "vzeroall": 1, "vmovdqa #GP": 1}
+
+
+def test_mmx_moves_and_fnstsw():
+    reports, completed = probe("mmx")
+    # FNSTSW AX after fninit + MMX: FSW 0 in AX, RAX's upper bits kept; movq mm0 -> m; movq m -> mm1 -> rax;
+    # movd ecx -> mm2 (upper half 0) -> rax
+    assert reports == [0x55660000, 0x55667788, 0x11223344, 0x40302010, 0x80706050, 0x99887766, 0, tag("K")]
+    if PVM:
+        # measured: KVM's emulator does MOVQ between an MMX register and memory itself; the GPR forms and
+        # FNSTSW reach hvm
+        assert completed == {"movd/q mm,r/m": 2, "movd/q r/m,mm": 2, "fnstsw": 1}
+
+
+def test_fault_delivered_onto_a_read_only_stack_becomes_a_page_fault():
+    # int $0x82 through a not-present gate at CPL0 with RSP = 0x300000 on a read-only 2 MiB page: the #NP's
+    # frame (first push at 0x2ffff8) cannot be written, so the guest's IST #PF handler gets CR2 = 0x2ffff8 and
+    # error code 3 (present, write), as on a CPU. (Measured on kvm_pvm: injecting the #NP itself ends in a
+    # shutdown.)
+    reports, completed = probe("npstack")
+    assert reports == [tag("P"), 0x2FFFF8, 0, 3, tag("K")]
+    if PVM:
+        assert completed == {"int #NP -> #PF": 1}
 
 
 def test_stats_lists_completed_instructions():

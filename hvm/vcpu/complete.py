@@ -40,7 +40,11 @@ INVPCID = (7, 0, "ebx", 10)
 XGETBV_ECX1 = (0xD, 1, "eax", 2)
 AVX = (1, 0, "ecx", 28)
 AVX2 = (7, 0, "ebx", 5)
-NM = 7
+CR0_EM = 1 << 2
+CR0_WP = 1 << 16
+CR0_NE = 1 << 5
+NM, MF = 7, 16
+MMX = (1, 0, "edx", 23)
 
 
 class Cpu(Protocol):
@@ -317,6 +321,73 @@ def fetch_bytes(cpu: Cpu, insn: bytes) -> bytes:
 def complete(insn: bytes, cpu: Cpu, fetch: Callable[[], bytes] | None = None) -> Completion | None:
     """Complete the instruction whose bytes are `insn` (from the exit; `fetch` gives more from guest memory
     if the decoder needs them). None: an instruction or encoding hvm does not complete."""
+    done = _complete_insn(insn, cpu, fetch)
+    if done is not None and isinstance(done.event, Fault) and done.event.vector != PF:
+        pf = _delivery_fault(cpu, done.event)
+        if pf is not None:
+            return Completion(f"{done.name} -> #PF", False, pf)
+    return done
+
+
+def page_writable(read_phys: Callable[[int, int], bytes], cr3: int, linear: int) -> bool | None:
+    """4-level paging: is `linear` mapped writable for a supervisor write (CR0.WP set)? None: not present.
+    (KVM_TRANSLATE says writable for every page, so hvm walks the tables itself where it matters.)"""
+    table, writable = cr3 & 0x000FFFFFFFFFF000, True
+    for level, shift in enumerate((39, 30, 21, 12)):
+        entry = int.from_bytes(read_phys(table + ((linear >> shift) & 0x1FF) * 8, 8), "little")
+        if not entry & 1:
+            return None
+        writable = writable and bool(entry & 2)
+        if level in (1, 2) and entry & 0x80:        # a 1 GiB or 2 MiB page
+            return writable
+        table = entry & 0x000FFFFFFFFFF000
+    return writable
+
+
+def _delivery_fault(cpu: Cpu, fault: Fault) -> Fault | None:
+    """The #PF the CPU would raise while delivering `fault` in 64-bit mode: the frame's stack (IST, the TSS's
+    RSP of a more privileged target, or RSP aligned to 16) not writable. A contributory or benign exception
+    whose delivery page-faults becomes that #PF (SDM vol. 3 6.15, table 6-5); RIP stays at the instruction, so
+    the guest's #PF handler returns to it. The kvm_pvm backend turns such a delivery into a shutdown instead.
+    None: delivery would not page-fault, or the check does not apply (not 4-level 64-bit paging, or the
+    Cpu cannot tell writability)."""
+    writable = getattr(cpu, "writable", None)
+    s = cpu.sregs
+    if writable is None or not s.efer & EFER_LMA or s.cr4 & CR4_LA57 or fault.vector >= 32:
+        return None
+    m = cpu_mode(cpu)
+    try:
+        if fault.vector * 16 + 15 > s.idt.limit:
+            return None
+        gate = int.from_bytes(_read_linear(cpu, m, s.idt.base + fault.vector * 16, 8), "little")
+        if not gate >> 47 & 1:
+            return None
+        ist, sel = gate >> 32 & 7, gate >> 16 & 0xFFFC
+        if sel == 0 or (sel | 7) > s.gdt.limit or sel & 4:
+            return None
+        desc = int.from_bytes(_read_linear(cpu, m, s.gdt.base + sel, 8), "little")
+        dpl = desc >> 45 & 3
+        if ist:
+            rsp = int.from_bytes(_read_linear(cpu, m, s.tr.base + 0x24 + 8 * (ist - 1), 8), "little")
+        elif dpl < m.cpl:
+            rsp = int.from_bytes(_read_linear(cpu, m, s.tr.base + 4 + 8 * dpl, 8), "little")
+        else:
+            rsp = cpu.regs.rsp
+    except _Raise:
+        return None            # the tables themselves are not mapped: left to the backend's delivery
+    rsp &= ~0xF
+    pushes = 6 if fault.error_code is not None else 5
+    for i in range(1, pushes + 1):
+        la = (rsp - 8 * i) & (2 ** 64 - 1)
+        ok = writable(la)
+        if ok is False and not s.cr0 & CR0_WP:     # supervisor writes ignore R/W without CR0.WP
+            ok = True
+        if ok is None or not ok:
+            return Fault(PF, 2 | (0 if ok is None else 1), la)
+    return None
+
+
+def _complete_insn(insn: bytes, cpu: Cpu, fetch: Callable[[], bytes] | None) -> Completion | None:
     data = bytes(insn[:MAX_INSN])
     for attempt in range(2):
         try:
@@ -369,7 +440,7 @@ def _complete(data: bytes, cpu: Cpu) -> Completion:
     return _execute(b, d, p, m, cpu)
 
 
-_NAME_OF_FAULT = {UD: "#UD", GP: "#GP", PF: "#PF", SS: "#SS", 11: "#NP", 7: "#NM"}
+_NAME_OF_FAULT = {UD: "#UD", GP: "#GP", PF: "#PF", SS: "#SS", 11: "#NP", 7: "#NM", 16: "#MF"}
 
 
 def _fault_name(name: str, fault: Fault) -> str:
@@ -391,6 +462,13 @@ def _execute(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
         return Completion("fwait", True)
     if op in (0xC4, 0xC5) and not m.real:
         return _vex(op, d, p, m, cpu)
+    if op == 0xDF and d.data[d.pos:d.pos + 1] == b"\xe0" and not p.lock:   # FNSTSW AX
+        d.byte()
+        if cpu.sregs.cr0 & (CR0_EM | CR0_TS):
+            return Completion("fnstsw #NM", False, Fault(NM))
+        cpu.regs.rax = cpu.regs.rax & ~0xFFFF | _Mmx(cpu).fsw    # no-wait form: no #MF check
+        _advance(cpu, m, d.pos)
+        return Completion("fnstsw", True)
     if op == 0xCD:             # INT n
         vector = d.byte()
         if m.real:             # KVM's emulator does real-mode INT itself; vm86 needs IOPL checks hvm lacks
@@ -418,6 +496,14 @@ def _execute(op: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> Completion:
         if fn is None or p.rep:
             raise _Refuse()
         return _guarded(fn[0], fn[1], modrm, d, p, m, cpu)
+    if op2 in MMX_MOVES and not p.opsize and not p.rep:
+        name = MMX_MOVES[op2]
+        try:
+            _mmx_move(op2, d, p, m, cpu)
+        except _Raise as e:
+            return Completion(_fault_name(name, e.fault), False, e.fault)
+        _advance(cpu, m, d.pos)
+        return Completion(name, True, None, True)
     if op2 == 0xAE and p.opsize and not p.rep:
         peek = d.data[d.pos] if d.pos < len(d.data) else None
         if peek is None:
@@ -686,3 +772,94 @@ def _vex_op(name: str, opcode: int, wide: int, vvvv: int, d: _Decoder, p: _Insn,
         vec.write(mr.reg, acc.read(width))
     else:
         acc.write(vec.read(mr.reg, width))
+
+
+# --- MMX moves through the x87 part of the XSAVE area (the emulator entry's test_mmx) ------------------------------
+X87_BIT = 0
+FCW, FSW, FTW = 0, 2, 4            # legacy-region offsets: control, status, abridged tag (one bit per register)
+ST_OFFSET = 32                     # ST(i) at 32 + 16 i: an 80-bit register in each 16-byte slot
+FSW_ES = 1 << 7                    # an unmasked x87 exception is pending
+MMX_MOVES = {0x6E: "movd/q mm,r/m", 0x7E: "movd/q r/m,mm", 0x6F: "movq mm,mm/m", 0x7F: "movq mm/m,mm"}
+
+
+class _Mmx:
+    """MM0-7 are the mantissas (bits 63:0) of the physical x87 registers R0-R7. The XSAVE area holds them in
+    stack order (slot i = ST(i) = R((TOP + i) mod 8)). Every MMX instruction but EMMS sets TOP to 0 and tags all
+    eight registers valid; a write also sets the register's exponent and sign (bits 79:64) to all ones."""
+
+    def __init__(self, cpu: Cpu) -> None:
+        self.area = cpu.xsave_area()
+        bv = int.from_bytes(self.area[XSTATE_BV:XSTATE_BV + 8], "little")
+        if not bv >> X87_BIT & 1:      # the x87 state is in its initial configuration, whatever the bytes say
+            self.area[FCW:FCW + 2] = (0x037F).to_bytes(2, "little")
+            self.area[FSW:24] = bytes(22)      # FSW, FTW, FOP, FIP, FDP; MXCSR (at 24) is SSE state
+            self.area[ST_OFFSET:ST_OFFSET + 128] = bytes(128)
+            self.area[XSTATE_BV:XSTATE_BV + 8] = (bv | 1 << X87_BIT).to_bytes(8, "little")
+        self.fsw = int.from_bytes(self.area[FSW:FSW + 2], "little")
+
+    def pending(self) -> bool:
+        return bool(self.fsw & FSW_ES)
+
+    def enter(self) -> None:
+        """The MMX-mode transition: registers moved to their physical slots, TOP = 0, all tagged valid."""
+        top = self.fsw >> 11 & 7
+        slots = [bytes(self.area[ST_OFFSET + 16 * i:ST_OFFSET + 16 * i + 16]) for i in range(8)]
+        for phys in range(8):
+            off = ST_OFFSET + 16 * phys
+            self.area[off:off + 16] = slots[(phys - top) & 7]
+        self.fsw &= ~(7 << 11)
+        self.area[FSW:FSW + 2] = self.fsw.to_bytes(2, "little")
+        self.area[FTW] = 0xFF
+
+    def read(self, reg: int) -> int:
+        off = ST_OFFSET + 16 * reg
+        return int.from_bytes(self.area[off:off + 8], "little")
+
+    def write(self, reg: int, value: int) -> None:
+        off = ST_OFFSET + 16 * reg
+        self.area[off:off + 10] = (value & (2 ** 64 - 1)).to_bytes(8, "little") + b"\xff\xff"
+
+
+def _mmx_move(op2: int, d: _Decoder, p: _Insn, m: _Mode, cpu: Cpu) -> None:
+    """MOVD/MOVQ between an MMX register and a general register or memory (NP 0F 6E/7E with REX.W for 64
+    bits; NP 0F 6F/7F: 64 bits, MMX register or memory). Faults in the SDM's order: #UD (LOCK, CR0.EM, no
+    MMX), #NM (CR0.TS), #MF (a pending unmasked x87 exception), then the memory operand's."""
+    regs = cpu.regs
+    mr = _modrm(d, p, m, regs)
+    if p.lock or cpu.sregs.cr0 & CR0_EM or not _has(cpu, MMX):
+        raise _Raise(Fault(UD))
+    if cpu.sregs.cr0 & CR0_TS:
+        raise _Raise(Fault(NM))
+    mmx = _Mmx(cpu)
+    if mmx.pending():
+        if not cpu.sregs.cr0 & CR0_NE:
+            raise _Refuse()      # FERR#/IGNNE# external reporting: no such pin here
+        raise _Raise(Fault(MF))
+    mm = mr.reg & 7              # REX.R does not extend an MMX register number
+    if op2 in (0x6E, 0x7E):
+        size = 8 if p.rex & 8 else 4
+    else:
+        size = 8
+    if mr.mod == 3:
+        if op2 in (0x6E, 0x7E):
+            gpr = GPR[mr.rm]
+            if op2 == 0x6E:
+                value = getattr(regs, gpr) & ((1 << (8 * size)) - 1)
+                mmx.enter()
+                mmx.write(mm, value)
+            else:
+                mmx.enter()
+                setattr(regs, gpr, mmx.read(mm) & ((1 << (8 * size)) - 1))   # a 32-bit write zero-extends
+            return
+        src, dst = (mr.rm & 7, mm) if op2 == 0x6F else (mm, mr.rm & 7)
+        mmx.enter()
+        mmx.write(dst, mmx.read(src))
+        return
+    acc = _access(d, p, m, mr, cpu)
+    if op2 in (0x6E, 0x6F):
+        value = int.from_bytes(acc.read(size), "little")
+        mmx.enter()
+        mmx.write(mm, value)
+    else:
+        mmx.enter()
+        acc.write((mmx.read(mm) & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))

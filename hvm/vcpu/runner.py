@@ -30,7 +30,7 @@ from hvm.kvm.ioctls import KVM_RUN
 from hvm.mmio.bus import MASK, DeviceFault, MmioBus, PioBus
 from hvm.memory import GuestMemoryError
 from hvm.vcpu import fastloop
-from hvm.vcpu.complete import Fault, SoftInterrupt, complete, fetch_bytes
+from hvm.vcpu.complete import Fault, SoftInterrupt, complete, fetch_bytes, page_writable
 from hvm.vcpu.report import CrashReport
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,20 @@ class _VcpuCpu:
         if length in (1, 2, 4, 8):
             return self._mmio.read(gpa, length).to_bytes(length, "little")
         return bytes(self._mmio.read(gpa + i, 1) for i in range(length))
+
+    def writable(self, linear: int) -> bool | None:
+        """Supervisor-writable through the guest's 4-level page tables (None: not present); page-table
+        reads outside RAM count as not present."""
+        try:
+            return page_writable(self._read_ram, self.sregs.cr3, linear)
+        except GuestMemoryError:
+            return None
+
+    def _read_ram(self, gpa: int, length: int) -> bytes:
+        mem = self._memory
+        if mem is None or not mem.contains(gpa, length):
+            raise GuestMemoryError(f"page table at {gpa:#x} outside RAM")
+        return mem.read(gpa, length)
 
     def read_code(self, gpa: int, length: int) -> bytes | None:
         mem = self._memory
