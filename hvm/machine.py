@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from hvm.trace.tracer import TraceConfig, Tracer
 
 log = logging.getLogger(__name__)
+BAD_WAKEUP_LOG_LIMIT = 8
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -159,6 +160,7 @@ class Machine:
         self.mmio = MmioBus()
         self.uart: SerialUart | None = None
         self.acpi_pm: AcpiPm | None = None   # machine: pc only (its power button is system_powerdown's)
+        self._bad_wakeups = 0                 # S3 wake-ups without a usable waking vector (logged up to a limit)
         self.rtc: Rtc | None = None          # machine: pc only (its alarm wakes the machine)
         self.pci = None                       # machine: pc only: PCI bus 0 (hvm/mmio/pci.py PciBus)
         # Registry devices (hvm/builder.py) by instance name, what they asked to run at close (LIFO), and
@@ -1001,7 +1003,12 @@ class Machine:
         vector, problem = self.waking_vector()
         if problem is not None:
             self._emit("WAKEUP")     # the wake-up happened; then the firmware resets (RESET follows)
-            log.warning("ACPI S3 wake-up: %s: resetting the machine", problem)
+            # A guest can repeat this once a second (RTC alarm wake-ups): the first few are logged, then
+            # one line saying the rest are not, so the log stays bounded.
+            self._bad_wakeups += 1
+            if self._bad_wakeups <= BAD_WAKEUP_LOG_LIMIT:
+                log.warning("ACPI S3 wake-up: %s: resetting the machine%s", problem,
+                            "; further ones are not logged" if self._bad_wakeups == BAD_WAKEUP_LOG_LIMIT else "")
             self._system_reset_locked(guest=True)
             return
         irqchip, pit = self.spec.irqchip, self.spec.irqchip and self.spec.pit

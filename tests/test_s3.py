@@ -202,6 +202,31 @@ def test_an_unusable_waking_vector_resets_the_machine(mode, problem, caplog):
         v.m.close()
 
 
+def test_repeated_unusable_wakeups_are_logged_a_bounded_number_of_times(caplog):
+    """A guest that sleeps again and again with no waking vector (each wake-up resets it, it boots and sleeps
+    again; the RTC alarm could wake it every second): the warning is logged BAD_WAKEUP_LOG_LIMIT times, the
+    last saying so, then no more."""
+    from hvm.machine import BAD_WAKEUP_LOG_LIMIT
+
+    v = Vm(3)
+    try:
+        v.sleep()
+        with caplog.at_level(logging.WARNING, logger="hvm.machine"):
+            for i in range(BAD_WAKEUP_LOG_LIMIT + 3):
+                assert v.m.wakeup("qmp", wait=True)
+                deadline = time.monotonic() + WAIT
+                while v.names().count("SUSPEND") < i + 2:      # booted again and asleep again
+                    assert time.monotonic() < deadline, v.console()
+                    time.sleep(0.01)
+                v.wait_state("suspended")
+        lines = [r.getMessage() for r in caplog.records if r.name == "hvm.machine"]
+        problem = "ACPI S3 wake-up: no firmware waking vector (0) in the FACS: resetting the machine"
+        assert lines == [problem] * (BAD_WAKEUP_LOG_LIMIT - 1) + [problem + "; further ones are not logged"]
+        assert v.names().count("RESET") == BAD_WAKEUP_LOG_LIMIT + 3
+    finally:
+        v.m.close()
+
+
 def test_a_clobbered_facs_is_caught(vm):
     vm.sleep()
     mem = vm.m.memory
