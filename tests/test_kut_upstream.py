@@ -103,3 +103,20 @@ def test_logs_that_cannot_be_written_is_one_line(tmp_path):
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"hvm: kut: --logs {tmp_path / 'file'}: cannot copy the runner's logs: ")
     assert (tmp_path / "file").read_text() == "x"
+
+
+@needs_upstream
+def test_the_doc_table_has_every_entry_and_the_passing_ones():
+    """docs/kvm-unit-tests.md keeps the whole table: one row per upstream entry, QEMU's column as RESULTS-QEMU.md
+    says, the entries this file checks as PASS, and a reason for every entry hvm does not pass."""
+    refs = parse_qemu_results(UPSTREAM / "RESULTS-QEMU.md")
+    rows = {}
+    for line in (ROOT / "docs" / "kvm-unit-tests.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in refs:
+            rows[cells[0]] = cells
+    assert set(rows) == set(refs)
+    for name, (_, qemu, hvm, why) in rows.items():
+        assert qemu == refs[name].result, name
+        assert hvm.strip("*").startswith("PASS") == (name in PASSING), name
+        assert why or hvm.startswith("PASS"), f"{name}: no reason given for {hvm}"
