@@ -24,7 +24,7 @@ from hvm.boot.mptable import write_mp_table
 from hvm.config import FlatBoot, KernelBoot, VmSpec
 from hvm.cpu_model import CpuModelError, apply_cpu_model, check_cpu
 from hvm.host import cpu_flags, denied_feature_msrs, guest_default_flags, guest_visible_cpuid, hide_features
-from hvm.kvm import Kvm, install_kick_handler
+from hvm.kvm import Kvm, KvmError, install_kick_handler
 from hvm.memory import GuestMemory
 from hvm.mmio import DebugExit, IrqLine, SerialUart
 from hvm.mmio import registry
@@ -35,6 +35,7 @@ from hvm.mmio.pci import ECAM_BASE, ECAM_SIZE, PCI_CONFIG_LEN, PCI_CONFIG_PORT, 
 from hvm.mmio.registry import DeviceConfig, DeviceContext, VirtioSlot
 from hvm.mmio.rtc import RTC_IRQ, RTC_LEN, RTC_PORT, Rtc
 from hvm.vcpu import VcpuThread, apply_boot_state, cpuid_for_vcpu
+from hvm.vcpu.tcg import unavailable as tcg_unavailable
 
 if TYPE_CHECKING:
     from hvm.machine import Machine
@@ -69,11 +70,38 @@ def virtio_on_cmdline(spec: VmSpec) -> bool:
     return not is_multiboot(_read_head(spec.boot.kernel))
 
 
+def resolve_accel(m: "Machine") -> str:
+    """The accelerator `m` runs on: spec.accel, with "auto" made "kvm" when /dev/kvm opens and answers (the
+    Kvm handle is kept in m.kvm for the build), else "tcg" with a one-line notice (QEMU's -accel kvm:tcg)."""
+    requested = m.spec.accel
+    if requested == "tcg" or (requested == "auto" and m._snapshot is None and m.kvm is None):
+        if requested == "auto":
+            try:
+                m.kvm = Kvm()
+                return "kvm"
+            except KvmError as e:
+                why = tcg_unavailable()
+                if why is not None:
+                    raise
+                log.warning("KVM is not usable here (%s): running on tcg (binary translation, docs/tcg.md)", e)
+        why = tcg_unavailable()
+        if why is not None:
+            raise BootError(f"accel tcg: {why}")
+        if m._snapshot is not None:
+            raise BootError("accel tcg: hvm restores snapshots on KVM only")
+        return "tcg"
+    return "kvm"
+
+
 def build_pc(m: "Machine") -> None:
     """Build `m` from m.spec (or from m._snapshot): what Machine.__init__ used to do inline."""
     spec = m.spec
+    m.accel = resolve_accel(m)
+    if m.accel == "tcg":
+        return build_tcg(m)
     install_kick_handler()
-    m.kvm = Kvm()
+    if m.kvm is None:
+        m.kvm = Kvm()
     m.vm = vm = m.kvm.create_vm()
     vm.set_identity_map_address()
     vm.set_tss_address()
@@ -102,34 +130,7 @@ def build_pc(m: "Machine") -> None:
         log.info("%s", m.boot_state.description)
 
     irq_setter = vm.set_irq_line if spec.irqchip else None
-    if spec.serial is not None:
-        m.uart = SerialUart(m.console.write, IrqLine(spec.serial.irq, irq_setter), name="com1")
-        m.pio.register(spec.serial.port, 8, m.uart)
-    if spec.debug_exit is not None:
-        m.pio.register(spec.debug_exit.port, spec.debug_exit.size, DebugExit(m._debug_exit))
-    if spec.machine == "pc":
-        if snap is None:
-            bios_state(m, mem)
-        m.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
-        m.acpi_pm = AcpiPm(m._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter), on_suspend=m._acpi_suspend)
-        m.pio.register(PM_BASE, PM_LEN, m.acpi_pm)
-        m.rtc = Rtc(irq=IrqLine(RTC_IRQ, irq_setter))
-        m.rtc.on_alarm = lambda: m.wakeup("rtc")    # the alarm wakes a machine suspended to RAM (ACPI S3)
-        m.pio.register(RTC_PORT, RTC_LEN, m.rtc)
-        m.device_closers.append(m.rtc.close)    # its timer thread (made when the guest enables an interrupt)
-        kbc = I8042(m._cpu_reset)
-        m.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
-        m.pio.register(I8042_CMD_PORT, 1, kbc.port(I8042_CMD_PORT))
-        # PCI bus 0 with the host bridge, as on QEMU's pc machine (hvm/mmio/pci.py)
-        m.pci = PciBus(m.pio, m.mmio, [(r.gpa, r.size) for r in mem.regions])
-        m.pio.register(PCI_CONFIG_PORT, PCI_CONFIG_LEN, m.pci)
-        m.mmio.register(ECAM_BASE, ECAM_SIZE, PciEcam(m.pci))
-    create_devices(m, irq_setter)
-    if m.pci is not None:
-        try:   # the firmware's part: every device is on the bus now
-            m.pci.assign_bars()
-        except ValueError as e:
-            raise BootError(str(e)) from None
+    build_devices(m, mem, irq_setter)
 
     hidden = m.host.hidden_features + (m.host.smp_hidden_features if spec.vcpus > 1 else [])
     raw_cpuid = m.kvm.supported_cpuid()
@@ -160,6 +161,58 @@ def build_pc(m: "Machine") -> None:
     if snap is not None:
         m._restore_vcpus_and_devices(snap)
     m.threads = [VcpuThread(v, m, complete_emulation=m.adapt_to_host, fast_loop=m.fast_loop) for v in m.vcpus]
+
+
+def build_devices(m: "Machine", mem: GuestMemory, irq_setter: Callable[[int, int], None] | None) -> None:
+    """The buses' devices, the same under either accelerator: the built-in serial port and debug-exit, the
+    PC's devices (machine: pc), then every registry device of the spec."""
+    spec = m.spec
+    snap = m._snapshot
+    if spec.serial is not None:
+        m.uart = SerialUart(m.console.write, IrqLine(spec.serial.irq, irq_setter), name="com1")
+        m.pio.register(spec.serial.port, 8, m.uart)
+    if spec.debug_exit is not None:
+        m.pio.register(spec.debug_exit.port, spec.debug_exit.size, DebugExit(m._debug_exit))
+    if spec.machine == "pc":
+        if snap is None:
+            bios_state(m, mem)
+        m.pio.register(FW_CFG_PORT, 2, FwCfg.for_machine(spec.memory, spec.vcpus))
+        m.acpi_pm = AcpiPm(m._acpi_poweroff, sci=IrqLine(SCI_IRQ, irq_setter), on_suspend=m._acpi_suspend)
+        m.pio.register(PM_BASE, PM_LEN, m.acpi_pm)
+        m.rtc = Rtc(irq=IrqLine(RTC_IRQ, irq_setter))
+        m.rtc.on_alarm = lambda: m.wakeup("rtc")    # the alarm wakes a machine suspended to RAM (ACPI S3)
+        m.pio.register(RTC_PORT, RTC_LEN, m.rtc)
+        m.device_closers.append(m.rtc.close)    # its timer thread (made when the guest enables an interrupt)
+        kbc = I8042(m._cpu_reset)
+        m.pio.register(I8042_DATA_PORT, 1, kbc.port(I8042_DATA_PORT))
+        m.pio.register(I8042_CMD_PORT, 1, kbc.port(I8042_CMD_PORT))
+        # PCI bus 0 with the host bridge, as on QEMU's pc machine (hvm/mmio/pci.py)
+        m.pci = PciBus(m.pio, m.mmio, [(r.gpa, r.size) for r in mem.regions])
+        m.pio.register(PCI_CONFIG_PORT, PCI_CONFIG_LEN, m.pci)
+        m.mmio.register(ECAM_BASE, ECAM_SIZE, PciEcam(m.pci))
+    create_devices(m, irq_setter)
+    if m.pci is not None:
+        try:   # the firmware's part: every device is on the bus now
+            m.pci.assign_bars()
+        except ValueError as e:
+            raise BootError(str(e)) from None
+
+
+def build_tcg(m: "Machine") -> None:
+    """The machine on the binary-translation accelerator (hvm/vcpu/tcg.py): the same memory, tables, boot
+    image and devices, one Unicorn vCPU instead of KVM's, and no interrupt controller (Unicorn has none to
+    deliver an IRQ through), so device IRQ lines go nowhere."""
+    from hvm.vcpu.tcg import TcgVcpuThread
+
+    spec = m.spec
+    m.memory = mem = GuestMemory(spec.memory)
+    write_tables(m, mem)
+    m.boot_state = load_boot(m, mem)
+    log.info("%s", m.boot_state.description)
+    if spec.machine == "pc" and spec.irqchip:
+        log.info("accel tcg: no interrupt controller or PIT (device interrupts are not delivered)")
+    build_devices(m, mem, None)
+    m.threads = [TcgVcpuThread(0, m, mem, m.boot_state)]
 
 
 def create_devices(m: "Machine", irq_setter: Callable[[int, int], None] | None) -> None:
@@ -219,7 +272,7 @@ def bios_chipset_state(m: "Machine") -> None:
     """The PICs (vector bases, masks) and PIT channel 0 as a PC BIOS leaves them: what its S3 resume path
     programs again too (SeaBIOS's s3_resume: pic_setup) before jumping to the waking vector; guest RAM (the
     IVT included) is left alone."""
-    if not m.spec.irqchip:
+    if not m.spec.irqchip or m.vm is None:     # (accel tcg: no irqchip to program)
         return
     for chip, base, imr in ((0, bios.PIC_MASTER_BASE, bios.PIC_MASTER_IMR),
                             (1, bios.PIC_SLAVE_BASE, bios.PIC_SLAVE_IMR)):

@@ -63,6 +63,10 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--cpu", metavar="MODEL[,vendor=V][,+feat][,-feat]",
                    help="CPU model as QEMU's -cpu: host, max, qemu64, Opteron_G1 (docs/config.md)")
+    p.add_argument("--accel", choices=("kvm", "tcg", "auto"),
+                   help="how the CPU runs, as QEMU's -accel: kvm (hardware assist), tcg (binary translation by "
+                        "Unicorn: one vCPU, no interrupts; docs/tcg.md), auto (kvm when /dev/kvm works, else tcg; "
+                        "the default)")
     p.add_argument("--script", type=Path, metavar="FILE",
                    help="run the script: steps in FILE (a YAML list) against the serial console, replacing the "
                         "config's (a failing step: exit status 8)")
@@ -317,7 +321,7 @@ def overrides_from_args(args: argparse.Namespace, origins: dict[str, str] | None
     over: dict = {}
     for attr, key, flag in (("memory", "memory", "--memory"), ("vcpus", "vcpus", "--vcpus"),
                             ("timeout", "timeout", "--timeout"), ("machine", "machine", "--machine"),
-                            ("cpu", "cpu", "--cpu")):
+                            ("cpu", "cpu", "--cpu"), ("accel", "accel", "--accel")):
         value = getattr(args, attr)
         if value is not None:
             over[key] = value
@@ -430,7 +434,7 @@ def _line_break(machine: Machine) -> str:
 INCOMING_CONFLICTS = (("config", "a config file"), ("kernel", "--kernel"), ("append", "--append"),
                       ("initrd", "--initrd"), ("memory", "--memory"), ("vcpus", "--vcpus"), ("machine", "--machine"),
                       ("device", "--device"), ("netdev", "--netdev"), ("drive", "--drive"),
-                      ("no_pit", "--no-pit"), ("cpu", "--cpu"))
+                      ("no_pit", "--no-pit"), ("cpu", "--cpu"), ("accel", "--accel"))
 
 
 def _incoming_console(args: argparse.Namespace):

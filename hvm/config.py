@@ -117,6 +117,9 @@ class VmSpec:
     script: tuple = ()              # hvm.script.Step: `script:` steps `hvm run` runs against the console
     qmp: QmpAddress | None = None   # a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md)
     cpu: CpuSpec | None = None      # `cpu:`/--cpu: QEMU's -cpu model (hvm/cpu_model.py); None: the host's CPUID
+    # `accel:`/--accel: "kvm" (hardware assist through /dev/kvm), "tcg" (binary translation: Unicorn,
+    # hvm/vcpu/tcg.py) or "auto" (KVM when /dev/kvm works, else tcg with a notice: Machine resolves it)
+    accel: str = "auto"
 
     def __post_init__(self) -> None:
         # A VmSpec built in code (not by parse_spec) gets the checks that keep the watchdog working.
@@ -308,7 +311,8 @@ def _kind(v: Any) -> str:
 
 
 TOP_KEYS = ("name", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "boot", "devices", "script", "qmp",
-            "virtio_cmdline", "cpu")
+            "virtio_cmdline", "cpu", "accel")
+ACCELS = ("auto", "kvm", "tcg")
 MACHINES = ("auto", "pc", "none")
 BOOT_KEYS = ("image", "load", "entry", "mode", "regs", "kernel", "initrd", "cmdline")
 GP_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
@@ -622,9 +626,18 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
         except CpuModelError as e:
             raise top.error("cpu", str(e)) from None
 
+    accel = top.str("accel", "auto", ACCELS)
+    if accel == "tcg":
+        # What the binary-translation accelerator is (hvm/vcpu/tcg.py, docs/tcg.md): one Unicorn CPU with its
+        # own CPU model, no interrupt controller.
+        if vcpus > 1:
+            raise top.error("vcpus", f"{vcpus} vCPUs: accel tcg runs one vCPU")
+        if cpu is not None:
+            raise top.error("cpu", "applies to accel kvm (KVM's CPUID); accel tcg runs Unicorn's qemu64 CPU")
+
     return VmSpec(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
                   irqchip=irqchip, pit=pit, serial=serial, debug_exit=debug_exit, devices=device_list,
-                  virtio_cmdline=virtio_cmdline, source=source, qmp=qmp, script=script, cpu=cpu)
+                  virtio_cmdline=virtio_cmdline, source=source, qmp=qmp, script=script, cpu=cpu, accel=accel)
 
 
 def parse_devices(mapping: Any, source: str = "Python", irqchip: bool = True,

@@ -152,6 +152,8 @@ class Machine:
         self.result: RunResult | None = None
         self.kvm: Kvm | None = None
         self.vm = None
+        # "kvm" or "tcg" (hvm/vcpu/tcg.py), spec.accel resolved by the builder ("auto": KVM if it works)
+        self.accel = "kvm"
         self.memory: GuestMemory | None = None
         self.vcpus = []
         self.cpuid: list[dict[str, int]] = []    # the CPUID table the vCPUs were given (hvm/builder.py)
@@ -712,6 +714,8 @@ class Machine:
         if self.result is not None or self.state == "stopped" or self.memory is None:
             reason = self.result.reason if self.result is not None else "closed"
             raise SnapshotError(f"{path}: the VM has ended ({reason}): there is nothing to save")
+        if self.accel != "kvm":
+            raise SnapshotError(f"{path}: the VM runs on accel {self.accel}: hvm saves the state of KVM vCPUs only")
         if self.run_state == "suspended" or self._suspending or self._waking:
             raise SnapshotError(f"{path}: the guest is suspended (ACPI S3): hvm does not save a sleeping VM; "
                                 "wake it first (system_wakeup)")
@@ -856,6 +860,8 @@ class Machine:
 
         if self.result is not None or self.state == "stopped" or self.memory is None:
             raise RuntimeError("cannot reset a VM that has ended")
+        if self.accel != "kvm":
+            raise RuntimeError(f"cannot reset a VM on accel {self.accel}: hvm resets KVM vCPUs only")
         # The boot image is loaded again: check it is still there before anything is zeroed (a restored VM
         # never needed it until now), so a failed reset leaves the VM as it was.
         boot = self.spec.boot
@@ -905,6 +911,9 @@ class Machine:
         qemu_system_suspend_request, that vCPU stops at once: it parks before its next KVM_RUN. The rest (every
         vCPU parked, device threads paused, "suspended", SUSPEND) runs on a thread of its own: a vCPU thread
         must never wait for the lifecycle lock, which a pause or a snapshot holds while waiting for it."""
+        if self.accel != "kvm":   # waking needs the KVM vCPU reset: under tcg, S3 is a power-off (one line)
+            self._finish(EXIT_OK, "poweroff", f"guest asked for ACPI S3, which hvm does not do on accel {self.accel}")
+            return
         with self._pause_cond:
             if self._suspending or self.run_state == "suspended" or self.stopping:
                 return
@@ -1146,7 +1155,12 @@ class Machine:
             self._timer = None
 
     def _close_vm_objects(self, step) -> None:
-        """What a running vCPU thread may touch: the vCPUs (fd, kvm_run mapping), the VM fd, guest memory."""
+        """What a running vCPU thread may touch: the vCPUs (fd, kvm_run mapping; a tcg vCPU's Unicorn), the
+        VM fd, guest memory."""
+        for t in self.threads:
+            close = getattr(t, "close", None)     # a TcgVcpuThread: its Unicorn maps guest memory
+            if close is not None:
+                step(f"tcg vCPU {t.index}", close)
         vcpus, self.vcpus = self.vcpus, []
         for vcpu in vcpus:
             step(f"vCPU {vcpu.index}", vcpu.close)

@@ -560,22 +560,9 @@ class VcpuThread(threading.Thread):
 
     # --- reporting --------------------------------------------------------------------------------
     def describe_last_exits(self) -> list[str]:
-        out = []
         # The fast loop's ring holds every exit (also the ones handled in C) once it has run.
         exits = self.fast.last_exits() if self.fast is not None and self.fast.state.seq else self.last_exits
-        for e in exits:
-            if e[0] == k.EXIT_IO:
-                _, port, direction, size, count, value = e
-                what = "out" if direction == k.EXIT_IO_OUT else "in"
-                val = f" value={value:#x}" if value is not None else ""
-                out.append(f"IO {what} port={port:#06x} size={size} count={count}{val}")
-            elif e[0] == k.EXIT_MMIO:
-                _, addr, is_write, size, _count, value = e
-                val = f" value={value:#x}" if value is not None else ""
-                out.append(f"MMIO {'write' if is_write else 'read'} addr={addr:#x} size={size}{val}")
-            else:
-                out.append(k.EXIT_REASON_NAMES.get(e[0], str(e[0])))
-        return out
+        return describe_exits(exits)
 
     def crash_report(self, reason: str, detail: str = "") -> CrashReport:
         report = CrashReport(vcpu=self.index, reason=reason, detail=detail, last_exits=self.describe_last_exits())
@@ -590,3 +577,22 @@ class VcpuThread(threading.Thread):
         except OSError as e:
             report.detail += f" (registers unavailable: {e})"
         return report
+
+
+def describe_exits(exits) -> list[str]:
+    """A crash report's lines for a vCPU's last exits ((reason, where, direction, size, count, value) tuples,
+    as the run loops and the C ring record them; the tcg vCPU records the same)."""
+    out = []
+    for e in exits:
+        if e[0] == k.EXIT_IO:
+            _, port, direction, size, count, value = e
+            what = "out" if direction == k.EXIT_IO_OUT else "in"
+            val = f" value={value:#x}" if value is not None else ""
+            out.append(f"IO {what} port={port:#06x} size={size} count={count}{val}")
+        elif e[0] == k.EXIT_MMIO:
+            _, addr, is_write, size, _count, value = e
+            val = f" value={value:#x}" if value is not None else ""
+            out.append(f"MMIO {'write' if is_write else 'read'} addr={addr:#x} size={size}{val}")
+        else:
+            out.append(k.EXIT_REASON_NAMES.get(e[0], str(e[0])))
+    return out

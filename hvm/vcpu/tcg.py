@@ -1,0 +1,388 @@
+"""The first technique: a vCPU run by binary translation (Unicorn, i.e. QEMU's TCG as a library) instead of KVM.
+
+QEMU offers `-accel kvm` and `-accel tcg`; hvm does the same (`accel: tcg`, `--accel tcg`). Everything but
+the CPU is shared with the KVM path: the guest RAM is hvm's own GuestMemory mapped into Unicorn without a
+copy (uc_mem_map_ptr), every address that is not RAM is one MMIO region whose callbacks go to the same MmioBus,
+IN/OUT (string forms included: Unicorn calls the hook once per element) go to the same PioBus, and each of them
+is counted, remembered and traced as the KVM loop does it, under KVM's exit-reason numbers (hvm.kvm.constants),
+so --stats, traces, crash reports and `hvm compare` read both the same way.
+
+Two classes, as the KVM side has hvm/kvm's Vcpu and hvm/vcpu/runner.py's VcpuThread:
+- `TcgCpu`: the small accelerator interface: create over guest memory, set a BootState, run until an exit
+  that ends the loop (HLT, a kick, a fault Unicorn cannot deliver), kick from another thread, registers for
+  crash reports.
+- `TcgVcpuThread`: the thread around it, with the surface the Machine uses of a VcpuThread (start, kick,
+  probe, pause parking, tracing, statistics, crash reports).
+
+What Unicorn cannot do, hvm does not pretend: it delivers no exception or interrupt through the guest's IDT
+(its interrupt hook is called instead, and its EIP is unreliable there), and it has no interrupt controller
+(so hvm's tcg has none: device IRQs go nowhere). A guest that raises one stops with a crash report naming the
+vector and this limitation (status 4), never a hang; a HLT ends the vCPU as one does under KVM without an
+in-kernel irqchip. One vCPU. Checked on this kvm_pvm host (docs/tcg.md has what runs).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from hvm.boot.state import BootState
+from hvm.kvm import constants as k
+from hvm.mmio.bus import MASK, DeviceFault
+
+log = logging.getLogger(__name__)
+
+LAST_EXITS = 16
+# Unicorn runs in slices of this many milliseconds: a kick (stop, pause) that lands just before emulation
+# starts (uc_emu_stop is then a no-op) is seen at the next slice boundary at the latest.
+SLICE_MS = 50
+# Never reached: emulation ends on HLT, a kick, a slice's end or a fault, not at an address.
+_UNTIL = 0xFFFF_FFFF_FFFF_FFFF
+# Physical addresses Unicorn's qemu64 CPU can form (40 bits): every non-RAM page below is MMIO.
+PHYS_TOP = 1 << 40
+MSR_EFER = 0xC0000080
+
+VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
+                10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC", 19: "#XM"}
+LIMITATION = ("Unicorn does not deliver exceptions or interrupts through the guest's IDT "
+              "(hvm's tcg accelerator stops the guest here)")
+
+
+def unavailable() -> str | None:
+    """Why the tcg accelerator cannot run here (None: it can)."""
+    try:
+        import unicorn  # noqa: F401
+    except ImportError as e:
+        return f"the unicorn package is not installed ({e}); pip install unicorn"
+    return None
+
+
+@dataclass
+class TcgIo:
+    """Where a TcgCpu's port and MMIO accesses go (a vCPU's bus views, with its accounting)."""
+    pio_read: Callable[[int, int], int]
+    pio_write: Callable[[int, int, int], None]
+    mmio_read: Callable[[int, int], int]
+    mmio_write: Callable[[int, int, int], None]
+
+
+@dataclass
+class TcgStop:
+    """Why TcgCpu.run() returned: "halt" (HLT), "kick" (kick() or a slice ended: run again unless told
+    otherwise) or "fault" (what Unicorn could not go on with; `reason` and `detail` for the crash report)."""
+    kind: str
+    reason: str = ""
+    detail: str = ""
+
+
+class TcgCpu:
+    """One x86 CPU emulated by Unicorn over hvm's guest memory. Use as a context manager (close() frees
+    Unicorn's state; the guest memory stays hvm's)."""
+
+    def __init__(self, memory, mode: str, io: TcgIo) -> None:
+        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32, UC_MODE_64, \
+            UC_PROT_ALL, Uc
+        from unicorn import x86_const as x
+
+        self._x = x
+        # Unicorn's mode fixes how registers are named (16/32: E registers only) and how the first
+        # instruction is decoded; the guest switches modes itself from there (firmware/modes.S: real ->
+        # protected -> long), as TCG follows CR0/EFER/CS.
+        self.mode = mode
+        self.wide = mode == "long"
+        self.uc = uc = Uc(UC_ARCH_X86, {"real": UC_MODE_16, "protected": UC_MODE_32, "long": UC_MODE_64}[mode])
+        self._kicked = False
+        self._fault: TcgStop | None = None
+        self.io = io
+        regions = sorted((r.gpa, r.size, r.host_addr) for r in memory.regions)
+        at = 0
+        for gpa, size, host in regions:
+            if gpa > at:
+                self._map_mmio(at, gpa - at)
+            uc.mem_map_ptr(gpa, size, UC_PROT_ALL, host)     # hvm's own pages: no copy
+            at = gpa + size
+        if at < PHYS_TOP:
+            self._map_mmio(at, PHYS_TOP - at)
+        uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INTR, self._interrupt)
+        r = "R" if self.wide else "E"
+        self._pc_reg = getattr(x, f"UC_X86_REG_{r}IP")
+        self._gprs = [(n, getattr(x, f"UC_X86_REG_{n.upper() if self.wide else 'E' + n[1:].upper()}"))
+                      for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp")]
+        if self.wide:
+            self._gprs += [(f"r{i}", getattr(x, f"UC_X86_REG_R{i}")) for i in range(8, 16)]
+        self._flags_reg = x.UC_X86_REG_RFLAGS if self.wide else x.UC_X86_REG_EFLAGS
+
+    def _map_mmio(self, base: int, size: int) -> None:
+        read, write = self.io.mmio_read, self.io.mmio_write
+        # Unicorn hands the offset into the region; the bus wants the guest-physical address.
+        self.uc.mmio_map(base, size, lambda _uc, off, n, _d: read(base + off, n), None,
+                         lambda _uc, off, n, value, _d: write(base + off, n, value & MASK[n]), None)
+
+    # --- the hooks: run on the vCPU thread, inside emu_start ---------------------------------------
+    def _in(self, _uc, port: int, size: int, _data) -> int:
+        return self.io.pio_read(port, size)
+
+    def _out(self, _uc, port: int, size: int, value: int, _data) -> None:
+        self.io.pio_write(port, size, value & MASK[size])
+
+    def _interrupt(self, uc, vector: int, _data) -> None:
+        name = VECTOR_NAMES.get(vector, "")
+        what = f"vector {vector:#x}" + (f" ({name} or INT {vector:#x})" if name else f" (INT {vector:#x})")
+        self._fault = TcgStop("fault", f"tcg: exception or interrupt {what}", LIMITATION)
+        uc.emu_stop()
+
+    # --- the interface ---------------------------------------------------------------------------
+    def set_boot_state(self, state: BootState) -> None:
+        """The CPU state a loader asks for (what apply_boot_state gives a KVM vCPU). In protected and long
+        mode Unicorn loads each segment register's hidden part from the GDT the loader wrote."""
+        x, uc = self._x, self.uc
+        if state.mode != self.mode:
+            raise ValueError(f"a {self.mode}-mode TcgCpu cannot start in {state.mode} mode")
+        uc.reg_write(x.UC_X86_REG_GDTR, (0, state.gdt[0], state.gdt[1], 0))
+        uc.reg_write(x.UC_X86_REG_IDTR, (0, state.idt[0], state.idt[1], 0))
+        if state.mode != "real":
+            uc.reg_write(x.UC_X86_REG_CR3, state.cr3)
+            uc.reg_write(x.UC_X86_REG_CR4, state.cr4)
+            uc.msr_write(MSR_EFER, state.efer)
+            uc.reg_write(x.UC_X86_REG_CR0, state.cr0)
+        for reg in (x.UC_X86_REG_DS, x.UC_X86_REG_ES, x.UC_X86_REG_FS, x.UC_X86_REG_GS, x.UC_X86_REG_SS):
+            uc.reg_write(reg, state.data.selector)
+        uc.reg_write(x.UC_X86_REG_CS, state.cs.selector)
+        values = {n: 0 for n, _ in self._gprs}
+        values.update(state.regs)
+        for name, reg in self._gprs:
+            uc.reg_write(reg, values.get(name, 0))
+        uc.reg_write(self._flags_reg, state.rflags)
+        uc.reg_write(self._pc_reg, state.rip)
+
+    def _begin(self) -> int:
+        """The address uc_emu_start wants to resume at the current instruction. In Unicorn's 16-bit mode it
+        subtracts CS*16 and writes only IP (the low 16 bits of EIP), whatever mode the guest is in now."""
+        pc = self.uc.reg_read(self._pc_reg)
+        if self.mode == "real":
+            cs = self.uc.reg_read(self._x.UC_X86_REG_CS)
+            return cs * 16 + (pc & 0xFFFF)
+        return pc
+
+    def run(self) -> TcgStop:
+        """Run until HLT, a kick, the end of a slice (both "kick") or a fault."""
+        from unicorn import UC_QUERY_TIMEOUT, UcError
+
+        if self._kicked:
+            self._kicked = False
+            return TcgStop("kick")
+        self._fault = None
+        try:
+            self.uc.emu_start(self._begin(), _UNTIL, timeout=SLICE_MS * 1000)
+        except UcError as e:
+            return TcgStop("fault", f"tcg: {_describe_error(e)}", self._error_detail(e))
+        if self._fault is not None:
+            return self._fault
+        if self._kicked:
+            self._kicked = False
+            return TcgStop("kick")
+        if self.uc.query(UC_QUERY_TIMEOUT):
+            return TcgStop("kick")
+        return TcgStop("halt")
+
+    def _error_detail(self, e) -> str:
+        from unicorn import UC_ERR_INSN_INVALID
+
+        if e.errno == UC_ERR_INSN_INVALID:
+            return "an instruction Unicorn cannot execute (a CPU would raise #UD); " + LIMITATION
+        return f"at PC {self.pc():#x}"
+
+    def kick(self) -> None:
+        """From any thread: make run() return soon (emu_stop now, or the slice's end at the latest)."""
+        self._kicked = True
+        try:
+            self.uc.emu_stop()
+        except Exception:   # not running: the flag is seen before the next emu_start
+            pass
+
+    def pc(self) -> int:
+        return self.uc.reg_read(self._pc_reg)
+
+    def registers(self) -> tuple[dict[str, int], dict[str, int]]:
+        """General registers (RIP, RFLAGS, ...) and the control state, for a CrashReport (32-bit values when
+        Unicorn runs in its 16- or 32-bit mode: it names no wider registers there)."""
+        x, uc = self._x, self.uc
+        regs = {name: uc.reg_read(reg) for name, reg in self._gprs}
+        for i in range(8, 16):
+            regs.setdefault(f"r{i}", 0)
+        regs["rip"] = self.pc()
+        regs["rflags"] = uc.reg_read(self._flags_reg)
+        idtr = uc.reg_read(x.UC_X86_REG_IDTR)
+        sregs = {"cs": uc.reg_read(x.UC_X86_REG_CS), "ss": uc.reg_read(x.UC_X86_REG_SS),
+                 "cr0": uc.reg_read(x.UC_X86_REG_CR0), "cr2": uc.reg_read(x.UC_X86_REG_CR2),
+                 "cr3": uc.reg_read(x.UC_X86_REG_CR3), "cr4": uc.reg_read(x.UC_X86_REG_CR4),
+                 "efer": uc.msr_read(MSR_EFER), "idt.base": idtr[1], "idt.limit": idtr[2]}
+        return regs, sregs
+
+    def close(self) -> None:
+        uc, self.uc = self.uc, None
+        if uc is not None:
+            # uc_close now (the binding's own finalizer, idempotent), not whenever the hooks' reference
+            # cycle is collected: Unicorn maps guest memory that close() is about to unmap.
+            finalize = getattr(uc, "_Uc__finalizer", None)
+            if finalize is not None:
+                finalize()
+
+    def __enter__(self) -> "TcgCpu":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _describe_error(e) -> str:
+    import unicorn as u
+
+    return {u.UC_ERR_INSN_INVALID: "invalid instruction",
+            u.UC_ERR_READ_UNMAPPED: "read beyond the physical address space",
+            u.UC_ERR_WRITE_UNMAPPED: "write beyond the physical address space",
+            u.UC_ERR_FETCH_UNMAPPED: "instruction fetch beyond the physical address space",
+            u.UC_ERR_FETCH_PROT: "instruction fetch from a non-executable page",
+            u.UC_ERR_EXCEPTION: "unhandled CPU exception"}.get(e.errno, str(e))
+
+
+class TcgVcpuThread(threading.Thread):
+    """A vCPU thread whose CPU is a TcgCpu: what hvm/vcpu/runner.py's VcpuThread is for a KVM vCPU, with the
+    same counters, last-exits history, trace records and crash reports."""
+
+    def __init__(self, index: int, machine, memory, boot_state: BootState) -> None:
+        super().__init__(name=f"vcpu{index}", daemon=True)
+        self.index = index
+        self.machine = machine
+        self.exit_counts = [0] * k.NUM_EXIT_REASONS
+        self.last_exits: deque[tuple] = deque(maxlen=LAST_EXITS)
+        self.completed: dict[str, int] = {}      # (KVM's emulation failures hvm completes: none here)
+        self.halted = False
+        self.fast = None
+        self.trace_sink: Callable[[tuple], None] | None = None
+        self.trace_rip = False
+        self.trace_in_c = False
+        self.t0_ns = 0
+        self.reselect = False
+        self._resume_on_halt = False
+        self._pio = machine.pio.for_vcpu()
+        self._mmio = machine.mmio.for_vcpu()
+        self.cpu = TcgCpu(memory, boot_state.mode,
+                          TcgIo(self._pio_read, self._pio_write, self._mmio_read, self._mmio_write))
+        self.cpu.set_boot_state(boot_state)
+
+    # --- accesses, accounted as KVM exits ------------------------------------------------------------
+    def _record(self, reason: int, where, size: int, direction: int, value: int | None, t: int) -> None:
+        self.exit_counts[reason] += 1
+        self.last_exits.append((reason, where, direction, size, 1, value))
+        sink = self.trace_sink
+        if sink is not None:
+            now = time.monotonic_ns()
+            rip = self.cpu.pc() if self.trace_rip else None
+            sink((t - self.t0_ns, self.index, reason, where, size, direction, 1,
+                  value.to_bytes(size, "little"), now - t, rip))
+
+    def _pio_read(self, port: int, size: int) -> int:
+        t = time.monotonic_ns()
+        value = self._pio.read(port, size)
+        self._record(k.EXIT_IO, port, size, k.EXIT_IO_IN, value, t)
+        return value
+
+    def _pio_write(self, port: int, size: int, value: int) -> None:
+        t = time.monotonic_ns()
+        self._pio.write(port, size, value)
+        self._record(k.EXIT_IO, port, size, k.EXIT_IO_OUT, value, t)
+
+    def _mmio_read(self, addr: int, size: int) -> int:
+        t = time.monotonic_ns()
+        value = self._mmio.read(addr, size)
+        self._record(k.EXIT_MMIO, addr, size, 0, value, t)
+        return value
+
+    def _mmio_write(self, addr: int, size: int, value: int) -> None:
+        t = time.monotonic_ns()
+        self._mmio.write(addr, size, value)
+        self._record(k.EXIT_MMIO, addr, size, 1, value, t)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        machine = self.machine
+        try:
+            machine.wait_while_paused(self.index)
+            while not machine.stopping:
+                stop = self.cpu.run()
+                if stop.kind == "kick":
+                    if not machine.stopping:
+                        machine.wait_while_paused(self.index)
+                    continue
+                if stop.kind == "halt":
+                    self.exit_counts[k.EXIT_HLT] += 1
+                    self.last_exits.append((k.EXIT_HLT,))
+                    if self.trace_sink is not None:
+                        rip = self.cpu.pc() if self.trace_rip else None
+                        self.trace_sink((time.monotonic_ns() - self.t0_ns, self.index, k.EXIT_HLT, None, 0, 0, 0,
+                                         b"", 0, rip))
+                    if self._resume_on_halt:
+                        continue
+                    self.halted = True
+                    machine.vcpu_halted(self.index)
+                    return
+                machine.vcpu_crashed(self.crash_report(stop.reason, stop.detail))
+                return
+        except DeviceFault as e:
+            log.info("vCPU %d: device fault", self.index, exc_info=True)
+            machine.device_fault(self.index, e)
+        except Exception as e:  # a bug in hvm: one line (traceback with -v), never a hang
+            log.info("vCPU %d: internal error", self.index, exc_info=True)
+            machine.internal_error(self.index, f"{type(e).__name__}: {e}")
+        finally:
+            machine.vcpu_thread_ended(self.index)
+
+    # --- what the Machine asks of a vCPU thread --------------------------------------------------------
+    def resume_on(self, reason: int) -> None:
+        """Benchmarks' HLT loop: go on after HLT instead of ending the vCPU."""
+        if reason == k.EXIT_HLT:
+            self._resume_on_halt = True
+
+    def total_exit_counts(self) -> list[int]:
+        return list(self.exit_counts)
+
+    def set_tracing(self, sink: Callable[[tuple], None] | None, rip: bool = False, in_c: bool = True) -> None:
+        self.trace_sink = sink
+        self.trace_rip = rip
+
+    def kick(self) -> None:
+        cpu = self.cpu
+        if cpu is not None and cpu.uc is not None:
+            cpu.kick()
+
+    def probe(self) -> None:
+        self.machine.vcpu_probed(self.index, self.activity())
+
+    def activity(self) -> str:
+        return "halted" if self.halted else "running"
+
+    def describe_last_exits(self) -> list[str]:
+        from hvm.vcpu.runner import describe_exits
+
+        return describe_exits(self.last_exits)
+
+    def crash_report(self, reason: str, detail: str = ""):
+        from hvm.vcpu.report import CrashReport
+
+        report = CrashReport(vcpu=self.index, reason=reason, detail=detail, last_exits=self.describe_last_exits())
+        try:
+            report.regs, report.sregs = self.cpu.registers()
+        except Exception as e:   # Unicorn refused a register read: the report still goes out
+            report.detail += f" (registers unavailable: {e})"
+        return report
+
+    def close(self) -> None:
+        cpu, self.cpu = self.cpu, None
+        if cpu is not None:
+            cpu.close()
