@@ -126,6 +126,8 @@ def _add_kut_parser(sub) -> None:
                    help="override every entry's timeout (seconds)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="print the output of failing entries")
     p.add_argument("--logs", type=Path, metavar="DIR", help="upstream tree: keep the runner's logs/ in DIR")
+    p.add_argument("--accel", choices=("kvm", "tcg"), default="kvm",
+                   help="run the guests on KVM (default) or on tcg, binary translation (upstream's ACCEL)")
 
 
 def _add_trace_parser(sub) -> None:
@@ -710,9 +712,10 @@ def cmd_kut(args: argparse.Namespace) -> int:
     try:
         if upstream:
             results = run_upstream(directory, args.names, args.group, args.timeout, verbose=bool(args.verbose),
-                                   logs=args.logs)
+                                   logs=args.logs, accel=args.accel)
         else:
-            results = run_all(directory, args.names, args.group, args.timeout, verbose=bool(args.verbose))
+            results = run_all(directory, args.names, args.group, args.timeout, verbose=bool(args.verbose),
+                              accel=args.accel)
     except KutError as e:
         print(f"hvm: {e}", file=sys.stderr)
         return EXIT_CONFIG

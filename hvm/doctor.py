@@ -10,7 +10,7 @@ from pathlib import Path
 from hvm.config import FlatBoot, VmSpec
 from hvm.console import Console
 from hvm.host import detect
-from hvm.kvm import Kvm
+from hvm.kvm import Kvm, KvmError
 from hvm.kvm import constants as kc
 from hvm.machine import Machine
 from hvm.trace.tracer import TraceConfig
@@ -35,10 +35,11 @@ class ProbeRun:
 
 
 def run_probe(name: str, iterations: int = 0, timeout: float = 10.0, image: Path = PROBE_IMAGE,
-              adapt_to_host: bool = False, trace: bool = True) -> ProbeRun:
+              adapt_to_host: bool = False, trace: bool = True, accel: str = "kvm") -> ProbeRun:
     spec = VmSpec(name=f"probe-{name}", boot=FlatBoot(image, 0x100000, 0x100000, "long",
                                                        (("rdi", PROBES[name]), ("rsi", iterations))),
-                  memory=8 << 20, timeout=timeout, machine="none", irqchip=False, pit=False, serial=None)
+                  memory=8 << 20, timeout=timeout, machine="none", irqchip=False, pit=False, serial=None,
+                  accel=accel)
     config = TraceConfig(filter=f"port={REPORT_PORT},dir=out", memory=True) if trace else None
     with Machine(spec, console=Console("none", "none"), adapt_to_host=adapt_to_host, trace=config) as vm:
         run = ProbeRun("")
@@ -56,12 +57,12 @@ def run_probe(name: str, iterations: int = 0, timeout: float = 10.0, image: Path
         return run
 
 
-def _loop_rate(name: str, target_s: float = 0.15, start: int = 1000) -> tuple[float, int]:
+def _loop_rate(name: str, target_s: float = 0.15, start: int = 1000, accel: str = "kvm") -> tuple[float, int]:
     """Loop iterations per second at a privilege level, doubling the count until the loop lasts long
     enough to time (as kvm-unit-tests' vmexit does). Each iteration is two instructions."""
     n = start
     while True:
-        run = run_probe(name, n)
+        run = run_probe(name, n, accel=accel)
         marks = [t for t, v in run.reports if v in (1, 2)]
         if run.reason != "debug-exit" or len(marks) != 2:
             raise RuntimeError(f"probe {name} failed: {run.reason} {run.crash}")
@@ -102,15 +103,46 @@ def _describe_insn(name: str) -> tuple[bool, str]:
     return False, f"did not complete ({run.reason})"
 
 
+def _diagnose_tcg(out) -> dict:
+    """The binary-translation accelerator (hvm/vcpu/tcg.py): is Unicorn there, and how fast it runs the CPL0
+    loop of the same probe guest."""
+    from hvm.vcpu.tcg import unavailable
+
+    why = unavailable()
+    if why is not None:
+        out(f"  tcg (Unicorn)       not available: {why}")
+        return {"available": False, "why": why}
+    import unicorn
+
+    result: dict = {"available": True, "unicorn": unicorn.__version__}
+    try:
+        rate, _ = _loop_rate("cpl0", accel="tcg", start=100000)
+        result["cpl0_mips"] = rate / 1e6
+        speed = f"; guest code {rate / 1e6:,.1f} M instructions/s (translated; any CPL)"
+    except RuntimeError as e:
+        speed = f"; the loop probe failed: {e}"
+    out(f"  tcg (Unicorn)       unicorn {unicorn.__version__}: hvm run --accel tcg{speed}")
+    return result
+
+
 def diagnose(out=print) -> dict:
     logging.getLogger("hvm").setLevel(logging.ERROR)
     host = detect()
     results: dict = {"backend": host.backend}
-    with Kvm() as kvm:
-        results["api_version"] = 12
-        caps = {c: kvm.check_extension(getattr(kc, "CAP_" + c)) for c in CAPS}
-        results["capabilities"] = caps
-        max_vcpus = kvm.check_extension(kc.CAP_MAX_VCPUS)
+    try:
+        with Kvm() as kvm:
+            results["api_version"] = 12
+            caps = {c: kvm.check_extension(getattr(kc, "CAP_" + c)) for c in CAPS}
+            results["capabilities"] = caps
+            max_vcpus = kvm.check_extension(kc.CAP_MAX_VCPUS)
+    except KvmError as e:   # no KVM: what runs here is the binary-translation accelerator
+        out("hvm doctor — this host has no usable KVM")
+        out(f"  /dev/kvm            {e}")
+        results["kvm"] = str(e)
+        results["tcg"] = _diagnose_tcg(out)
+        out("")
+        out("  => hvm runs guests here on tcg only (--accel auto chooses it): docs/tcg.md")
+        return results
     out("hvm doctor — what this host's KVM can do")
     out(f"  /dev/kvm            API version 12, {host.describe()}, up to {max_vcpus} vCPUs")
     out("  capabilities        " + ", ".join(f"{c} {'yes' if v else 'NO'}" for c, v in caps.items()))
@@ -129,6 +161,11 @@ def diagnose(out=print) -> dict:
     out(f"  guest CPL0 code     {cpl0 / 1e6:,.1f} M instructions/s" + (f"  ({slow:,.0f}x slower than CPL3: "
         "emulated)" if slow > 20 else "  (native)"))
     out(f"  guest CPL3 code     {cpl3 / 1e6:,.1f} M instructions/s")
+    results["tcg"] = tcg = _diagnose_tcg(out)
+    if tcg.get("cpl0_mips"):
+        ratio = tcg["cpl0_mips"] / max(cpl0 / 1e6, 1e-9)
+        out(f"                      tcg runs guest CPL0 code {ratio:,.1f}x " + ("faster than KVM here" if ratio >= 1
+                                                                            else "slower than KVM here"))
 
     entries = {}
     for probe, label in (("syscall", "SYSCALL"), ("int80", "INT 0x80"), ("sysenter", "SYSENTER")):

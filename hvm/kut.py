@@ -199,21 +199,24 @@ QEMU_PREFIX = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_polic
                "-device", "pci-testdev", "-machine", "accel=kvm"]
 
 
-def qemu_args_for(entry: KutEntry, directory: Path) -> list[str]:
-    """Upstream's QEMU command line for this entry (after the binary): x86/run KERNEL -smp N -append ARGS PARAMS."""
-    args = QEMU_PREFIX + ["-kernel", str(directory / entry.file), "-smp", str(entry.smp)]
+def qemu_args_for(entry: KutEntry, directory: Path, accel: str = "kvm") -> list[str]:
+    """Upstream's QEMU command line for this entry (after the binary): x86/run KERNEL -smp N -append ARGS PARAMS;
+    `accel` is x86/run's -machine accel= ($ACCEL: kvm or tcg)."""
+    prefix = QEMU_PREFIX[:-1] + [f"accel={accel}"]
+    args = prefix + ["-kernel", str(directory / entry.file), "-smp", str(entry.smp)]
     if entry.args:
         args += ["-append", entry.args]
     return args + shlex.split(entry.qemu_params)
 
 
-def hvm_args_for(entry: KutEntry, directory: Path, timeout: float | None = None) -> list[str]:
+def hvm_args_for(entry: KutEntry, directory: Path, timeout: float | None = None, accel: str = "kvm") -> list[str]:
     """The `hvm run` flags for this entry: upstream's QEMU command line through hvm-qemu's own translation, so
     both ways of running an entry mean the same. Raises hvm.qemu_shim.ShimError for a flag hvm cannot honour
     (-cpu with a feature this host cannot give, q35, intel-iommu): upstream's runner makes that a SKIP."""
-    from hvm.qemu_shim import check_cpu_arg, translate
+    from hvm.qemu_shim import check_cpu_arg, drop_tcg_cpu, translate
 
-    args = translate(qemu_args_for(entry, directory))
+    args = translate(qemu_args_for(entry, directory, accel))
+    drop_tcg_cpu(args)
     if "--cpu" in args:
         check_cpu_arg(args[args.index("--cpu") + 1])
     return args + ["--timeout", f"{timeout if timeout is not None else entry.timeout:g}"]
@@ -250,7 +253,7 @@ def kill_group(proc: subprocess.Popen) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None) -> KutResult:
+def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None, accel: str = "kvm") -> KutResult:
     if entry.error:
         return KutResult(entry, "FAIL", f"({entry.error})")
     if entry.arch and entry.arch != ARCH:
@@ -262,7 +265,7 @@ def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None) ->
     from hvm.qemu_shim import ShimError
 
     try:
-        args = hvm_args_for(entry, directory, limit)
+        args = hvm_args_for(entry, directory, limit, accel)
     except ShimError as e:     # as upstream's runner: QEMU refused the command line before loading the kernel
         return KutResult(entry, "SKIP", f"(hvm-qemu: {e})")
     t0 = time.monotonic()
@@ -307,7 +310,8 @@ def run_entry(entry: KutEntry, directory: Path, timeout: float | None = None) ->
 
 
 def run_all(directory: Path, names: list[str] | None = None, groups: list[str] | None = None,
-            timeout: float | None = None, out=sys.stdout, verbose: bool = False) -> list[KutResult]:
+            timeout: float | None = None, out=sys.stdout, verbose: bool = False,
+            accel: str = "kvm") -> list[KutResult]:
     entries = parse_unittests_cfg(directory / "unittests.cfg")
     if names:
         unknown = set(names) - {e.name for e in entries}
@@ -319,7 +323,7 @@ def run_all(directory: Path, names: list[str] | None = None, groups: list[str] |
     refs = parse_qemu_results(directory / "RESULTS-QEMU.md")
     results = []
     for entry in entries:
-        result = run_entry(entry, directory, timeout)
+        result = run_entry(entry, directory, timeout, accel)
         results.append(result)
         print(result.line(), file=out, flush=True)
         if verbose and result.status == "FAIL":
@@ -413,8 +417,9 @@ def _shim_script(folder: Path) -> Path:
 
 def run_upstream(directory: Path, names: list[str] | None = None, groups: list[str] | None = None,
                  timeout: float | None = None, out=sys.stdout, verbose: bool = False,
-                 logs: Path | None = None) -> list[KutResult]:
-    """Upstream's run_tests.sh on a copy of `directory`, driving hvm through hvm-qemu; results as run_all's."""
+                 logs: Path | None = None, accel: str = "kvm") -> list[KutResult]:
+    """Upstream's run_tests.sh on a copy of `directory`, driving hvm through hvm-qemu; results as run_all's.
+    `accel` becomes the runner's ACCEL (x86/run passes it as -machine accel=, hvm-qemu as --accel)."""
     entries = {e.name: e for e in parse_unittests_cfg(directory / ARCH_DIR / "unittests.cfg")}
     if names:
         unknown = set(names) - set(entries)
@@ -426,7 +431,7 @@ def run_upstream(directory: Path, names: list[str] | None = None, groups: list[s
         tree = Path(tmp) / "tree"
         _copy_tree(directory, tree)
         env = dict(os.environ, QEMU=str(_shim_script(Path(tmp))))
-        env.pop("ACCEL", None)
+        env["ACCEL"] = accel
         if timeout is not None:
             env["TIMEOUT"] = f"{timeout:g}"
         cmd = ["./run_tests.sh", "-v"]

@@ -19,8 +19,10 @@ name "pci-testdev", bus PCI
 name "virtio-serial-device", bus virtio-bus
 name "virtconsole", bus virtio-serial-bus
 """
-IGNORED_WITH_VALUE = {"-vnc", "-display", "-global", "-name", "-boot", "-chardev", "-mon", "-monitor", "-accel"}
-IGNORED_FLAGS = {"-nodefaults", "-no-reboot", "--no-reboot", "-nographic", "-enable-kvm", "-no-shutdown", "-S"}
+IGNORED_WITH_VALUE = {"-vnc", "-display", "-global", "-name", "-boot", "-chardev", "-mon", "-monitor"}
+IGNORED_FLAGS = {"-nodefaults", "-no-reboot", "--no-reboot", "-nographic", "-no-shutdown", "-S"}
+# QEMU's accelerator names -> hvm's --accel; "kvm:tcg" (QEMU's fallback list) is hvm's auto.
+ACCELS = {"kvm": "kvm", "tcg": "tcg", "kvm:tcg": "auto"}
 
 
 class ShimError(Exception):
@@ -231,7 +233,9 @@ def translate(argv: list[str]) -> list[str]:
             for opt in value().split(","):
                 if opt == "pit=off":
                     out.append("--no-pit")
-                elif opt in ("pc", "accel=kvm", "pit=on") or opt.startswith("accel="):
+                elif opt.startswith("accel="):
+                    out += ["--accel", _accel(opt[6:], f"-machine {opt}")]
+                elif opt in ("pc", "pit=on"):
                     continue
                 elif opt.startswith("q35") or opt.startswith("pc-q35") or opt == "type=q35":
                     # q35 is another chipset (ICH9, PCIe, no ISA PIIX): the guest would be told a machine
@@ -248,6 +252,11 @@ def translate(argv: list[str]) -> list[str]:
             out.append("-S")     # frozen until a QMP `cont`
         elif a == "-cpu":
             out += ["--cpu", value()]   # checked against KVM and the backend before the kernel (check_cpu_arg)
+        elif a == "-accel":
+            name, *_props = value().split(",")    # properties (thread=, tb-size=, ...) tune QEMU's TCG: ignored
+            out += ["--accel", _accel(name, f"-accel {name}")]
+        elif a == "-enable-kvm":
+            out += ["--accel", "kvm"]
         elif a == "-chardev":
             backend, *opts = value().split(",")
             for opt in opts:
@@ -269,6 +278,24 @@ def translate(argv: list[str]) -> list[str]:
         elif backend != "null":
             raise ShimError(f"-chardev {backend}: hvm-qemu gives a virtconsole stdio or null only")
     return out + net_args + blk_args
+
+
+def _accel(name: str, spelled: str) -> str:
+    """QEMU's accelerator name as hvm's --accel value; ShimError for one hvm does not have (hvf, whpx, xen)."""
+    accel = ACCELS.get(name)
+    if accel is None:
+        raise ShimError(f"{spelled[:80]}: invalid accelerator {name[:40]} (hvm has kvm and tcg)")
+    return accel
+
+
+def drop_tcg_cpu(args: list[str]) -> None:
+    """`hvm run` flags for accel tcg: Unicorn's CPU is QEMU's qemu64 model, so `--cpu qemu64` is what tcg runs
+    anyway (dropped); any other -cpu is refused (ShimError: upstream's runner makes it a SKIP)."""
+    if "--cpu" in args and "--accel" in args and args[args.index("--accel") + 1] == "tcg":
+        at = args.index("--cpu")
+        if args[at + 1] != "qemu64":
+            raise ShimError(f"-cpu {args[at + 1][:100]}: accel tcg runs Unicorn's qemu64 CPU only")
+        del args[at:at + 2]
 
 
 def check_cpu_arg(value: str) -> None:
@@ -325,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args = translate(argv)
+        drop_tcg_cpu(args)
         if "--cpu" in args:
             check_cpu_arg(args[args.index("--cpu") + 1])
         if "--kernel" in args:
