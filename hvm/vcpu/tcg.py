@@ -32,6 +32,7 @@ from typing import Callable
 from hvm.boot.state import BootState
 from hvm.kvm import constants as k
 from hvm.mmio.bus import MASK, DeviceFault
+from hvm.vcpu.tcg_idt import UD_VECTOR, DeliveryError, deliver, software_vector
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,18 @@ class TcgCpu:
         # Unicorn's mode fixes how registers are named (16/32: E registers only) and how the first
         # instruction is decoded; the guest switches modes itself from there (firmware/modes.S: real ->
         # protected -> long), as TCG follows CR0/EFER/CS.
+        # Unicorn's mode is the boot mode's: its 64-bit mode keeps a 64-bit CS (L bit) that hvm cannot reload
+        # for a protected-mode start (the guest's first far jump after enabling long mode then decodes as 64-bit
+        # code: measured with kvm-unit-tests' start32), and decodes a real-mode start as 32-bit code. In its
+        # 16- and 32-bit modes Unicorn names only 32-bit registers, also after the guest entered long mode
+        # itself (multiboot kernels, firmware/modes.S): crash reports then show the low 32 bits.
         self.mode = mode
         self.wide = mode == "long"
         self.uc = uc = Uc(UC_ARCH_X86, {"real": UC_MODE_16, "protected": UC_MODE_32, "long": UC_MODE_64}[mode])
         self._kicked = False
         self._fault: TcgStop | None = None
+        self._vector: int | None = None
+        self.memory = memory
         self.io = io
         regions = sorted((r.gpa, r.size, r.host_addr) for r in memory.regions)
         at = 0
@@ -134,6 +142,7 @@ class TcgCpu:
         name = VECTOR_NAMES.get(vector, "")
         what = f"vector {vector:#x}" + (f" ({name} or INT {vector:#x})" if name else f" (INT {vector:#x})")
         self._fault = TcgStop("fault", f"tcg: exception or interrupt {what}", LIMITATION)
+        self._vector = vector
         uc.emu_stop()
 
     # --- the interface ---------------------------------------------------------------------------
@@ -180,8 +189,15 @@ class TcgCpu:
         try:
             self.uc.emu_start(self._begin(), _UNTIL, timeout=SLICE_MS * 1000)
         except UcError as e:
+            from unicorn import UC_ERR_INSN_INVALID
+
+            if e.errno == UC_ERR_INSN_INVALID:     # RIP is at the instruction: #UD is delivered precisely
+                return self._deliver(UD_VECTOR, False, "tcg: invalid instruction (#UD)")
             return TcgStop("fault", f"tcg: {_describe_error(e)}", self._error_detail(e))
         if self._fault is not None:
+            vector = self._vector
+            if software_vector(self, self.memory, vector):   # INT n/INT3/INTO/INT1: RIP is the return address
+                return self._deliver(vector, True, f"tcg: software interrupt {vector:#x}")
             return self._fault
         if self._kicked:
             self._kicked = False
@@ -189,6 +205,15 @@ class TcgCpu:
         if self.uc.query(UC_QUERY_TIMEOUT):
             return TcgStop("kick")
         return TcgStop("halt")
+
+    def _deliver(self, vector: int, software: bool, what: str) -> TcgStop:
+        """Deliver `vector` through the guest's IDT/IVT (hvm/vcpu/tcg_idt.py): "delivered", or the fault."""
+        try:
+            deliver(self, self.memory, vector, software)
+        except DeliveryError as e:
+            return TcgStop("fault", what, f"hvm could not deliver it as the CPU would: {e}")
+        name = VECTOR_NAMES.get(vector, "") if not software else f"INT {vector:#x}"
+        return TcgStop("delivered", name or f"vector {vector:#x}")
 
     def _error_detail(self, e) -> str:
         from unicorn import UC_ERR_INSN_INVALID
@@ -316,6 +341,10 @@ class TcgVcpuThread(threading.Thread):
             machine.wait_while_paused(self.index)
             while not machine.stopping:
                 stop = self.cpu.run()
+                if stop.kind == "delivered":      # an exception or INT n hvm delivered through the IDT
+                    name = f"{stop.reason} delivered"
+                    self.completed[name] = self.completed.get(name, 0) + 1
+                    continue
                 if stop.kind == "kick":
                     if not machine.stopping:
                         machine.wait_while_paused(self.index)
