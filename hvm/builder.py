@@ -212,6 +212,12 @@ def build_tcg(m: "Machine") -> None:
     if spec.machine == "pc" and spec.irqchip:
         log.info("accel tcg: no interrupt controller or PIT (device interrupts are not delivered)")
     build_devices(m, mem, None)
+    if spec.machine == "pc":
+        # Unicorn has no local APIC: its register page without the interrupt logic (what KVM's in-kernel
+        # LAPIC answers at the same address), so that guests which set their APIC up run on.
+        from hvm.mmio.apic_regs import APIC_BASE, APIC_SIZE, ApicRegisters
+
+        m.mmio.register(APIC_BASE, APIC_SIZE, ApicRegisters())
     m.threads = [TcgVcpuThread(0, m, mem, m.boot_state)]
 
 
