@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, shared_tree
 from hvm.kut import QEMU_PREFIX, format_table, hvm_args_for, parse_qemu_results, parse_unittests_cfg, run_all, run_entry
-from hvm.qemu_shim import translate
+from hvm.qemu_shim import ShimError, drop_tcg_cpu, translate
 
 KUT = shared_tree("kvm-unit-tests", lambda d: (d / "unittests.cfg").is_file())
 needs_kut = pytest.mark.skipif(not (KUT / "unittests.cfg").is_file(), reason=f"{KUT} is not there")
@@ -109,8 +109,37 @@ def test_qemu_shim_translation():
     args = translate(UPSTREAM_PREFIX + ["-kernel", "x.flat", "-smp", "2", "-append", "ipi", "-machine", "pit=off"])
     assert args == ["run", "--quiet", "--machine", "pc", "--serial", "none", "--device", "pc-testdev",
                     "--device", "isa-debug-exit,iobase=0xf4,iosize=0x4", "--serial", "stdio",
-                    "--device", "pci-testdev", "--kernel", "x.flat",
+                    "--device", "pci-testdev", "--accel", "kvm", "--kernel", "x.flat",
                     "--vcpus", "2", "--append", "ipi", "--no-pit"]
+
+
+def test_qemu_shim_accelerators():
+    """QEMU's accelerator spellings: -accel NAME[,props], -machine accel=, -enable-kvm, kvm:tcg (= auto)."""
+    def accel(*argv):
+        args = translate(list(argv) + ["-kernel", "x.flat"])
+        return [args[i + 1] for i, a in enumerate(args) if a == "--accel"]
+    assert accel("-accel", "tcg") == ["tcg"]
+    assert accel("-accel", "tcg,thread=single,tb-size=64") == ["tcg"]
+    assert accel("-machine", "pc,accel=kvm:tcg") == ["auto"]
+    assert accel("-enable-kvm") == ["kvm"]
+    assert accel() == []                        # hvm's own default: auto
+    with pytest.raises(ShimError, match=r"^-accel hvf: invalid accelerator hvf \(hvm has kvm and tcg\)$"):
+        translate(["-accel", "hvf", "-kernel", "x.flat"])
+    with pytest.raises(ShimError, match=r"^-machine accel=xen: invalid accelerator xen"):
+        translate(["-machine", "accel=xen", "-kernel", "x.flat"])
+
+
+def test_qemu_shim_cpu_under_tcg():
+    """Unicorn's CPU is qemu64: `-cpu qemu64` is dropped under tcg, any other model refused (a SKIP upstream)."""
+    args = translate(["-accel", "tcg", "-cpu", "qemu64", "-kernel", "x.flat"])
+    drop_tcg_cpu(args)
+    assert "--cpu" not in args
+    args = translate(["-accel", "tcg", "-cpu", "max", "-kernel", "x.flat"])
+    with pytest.raises(ShimError, match=r"^-cpu max: accel tcg runs Unicorn's qemu64 CPU only$"):
+        drop_tcg_cpu(args)
+    args = translate(["-accel", "kvm", "-cpu", "max", "-kernel", "x.flat"])
+    drop_tcg_cpu(args)
+    assert args[args.index("--cpu") + 1] == "max"
 
 
 @needs_kut
@@ -212,6 +241,7 @@ def test_usage_and_folder_messages(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "hvm", "kut", "--help"], capture_output=True, text=True,
                            cwd=ROOT, timeout=20).stdout
     assert " ".join(usage.split()).startswith("usage: hvm kut [-h] [-g GROUP] [--timeout SECONDS] [-v] [--logs DIR] "
+                                               "[--accel {kvm,tcg}] "
                                                "directory [names ...]")
     assert hvm_kut(tmp_path / "nope").stderr == f"hvm: {tmp_path / 'nope'}: no such directory\n"
     assert hvm_kut(tmp_path).stderr == (f"hvm: {tmp_path}: no unittests.cfg there (nor run_tests.sh and "
