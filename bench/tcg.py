@@ -110,7 +110,7 @@ def write_config(case: Case, accel: str, iterations: int, workdir: Path) -> Path
 def expected_io(case: Case, iterations: int) -> int:
     """Port exits a complete run takes (each one is also checked to be an IO exit, no MMIO)."""
     if case.kind == "cpl":
-        return 1                                   # the debug-exit write only
+        return 2                                   # CS to port 0x80, the debug-exit write
     if case.kind == "pio":
         return iterations + 1
     m = case.method
@@ -133,7 +133,7 @@ def run_one(case: Case, accel: str, iterations: int, workdir: Path) -> dict:
     hlt_ok = exits["hlt"] == 0 or (accel == "tcg" and exits["hlt"] == 1 and case.kind != "cpl")
     if exits["io"] != io or exits["mmio"] != 0 or not hlt_ok or exits["total"] != io + exits["hlt"]:
         raise BenchError(f"{who}: {exits} exits, expected {io} port I/O")
-    unclaimed = iterations if case.kind == "pio" and not case.claimed else 0
+    unclaimed = {"pio": 0 if case.claimed else iterations, "cpl": 1}.get(case.kind, 0)   # port 0x80: no device
     if out["unclaimed"] != unclaimed:
         raise BenchError(f"{who}: {out['unclaimed']} accesses no device claimed, expected {unclaimed}")
     return out

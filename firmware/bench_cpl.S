@@ -3,7 +3,8 @@
  * by the harness (the layout of the bench_* images, firmware/header.inc):
  *   +4 iterations (u32, >= 1)    +8 ring (u32): 0 run the loop at CPL0, 3 drop to CPL3 first
  * The loop is `dec %rcx; jnz` (two instructions per iteration, as `hvm doctor`'s probe), then the guest
- * writes 0 to the debug-exit port 0xf4 (status 1). Exits: exactly one, that write.
+ * writes its CS to port 0x80 (no device there: the low two bits are the ring the loop ran in; tests check it)
+ * and 0 to the debug-exit port 0xf4 (status 1). Exits: exactly these two port writes.
  *
  * It takes no exception and no interrupt, so that it runs the same under tcg, where Unicorn cannot deliver
  * them through an IDT: ring 3 is entered by IRETQ (no TSS needed: nothing returns to ring 0), with IOPL 3
@@ -11,6 +12,7 @@
  * OUT the guest spins (the VM has ended by then). */
 #include "header.inc"
         .set DEBUG_EXIT, 0xf4
+        .set REPORT, 0x80
         .set KCODE, 0x08
         .set KDATA, 0x10
         .set UDATA, 0x20
@@ -55,6 +57,8 @@ start:
         .p2align 4
 loop:   dec %rcx
         jnz loop
+        mov %cs, %eax
+        out %eax, $REPORT
         xor %eax, %eax
         out %al, $DEBUG_EXIT            /* allowed at CPL3 too: IOPL 3 */
 2:      pause
