@@ -34,7 +34,7 @@ class Case:
     title: str
     kind: str                  # cpl | pio | console
     counts: dict               # accel -> (short, long) iterations in the full suite
-    quick_counts: dict         # the same for --quick
+    quick_counts: dict         # the same for --quick: a tenth (long runs of ~30-50 ms, ten times the short ones)
     per: str                   # what one iteration is: "iteration", "OUT", "line"
     dominates: str             # what the figures are made of, for the note
     ring: int = 0              # cpl: 0 or 3
@@ -49,33 +49,33 @@ class Case:
 CASES = (
     Case("tcg.cpl0", "Compute loop at CPL0 (`dec %rcx; jnz`, 64-bit, firmware/bench_cpl), tcg vs kvm", "cpl",
          {"kvm": (40_000, 400_000), "tcg": (8_000_000, 80_000_000)},
-         {"kvm": (2_000, 20_000), "tcg": (400_000, 4_000_000)}, "iteration",
+         {"kvm": (4_000, 40_000), "tcg": (800_000, 8_000_000)}, "iteration",
          "kvm_pvm emulates guest CPL0 code in KVM instruction by instruction; tcg runs one translated block",
          ring=0),
     Case("tcg.cpl3", "Compute loop at CPL3 (the same image, entered by IRETQ with IOPL 3), tcg vs kvm", "cpl",
          {"kvm": (80_000_000, 800_000_000), "tcg": (8_000_000, 80_000_000)},
-         {"kvm": (4_000_000, 40_000_000), "tcg": (400_000, 4_000_000)}, "iteration",
+         {"kvm": (8_000_000, 80_000_000), "tcg": (800_000, 8_000_000)}, "iteration",
          "kvm: the guest's user code runs natively on the CPU; tcg: translated code", ring=3),
     Case("tcg.pio", "Port-I/O loop: real-mode `out %al,(%dx)` to port 0x80, no device (firmware/bench_pio), "
          "tcg vs kvm", "pio",
          {"kvm": (5_000, 50_000), "tcg": (30_000, 300_000)},
-         {"kvm": (250, 2_500), "tcg": (1_500, 15_000)}, "OUT",
+         {"kvm": (500, 5_000), "tcg": (3_000, 30_000)}, "OUT",
          "kvm: an exit to user space + hvm's C fast loop + 2 emulated instructions; "
          "tcg: Unicorn's IN/OUT hook, a ctypes callback into Python, PioBus and hvm's exit accounting",
          port=0x80),
     Case("tcg.pio_dev", "Port-I/O loop to a device: `out` to port 0x3ff, COM1's scratch register, tcg vs kvm",
          "pio", {"kvm": (5_000, 50_000), "tcg": (30_000, 300_000)},
-         {"kvm": (250, 2_500), "tcg": (1_500, 15_000)}, "OUT",
+         {"kvm": (500, 5_000), "tcg": (3_000, 30_000)}, "OUT",
          "both: PioBus -> SerialUart.write in Python; kvm adds the exit, tcg the ctypes callback",
          port=0x3FF, claimed=True),
     Case("tcg.console_uart", f"Console line through the 16550 UART ({2 * LINE_LEN} port exits per line, "
          "firmware/pvcon), tcg vs kvm", "console",
-         {"kvm": (50, 500), "tcg": (300, 3_000)}, {"kvm": (5, 25), "tcg": (20, 100)}, "line",
+         {"kvm": (50, 500), "tcg": (300, 3_000)}, {"kvm": (5, 50), "tcg": (30, 300)}, "line",
          "58 port accesses per line, each an exit (kvm) or a Python callback (tcg), plus the guest's "
          "polling loop (emulated CPL0 real-mode code under kvm_pvm)", method=UART),
     Case("tcg.console_pv", "Console line through hvm's paravirtual console (1 port exit per line, "
          "firmware/pvcon), tcg vs kvm", "console",
-         {"kvm": (2_000, 20_000), "tcg": (6_000, 60_000)}, {"kvm": (100, 1_000), "tcg": (300, 3_000)}, "line",
+         {"kvm": (2_000, 20_000), "tcg": (6_000, 60_000)}, {"kvm": (200, 2_000), "tcg": (600, 6_000)}, "line",
          "one OUT per line: the device reads the 29-byte line from guest memory; kvm: one exit through "
          "Python; tcg: one Python callback", method=PVCONSOLE),
 )
