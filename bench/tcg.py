@@ -199,3 +199,50 @@ def bench_tcg(quick: bool, reps: int, workdir: Path, log) -> tuple[list[Row], di
             rows.append(Row(case.key, case.title, "kvm", status="error", note=str(e)))
             raw[case.key] = {"error": str(e)}
     return rows, raw
+
+
+# --- Unicorn alone: the floor under hvm's tcg figures (docs/performance.md) ----------------------------
+FLOOR_LOOP = bytes.fromhex("48ffc975fbf4")        # 1: dec %rcx; jnz 1b; hlt
+FLOOR_OUT = bytes.fromhex("e68048ffc975f9f4")     # 1: out %al,$0x80; dec %rcx; jnz 1b; hlt
+
+
+def _unicorn_run(code: bytes, n: int, hook) -> float:
+    """Seconds for Unicorn alone (64-bit, one page, no hvm) to run `code` with RCX = n, driven as hvm's
+    TcgCpu drives it: 50 ms slices, no end address."""
+    import time
+
+    from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_QUERY_TIMEOUT, Uc
+    from unicorn import x86_const as x
+
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0x1000, 0x1000)
+    uc.mem_write(0x1000, code)
+    if hook is not None:
+        uc.hook_add(UC_HOOK_INSN, hook, None, 1, 0, x.UC_X86_INS_OUT)
+    uc.reg_write(x.UC_X86_REG_RCX, n)
+    uc.reg_write(x.UC_X86_REG_RIP, 0x1000)
+    t0 = time.perf_counter()
+    while True:
+        uc.emu_start(uc.reg_read(x.UC_X86_REG_RIP), 0xFFFF_FFFF_FFFF_FFFF, timeout=50_000)
+        if not uc.query(UC_QUERY_TIMEOUT):       # HLT ended it
+            return time.perf_counter() - t0
+
+
+def unicorn_floor(reps: int = 3) -> dict:
+    """Unicorn's own cost, without hvm: ns per `dec; jnz` iteration, and ns per OUT with a Python hook that
+    does nothing (the ctypes callback alone), each from two loop lengths differenced."""
+    def noop(_uc, _port, _size, _value, _data) -> None:
+        pass
+
+    loop, out = [], []
+    for _ in range(reps):
+        loop.append((_unicorn_run(FLOOR_LOOP, 80_000_000, None) - _unicorn_run(FLOOR_LOOP, 8_000_000, None))
+                    / 72_000_000)
+        out.append((_unicorn_run(FLOOR_OUT, 300_000, noop) - _unicorn_run(FLOOR_OUT, 30_000, noop)) / 270_000)
+    return {"loop_ns": [v * 1e9 for v in loop], "out_noop_hook_ns": [v * 1e9 for v in out]}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(unicorn_floor()))
