@@ -125,3 +125,16 @@ def test_quick_tcg_json_has_both_accelerators(quick_tcg):
             assert run["per_iteration"] == pytest.approx(
                 (run["long_seconds"] - run["short_seconds"]) / (run["long"] - run["short"]))
         assert raw["ratio_tcg_over_kvm"] == pytest.approx(raw["tcg"]["median"] / raw["kvm"]["median"])
+
+
+def test_unicorn_floor_is_measured():
+    """`python -m bench.tcg`: Unicorn alone, the floor docs/performance.md compares the tcg rows with."""
+    from hvm.vcpu.tcg import unavailable
+
+    if unavailable():
+        pytest.skip(unavailable())
+    from bench.tcg import unicorn_floor
+
+    floor = unicorn_floor(reps=1)
+    assert len(floor["loop_ns"]) == len(floor["out_noop_hook_ns"]) == 1
+    assert floor["loop_ns"][0] > 0 and floor["out_noop_hook_ns"][0] > 0
