@@ -66,6 +66,13 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:.1f} MiB"
     if unit == "cycles":
         return f"{value / 1000:.1f}k cycles"
+    if unit.startswith("s/"):      # time per thing (bench/tcg.py): "s/line" -> "107.3 µs/line"
+        per = unit[2:]
+        if value < 1e-6:
+            return f"{value * 1e9:.2f} ns/{per}"
+        if value < 1e-3:
+            return f"{value * 1e6:.2f} µs/{per}"
+        return f"{value * 1e3:.2f} ms/{per}"
     return f"{value:g} {unit}"
 
 
@@ -104,7 +111,8 @@ def format_table(rows: list[Row]) -> str:
         hvm = r.hvm.cell() if r.hvm else "—"
         ref = f"{r.reference}: {r.ref.cell()}" if r.ref else r.reference
         if r.status == "ok":
-            ratio = f"{r.ratio:.2f}" if r.ratio is not None else "—"     # e.g. the reference reached nothing
+            # e.g. the reference reached nothing: "—"; a ratio far below 1 (tcg's CPL0 loop) keeps 3 digits
+            ratio = "—" if r.ratio is None else f"{r.ratio:.2f}" if r.ratio >= 0.1 else f"{r.ratio:.3g}"
             note = f"{r.ratio_of}; {r.note}" if r.note and r.ratio_of else r.note or r.ratio_of
         else:
             ratio = r.status

@@ -19,16 +19,17 @@ from bench.kut import bench_kut
 from bench.linux import bench_linux
 from bench.restore import bench_restore
 from bench.startup import bench_memory, bench_startup
+from bench.tcg import bench_tcg
 from bench.vblk import bench_vblk
 
-GROUPS = ("exits", "console", "virtio_blk", "startup", "memory", "kut", "linux", "restore")
+GROUPS = ("exits", "console", "tcg", "virtio_blk", "startup", "memory", "kut", "linux", "restore")
 
-# (exit-loop iterations, exit reps, console reps, warm-up, start-up reps, memory reps, kvm-unit-tests reps,
-#  kut in parallel)
-FULL = dict(iterations=30000, exit_reps=9, console_reps=5, warmup=True, startup_reps=10, memory_reps=3, kut_reps=3,
-            kut_parallel=False)
-QUICK = dict(iterations=2000, exit_reps=2, console_reps=1, warmup=False, startup_reps=2, memory_reps=1, kut_reps=1,
-             kut_parallel=False)
+# (exit-loop iterations, exit reps, console reps, tcg-vs-kvm reps, warm-up, start-up reps, memory reps,
+#  kvm-unit-tests reps, kut in parallel)
+FULL = dict(iterations=30000, exit_reps=9, console_reps=5, tcg_reps=5, warmup=True, startup_reps=10, memory_reps=3,
+            kut_reps=3, kut_parallel=False)
+QUICK = dict(iterations=2000, exit_reps=2, console_reps=1, tcg_reps=1, warmup=False, startup_reps=2, memory_reps=1,
+             kut_reps=1, kut_parallel=False)
 
 BUSY_CPUS = 0.3      # CPUs' worth of work by other processes above which the figures are flagged as noisy
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 r, data = bench_exits(p["iterations"], p["exit_reps"], p["warmup"], work, log)
             elif group == "console":
                 r, data = bench_console(args.quick, p["console_reps"], work, log)
+            elif group == "tcg":
+                r, data = bench_tcg(args.quick, p["tcg_reps"], work, log)
             elif group == "virtio_blk":
                 r, data = bench_vblk(args.quick, work, log)
             elif group == "startup":

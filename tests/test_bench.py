@@ -14,6 +14,7 @@ from conftest import ROOT
 EXPECTED_ROWS = (
     "exit.pio", "exit.pio_dev", "exit.mmio", "exit.hlt", "trace.jsonl",
     "console.debugcon", "console.pvconsole", "console.virtio", "console.virtio_batch",
+    "tcg.cpl0", "tcg.cpl3", "tcg.pio", "tcg.pio_dev", "tcg.console_uart", "tcg.console_pv",
     "virtio_blk.seq4k", "virtio_blk.seq4k_ioeventfd", "virtio_blk.seq64k", "virtio_blk.seq64k_ioeventfd",
     "startup.mbtest", "startup.hello", "rss.mbtest", "rss.hello",
     "mem.overhead",
@@ -72,5 +73,5 @@ def test_quick_mode_writes_json_results(quick):
     assert summary["quick"] is True
     assert [r["key"] for r in summary["rows"]] == list(EXPECTED_ROWS)
     assert summary["table"] == "\n".join(table_rows(proc.stdout)[0])
-    for group in ("exits", "console", "virtio_blk", "startup", "memory", "kut", "linux"):
+    for group in ("exits", "console", "tcg", "virtio_blk", "startup", "memory", "kut", "linux"):
         assert (results / f"{group}.json").is_file()
