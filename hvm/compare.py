@@ -91,6 +91,8 @@ class Element:
     def describe(self) -> str:
         if self.reason == "IO":
             text = f"IO {self.direction} {self.where:#06x} {self.size}B {self.data.hex() or '-'}"
+            if self.size == 1 and len(self.data) == 1 and 32 <= self.data[0] < 127:
+                text += f" {chr(self.data[0])!r}"
         elif self.reason == "MMIO":
             text = f"MMIO {self.direction} {self.where:#x} {self.size}B {self.data.hex() or '-'}"
         else:
@@ -348,7 +350,14 @@ def count_instructions(spec: VmSpec) -> tuple[int | None, bytes, int, str]:
                 machine.request_stop(0, "instruction count cap reached")
 
         thread.cpu.uc.hook_add(UC_HOOK_CODE, hook)
-        result = _run(machine, spec)
+        # The timed tcg run logged what this one would (unclaimed accesses): said once is enough.
+        quiet = logging.getLogger("hvm")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            result = _run(machine, spec)
+        finally:
+            quiet.setLevel(level)
         output = bytes(machine.console.history)
     if capped[0]:
         return None, output, result.status, f"over {MAX_COUNTED:,} instructions: not counted"
@@ -468,10 +477,11 @@ def table(c: Comparison) -> list[str]:
     row("exits", str(k.exits.records), str(t.exits.records))
     for reason in sorted(set(k.exits.by_reason) | set(t.exits.by_reason)):
         row(f"  {reason}", str(k.exits.by_reason.get(reason, 0)), str(t.exits.by_reason.get(reason, 0)))
-    row("string I/O (rep ins/outs)", f"{k.exits.string_exits} exits, {k.exits.string_elements} elements",
-        f"one exit per element" if not t.exits.string_exits else
-        f"{t.exits.string_exits} exits, {t.exits.string_elements} elements", "")
-    row("exit elements", str(k.exits.elements), str(t.exits.elements))
+
+    def string_io(s: ExitSummary, default: str) -> str:
+        return f"{s.string_exits} exits, {s.string_elements} el." if s.string_exits else default
+
+    row("string I/O (rep ins/outs)", string_io(k.exits, "none"), string_io(t.exits, "1 exit per element"), "")
     places = set(k.exits.places) | set(t.exits.places)
     busiest = sorted(places, key=lambda p: -max(k.exits.places.get(p, [0])[0], t.exits.places.get(p, [0])[0]))
     for place in sorted(busiest[:TABLE_PLACES], key=lambda p: (p[0] != "port", p[1], p[2])):
@@ -482,7 +492,8 @@ def table(c: Comparison) -> list[str]:
         row(f"  ({len(busiest) - TABLE_PLACES} more places)", "", "", "see --json")
     if k.exits.other_places[1] or t.exits.other_places[1]:
         row(f"  other places", _count(k.exits.other_places), _count(t.exits.other_places))
-    row("exit sequence", "", "", "identical" if c.exits.identical else "DIFFERENT (--diff-exits)")
+    row("exit sequence", f"{k.exits.elements} elements", f"{t.exits.elements} elements",
+        "identical" if c.exits.identical else "DIFFERENT (--diff-exits)")
     row("run time", _ms(k.run_seconds), _ms(t.run_seconds), f"tcg/kvm {t.run_seconds / k.run_seconds:.2f}x"
         if k.run_seconds > 0 else "")
     row("build+run+close", _ms(k.total_seconds), _ms(t.total_seconds), "")
@@ -494,7 +505,7 @@ def table(c: Comparison) -> list[str]:
     w0 = max(len(r[0]) for r in rows) + 2
     w1 = max(max(len(r[1]) for r in rows), 3) + 2
     w2 = max(max(len(r[2]) for r in rows), 3) + 2
-    out = [f"hvm compare: {c.source}", f"{'':<{w0}}{'kvm':<{w1}}{'tcg':<{w2}}"]
+    out = [f"hvm compare: {c.source}", f"{'':<{w0}}{'kvm':<{w1}}tcg"]
     out += [f"{label:<{w0}}{a:<{w1}}{b:<{w2}}{verdict}".rstrip() for label, a, b, verdict in rows]
     if c.serial is not None:
         s = c.serial
