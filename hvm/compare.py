@@ -412,6 +412,8 @@ def compare(spec: VmSpec, trace_prefix: Path | None = None, count: bool = True) 
         if count:
             if spec.script:
                 note = "not counted: a script drives the guest (its timing is the host's)"
+            elif tcg.reason in ("timeout", "stopped"):
+                note = f"not counted: the tcg run ended by {tcg.reason} (what it ran depends on time)"
             else:
                 n, out, status, why = count_instructions(replace(spec, accel="tcg"))
                 if n is None:
@@ -426,7 +428,9 @@ def compare(spec: VmSpec, trace_prefix: Path | None = None, count: bool = True) 
             kvm_note = "KVM counts no instructions here, and the runs took different paths"
         else:
             kvm_note = ""
-    return Comparison(spec.source, kvm, tcg, serial, exits, instructions, note, kvm_note)
+    image = getattr(spec.boot, "kernel", None) or getattr(spec.boot, "image", None)
+    source = spec.source if image is None else f"{spec.source} ({image})"
+    return Comparison(source, kvm, tcg, serial, exits, instructions, note, kvm_note)
 
 
 # --- output ------------------------------------------------------------------------------------------------
@@ -590,6 +594,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         spec = spec_from_args(args)
     except ConfigError as e:
         print(f"hvm: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    # The accelerator limits compare meets, named by the flag when a flag asked for them.
+    if args.vcpus is not None and args.vcpus > 1:
+        print(f"hvm: compare: --vcpus: {args.vcpus} vCPUs: accel tcg runs one vCPU, so this guest cannot run "
+              "both ways", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.cpu is not None:
+        print("hvm: compare: --cpu: applies to accel kvm only (tcg runs Unicorn's qemu64 CPU)", file=sys.stderr)
         return EXIT_CONFIG
     prefix = args.trace
     if prefix is not None and (str(prefix).endswith(os.sep) or not str(prefix).strip()):
