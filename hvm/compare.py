@@ -49,7 +49,7 @@ ACCELS = ("kvm", "tcg")
 DEFAULT_TIMEOUT = 60.0
 # Exit-sequence elements kept per run for locating the first difference; beyond it the sequences are still
 # compared whole through a running hash (equal or not), but the place of a difference is not known.
-MAX_KEPT = 200_000
+MAX_KEPT = 100_000
 # Distinct (port|address, direction) pairs counted per run; the rest are summed in one "other" bucket
 # (a guest touching every MMIO page must not grow hvm's memory without bound).
 MAX_PLACES = 4096
@@ -72,7 +72,7 @@ class CompareError(Exception):
 
 # --- exit sequences, flattened into elements -------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)     # slots: up to MAX_KEPT of them per run
 class Element:
     """One element of the exit sequence: a whole exit, or one element of a string I/O exit."""
     record: int              # the exit's index in its trace (0-based)
@@ -283,12 +283,16 @@ def _console(spec: VmSpec):
 
 
 def _build(spec: VmSpec, trace) -> Machine:
+    def said(e: Exception) -> str:     # "accel tcg: ...", once (the builder's messages may name it already)
+        text = str(e)
+        return text if text.startswith(f"accel {spec.accel}") else f"accel {spec.accel}: {text}"
+
     try:
         return Machine(spec, console=_console(spec), trace=trace)
     except (ConfigError, BootError, BusError, HostFileError) as e:
-        raise CompareError(f"accel {spec.accel}: {e}") from None
+        raise CompareError(said(e)) from None
     except KvmError as e:
-        raise CompareError(f"accel {spec.accel}: {e}", EXIT_HOST) from None
+        raise CompareError(said(e), EXIT_HOST) from None
     except OSError as e:
         if e.errno == errno.ENOMEM:
             raise CompareError(f"accel {spec.accel}: this host cannot provide {spec.memory >> 20} MiB of guest "

@@ -33,7 +33,7 @@ def test_hello_table_is_well_formed_and_identical():
     r = run_hvm("compare", str(CONFIGS / "hello.yaml"))
     assert r.status == 0, r.stderr
     lines = r.out.splitlines()
-    assert lines[0] == f"hvm compare: {CONFIGS / 'hello.yaml'}"
+    assert lines[0] == f"hvm compare: {CONFIGS / 'hello.yaml'} ({FIRMWARE / 'hello.bin'})"
     assert lines[1].split() == ["kvm", "tcg"]
     rows = rows_of(r.out)
     for label in ROWS:
