@@ -10,7 +10,8 @@ the I/O hook once per element, so it is count exits of one element each. Compari
 (reason, port/address, direction, size, data) makes the two sequences comparable; the table counts
 both exits and elements and says which accelerator splits string I/O.
 
-Instructions per second: KVM gives hvm no instruction count (no guest PMU on this host's backend). Unicorn
+Instructions per second: KVM gives hvm no instruction count (that would take a hardware performance
+counter in guest mode; this host has no hardware PMU at all: /sys/bus/event_source/devices has no cpu). Unicorn
 can count with a per-instruction hook, which costs ~0.6 µs an instruction, so it never runs in a timed run:
 a third, untimed tcg run counts (up to MAX_COUNTED instructions) and the timed runs' times divide that count.
 The KVM rate uses the tcg count only when both runs produced the same exit sequence and output (the same
@@ -432,7 +433,7 @@ def compare(spec: VmSpec, trace_prefix: Path | None = None, count: bool = True) 
         if instructions is None:
             kvm_note = "n/a"
         elif not exits.identical or serial is not None:
-            kvm_note = "KVM counts no instructions here, and the runs took different paths"
+            kvm_note = "hvm counts no instructions under KVM, and the runs took different paths"
         else:
             kvm_note = ""
     image = getattr(spec.boot, "kernel", None) or getattr(spec.boot, "image", None)
@@ -505,9 +506,9 @@ def table(c: Comparison) -> list[str]:
         row(f"  other places", _count(k.exits.other_places), _count(t.exits.other_places))
     row("exit sequence", f"{k.exits.elements} elements", f"{t.exits.elements} elements",
         "identical" if c.exits.identical else "DIFFERENT (--diff-exits)")
-    row("run time", _ms(k.run_seconds), _ms(t.run_seconds), f"tcg/kvm {t.run_seconds / k.run_seconds:.2f}x"
-        if k.run_seconds > 0 else "")
-    row("build+run+close", _ms(k.total_seconds), _ms(t.total_seconds), "")
+    row("wall time (run)", _ms(k.run_seconds), _ms(t.run_seconds),
+        f"tcg/kvm {t.run_seconds / k.run_seconds:.2f}x" if k.run_seconds > 0 else "")
+    row("wall time (all)", _ms(k.total_seconds), _ms(t.total_seconds), "")
     n = c.instructions
     row("instructions", "n/a" if c.kvm_rate_note or n is None else f"{n} (tcg's count)",
         "n/a" if n is None else f"{n} (counted)", "")
