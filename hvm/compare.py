@@ -537,13 +537,15 @@ def table(c: Comparison) -> list[str]:
                      "places count elements, exits in parentheses where they differ")
     for side in (k, t):
         if side.crash:
-            notes.append(f"{side.accel}: {_short(side.message, 200)}")
+            said = "; ".join(x.strip() for x in side.message.splitlines()[:2])   # a crash report: its head
+            notes.append(f"{side.accel}: {_short(said, 200)}")
         if side.exits.skipped:
             notes.append(f"{side.accel}: {side.exits.skipped} trace lines were not exit records (skipped)")
         if side.trace_path is not None:
             notes.append(f"{side.accel} trace: {side.trace_path}")
     out += [f"note: {x}" for x in notes]
-    out.append("result: " + ("identical (serial output and exit status)" if c.identical
+    also = "; the crashes differ (the crash row)" if k.crash != t.crash else ""
+    out.append("result: " + (f"identical (serial output and exit status{also})" if c.identical
                              else "DIFFERENT (" + ", ".join(w for w, bad in (
                                  ("serial output", c.serial is not None),
                                  ("exit status", k.status != t.status)) if bad) + ")"))
