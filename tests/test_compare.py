@@ -226,3 +226,32 @@ def test_bad_input_is_one_line_status_2(argv, message):
     assert r.status == 2, (r.status, r.stderr)
     assert r.stdout == b""
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_summaries_are_bounded(monkeypatch):
+    """What a guest can make compare keep is bounded: distinct places (the rest summed as 'other') and kept
+    elements (beyond them the sequences are compared by a running hash: equal or not, not where)."""
+    import hvm.compare as hc
+
+    s = ExitSummary()
+    for i in range(hc.MAX_PLACES + 10):
+        s.add(_record("MMIO", addr=0x1000_0000 + 8 * i, size=4, dir="write", data="00000000"))
+    assert len(s.places) == hc.MAX_PLACES and s.other_places == [10, 10]
+    monkeypatch.setattr(hc, "MAX_KEPT", 5)
+    a, b = ExitSummary(), ExitSummary()
+    for i in range(8):
+        a.add(_record("IO", port=0x80, size=1, dir="out", count=1, data=f"{i:02x}"))
+        b.add(_record("IO", port=0x80, size=1, dir="out", count=1, data=f"{i if i < 6 else 0x55:02x}"))
+    assert len(a.kept) == 5 and a.elements == 8 and not a.complete
+    d = diff_exits(a, b)
+    assert not d.identical and d.index is None and "the first 5 elements are equal" in d.note
+
+
+def test_trace_prefix_never_follows_a_symlink(tmp_path):
+    target = tmp_path / "victim"
+    target.write_text("keep me\n")
+    (tmp_path / "t.kvm.jsonl").symlink_to(target)
+    r = run_hvm("compare", str(CONFIGS / "hello.yaml"), "--trace", str(tmp_path / "t"))
+    assert r.status == 2 and r.stdout == b"" and r.stderr.count("\n") == 1, r.stderr
+    assert "t.kvm.jsonl" in r.stderr
+    assert target.read_text() == "keep me\n"
