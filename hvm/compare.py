@@ -503,7 +503,7 @@ def table(c: Comparison) -> list[str]:
     if len(busiest) > TABLE_PLACES:
         row(f"  ({len(busiest) - TABLE_PLACES} more places)", "", "", "see --json")
     if k.exits.other_places[1] or t.exits.other_places[1]:
-        row(f"  other places", _count(k.exits.other_places), _count(t.exits.other_places))
+        row("  other places", _count(k.exits.other_places), _count(t.exits.other_places))
     row("exit sequence", f"{k.exits.elements} elements", f"{t.exits.elements} elements",
         "identical" if c.exits.identical else "DIFFERENT (--diff-exits)")
     row("wall time (run)", _ms(k.run_seconds), _ms(t.run_seconds),
