@@ -37,10 +37,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
-def _add_run_parser(sub) -> None:
-    p = sub.add_parser("run", help="boot a VM described by a YAML file and/or flags",
-                       description="Boot a VM. Flags override the YAML file's fields.")
-    p.add_argument("config", nargs="?", type=Path, help="YAML VM description (see docs/config.md)")
+def _add_vm_flags(p) -> None:
+    """The flags that describe the VM (merged over the YAML by spec_from_args): `hvm run`'s, and
+    `hvm compare`'s, which runs one VM under both accelerators."""
     p.add_argument("--kernel", help="kernel to boot: a multiboot ELF, a Linux bzImage or a 64-bit vmlinux "
                    "(replaces the config's boot section)")
     p.add_argument("--append", help="kernel command line")
@@ -63,6 +62,13 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--no-pit", action="store_true", help="no in-kernel PIT (QEMU's -machine pit=off)")
     p.add_argument("--cpu", metavar="MODEL[,vendor=V][,+feat][,-feat]",
                    help="CPU model as QEMU's -cpu: host, max, qemu64, Opteron_G1 (docs/config.md)")
+
+
+def _add_run_parser(sub) -> None:
+    p = sub.add_parser("run", help="boot a VM described by a YAML file and/or flags",
+                       description="Boot a VM. Flags override the YAML file's fields.")
+    p.add_argument("config", nargs="?", type=Path, help="YAML VM description (see docs/config.md)")
+    _add_vm_flags(p)
     p.add_argument("--accel", choices=("kvm", "tcg", "auto"),
                    help="how the CPU runs, as QEMU's -accel: kvm (hardware assist), tcg (binary translation by "
                         "Unicorn: one vCPU, no interrupts; docs/tcg.md), auto (kvm when /dev/kvm works, else tcg; "
@@ -148,8 +154,30 @@ def _add_doctor_parser(sub) -> None:
     d.add_argument("--json", action="store_true", help="also print the results as JSON")
 
 
+def _add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="run one guest under kvm and under tcg and show what differs",
+                       description="Run the VM (config and/or the flags of `hvm run`) under accel kvm, then under "
+                       "accel tcg, consoles captured, exits traced, and print side by side: serial output, exit "
+                       "status, exits by reason and port/address, run time, instructions per second. Status 0: "
+                       "serial output and exit status identical; 1: they differ; 2: bad input (docs/tcg.md).")
+    p.add_argument("config", nargs="?", type=Path, help="YAML VM description (see docs/config.md)")
+    _add_vm_flags(p)
+    p.add_argument("--script", type=Path, metavar="FILE",
+                   help="run the script: steps in FILE against each run's console, replacing the config's")
+    p.add_argument("--trace", type=Path, metavar="PREFIX",
+                   help="keep both exit traces: PREFIX.kvm.jsonl and PREFIX.tcg.jsonl (hvm's trace format)")
+    p.add_argument("--diff-exits", "--exits", action="store_true",
+                   help="also print the first difference of the two exit sequences, with context")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON (for scripts)")
+    p.add_argument("--no-count", action="store_true",
+                   help="skip the third, untimed tcg run that counts instructions (instructions/s: n/a)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log only errors (no unhandled-access warnings)")
+    p.set_defaults(accel=None)     # compare sets the accelerator of each run
+
+
 SUBPARSERS = {"run": _add_run_parser, "kut": _add_kut_parser, "trace": _add_trace_parser,
-              "doctor": _add_doctor_parser, "ctl": _add_ctl_parser}
+              "doctor": _add_doctor_parser, "ctl": _add_ctl_parser, "compare": _add_compare_parser}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -731,7 +759,14 @@ def cmd_kut(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 
-COMMANDS = {"run": cmd_run, "kut": cmd_kut, "doctor": cmd_doctor, "trace": cmd_trace, "ctl": cmd_ctl}
+def cmd_compare(args: argparse.Namespace) -> int:
+    from hvm.compare import cmd_compare as run_compare
+
+    return run_compare(args)
+
+
+COMMANDS = {"run": cmd_run, "kut": cmd_kut, "doctor": cmd_doctor, "trace": cmd_trace, "ctl": cmd_ctl,
+            "compare": cmd_compare}
 
 
 class _Terminated(Exception):
