@@ -322,6 +322,8 @@ class TcgVcpuThread(threading.Thread):
         t = time.monotonic_ns()
         self._pio.write(port, size, value)
         self._record(k.EXIT_IO, port, size, k.EXIT_IO_OUT, value, t)
+        if self.machine.stopping:   # the write ended the VM (debug-exit, power-off): no instruction after it
+            self.cpu.kick()
 
     def _mmio_read(self, addr: int, size: int) -> int:
         t = time.monotonic_ns()
@@ -333,6 +335,8 @@ class TcgVcpuThread(threading.Thread):
         t = time.monotonic_ns()
         self._mmio.write(addr, size, value)
         self._record(k.EXIT_MMIO, addr, size, 1, value, t)
+        if self.machine.stopping:
+            self.cpu.kick()
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
