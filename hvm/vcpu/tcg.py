@@ -51,6 +51,10 @@ LIMITATION = ("Unicorn does not deliver exceptions or interrupts through the gue
               "(hvm's tcg accelerator stops the guest here)")
 
 
+IRQ_LIMITATION = ("hvm's tcg accelerator has no interrupt controller: no device interrupt can wake a halted "
+                  "vCPU (under KVM it would wait for one)")
+
+
 def unavailable() -> str | None:
     """Why the tcg accelerator cannot run here (None: it can)."""
     try:
@@ -178,7 +182,7 @@ class TcgCpu:
             return TcgStop("kick")
         self._fault = None
         try:
-            self.uc.emu_start(self._begin(), _UNTIL, timeout=SLICE_MS * 1000)
+            self.uc.emu_start(self._begin(), _UNTIL, timeout=int(SLICE_MS * 1000))
         except UcError as e:
             return TcgStop("fault", f"tcg: {_describe_error(e)}", self._error_detail(e))
         if self._fault is not None:
@@ -204,6 +208,10 @@ class TcgCpu:
             self.uc.emu_stop()
         except Exception:   # not running: the flag is seen before the next emu_start
             pass
+
+    def interrupts_enabled(self) -> bool:
+        """RFLAGS.IF: whether a HLT now waits for an interrupt (KVM's halt rule with an irqchip)."""
+        return bool(self.uc.reg_read(self._flags_reg) & 0x200)
 
     def pc(self) -> int:
         return self.uc.reg_read(self._pc_reg)
@@ -287,27 +295,50 @@ class TcgVcpuThread(threading.Thread):
             sink((t - self.t0_ns, self.index, reason, where, size, direction, 1,
                   value.to_bytes(size, "little"), now - t, rip))
 
+    # Unicorn runs the rest of a translation block after a stop request (uc_emu_stop takes effect at the next
+    # block), so a guest access that ends the VM (debug-exit, ACPI S3/S5, i8042 reset) can be followed by more
+    # accesses before the vCPU stops, where KVM makes no exit after it. Once the VM is stopping, the vCPU
+    # stops Unicorn and makes no more bus accesses (reads see all ones): nothing reaches a device, the
+    # console or the counters after the end.
+    def _ending(self) -> bool:
+        if self.machine.stopping:
+            self.cpu.kick()
+            return True
+        return False
+
     def _pio_read(self, port: int, size: int) -> int:
+        if self._ending():
+            return MASK[size]
         t = time.monotonic_ns()
         value = self._pio.read(port, size)
         self._record(k.EXIT_IO, port, size, k.EXIT_IO_IN, value, t)
+        self._ending()
         return value
 
     def _pio_write(self, port: int, size: int, value: int) -> None:
+        if self._ending():
+            return
         t = time.monotonic_ns()
         self._pio.write(port, size, value)
         self._record(k.EXIT_IO, port, size, k.EXIT_IO_OUT, value, t)
+        self._ending()
 
     def _mmio_read(self, addr: int, size: int) -> int:
+        if self._ending():
+            return MASK[size]
         t = time.monotonic_ns()
         value = self._mmio.read(addr, size)
         self._record(k.EXIT_MMIO, addr, size, 0, value, t)
+        self._ending()
         return value
 
     def _mmio_write(self, addr: int, size: int, value: int) -> None:
+        if self._ending():
+            return
         t = time.monotonic_ns()
         self._mmio.write(addr, size, value)
         self._record(k.EXIT_MMIO, addr, size, 1, value, t)
+        self._ending()
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -329,6 +360,12 @@ class TcgVcpuThread(threading.Thread):
                                          b"", 0, rip))
                     if self._resume_on_halt:
                         continue
+                    if machine.spec.irqchip and self.cpu.interrupts_enabled():
+                        # Under KVM (in-kernel irqchip) this vCPU would wait for an interrupt; tcg has no
+                        # interrupt controller, so none can come: say so rather than end as a clean halt.
+                        machine.vcpu_crashed(self.crash_report("tcg: HLT with interrupts enabled (the guest waits "
+                                                               "for an interrupt)", IRQ_LIMITATION))
+                        return
                     self.halted = True
                     machine.vcpu_halted(self.index)
                     return
