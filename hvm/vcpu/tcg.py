@@ -278,6 +278,7 @@ class TcgVcpuThread(threading.Thread):
         self.t0_ns = 0
         self.reselect = False
         self._resume_on_halt = False
+        self._error: Exception | None = None    # what a bus access raised (see _ending)
         self._pio = machine.pio.for_vcpu()
         self._mmio = machine.mmio.for_vcpu()
         self.cpu = TcgCpu(memory, boot_state.mode,
@@ -296,22 +297,31 @@ class TcgVcpuThread(threading.Thread):
                   value.to_bytes(size, "little"), now - t, rip))
 
     # Unicorn runs the rest of a translation block after a stop request (uc_emu_stop takes effect at the next
-    # block), so a guest access that ends the VM (debug-exit, ACPI S3/S5, i8042 reset) can be followed by more
-    # accesses before the vCPU stops, where KVM makes no exit after it. Once the VM is stopping, the vCPU
-    # stops Unicorn and makes no more bus accesses (reads see all ones): nothing reaches a device, the
-    # console or the counters after the end.
+    # block), so a guest access that ends the VM (debug-exit, ACPI S3/S5, i8042 reset) or that a device fails
+    # on can be followed by more accesses before the vCPU stops, where KVM makes no exit after it. Once the
+    # VM is stopping or an access failed, the vCPU stops Unicorn and makes no more bus accesses (reads see
+    # all ones): nothing reaches a device, the console or the counters after the end. A failure is raised
+    # again on the vCPU loop (device fault: status 70), as the KVM loop raises it.
     def _ending(self) -> bool:
-        if self.machine.stopping:
+        if self._error is not None or self.machine.stopping:
             self.cpu.kick()
             return True
         return False
+
+    def _failed(self, e: Exception) -> None:
+        self._error = e
+        self.cpu.kick()
 
     def _pio_read(self, port: int, size: int) -> int:
         if self._ending():
             return MASK[size]
         t = time.monotonic_ns()
-        value = self._pio.read(port, size)
-        self._record(k.EXIT_IO, port, size, k.EXIT_IO_IN, value, t)
+        try:
+            value = self._pio.read(port, size)
+            self._record(k.EXIT_IO, port, size, k.EXIT_IO_IN, value, t)
+        except Exception as e:
+            self._failed(e)
+            return MASK[size]
         self._ending()
         return value
 
@@ -319,16 +329,24 @@ class TcgVcpuThread(threading.Thread):
         if self._ending():
             return
         t = time.monotonic_ns()
-        self._pio.write(port, size, value)
-        self._record(k.EXIT_IO, port, size, k.EXIT_IO_OUT, value, t)
+        try:
+            self._pio.write(port, size, value)
+            self._record(k.EXIT_IO, port, size, k.EXIT_IO_OUT, value, t)
+        except Exception as e:
+            self._failed(e)
+            return
         self._ending()
 
     def _mmio_read(self, addr: int, size: int) -> int:
         if self._ending():
             return MASK[size]
         t = time.monotonic_ns()
-        value = self._mmio.read(addr, size)
-        self._record(k.EXIT_MMIO, addr, size, 0, value, t)
+        try:
+            value = self._mmio.read(addr, size)
+            self._record(k.EXIT_MMIO, addr, size, 0, value, t)
+        except Exception as e:
+            self._failed(e)
+            return MASK[size]
         self._ending()
         return value
 
@@ -336,8 +354,12 @@ class TcgVcpuThread(threading.Thread):
         if self._ending():
             return
         t = time.monotonic_ns()
-        self._mmio.write(addr, size, value)
-        self._record(k.EXIT_MMIO, addr, size, 1, value, t)
+        try:
+            self._mmio.write(addr, size, value)
+            self._record(k.EXIT_MMIO, addr, size, 1, value, t)
+        except Exception as e:
+            self._failed(e)
+            return
         self._ending()
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -347,6 +369,8 @@ class TcgVcpuThread(threading.Thread):
             machine.wait_while_paused(self.index)
             while not machine.stopping:
                 stop = self.cpu.run()
+                if self._error is not None:
+                    raise self._error
                 if stop.kind == "kick":
                     if not machine.stopping:
                         machine.wait_while_paused(self.index)
