@@ -100,6 +100,7 @@ class TcgCpu:
         self.uc = uc = Uc(UC_ARCH_X86, {"real": UC_MODE_16, "protected": UC_MODE_32, "long": UC_MODE_64}[mode])
         self._kicked = False
         self._fault: TcgStop | None = None
+        self._read: tuple[int, int, int] = (0, 0, 0)     # the last MMIO read: (address, size, value)
         self.io = io
         regions = sorted((r.gpa, r.size, r.host_addr) for r in memory.regions)
         at = 0
@@ -122,10 +123,36 @@ class TcgCpu:
         self._flags_reg = x.UC_X86_REG_RFLAGS if self.wide else x.UC_X86_REG_EFLAGS
 
     def _map_mmio(self, base: int, size: int) -> None:
-        read, write = self.io.mmio_read, self.io.mmio_write
-        # Unicorn hands the offset into the region; the bus wants the guest-physical address.
-        self.uc.mmio_map(base, size, lambda _uc, off, n, _d: read(base + off, n), None,
-                         lambda _uc, off, n, value, _d: write(base + off, n, value & MASK[n]), None)
+        """One MMIO region. Unicorn (QEMU's memory API with 4-byte MMIO callbacks) splits what reaches the
+        region's callbacks: an 8-byte access becomes two 4-byte ones, an unaligned write single bytes, an
+        unaligned read the aligned words around it (reading registers the guest never named). KVM hands the
+        VMM the access as the guest made it (address, size 1..8). So the device access is made in memory hooks
+        on the region, which Unicorn calls once per guest access with its physical address, size and value,
+        before the split; the region's callbacks then only serve the pieces of a read from that value (and
+        drop the pieces of a write)."""
+        from unicorn import UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
+
+        # Unicorn hands the callbacks the offset into the region; the hooks get the guest-physical address.
+        self.uc.mmio_map(base, size, lambda _uc, off, n, _d: self._read_piece(base + off, n), None,
+                         lambda _uc, off, n, value, _d: None, None)
+        self.uc.hook_add(UC_HOOK_MEM_READ, self._mmio_read, None, base, base + size - 1)
+        self.uc.hook_add(UC_HOOK_MEM_WRITE, self._mmio_write, None, base, base + size - 1)
+
+    def _mmio_read(self, _uc, _access, addr: int, size: int, _value, _data) -> None:
+        self._read = (addr, size, self.io.mmio_read(addr, size))
+
+    def _mmio_write(self, _uc, _access, addr: int, size: int, value: int, _data) -> None:
+        self.io.mmio_write(addr, size, value & MASK[size])
+
+    def _read_piece(self, addr: int, n: int) -> int:
+        """The bytes [addr, addr + n) of the read the hook made (bytes outside it: 0; Unicorn discards them)."""
+        at, size, value = self._read
+        piece = 0
+        for i in range(n):
+            j = addr + i - at
+            if 0 <= j < size:
+                piece |= (value >> (8 * j) & 0xFF) << (8 * i)
+        return piece
 
     # --- the hooks: run on the vCPU thread, inside emu_start ---------------------------------------
     def _in(self, _uc, port: int, size: int, _data) -> int:
