@@ -349,6 +349,25 @@ def test_string_io_is_one_kvm_record_and_count_tcg_records_with_the_same_element
     assert [r.data for r in tcg_records if r.port == 0x80][:10] == [bytes([b]) for b in STRING_IO[:10]]
 
 
+def test_mmio_read_pieces_come_from_the_hooked_read_and_other_reads_go_to_the_bus():
+    """TcgCpu._read_piece, as Unicorn calls it: the aligned words around an unaligned 8-byte read at 0x205 are
+    served from the value the memory hook read (bytes outside the access: 0); a read that belongs to no hooked
+    access (Unicorn's own, e.g. a page walk) goes to the bus."""
+    from types import SimpleNamespace
+
+    from hvm.vcpu.tcg import TcgCpu, TcgIo
+
+    reads = []
+    io = TcgIo(lambda p, n: 0, lambda p, n, v: None, lambda a, n: reads.append((a, n)) or 0xAB, lambda a, n, v: None)
+    with TcgCpu(SimpleNamespace(regions=[]), "long", io) as cpu:
+        cpu._mmio_read(None, 0, 0xD000_0205, 8, 0, None)
+        assert reads == [(0xD000_0205, 8)]
+        cpu._read = (0xD000_0205, 8, 0x0102030405060708)
+        assert [hex(cpu._read_piece(a, 4)) for a in (0xD000_0200, 0xD000_0204, 0xD000_0208, 0xD000_020C)] == \
+            ["0x0", "0x6070800", "0x2030405", "0x1"]
+        assert cpu._read_piece(0xD000_0300, 4) == 0xAB and reads[-1] == (0xD000_0300, 4)
+
+
 # --- the watchdog, pause/resume, stop ----------------------------------------------------------------------
 @pytest.mark.parametrize("mode, load, code", [
     ("real", 0x7C00, "ebfe"),                  # jmp . : no exit ever, Unicorn never calls a hook
@@ -438,6 +457,31 @@ def test_stop_ends_a_running_tcg_guest_and_close_ends_its_thread():
     thread.join(5)
     assert not thread.is_alive() and vcpu_threads() == []
     assert m.memory is None
+
+
+def test_resume_after_a_kick_in_real_protected_and_long_mode(monkeypatch):
+    """Every port write kicks the vCPU (as a pause or a slice's end does), so Unicorn is entered again ~70
+    times from the guest's current CS:RIP, in each of the modes firmware/modes walks through by itself."""
+    from hvm.vcpu import tcg
+
+    runs, run, write = [0], tcg.TcgCpu.run, tcg.TcgVcpuThread._pio_write
+
+    def counted_run(self):
+        runs[0] += 1
+        return run(self)
+
+    def kicking_write(self, port, size, value):
+        write(self, port, size, value)
+        self.cpu.kick()
+
+    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
+    monkeypatch.setattr(tcg.TcgVcpuThread, "_pio_write", kicking_write)
+    spec = parse_spec({**_flat(FIRMWARE / "modes.bin"), "accel": "tcg", "timeout": TIMEOUT})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        result = m.run()
+        assert (result.reason, result.status) == ("halt", 0)
+        assert m.console.text() == "real mode: hello\nprotected mode: hello\nlong mode: hello (EFER.LMA=1)\n"
+    assert runs[0] > 60
 
 
 def test_pause_before_the_first_instruction_then_resume():

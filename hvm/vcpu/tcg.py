@@ -147,6 +147,10 @@ class TcgCpu:
     def _read_piece(self, addr: int, n: int) -> int:
         """The bytes [addr, addr + n) of the read the hook made (bytes outside it: 0; Unicorn discards them)."""
         at, size, value = self._read
+        if addr + n <= at & ~7 or addr >= (at + size + 7) & ~7:
+            # not a piece of the last hooked read (nor of the aligned words around it): an access Unicorn made
+            # without the memory hooks (a page walk through MMIO, say): made as it comes
+            return self.io.mmio_read(addr, n)
         piece = 0
         for i in range(n):
             j = addr + i - at
