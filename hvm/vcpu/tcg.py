@@ -113,6 +113,11 @@ class TcgCpu:
             self._map_mmio(at, PHYS_TOP - at)
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x.UC_X86_INS_OUT)
+        # Unicorn does not execute SYSCALL and SYSENTER: it calls these hooks and steps over the instruction
+        # (no switch to the kernel's entry point), which a guest would take as a system call that returned at
+        # once. hvm stops the guest there instead.
+        uc.hook_add(UC_HOOK_INSN, self._skipped, "SYSCALL", 1, 0, x.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, self._skipped, "SYSENTER", 1, 0, x.UC_X86_INS_SYSENTER)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
         r = "R" if self.wide else "E"
         self._pc_reg = getattr(x, f"UC_X86_REG_{r}IP")
@@ -164,6 +169,12 @@ class TcgCpu:
 
     def _out(self, _uc, port: int, size: int, value: int, _data) -> None:
         self.io.pio_write(port, size, value & MASK[size])
+
+    def _skipped(self, uc, name: str) -> None:
+        self._fault = TcgStop("fault", f"tcg: {name} (Unicorn steps over it)",
+                              f"Unicorn does not execute {name} (no entry to the kernel): hvm's tcg accelerator "
+                              "stops the guest here; RIP is the next instruction")
+        uc.emu_stop()
 
     def _interrupt(self, uc, vector: int, _data) -> None:
         name = VECTOR_NAMES.get(vector, "")
