@@ -570,6 +570,28 @@ def test_a_vm_stopped_by_its_own_write_makes_no_more_accesses(tmp_path):
     assert m.console.text() == "" and exits == [("IO", 0xF4)] and stats.by_reason == {"IO": 1}
 
 
+@needs_kvm
+@pytest.mark.parametrize("machine", ["none", "pc"])
+def test_hlt_with_interrupts_enabled(tmp_path, machine):
+    """STI; HLT. Without an irqchip (machine none) KVM ends the vCPU at HLT, and so does tcg (status 0). With
+    one (pc), KVM waits for an interrupt (here: until the watchdog); tcg has no interrupt controller, so nothing
+    could ever wake it: a crash report saying so, not a clean halt."""
+    image = tmp_path / "stihlt.bin"
+    image.write_bytes(bytes.fromhex("fbf4"))
+    cfg = _yaml(tmp_path, "stihlt", _flat(image, memory="4M", machine=machine))
+    kvm = run_hvm("run", cfg, "--accel", "kvm", "--timeout", "1")
+    tcg = run_hvm("run", cfg, "--accel", "tcg", "--timeout", "1")
+    if machine == "none":
+        assert (kvm.status, kvm.stderr, tcg.status, tcg.stderr) == (0, "", 0, "")
+    else:
+        assert kvm.status == 124, kvm.stderr
+        assert tcg.status == 4 and tcg.stderr.startswith(
+            "hvm: guest crashed: tcg: HLT with interrupts enabled (the guest waits for an interrupt) on vCPU 0\n"
+            "  hvm's tcg accelerator has no interrupt controller: no device interrupt can wake a halted vCPU"), \
+            tcg.stderr
+        assert re.search(r"RFLAGS=0+246\b|RFLAGS=0+202\b", tcg.stderr), tcg.stderr       # IF set
+
+
 # --- auto falls back when /dev/kvm is unusable ---------------------------------------------------------------
 def in_namespace_without_kvm(how: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess:
     """`hvm ARGS` in a private mount namespace where /dev/kvm is /dev/null ("null": an ioctl fails) or absent
