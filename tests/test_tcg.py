@@ -32,6 +32,7 @@ pytest.importorskip("unicorn", reason="accel tcg needs the unicorn package")
 
 from hvm.config import parse_spec  # noqa: E402
 from hvm.console import Console  # noqa: E402
+from hvm.doctor import PROBES  # noqa: E402  (firmware/probe.S's probe numbers)
 from hvm.machine import Machine  # noqa: E402
 from hvm.trace.tracer import TraceConfig  # noqa: E402
 
@@ -39,9 +40,6 @@ KVM_OK = os.access("/dev/kvm", os.R_OK | os.W_OK)
 needs_kvm = pytest.mark.skipif(not KVM_OK, reason="/dev/kvm is not usable here: nothing to compare tcg with")
 TIMEOUT = 10            # hvm's watchdog for each run; the subprocess bound is run_hvm's (20 s)
 FUZZ_DEVICES = ("--device", "pc-testdev", "--device", "isa-debugcon", "--device", "pvconsole")
-PROBES = {"pio": 0, "cpl0": 1, "cpl3": 2, "syscall": 3, "int80": 4, "sysenter": 5, "cmpxchg16b": 6, "xsave": 7,
-          "int3": 8, "fwait": 9, "cpuid": 10, "movbe": 11, "clac": 12, "clwb": 13, "xgetbv": 14, "rdpru": 15,
-          "intn": 16, "avx": 17, "mmx": 18, "npstack": 19}
 
 
 # --- the programs, each with the configuration its own test uses -------------------------------------------
@@ -188,7 +186,8 @@ LIMITED: dict[str, Limit] = {
     "probe-xgetbv": Limit(4, "tcg: exception or interrupt vector 0xd (#GP or INT 0xd)", "XGETBV of XCR 5 "
                           "is #GP, which the guest handles under KVM; Unicorn delivers no exception"),
     "probe-movbe": Limit(4, INVALID, "MOVBE: this host's KVM raises #UD at the first one (the guest handles "
-                         "it); Unicorn runs the 64- and 32-bit forms, then cannot execute the 16-bit one (66 0f 38 f0)"),
+                         "it); Unicorn runs the 64- and 32-bit forms, then cannot execute the 16-bit one "
+                         "(66 0f 38 f0)"),
     "probe-clac": Limit(4, INVALID, "CLAC/STAC (SMAP): not in Unicorn's CPU"),
     "probe-clwb": Limit(4, INVALID, "CLWB: not in Unicorn's CPU"),
     "probe-rdpru": Limit(4, INVALID, "RDPRU: not in Unicorn's CPU (#UD, handled by the guest under KVM)"),
@@ -665,7 +664,8 @@ def test_snapshot_and_system_reset_are_refused_under_tcg(tmp_path):
         assert m.wait_for_console(b"\n5\n", 20) is not None
         with pytest.raises(SnapshotError) as e:
             m.snapshot(tmp_path / "vm.snap")
-        assert str(e.value) == f"{tmp_path / 'vm.snap'}: the VM runs on accel tcg: hvm saves the state of KVM vCPUs only"
+        assert str(e.value) == (f"{tmp_path / 'vm.snap'}: the VM runs on accel tcg: hvm saves the state of KVM "
+                                "vCPUs only")
         assert not (tmp_path / "vm.snap").exists()
         with pytest.raises(RuntimeError) as e:
             m.system_reset()
