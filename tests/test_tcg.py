@@ -544,6 +544,39 @@ def test_resume_after_a_kick_in_real_protected_and_long_mode(monkeypatch):
     assert runs[0] > 60
 
 
+# Real mode at 0x7c00: CLI; LGDT; CR0.PE; far jump to 32-bit code, which copies the rest to 0x100000 and jumps
+# there: `mov $50000000, %ecx; 1: dec %ecx; jnz 1b`, then 'P', '\n' on COM1 and 5 to debug-exit (status 11).
+HIGH_LOOP = bytes.fromhex(
+    "fa660f0116707c0f20c06683c8010f22c066ea197c0000080066b810008ed88ec08ed0be3b7c0000bf00001000b91a000000"
+    "f3a4b800001000ffe0b980f0fa024975fd66baf803b050eeb00aee66baf400b005eef48d76000000000000000000ffff0000"
+    "009acf00ffff00000092cf001700587c0000")
+
+
+def test_a_real_mode_boot_runs_on_above_64k_across_slices_and_pauses(monkeypatch, tmp_path):
+    """The loop above 1 MiB lasts several 50 ms slices, and is paused and resumed: each time Unicorn is entered
+    again at CS:EIP with EIP > 0xffff (Unicorn's 16-bit mode, used for real-mode boots before, kept only IP)."""
+    from hvm.vcpu import tcg
+
+    runs, run = [0], tcg.TcgCpu.run
+
+    def counted_run(self):
+        runs[0] += 1
+        return run(self)
+
+    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
+    image = tmp_path / "high.bin"
+    image.write_bytes(HIGH_LOOP)
+    spec = parse_spec({**_flat(image, memory="4M", machine="none"), "accel": "tcg", "timeout": 20})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        m.start()
+        time.sleep(0.05)
+        m.pause()
+        m.resume()
+        result = m.wait(20)
+        assert (result.reason, result.status, m.console.text()) == ("debug-exit", 11, "P\n"), result
+    assert runs[0] >= 3
+
+
 def test_pause_before_the_first_instruction_then_resume():
     with Machine(count_spec(20), console=Console("none", "none", open_now=False)) as m:
         m.start(paused=True)

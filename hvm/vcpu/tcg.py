@@ -87,17 +87,19 @@ class TcgCpu:
     Unicorn's state; the guest memory stays hvm's)."""
 
     def __init__(self, memory, mode: str, io: TcgIo) -> None:
-        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32, UC_MODE_64, \
-            UC_PROT_ALL, Uc
+        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_32, UC_MODE_64, UC_PROT_ALL, Uc
         from unicorn import x86_const as x
 
         self._x = x
-        # Unicorn's mode fixes how registers are named (16/32: E registers only) and how the first
-        # instruction is decoded; the guest switches modes itself from there (firmware/modes.S: real ->
-        # protected -> long), as TCG follows CR0/EFER/CS.
+        # Unicorn's mode fixes how registers are named (32: E registers only) and the CPU state it starts
+        # from; set_boot_state then gives it the loader's, and the guest switches modes itself from there
+        # (firmware/modes.S: real -> protected -> long), as TCG follows CR0/EFER/CS. A real-mode boot uses
+        # Unicorn's 32-bit mode with CR0.PE cleared, not its 16-bit mode: there uc_emu_start writes only IP
+        # (zeroing the high half of EIP), so a guest booted in real mode that went on to run above 64 KiB in
+        # protected mode jumped to a wrong address after every kick or slice.
         self.mode = mode
         self.wide = mode == "long"
-        self.uc = uc = Uc(UC_ARCH_X86, {"real": UC_MODE_16, "protected": UC_MODE_32, "long": UC_MODE_64}[mode])
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64 if self.wide else UC_MODE_32)
         self._kicked = False
         self._fault: TcgStop | None = None
         self._read: tuple[int, int, int] = (0, 0, 0)     # the last MMIO read: (address, size, value)
@@ -191,11 +193,10 @@ class TcgCpu:
             raise ValueError(f"a {self.mode}-mode TcgCpu cannot start in {state.mode} mode")
         uc.reg_write(x.UC_X86_REG_GDTR, (0, state.gdt[0], state.gdt[1], 0))
         uc.reg_write(x.UC_X86_REG_IDTR, (0, state.idt[0], state.idt[1], 0))
-        if state.mode != "real":
-            uc.reg_write(x.UC_X86_REG_CR3, state.cr3)
-            uc.reg_write(x.UC_X86_REG_CR4, state.cr4)
-            uc.msr_write(MSR_EFER, state.efer)
-            uc.reg_write(x.UC_X86_REG_CR0, state.cr0)
+        uc.reg_write(x.UC_X86_REG_CR3, state.cr3)
+        uc.reg_write(x.UC_X86_REG_CR4, state.cr4)
+        uc.msr_write(MSR_EFER, state.efer)
+        uc.reg_write(x.UC_X86_REG_CR0, state.cr0)      # (real mode: PE clear, before the segments are loaded)
         for reg in (x.UC_X86_REG_DS, x.UC_X86_REG_ES, x.UC_X86_REG_FS, x.UC_X86_REG_GS, x.UC_X86_REG_SS):
             uc.reg_write(reg, state.data.selector)
         uc.reg_write(x.UC_X86_REG_CS, state.cs.selector)
@@ -207,13 +208,9 @@ class TcgCpu:
         uc.reg_write(self._pc_reg, state.rip)
 
     def _begin(self) -> int:
-        """The address uc_emu_start wants to resume at the current instruction. In Unicorn's 16-bit mode it
-        subtracts CS*16 and writes only IP (the low 16 bits of EIP), whatever mode the guest is in now."""
-        pc = self.uc.reg_read(self._pc_reg)
-        if self.mode == "real":
-            cs = self.uc.reg_read(self._x.UC_X86_REG_CS)
-            return cs * 16 + (pc & 0xFFFF)
-        return pc
+        """The address uc_emu_start wants to resume at the current instruction: in Unicorn's 32- and 64-bit
+        modes it writes EIP/RIP, the offset in CS (real mode included)."""
+        return self.uc.reg_read(self._pc_reg)
 
     def run(self) -> TcgStop:
         """Run until HLT, a kick, the end of a slice (both "kick") or a fault."""
@@ -260,7 +257,7 @@ class TcgCpu:
 
     def registers(self) -> tuple[dict[str, int], dict[str, int]]:
         """General registers (RIP, RFLAGS, ...) and the control state, for a CrashReport (32-bit values when
-        Unicorn runs in its 16- or 32-bit mode: it names no wider registers there)."""
+        Unicorn runs in its 32-bit mode, for real- and protected-mode boots: it names no wider registers there)."""
         x, uc = self._x, self.uc
         regs = {name: uc.reg_read(reg) for name, reg in self._gprs}
         for i in range(8, 16):
