@@ -577,6 +577,40 @@ def test_a_real_mode_boot_runs_on_above_64k_across_slices_and_pauses(monkeypatch
     assert runs[0] >= 3
 
 
+# Protected mode at 0x100000 (its own GDT): page tables mapping 0..1 GiB twice, at 0 and at 4 GiB; long mode;
+# a jump to the 4 GiB alias of `mov $50000000, %ecx; 1: dec %ecx; jnz 1b`; then 'L', RIP bit 32 as a digit,
+# '\n' on COM1 and 6 to debug-exit (status 13). A RIP cut to 32 bits runs on in the low alias and prints L0.
+ABOVE_4G = bytes.fromhex(
+    "fa0f0115d0001000bf0000200031c0b9000c0000f3abc7050000200003102000c7050010200003202000c705201020000320"
+    "2000bf00202000b883000000b9000200008907050000200083c708e2f4b8000020000f22d80f20e083c8200f22e0b9800000"
+    "c00f320d000100000f300f20c00d010000800f22c0ea80001000080048b88c00100001000000ffe0b980f0fa02ffc975fc48"
+    "8d1d0000000048c1eb2066baf803b04cee88d80430eeb00aee66baf400b006eef4900000000000000000ffff0000009aaf00"
+    "ffff00000092cf001700b8001000")
+
+
+def test_a_protected_mode_boot_runs_on_above_4g_in_long_mode_across_slices(monkeypatch, tmp_path):
+    from hvm.vcpu import tcg
+
+    runs, run = [0], tcg.TcgCpu.run
+
+    def counted_run(self):
+        runs[0] += 1
+        return run(self)
+
+    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
+    image = tmp_path / "above4g.bin"
+    image.write_bytes(ABOVE_4G)
+    spec = parse_spec({**_flat(image, "protected", 0x100000, machine="none"), "accel": "tcg", "timeout": 20})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        m.start()
+        time.sleep(0.05)
+        m.pause()
+        m.resume()
+        result = m.wait(20)
+        assert (result.reason, result.status, m.console.text()) == ("debug-exit", 13, "L1\n"), result
+    assert runs[0] >= 3
+
+
 def test_pause_before_the_first_instruction_then_resume():
     with Machine(count_spec(20), console=Console("none", "none", open_now=False)) as m:
         m.start(paused=True)

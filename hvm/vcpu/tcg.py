@@ -87,19 +87,20 @@ class TcgCpu:
     Unicorn's state; the guest memory stays hvm's)."""
 
     def __init__(self, memory, mode: str, io: TcgIo) -> None:
-        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_32, UC_MODE_64, UC_PROT_ALL, Uc
+        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc
         from unicorn import x86_const as x
 
         self._x = x
-        # Unicorn's mode fixes how registers are named (32: E registers only) and the CPU state it starts
-        # from; set_boot_state then gives it the loader's, and the guest switches modes itself from there
-        # (firmware/modes.S: real -> protected -> long), as TCG follows CR0/EFER/CS. A real-mode boot uses
-        # Unicorn's 32-bit mode with CR0.PE cleared, not its 16-bit mode: there uc_emu_start writes only IP
-        # (zeroing the high half of EIP), so a guest booted in real mode that went on to run above 64 KiB in
-        # protected mode jumped to a wrong address after every kick or slice.
+        # Always Unicorn's 64-bit mode, whatever mode the guest starts in: TCG follows CR0/EFER/CS as the guest
+        # switches modes itself (firmware/modes.S: real -> protected -> long), but Unicorn's 16- and 32-bit
+        # modes name only the E registers and truncate the PC they read or write (16-bit: uc_emu_start keeps
+        # only IP; 32-bit: EIP), so a guest that left the mode it booted in and ran above 64 KiB (or 4 GiB)
+        # went to a wrong address after every slice or kick. A real- or protected-mode boot state is set up
+        # on a 32-bit engine, whose register writes load the segments' hidden parts (see set_boot_state).
         self.mode = mode
-        self.wide = mode == "long"
-        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64 if self.wide else UC_MODE_32)
+        self.wide = True
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._ram = [(r.gpa, r.size, r.host_addr) for r in memory.regions]
         self._kicked = False
         self._fault: TcgStop | None = None
         self._read: tuple[int, int, int] = (0, 0, 0)     # the last MMIO read: (address, size, value)
@@ -186,11 +187,31 @@ class TcgCpu:
 
     # --- the interface ---------------------------------------------------------------------------
     def set_boot_state(self, state: BootState) -> None:
-        """The CPU state a loader asks for (what apply_boot_state gives a KVM vCPU). In protected and long
-        mode Unicorn loads each segment register's hidden part from the GDT the loader wrote."""
-        x, uc = self._x, self.uc
+        """The CPU state a loader asks for (what apply_boot_state gives a KVM vCPU). Unicorn loads a segment
+        register's hidden part (base, limit, 16/32-bit) on a register write only in its 16- and 32-bit modes
+        (from the GDT the loader wrote, or real mode's selector * 16); its 64-bit mode, which starts in flat
+        long mode, stores just the selector. So a real- or protected-mode state is written into a 32-bit
+        engine over the same RAM and its CPU state moved into this one (the same QEMU x86-64 CPU structure)."""
+        from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
+
         if state.mode != self.mode:
             raise ValueError(f"a {self.mode}-mode TcgCpu cannot start in {state.mode} mode")
+        if state.mode == "long":
+            self._write_state(self.uc, state, wide=True)
+            return
+        staging = Uc(UC_ARCH_X86, UC_MODE_32)
+        try:
+            for gpa, size, host in self._ram:
+                staging.mem_map_ptr(gpa, size, UC_PROT_ALL, host)
+            self._write_state(staging, state, wide=False)
+            self.uc.context_restore(staging.context_save())
+        finally:
+            finalize = getattr(staging, "_Uc__finalizer", None)
+            if finalize is not None:
+                finalize()
+
+    def _write_state(self, uc, state: BootState, wide: bool) -> None:
+        x = self._x
         uc.reg_write(x.UC_X86_REG_GDTR, (0, state.gdt[0], state.gdt[1], 0))
         uc.reg_write(x.UC_X86_REG_IDTR, (0, state.idt[0], state.idt[1], 0))
         uc.reg_write(x.UC_X86_REG_CR3, state.cr3)
@@ -200,12 +221,13 @@ class TcgCpu:
         for reg in (x.UC_X86_REG_DS, x.UC_X86_REG_ES, x.UC_X86_REG_FS, x.UC_X86_REG_GS, x.UC_X86_REG_SS):
             uc.reg_write(reg, state.data.selector)
         uc.reg_write(x.UC_X86_REG_CS, state.cs.selector)
-        values = {n: 0 for n, _ in self._gprs}
-        values.update(state.regs)
-        for name, reg in self._gprs:
-            uc.reg_write(reg, values.get(name, 0))
-        uc.reg_write(self._flags_reg, state.rflags)
-        uc.reg_write(self._pc_reg, state.rip)
+        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"]
+        names += [f"r{i}" for i in range(8, 16)] if wide else []
+        for name in names:      # (a 32-bit engine names E registers: a boot state below long mode has no more)
+            reg = getattr(x, f"UC_X86_REG_{name.upper()}" if wide else f"UC_X86_REG_E{name[1:].upper()}")
+            uc.reg_write(reg, state.regs.get(name, 0) & (MASK[8] if wide else MASK[4]))
+        uc.reg_write(x.UC_X86_REG_RFLAGS if wide else x.UC_X86_REG_EFLAGS, state.rflags)
+        uc.reg_write(x.UC_X86_REG_RIP if wide else x.UC_X86_REG_EIP, state.rip)
 
     def _begin(self) -> int:
         """The address uc_emu_start wants to resume at the current instruction: in Unicorn's 32- and 64-bit
