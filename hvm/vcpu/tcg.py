@@ -18,7 +18,14 @@ What Unicorn cannot do, hvm does not pretend: it delivers no exception or interr
 (its interrupt hook is called instead, and its EIP is unreliable there), and it has no interrupt controller
 (so hvm's tcg has none: device IRQs go nowhere). A guest that raises one stops with a crash report naming the
 vector and this limitation (status 4), never a hang; a HLT ends the vCPU as one does under KVM without an
-in-kernel irqchip. One vCPU. Checked on this kvm_pvm host (docs/tcg.md has what runs).
+in-kernel irqchip, and is a crash report where KVM would wait for an interrupt (an irqchip machine, IF set).
+Unicorn steps over SYSCALL and SYSENTER without entering the kernel: those stop the guest too. One vCPU.
+Checked on this kvm_pvm host (docs/tcg.md has what runs; tests/test_tcg.py compares every firmware program).
+
+Where Unicorn differs from KVM in what the VMM sees, hvm evens it out: MMIO accesses are made in memory hooks,
+as the guest made them (Unicorn's MMIO callbacks see them split); after an access that ends the VM no further
+access of the same translation block reaches a device (Unicorn finishes the block after a stop request); and
+one 64-bit engine runs every boot mode, so the PC survives mode switches across slices and kicks.
 """
 from __future__ import annotations
 
