@@ -11,6 +11,7 @@ say so (the cmpxchg16b/xsave probes, vmcall).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -813,3 +814,49 @@ def test_many_tcg_machines_leak_neither_fds_nor_threads():
             assert m.run().status == 0 and m.console.text() == "Hello from real mode!\n"
     time.sleep(0.1)
     assert open_fds() <= fds and threading.active_count() <= threads and vcpu_threads() == []
+
+
+# --- QMP under tcg ------------------------------------------------------------------------------------------
+def test_qmp_stop_cont_and_the_refusals_under_tcg(tmp_path):
+    """A ticker on tcg driven as QEMU is: stop (no more ticks), cont (ticks again), migrate and system_reset
+    answered with an error naming tcg (the VM runs on), quit (status 0)."""
+    pytest.importorskip("qemu.qmp")
+    from qemu.qmp import ExecuteError
+    from test_qmp import Vm, connect, next_event, run, status_once_started
+
+    v = Vm(tmp_path, extra=("--accel", "tcg", "--machine", "pc")).wait_socket()
+    try:
+        v.wait_ticks(2)
+
+        async def go():
+            c = await connect(v.sock)
+            assert await status_once_started(c) == "running"
+            assert await c.execute("stop") == {}
+            stopped = v.ticks()
+            await asyncio.sleep(0.3)
+            still = v.ticks()
+            assert await c.execute("cont") == {}
+            assert await c.execute("migrate", {"uri": f"file:{tmp_path / 'vm.snap'}"}) == {}     # (asynchronous)
+            statuses = []
+            while not statuses or statuses[-1] not in ("completed", "failed"):
+                statuses.append((await next_event(c, "MIGRATION"))["data"]["status"])
+            migration = await c.execute("query-migrate")
+            with pytest.raises(ExecuteError) as e:
+                await c.execute("system_reset")
+            status = await c.execute("query-status")
+            await c.disconnect()
+            return stopped, still, (statuses, migration, str(e.value)), status
+
+        stopped, still, (statuses, migration, reset), status = run(go())
+        assert still == stopped                      # not one tick while stopped
+        v.wait_ticks(2)                              # and on after cont
+        assert statuses[-1] == "failed" and migration["status"] == "failed", (statuses, migration)
+        assert "the VM runs on accel tcg" in migration.get("error-desc", ""), migration
+        assert reset == "system_reset failed: cannot reset a VM on accel tcg: hvm resets KVM vCPUs only"
+        assert status == {"running": True, "status": "running"}
+        assert not (tmp_path / "vm.snap").exists()
+        assert run_hvm("ctl", str(v.sock), "quit").status == 0
+        assert v.wait() == 0
+        assert "Traceback" not in v.stderr()
+    finally:
+        v.kill()
