@@ -204,7 +204,8 @@ IDENTICAL = [name for name in PROGRAMS if name not in LIMITED and name not in BE
 # What an identical row of the docs table adds
 NOTES = {"triple": "the crash reports differ: KVM's triple fault, tcg's invalid instruction (UD2)",
          **{f"fuzz-seed{s}": "300 operations, every device check but the PIC's (checks=0xfd)" for s in (1, 2, 3)},
-         "echo": "input `hello, world q` on stdin", "count": "`rdi: 30`: 30 lines, then debug-exit"}
+         "echo": "input `hello, world q` on stdin", "count": "`rdi: 30`: 30 lines, then debug-exit",
+         "probe-cpuid": "the CPUID values it reports on port 0x80 are Unicorn's (see cpuid64)"}
 
 
 def run_both(name: str, tmp_path: Path, *extra: str) -> dict[str, object]:
