@@ -105,7 +105,6 @@ class TcgCpu:
         # went to a wrong address after every slice or kick. A real- or protected-mode boot state is set up
         # on a 32-bit engine, whose register writes load the segments' hidden parts (see set_boot_state).
         self.mode = mode
-        self.wide = True
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._ram = [(r.gpa, r.size, r.host_addr) for r in memory.regions]
         self._kicked = False
@@ -129,13 +128,11 @@ class TcgCpu:
         uc.hook_add(UC_HOOK_INSN, self._skipped, "SYSCALL", 1, 0, x.UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INSN, self._skipped, "SYSENTER", 1, 0, x.UC_X86_INS_SYSENTER)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
-        r = "R" if self.wide else "E"
-        self._pc_reg = getattr(x, f"UC_X86_REG_{r}IP")
-        self._gprs = [(n, getattr(x, f"UC_X86_REG_{n.upper() if self.wide else 'E' + n[1:].upper()}"))
+        self._pc_reg = x.UC_X86_REG_RIP
+        self._gprs = [(n, getattr(x, f"UC_X86_REG_{n.upper()}"))
                       for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp")]
-        if self.wide:
-            self._gprs += [(f"r{i}", getattr(x, f"UC_X86_REG_R{i}")) for i in range(8, 16)]
-        self._flags_reg = x.UC_X86_REG_RFLAGS if self.wide else x.UC_X86_REG_EFLAGS
+        self._gprs += [(f"r{i}", getattr(x, f"UC_X86_REG_R{i}")) for i in range(8, 16)]
+        self._flags_reg = x.UC_X86_REG_RFLAGS
 
     def _map_mmio(self, base: int, size: int) -> None:
         """One MMIO region. Unicorn (QEMU's memory API with 4-byte MMIO callbacks) splits what reaches the
@@ -285,8 +282,8 @@ class TcgCpu:
         return self.uc.reg_read(self._pc_reg)
 
     def registers(self) -> tuple[dict[str, int], dict[str, int]]:
-        """General registers (RIP, RFLAGS, ...) and the control state, for a CrashReport (32-bit values when
-        Unicorn runs in its 32-bit mode, for real- and protected-mode boots: it names no wider registers there)."""
+        """General registers (RIP, RFLAGS, ...) and the control state, for a CrashReport (all 64 bits, in any
+        mode: the engine is Unicorn's 64-bit one)."""
         x, uc = self._x, self.uc
         regs = {name: uc.reg_read(reg) for name, reg in self._gprs}
         for i in range(8, 16):
