@@ -151,12 +151,15 @@ class Limit:
     says: str            # a fragment of hvm's stderr (or, with `out`, of the guest's output) under tcg
     reason: str          # why (docs/tcg.md's table)
     out: bool = False    # `says` is in the serial output
+    other: tuple[int, str] | None = None    # another outcome the timing may give: (status, serial output)
 
 
 INVALID = "tcg: invalid instruction"
 LIMITED: dict[str, Limit] = {
     "rtc_irq": Limit(4, "tcg: HLT with interrupts enabled", "waits with HLT for the RTC's IRQ 8 through the PIC: "
-                     "tcg has no interrupt controller (prints `uip 1->0`, then the crash report)"),
+                     "tcg has no interrupt controller (prints `uip 1->0`, then the crash report; or, when its "
+                     "200000 polls of UIP, much faster under tcg, end before the second's update cycle, status 5)",
+                     other=(5, "fail: UIP never went 1 -> 0\n")),
     "s3": Limit(0, "guest asked for ACPI S3, which hvm does not do on accel tcg", "ACPI S3: waking needs a KVM "
                 "vCPU reset, so under tcg the sleep is a power-off (status 0, one warning line)"),
     "smp": Limit(2, "vcpus: 2 vCPUs: accel tcg runs one vCPU", "two vCPUs (INIT/SIPI through the LAPIC): tcg "
@@ -282,6 +285,9 @@ def test_limited_programs_stop_with_the_named_limitation(name, tmp_path):
     limit = LIMITED[name]
     run = run_hvm("run", *PROGRAMS[name].args(tmp_path), "--accel", "tcg",
                   "--timeout", "1" if name == "ticker" else str(TIMEOUT), input=PROGRAMS[name].input)
+    if limit.other is not None and run.status == limit.other[0]:
+        assert run.out == limit.other[1], run.out
+        return
     assert run.status == limit.status, run.stderr
     assert limit.says in (run.out if limit.out else run.stderr), (run.out, run.stderr)
     assert "Traceback" not in run.stderr
@@ -450,7 +456,8 @@ def test_the_watchdog_ends_the_ticker_under_tcg(tmp_path):
     run = run_hvm("run", _yaml(tmp_path, "ticker", _flat(FIRMWARE / "ticker.bin", memory="4M")), "--accel", "tcg",
                   "--timeout", "0.5")
     assert run.status == 124, run.stderr
-    assert run.out.startswith("tick\ntick\n") and set(run.out.splitlines()) == {"tick"}
+    *lines, last = run.out.split("\n")              # (stopped anywhere: the last line may be cut)
+    assert len(lines) >= 2 and set(lines) == {"tick"} and "tick".startswith(last), run.out[-100:]
 
 
 def count_spec(n: int, timeout: float = 60):
