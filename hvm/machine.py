@@ -912,7 +912,9 @@ class Machine:
         vCPU parked, device threads paused, "suspended", SUSPEND) runs on a thread of its own: a vCPU thread
         must never wait for the lifecycle lock, which a pause or a snapshot holds while waiting for it."""
         if self.accel != "kvm":   # waking needs the KVM vCPU reset: under tcg, S3 is a power-off (one line)
-            self._finish(EXIT_OK, "poweroff", f"guest asked for ACPI S3, which hvm does not do on accel {self.accel}")
+            message = f"guest asked for ACPI S3, which hvm does not do on accel {self.accel}: powered off"
+            log.warning("%s", message)      # (a power-off says nothing by default; this one is not what was asked)
+            self._finish(EXIT_OK, "poweroff", message)
             return
         with self._pause_cond:
             if self._suspending or self.run_state == "suspended" or self.stopping:

@@ -15,10 +15,18 @@ Two classes, as the KVM side has hvm/kvm's Vcpu and hvm/vcpu/runner.py's VcpuThr
   probe, pause parking, tracing, statistics, crash reports).
 
 What Unicorn cannot do, hvm does not pretend: it delivers no exception or interrupt through the guest's IDT
-(its interrupt hook is called instead, and its EIP is unreliable there), and it has no interrupt controller
-(so hvm's tcg has none: device IRQs go nowhere). A guest that raises one stops with a crash report naming the
-vector and this limitation (status 4), never a hang; a HLT ends the vCPU as one does under KVM without an
-in-kernel irqchip. One vCPU. Checked on this kvm_pvm host (docs/tcg.md has what runs).
+(its interrupt hook is called instead, and its EIP is unreliable there for faults), and it has no interrupt
+controller (so hvm's tcg has none: device IRQs go nowhere). hvm delivers #UD and software interrupts itself,
+the two cases with a precise RIP (hvm/vcpu/tcg_idt.py); a guest that raises anything else stops with a crash
+report naming the vector and this limitation (status 4), never a hang; a HLT ends the vCPU as one does under KVM without an
+in-kernel irqchip, and is a crash report where KVM would wait for an interrupt (an irqchip machine, IF set).
+Unicorn steps over SYSCALL and SYSENTER without entering the kernel: those stop the guest too. One vCPU.
+Checked on this kvm_pvm host (docs/tcg.md has what runs; tests/test_tcg.py compares every firmware program).
+
+Where Unicorn differs from KVM in what the VMM sees, hvm evens it out: MMIO accesses are made in memory hooks,
+as the guest made them (Unicorn's MMIO callbacks see them split); after an access that ends the VM no further
+access of the same translation block reaches a device (Unicorn finishes the block after a stop request); and
+one 64-bit engine runs every boot mode, so the PC survives mode switches across slices and kicks.
 """
 from __future__ import annotations
 
@@ -50,6 +58,10 @@ VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC", 19: "#XM"}
 LIMITATION = ("Unicorn does not deliver exceptions or interrupts through the guest's IDT "
               "(hvm's tcg accelerator stops the guest here)")
+
+
+IRQ_LIMITATION = ("hvm's tcg accelerator has no interrupt controller: no device interrupt can wake a halted "
+                  "vCPU (under KVM it would wait for one)")
 
 
 def unavailable() -> str | None:
@@ -84,26 +96,24 @@ class TcgCpu:
     Unicorn's state; the guest memory stays hvm's)."""
 
     def __init__(self, memory, mode: str, io: TcgIo) -> None:
-        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_16, UC_MODE_32, UC_MODE_64, \
-            UC_PROT_ALL, Uc
+        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc
         from unicorn import x86_const as x
 
         self._x = x
-        # Unicorn's mode fixes how registers are named (16/32: E registers only) and how the first
-        # instruction is decoded; the guest switches modes itself from there (firmware/modes.S: real ->
-        # protected -> long), as TCG follows CR0/EFER/CS.
-        # Unicorn's mode is the boot mode's: its 64-bit mode keeps a 64-bit CS (L bit) that hvm cannot reload
-        # for a protected-mode start (the guest's first far jump after enabling long mode then decodes as 64-bit
-        # code: measured with kvm-unit-tests' start32), and decodes a real-mode start as 32-bit code. In its
-        # 16- and 32-bit modes Unicorn names only 32-bit registers, also after the guest entered long mode
-        # itself (multiboot kernels, firmware/modes.S): crash reports then show the low 32 bits.
+        # Always Unicorn's 64-bit mode, whatever mode the guest starts in: TCG follows CR0/EFER/CS as the guest
+        # switches modes itself (firmware/modes.S: real -> protected -> long), but Unicorn's 16- and 32-bit
+        # modes name only the E registers and truncate the PC they read or write (16-bit: uc_emu_start keeps
+        # only IP; 32-bit: EIP), so a guest that left the mode it booted in and ran above 64 KiB (or 4 GiB)
+        # went to a wrong address after every slice or kick. A real- or protected-mode boot state is set up
+        # on a 32-bit engine, whose register writes load the segments' hidden parts (see set_boot_state).
         self.mode = mode
-        self.wide = mode == "long"
-        self.uc = uc = Uc(UC_ARCH_X86, {"real": UC_MODE_16, "protected": UC_MODE_32, "long": UC_MODE_64}[mode])
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._ram = [(r.gpa, r.size, r.host_addr) for r in memory.regions]
         self._kicked = False
         self._fault: TcgStop | None = None
         self._vector: int | None = None
         self.memory = memory
+        self._read: tuple[int, int, int] = (0, 0, 0)     # the last MMIO read: (address, size, value)
         self.io = io
         regions = sorted((r.gpa, r.size, r.host_addr) for r in memory.regions)
         at = 0
@@ -116,20 +126,53 @@ class TcgCpu:
             self._map_mmio(at, PHYS_TOP - at)
         uc.hook_add(UC_HOOK_INSN, self._in, None, 1, 0, x.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._out, None, 1, 0, x.UC_X86_INS_OUT)
+        # Unicorn does not execute SYSCALL and SYSENTER: it calls these hooks and steps over the instruction
+        # (no switch to the kernel's entry point), which a guest would take as a system call that returned at
+        # once. hvm stops the guest there instead.
+        uc.hook_add(UC_HOOK_INSN, self._skipped, "SYSCALL", 1, 0, x.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, self._skipped, "SYSENTER", 1, 0, x.UC_X86_INS_SYSENTER)
         uc.hook_add(UC_HOOK_INTR, self._interrupt)
-        r = "R" if self.wide else "E"
-        self._pc_reg = getattr(x, f"UC_X86_REG_{r}IP")
-        self._gprs = [(n, getattr(x, f"UC_X86_REG_{n.upper() if self.wide else 'E' + n[1:].upper()}"))
+        self._pc_reg = x.UC_X86_REG_RIP
+        self._gprs = [(n, getattr(x, f"UC_X86_REG_{n.upper()}"))
                       for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp")]
-        if self.wide:
-            self._gprs += [(f"r{i}", getattr(x, f"UC_X86_REG_R{i}")) for i in range(8, 16)]
-        self._flags_reg = x.UC_X86_REG_RFLAGS if self.wide else x.UC_X86_REG_EFLAGS
+        self._gprs += [(f"r{i}", getattr(x, f"UC_X86_REG_R{i}")) for i in range(8, 16)]
+        self._flags_reg = x.UC_X86_REG_RFLAGS
 
     def _map_mmio(self, base: int, size: int) -> None:
-        read, write = self.io.mmio_read, self.io.mmio_write
-        # Unicorn hands the offset into the region; the bus wants the guest-physical address.
-        self.uc.mmio_map(base, size, lambda _uc, off, n, _d: read(base + off, n), None,
-                         lambda _uc, off, n, value, _d: write(base + off, n, value & MASK[n]), None)
+        """One MMIO region. Unicorn (QEMU's memory API with 4-byte MMIO callbacks) splits what reaches the
+        region's callbacks: an 8-byte access becomes two 4-byte ones, an unaligned write single bytes, an
+        unaligned read the aligned words around it (reading registers the guest never named). KVM hands the
+        VMM the access as the guest made it (address, size 1..8). So the device access is made in memory hooks
+        on the region, which Unicorn calls once per guest access with its physical address, size and value,
+        before the split; the region's callbacks then only serve the pieces of a read from that value (and
+        drop the pieces of a write)."""
+        from unicorn import UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
+
+        # Unicorn hands the callbacks the offset into the region; the hooks get the guest-physical address.
+        self.uc.mmio_map(base, size, lambda _uc, off, n, _d: self._read_piece(base + off, n), None,
+                         lambda _uc, off, n, value, _d: None, None)
+        self.uc.hook_add(UC_HOOK_MEM_READ, self._mmio_read, None, base, base + size - 1)
+        self.uc.hook_add(UC_HOOK_MEM_WRITE, self._mmio_write, None, base, base + size - 1)
+
+    def _mmio_read(self, _uc, _access, addr: int, size: int, _value, _data) -> None:
+        self._read = (addr, size, self.io.mmio_read(addr, size))
+
+    def _mmio_write(self, _uc, _access, addr: int, size: int, value: int, _data) -> None:
+        self.io.mmio_write(addr, size, value & MASK[size])
+
+    def _read_piece(self, addr: int, n: int) -> int:
+        """The bytes [addr, addr + n) of the read the hook made (bytes outside it: 0; Unicorn discards them)."""
+        at, size, value = self._read
+        if addr + n <= at & ~7 or addr >= (at + size + 7) & ~7:
+            # not a piece of the last hooked read (nor of the aligned words around it): an access Unicorn made
+            # without the memory hooks (a page walk through MMIO, say): made as it comes
+            return self.io.mmio_read(addr, n)
+        piece = 0
+        for i in range(n):
+            j = addr + i - at
+            if 0 <= j < size:
+                piece |= (value >> (8 * j) & 0xFF) << (8 * i)
+        return piece
 
     # --- the hooks: run on the vCPU thread, inside emu_start ---------------------------------------
     def _in(self, _uc, port: int, size: int, _data) -> int:
@@ -137,6 +180,12 @@ class TcgCpu:
 
     def _out(self, _uc, port: int, size: int, value: int, _data) -> None:
         self.io.pio_write(port, size, value & MASK[size])
+
+    def _skipped(self, uc, name: str) -> None:
+        self._fault = TcgStop("fault", f"tcg: {name} (Unicorn steps over it)",
+                              f"Unicorn does not execute {name} (no entry to the kernel): hvm's tcg accelerator "
+                              "stops the guest here; RIP is the next instruction")
+        uc.emu_stop()
 
     def _interrupt(self, uc, vector: int, _data) -> None:
         name = VECTOR_NAMES.get(vector, "")
@@ -147,36 +196,52 @@ class TcgCpu:
 
     # --- the interface ---------------------------------------------------------------------------
     def set_boot_state(self, state: BootState) -> None:
-        """The CPU state a loader asks for (what apply_boot_state gives a KVM vCPU). In protected and long
-        mode Unicorn loads each segment register's hidden part from the GDT the loader wrote."""
-        x, uc = self._x, self.uc
+        """The CPU state a loader asks for (what apply_boot_state gives a KVM vCPU). Unicorn loads a segment
+        register's hidden part (base, limit, 16/32-bit) on a register write only in its 16- and 32-bit modes
+        (from the GDT the loader wrote, or real mode's selector * 16); its 64-bit mode, which starts in flat
+        long mode, stores just the selector. So a real- or protected-mode state is written into a 32-bit
+        engine over the same RAM and its CPU state moved into this one (the same QEMU x86-64 CPU structure)."""
+        from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
+
         if state.mode != self.mode:
             raise ValueError(f"a {self.mode}-mode TcgCpu cannot start in {state.mode} mode")
+        if state.mode == "long":
+            self._write_state(self.uc, state, wide=True)
+            return
+        staging = Uc(UC_ARCH_X86, UC_MODE_32)
+        try:
+            for gpa, size, host in self._ram:
+                staging.mem_map_ptr(gpa, size, UC_PROT_ALL, host)
+            self._write_state(staging, state, wide=False)
+            self.uc.context_restore(staging.context_save())
+        finally:
+            finalize = getattr(staging, "_Uc__finalizer", None)
+            if finalize is not None:
+                finalize()
+
+    def _write_state(self, uc, state: BootState, wide: bool) -> None:
+        x = self._x
         uc.reg_write(x.UC_X86_REG_GDTR, (0, state.gdt[0], state.gdt[1], 0))
         uc.reg_write(x.UC_X86_REG_IDTR, (0, state.idt[0], state.idt[1], 0))
-        if state.mode != "real":
-            uc.reg_write(x.UC_X86_REG_CR3, state.cr3)
-            uc.reg_write(x.UC_X86_REG_CR4, state.cr4)
-            uc.msr_write(MSR_EFER, state.efer)
-            uc.reg_write(x.UC_X86_REG_CR0, state.cr0)
+        uc.reg_write(x.UC_X86_REG_CR3, state.cr3)
+        uc.reg_write(x.UC_X86_REG_CR4, state.cr4)
+        uc.msr_write(MSR_EFER, state.efer)
+        uc.reg_write(x.UC_X86_REG_CR0, state.cr0)      # (real mode: PE clear, before the segments are loaded)
         for reg in (x.UC_X86_REG_DS, x.UC_X86_REG_ES, x.UC_X86_REG_FS, x.UC_X86_REG_GS, x.UC_X86_REG_SS):
             uc.reg_write(reg, state.data.selector)
         uc.reg_write(x.UC_X86_REG_CS, state.cs.selector)
-        values = {n: 0 for n, _ in self._gprs}
-        values.update(state.regs)
-        for name, reg in self._gprs:
-            uc.reg_write(reg, values.get(name, 0))
-        uc.reg_write(self._flags_reg, state.rflags)
-        uc.reg_write(self._pc_reg, state.rip)
+        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"]
+        names += [f"r{i}" for i in range(8, 16)] if wide else []
+        for name in names:      # (a 32-bit engine names E registers: a boot state below long mode has no more)
+            reg = getattr(x, f"UC_X86_REG_{name.upper()}" if wide else f"UC_X86_REG_E{name[1:].upper()}")
+            uc.reg_write(reg, state.regs.get(name, 0) & (MASK[8] if wide else MASK[4]))
+        uc.reg_write(x.UC_X86_REG_RFLAGS if wide else x.UC_X86_REG_EFLAGS, state.rflags)
+        uc.reg_write(x.UC_X86_REG_RIP if wide else x.UC_X86_REG_EIP, state.rip)
 
     def _begin(self) -> int:
-        """The address uc_emu_start wants to resume at the current instruction. In Unicorn's 16-bit mode it
-        subtracts CS*16 and writes only IP (the low 16 bits of EIP), whatever mode the guest is in now."""
-        pc = self.uc.reg_read(self._pc_reg)
-        if self.mode == "real":
-            cs = self.uc.reg_read(self._x.UC_X86_REG_CS)
-            return cs * 16 + (pc & 0xFFFF)
-        return pc
+        """The address uc_emu_start wants to resume at the current instruction: in Unicorn's 32- and 64-bit
+        modes it writes EIP/RIP, the offset in CS (real mode included)."""
+        return self.uc.reg_read(self._pc_reg)
 
     def run(self) -> TcgStop:
         """Run until HLT, a kick, the end of a slice (both "kick") or a fault."""
@@ -186,8 +251,9 @@ class TcgCpu:
             self._kicked = False
             return TcgStop("kick")
         self._fault = None
+        self._vector = None
         try:
-            self.uc.emu_start(self._begin(), _UNTIL, timeout=SLICE_MS * 1000)
+            self.uc.emu_start(self._begin(), _UNTIL, timeout=int(SLICE_MS * 1000))
         except UcError as e:
             from unicorn import UC_ERR_INSN_INVALID
 
@@ -196,7 +262,7 @@ class TcgCpu:
             return TcgStop("fault", f"tcg: {_describe_error(e)}", self._error_detail(e))
         if self._fault is not None:
             vector = self._vector
-            if software_vector(self, self.memory, vector):   # INT n/INT3/INTO/INT1: RIP is the return address
+            if vector is not None and software_vector(self, self.memory, vector):   # INT n/INT3/INTO/INT1: RIP is the return address
                 return self._deliver(vector, True, f"tcg: software interrupt {vector:#x}")
             return self._fault
         if self._kicked:
@@ -230,12 +296,16 @@ class TcgCpu:
         except Exception:   # not running: the flag is seen before the next emu_start
             pass
 
+    def interrupts_enabled(self) -> bool:
+        """RFLAGS.IF: whether a HLT now waits for an interrupt (KVM's halt rule with an irqchip)."""
+        return bool(self.uc.reg_read(self._flags_reg) & 0x200)
+
     def pc(self) -> int:
         return self.uc.reg_read(self._pc_reg)
 
     def registers(self) -> tuple[dict[str, int], dict[str, int]]:
-        """General registers (RIP, RFLAGS, ...) and the control state, for a CrashReport (32-bit values when
-        Unicorn runs in its 16- or 32-bit mode: it names no wider registers there)."""
+        """General registers (RIP, RFLAGS, ...) and the control state, for a CrashReport (all 64 bits, in any
+        mode: the engine is Unicorn's 64-bit one)."""
         x, uc = self._x, self.uc
         regs = {name: uc.reg_read(reg) for name, reg in self._gprs}
         for i in range(8, 16):
@@ -295,6 +365,7 @@ class TcgVcpuThread(threading.Thread):
         self.t0_ns = 0
         self.reselect = False
         self._resume_on_halt = False
+        self._error: Exception | None = None    # what a bus access raised (see _ending)
         self._pio = machine.pio.for_vcpu()
         self._mmio = machine.mmio.for_vcpu()
         self.cpu = TcgCpu(memory, boot_state.mode,
@@ -312,31 +383,71 @@ class TcgVcpuThread(threading.Thread):
             sink((t - self.t0_ns, self.index, reason, where, size, direction, 1,
                   value.to_bytes(size, "little"), now - t, rip))
 
+    # Unicorn runs the rest of a translation block after a stop request (uc_emu_stop takes effect at the next
+    # block), so a guest access that ends the VM (debug-exit, ACPI S3/S5, i8042 reset) or that a device fails
+    # on can be followed by more accesses before the vCPU stops, where KVM makes no exit after it. Once the
+    # VM is stopping or an access failed, the vCPU stops Unicorn and makes no more bus accesses (reads see
+    # all ones): nothing reaches a device, the console or the counters after the end. A failure is raised
+    # again on the vCPU loop (device fault: status 70), as the KVM loop raises it.
+    def _ending(self) -> bool:
+        if self._error is not None or self.machine.stopping:
+            self.cpu.kick()
+            return True
+        return False
+
+    def _failed(self, e: Exception) -> None:
+        self._error = e
+        self.cpu.kick()
+
     def _pio_read(self, port: int, size: int) -> int:
+        if self._ending():
+            return MASK[size]
         t = time.monotonic_ns()
-        value = self._pio.read(port, size)
-        self._record(k.EXIT_IO, port, size, k.EXIT_IO_IN, value, t)
+        try:
+            value = self._pio.read(port, size)
+            self._record(k.EXIT_IO, port, size, k.EXIT_IO_IN, value, t)
+        except Exception as e:
+            self._failed(e)
+            return MASK[size]
+        self._ending()
         return value
 
     def _pio_write(self, port: int, size: int, value: int) -> None:
+        if self._ending():
+            return
         t = time.monotonic_ns()
-        self._pio.write(port, size, value)
-        self._record(k.EXIT_IO, port, size, k.EXIT_IO_OUT, value, t)
-        if self.machine.stopping:   # the write ended the VM (debug-exit, power-off): no instruction after it
-            self.cpu.kick()
+        try:
+            self._pio.write(port, size, value)
+            self._record(k.EXIT_IO, port, size, k.EXIT_IO_OUT, value, t)
+        except Exception as e:
+            self._failed(e)
+            return
+        self._ending()
 
     def _mmio_read(self, addr: int, size: int) -> int:
+        if self._ending():
+            return MASK[size]
         t = time.monotonic_ns()
-        value = self._mmio.read(addr, size)
-        self._record(k.EXIT_MMIO, addr, size, 0, value, t)
+        try:
+            value = self._mmio.read(addr, size)
+            self._record(k.EXIT_MMIO, addr, size, 0, value, t)
+        except Exception as e:
+            self._failed(e)
+            return MASK[size]
+        self._ending()
         return value
 
     def _mmio_write(self, addr: int, size: int, value: int) -> None:
+        if self._ending():
+            return
         t = time.monotonic_ns()
-        self._mmio.write(addr, size, value)
-        self._record(k.EXIT_MMIO, addr, size, 1, value, t)
-        if self.machine.stopping:
-            self.cpu.kick()
+        try:
+            self._mmio.write(addr, size, value)
+            self._record(k.EXIT_MMIO, addr, size, 1, value, t)
+        except Exception as e:
+            self._failed(e)
+            return
+        self._ending()
 
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -345,6 +456,8 @@ class TcgVcpuThread(threading.Thread):
             machine.wait_while_paused(self.index)
             while not machine.stopping:
                 stop = self.cpu.run()
+                if self._error is not None:
+                    raise self._error
                 if stop.kind == "delivered":      # an exception or INT n hvm delivered through the IDT
                     name = f"{stop.reason} delivered"
                     self.completed[name] = self.completed.get(name, 0) + 1
@@ -362,6 +475,12 @@ class TcgVcpuThread(threading.Thread):
                                          b"", 0, rip))
                     if self._resume_on_halt:
                         continue
+                    if machine.spec.irqchip and self.cpu.interrupts_enabled():
+                        # Under KVM (in-kernel irqchip) this vCPU would wait for an interrupt; tcg has no
+                        # interrupt controller, so none can come: say so rather than end as a clean halt.
+                        machine.vcpu_crashed(self.crash_report("tcg: HLT with interrupts enabled (the guest waits "
+                                                               "for an interrupt)", IRQ_LIMITATION))
+                        return
                     self.halted = True
                     machine.vcpu_halted(self.index)
                     return

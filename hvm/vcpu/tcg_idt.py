@@ -35,9 +35,7 @@ class _Cpu:
 
     def __init__(self, tcg, memory) -> None:
         self.uc, self.x, self.memory = tcg.uc, tcg._x, memory
-        self.wide = tcg.wide
-        r = "R" if tcg.wide else "E"
-        self.sp_reg = getattr(self.x, f"UC_X86_REG_{r}SP")
+        self.sp_reg = self.x.UC_X86_REG_RSP        # (TcgCpu runs Unicorn's 64-bit mode for every guest mode)
         self.flags_reg = tcg._flags_reg
         self.pc_reg = tcg._pc_reg
         uc, x = self.uc, self.x
@@ -146,15 +144,15 @@ def _real(cpu: _Cpu, vector: int) -> None:
     if vector * 4 + 3 > idtr[2]:
         raise DeliveryError(f"vector {vector:#x} is beyond the IVT limit {idtr[2]:#x}")
     entry = cpu.read(idtr[1] + vector * 4, 4)
+    _load_cs(cpu, entry >> 16)
     ss, sp = cpu.reg("SS"), cpu.uc.reg_read(cpu.sp_reg) & 0xFFFF
     flags, cs, ip = cpu.uc.reg_read(cpu.flags_reg), cpu.reg("CS"), cpu.uc.reg_read(cpu.pc_reg) & 0xFFFF
     for value in (flags & 0xFFFF, cs, ip):
         sp = (sp - 2) & 0xFFFF
         cpu.write((ss << 4) + sp, value, 2)
     uc, x = cpu.uc, cpu.x
-    uc.reg_write(x.UC_X86_REG_SP, sp)
+    uc.reg_write(x.UC_X86_REG_RSP, sp)
     uc.reg_write(cpu.flags_reg, flags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_AC))
-    uc.reg_write(x.UC_X86_REG_CS, entry >> 16)
     uc.reg_write(cpu.pc_reg, entry & 0xFFFF)
 
 
@@ -184,27 +182,30 @@ def _same_privilege(cpu: _Cpu, selector: int) -> None:
         raise DeliveryError("the handler runs at another privilege level (a stack switch hvm's tcg does not do)")
 
 
+def _load_cs(cpu: _Cpu, selector: int) -> None:
+    """The handler's CS: Unicorn's 64-bit register interface sets a segment register's selector but not its
+    hidden part, so hvm delivers only to handlers in the code segment the guest runs in (the rule in hvm's
+    guests and kvm-unit-tests); another one is refused before anything is written."""
+    if selector != cpu.reg("CS"):
+        raise DeliveryError(f"the handler's code segment {selector:#x} is not the current one "
+                            f"({cpu.reg('CS'):#x}): hvm's tcg cannot load a segment's hidden part")
+
+
 def _finish(cpu: _Cpu, kind_is_interrupt: bool, flags: int, selector: int, rip: int, sp: int) -> None:
-    uc, x = cpu.uc, cpu.x
+    uc = cpu.uc
     uc.reg_write(cpu.sp_reg, sp)
     cleared = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM | (RFLAGS_IF if kind_is_interrupt else 0)
     uc.reg_write(cpu.flags_reg, flags & ~cleared)
-    if selector != cpu.reg("CS"):
-        uc.reg_write(x.UC_X86_REG_CS, selector)
     uc.reg_write(cpu.pc_reg, rip)
 
 
 def _long(cpu: _Cpu, vector: int, software: bool) -> None:
     lo, hi, kind, _ = _gate_checks(cpu, vector, software, 16, (0xE, 0xF))
-    if not cpu.wide and (hi & 0xFFFFFFFF):
-        raise DeliveryError("a handler above 4 GiB in a guest that started in real or protected mode (Unicorn "
-                            "gives hvm its 32-bit registers only)")
     selector = (lo >> 16) & 0xFFFF
     _same_privilege(cpu, selector)
+    _load_cs(cpu, selector)
     rip = (lo & 0xFFFF) | ((lo >> 48) & 0xFFFF) << 16 | (hi & 0xFFFFFFFF) << 32
     ist = (lo >> 32) & 7
-    # (Unicorn's 32-bit mode: ESP/EIP are the low halves; their upper halves stay as they are, zero for a
-    # guest below 4 GiB, which is what hvm's multiboot guests are)
     old_sp = cpu.uc.reg_read(cpu.sp_reg)
     sp = old_sp
     if ist:
@@ -222,6 +223,7 @@ def _protected(cpu: _Cpu, vector: int, software: bool) -> None:
     lo, _, kind, _ = _gate_checks(cpu, vector, software, 8, (0xE, 0xF))
     selector = (lo >> 16) & 0xFFFF
     _same_privilege(cpu, selector)
+    _load_cs(cpu, selector)
     eip = (lo & 0xFFFF) | ((lo >> 48) & 0xFFFF) << 16
     ss_base = cpu.seg_base(cpu.reg("SS"))
     sp = cpu.uc.reg_read(cpu.sp_reg) & 0xFFFFFFFF
