@@ -872,3 +872,57 @@ def test_qmp_stop_cont_and_the_refusals_under_tcg(tmp_path):
         assert "Traceback" not in v.stderr()
     finally:
         v.kill()
+
+
+# --- a #UD handler that raises #UD again ---------------------------------------------------------------------
+def ud_loop_image(tmp: Path, reset_rsp: bool) -> Path:
+    """Long mode at 0x100000: LIDT, UD2; the #UD gate (selector 0x10, the loader's code segment) points at a
+    handler that is UD2 again (after resetting RSP: it never runs out of stack)."""
+    base, handler, idtr, idt = 0x100000, 0x10, 0x40, 0x50
+    code = bytes.fromhex("0f011c25") + (base + idtr).to_bytes(4, "little") + bytes.fromhex("0f0b")   # lidt [abs]; ud2
+    body = (bytes.fromhex("48c7c400700000") if reset_rsp else b"") + bytes.fromhex("0f0b")
+    image = bytearray(0x50 + 16 * 7)
+    image[:len(code)] = code
+    image[handler:handler + len(body)] = body
+    image[idtr:idtr + 10] = (16 * 7 - 1).to_bytes(2, "little") + (base + idt).to_bytes(8, "little")
+    target = base + handler
+    gate = (target & 0xFFFF) | 0x10 << 16 | 0x8E << 40 | (target >> 16 & 0xFFFF) << 48
+    image[idt + 16 * 6:idt + 16 * 7] = gate.to_bytes(8, "little") + (target >> 32).to_bytes(8, "little")
+    path = tmp / "udloop.bin"
+    path.write_bytes(bytes(image))
+    return path
+
+
+def test_a_ud_handler_that_raises_ud_again_is_delivered_each_time_not_a_halt(tmp_path):
+    """Unicorn returns without an error at an invalid instruction it met before: that was taken for a HLT (the
+    VM ended "halted", status 0, after two deliveries). Each #UD is delivered: the frames use up the stack
+    until one cannot be pushed, a crash report naming it."""
+    spec = parse_spec({**_flat(ud_loop_image(tmp_path, False), "long", 0x100000, machine="none"), "accel": "tcg",
+                       "timeout": TIMEOUT})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        result = m.run()
+        delivered = m.threads[0].completed["#UD delivered"]
+    assert (result.status, result.reason, result.crash.reason) == (4, "crash", INVALID)
+    assert result.crash.detail.startswith("hvm could not deliver it as the CPU would: page of ")
+    assert delivered > 100 and result.crash.regs["rip"] == 0x100010
+
+
+def test_the_watchdog_pause_and_stop_end_a_guest_looping_on_ud_deliveries(tmp_path):
+    image = ud_loop_image(tmp_path, True)
+    run = run_hvm("run", _yaml(tmp_path, "udloop", _flat(image, "long", 0x100000, machine="none")), "--accel", "tcg",
+                  "--timeout", "1")
+    assert (run.status, run.stderr) == (124, "hvm: timeout: the guest was still running after 1 s\n")
+    spec = parse_spec({**_flat(image, "long", 0x100000, machine="none"), "accel": "tcg", "timeout": TIMEOUT})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        m.start()
+        time.sleep(0.2)
+        m.pause()
+        before = m.threads[0].completed["#UD delivered"]
+        time.sleep(0.2)
+        assert m.threads[0].completed["#UD delivered"] == before > 10      # paused: no delivery
+        m.resume()
+        time.sleep(0.2)
+        assert m.threads[0].completed["#UD delivered"] > before
+        m.stop()
+        assert m.wait(5).reason != "halt"
+    assert vcpu_threads() == []

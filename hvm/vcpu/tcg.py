@@ -270,7 +270,20 @@ class TcgCpu:
             return TcgStop("kick")
         if self.uc.query(UC_QUERY_TIMEOUT):
             return TcgStop("kick")
+        if not self._after_hlt():
+            # Unicorn (2.1) also returns without an error, RIP at the instruction, when it runs into an invalid
+            # instruction again (seen with a #UD handler that raises #UD: its second #UD ended the VM as
+            # "halted", status 0; running again from RIP returns the same way, so a retry would spin). No HLT,
+            # no kick, no slice's end, no hook: that is the #UD.
+            return self._deliver(UD_VECTOR, False, "tcg: invalid instruction (#UD)")
         return TcgStop("halt")
+
+    def _after_hlt(self) -> bool:
+        """Whether the byte before RIP (where Unicorn leaves RIP after a HLT) is HLT's opcode (or cannot be
+        read, e.g. code in an LDT segment: then the HLT it was before)."""
+        from hvm.vcpu.tcg_idt import linear_byte
+
+        return linear_byte(self, self.memory, -1) in (0xF4, None)
 
     def _deliver(self, vector: int, software: bool, what: str) -> TcgStop:
         """Deliver `vector` through the guest's IDT/IVT (hvm/vcpu/tcg_idt.py): "delivered", or the fault."""
