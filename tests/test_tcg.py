@@ -531,22 +531,44 @@ def test_stop_ends_a_running_tcg_guest_and_close_ends_its_thread():
     assert m.memory is None
 
 
-def test_resume_after_a_kick_in_real_protected_and_long_mode(monkeypatch):
-    """Every port write kicks the vCPU (as a pause or a slice's end does), so Unicorn is entered again ~70
-    times from the guest's current CS:RIP, in each of the modes firmware/modes walks through by itself."""
+def count_runs(monkeypatch) -> list[int]:
+    """A one-element list counting TcgCpu.run calls (each one enters Unicorn again at the guest's CS:RIP)."""
     from hvm.vcpu import tcg
 
-    runs, run, write = [0], tcg.TcgCpu.run, tcg.TcgVcpuThread._pio_write
+    runs, run = [0], tcg.TcgCpu.run
 
     def counted_run(self):
         runs[0] += 1
         return run(self)
 
+    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
+    return runs
+
+
+def run_across_slices_and_a_pause(monkeypatch, config: dict) -> tuple[object, str, int]:
+    """Start the guest, pause and resume it after 50 ms, wait for its end: (result, console text, runs)."""
+    runs = count_runs(monkeypatch)
+    spec = parse_spec({**config, "accel": "tcg", "timeout": 20})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        m.start()
+        time.sleep(0.05)
+        m.pause()
+        m.resume()
+        result = m.wait(20)
+        return result, m.console.text(), runs[0]
+
+
+def test_resume_after_a_kick_in_real_protected_and_long_mode(monkeypatch):
+    """Every port write kicks the vCPU (as a pause or a slice's end does), so Unicorn is entered again ~70
+    times from the guest's current CS:RIP, in each of the modes firmware/modes walks through by itself."""
+    from hvm.vcpu import tcg
+
+    runs, write = count_runs(monkeypatch), tcg.TcgVcpuThread._pio_write
+
     def kicking_write(self, port, size, value):
         write(self, port, size, value)
         self.cpu.kick()
 
-    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
     monkeypatch.setattr(tcg.TcgVcpuThread, "_pio_write", kicking_write)
     spec = parse_spec({**_flat(FIRMWARE / "modes.bin"), "accel": "tcg", "timeout": TIMEOUT})
     with Machine(spec, console=Console("none", "none", open_now=False)) as m:
@@ -567,26 +589,11 @@ HIGH_LOOP = bytes.fromhex(
 def test_a_real_mode_boot_runs_on_above_64k_across_slices_and_pauses(monkeypatch, tmp_path):
     """The loop above 1 MiB lasts several 50 ms slices, and is paused and resumed: each time Unicorn is entered
     again at CS:EIP with EIP > 0xffff (Unicorn's 16-bit mode, used for real-mode boots before, kept only IP)."""
-    from hvm.vcpu import tcg
-
-    runs, run = [0], tcg.TcgCpu.run
-
-    def counted_run(self):
-        runs[0] += 1
-        return run(self)
-
-    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
     image = tmp_path / "high.bin"
     image.write_bytes(HIGH_LOOP)
-    spec = parse_spec({**_flat(image, memory="4M", machine="none"), "accel": "tcg", "timeout": 20})
-    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
-        m.start()
-        time.sleep(0.05)
-        m.pause()
-        m.resume()
-        result = m.wait(20)
-        assert (result.reason, result.status, m.console.text()) == ("debug-exit", 11, "P\n"), result
-    assert runs[0] >= 3
+    result, text, runs = run_across_slices_and_a_pause(monkeypatch, _flat(image, memory="4M", machine="none"))
+    assert (result.reason, result.status, text) == ("debug-exit", 11, "P\n"), result
+    assert runs >= 3
 
 
 # Protected mode at 0x100000 (its own GDT): page tables mapping 0..1 GiB twice, at 0 and at 4 GiB; long mode;
@@ -601,26 +608,11 @@ ABOVE_4G = bytes.fromhex(
 
 
 def test_a_protected_mode_boot_runs_on_above_4g_in_long_mode_across_slices(monkeypatch, tmp_path):
-    from hvm.vcpu import tcg
-
-    runs, run = [0], tcg.TcgCpu.run
-
-    def counted_run(self):
-        runs[0] += 1
-        return run(self)
-
-    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
     image = tmp_path / "above4g.bin"
     image.write_bytes(ABOVE_4G)
-    spec = parse_spec({**_flat(image, "protected", 0x100000, machine="none"), "accel": "tcg", "timeout": 20})
-    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
-        m.start()
-        time.sleep(0.05)
-        m.pause()
-        m.resume()
-        result = m.wait(20)
-        assert (result.reason, result.status, m.console.text()) == ("debug-exit", 13, "L1\n"), result
-    assert runs[0] >= 3
+    result, text, runs = run_across_slices_and_a_pause(monkeypatch, _flat(image, "protected", 0x100000, machine="none"))
+    assert (result.reason, result.status, text) == ("debug-exit", 13, "L1\n"), result
+    assert runs >= 3
 
 
 def test_pause_before_the_first_instruction_then_resume():
