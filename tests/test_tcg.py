@@ -27,7 +27,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import CONFIGS, FIRMWARE, ROOT, run_hvm, write_yaml
+from conftest import CONFIGS, FIRMWARE, ROOT, Latch, run_hvm, write_yaml
 
 pytest.importorskip("unicorn", reason="accel tcg needs the unicorn package")
 
@@ -765,17 +765,11 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-class Faulty:
+class Faulty(Latch):
     name = "faulty"
 
-    def __init__(self) -> None:
-        self.writes: list[int] = []
-
-    def read(self, offset: int, size: int) -> int:
-        return 0
-
     def write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append(value)
+        super().write(offset, size, value)
         raise ZeroDivisionError("division by zero")
 
 
