@@ -861,22 +861,27 @@ def test_qmp_stop_cont_and_the_refusals_under_tcg(tmp_path):
 
 
 # --- a #UD handler that raises #UD again ---------------------------------------------------------------------
-def ud_loop_image(tmp: Path, reset_rsp: bool) -> Path:
-    """Long mode at 0x100000: LIDT, UD2; the #UD gate (selector 0x10, the loader's code segment) points at a
-    handler that is UD2 again (after resetting RSP: it never runs out of stack)."""
-    base, handler, idtr, idt = 0x100000, 0x10, 0x40, 0x50
-    code = bytes.fromhex("0f011c25") + (base + idtr).to_bytes(4, "little") + bytes.fromhex("0f0b")   # lidt [abs]; ud2
-    body = (bytes.fromhex("48c7c400700000") if reset_rsp else b"") + bytes.fromhex("0f0b")
-    image = bytearray(0x50 + 16 * 7)
-    image[:len(code)] = code
-    image[handler:handler + len(body)] = body
-    image[idtr:idtr + 10] = (16 * 7 - 1).to_bytes(2, "little") + (base + idt).to_bytes(8, "little")
-    target = base + handler
+def gate_image(tmp: Path, vector: int, code: bytes, handler: bytes) -> Path:
+    """Long mode at 0x100000: LIDT, then `code` (at 0x100008); the gate of `vector` (selector 0x10, the
+    loader's code segment) points at `handler` (at 0x100020), every other gate is empty."""
+    base, at, idtr, idt = 0x100000, 0x20, 0x40, 0x50
+    image = bytearray(idt + 16 * (vector + 1))
+    image[:8] = bytes.fromhex("0f011c25") + (base + idtr).to_bytes(4, "little")   # lidt [abs]
+    image[8:8 + len(code)] = code
+    image[at:at + len(handler)] = handler
+    image[idtr:idtr + 10] = (16 * (vector + 1) - 1).to_bytes(2, "little") + (base + idt).to_bytes(8, "little")
+    target = base + at
     gate = (target & 0xFFFF) | 0x10 << 16 | 0x8E << 40 | (target >> 16 & 0xFFFF) << 48
-    image[idt + 16 * 6:idt + 16 * 7] = gate.to_bytes(8, "little") + (target >> 32).to_bytes(8, "little")
-    path = tmp / "udloop.bin"
+    image[idt + 16 * vector:] = gate.to_bytes(8, "little") + (target >> 32).to_bytes(8, "little")
+    path = tmp / f"gate{vector}.bin"
     path.write_bytes(bytes(image))
     return path
+
+
+def ud_loop_image(tmp: Path, reset_rsp: bool) -> Path:
+    """UD2, whose #UD handler is UD2 again (after resetting RSP: then it never runs out of stack)."""
+    return gate_image(tmp, 6, bytes.fromhex("0f0b"),
+                      (bytes.fromhex("48c7c400700000") if reset_rsp else b"") + bytes.fromhex("0f0b"))
 
 
 def test_a_ud_handler_that_raises_ud_again_is_delivered_each_time_not_a_halt(tmp_path):
@@ -890,7 +895,7 @@ def test_a_ud_handler_that_raises_ud_again_is_delivered_each_time_not_a_halt(tmp
         delivered = m.threads[0].completed["#UD delivered"]
     assert (result.status, result.reason, result.crash.reason) == (4, "crash", INVALID)
     assert result.crash.detail.startswith("hvm could not deliver it as the CPU would: page of ")
-    assert delivered > 100 and result.crash.regs["rip"] == 0x100010
+    assert delivered > 100 and result.crash.regs["rip"] == 0x100020
 
 
 def test_the_watchdog_pause_and_stop_end_a_guest_looping_on_ud_deliveries(tmp_path):
@@ -912,3 +917,16 @@ def test_the_watchdog_pause_and_stop_end_a_guest_looping_on_ud_deliveries(tmp_pa
         m.stop()
         assert m.wait(5).reason != "halt"
     assert vcpu_threads() == []
+
+
+def test_int1_is_delivered_through_vector_1_with_the_next_instruction_as_return_address(tmp_path):
+    """INT1 (ICEBP, F1): Unicorn stops at it as at an invalid instruction; a CPU raises #DB (vector 1, no DPL
+    check) with the address after it pushed, as docs/tcg.md says hvm delivers it. The handler pops that."""
+    image = gate_image(tmp_path, 1, bytes.fromhex("f1 0f0b"), bytes.fromhex("58 f4"))    # int1; ud2 | pop rax; hlt
+    spec = parse_spec({**_flat(image, "long", 0x100000, machine="none"), "accel": "tcg", "timeout": TIMEOUT})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        result = m.run()
+        thread = m.threads[0]
+        regs, _ = thread.cpu.registers()
+        assert (result.status, result.reason) == (0, "halt"), result.crash
+        assert regs["rax"] == 0x100009 and thread.completed == {"INT 0x1 delivered": 1}

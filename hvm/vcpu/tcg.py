@@ -258,7 +258,7 @@ class TcgCpu:
             from unicorn import UC_ERR_INSN_INVALID
 
             if e.errno == UC_ERR_INSN_INVALID:     # RIP is at the instruction: #UD is delivered precisely
-                return self._deliver(UD_VECTOR, False, "tcg: invalid instruction (#UD)")
+                return self._invalid()
             return TcgStop("fault", f"tcg: {_describe_error(e)}", self._error_detail(e))
         if self._fault is not None:
             vector = self._vector
@@ -275,8 +275,23 @@ class TcgCpu:
             # instruction again (seen with a #UD handler that raises #UD: its second #UD ended the VM as
             # "halted", status 0; running again from RIP returns the same way, so a retry would spin). No HLT,
             # no kick, no slice's end, no hook: that is the #UD.
-            return self._deliver(UD_VECTOR, False, "tcg: invalid instruction (#UD)")
+            return self._invalid()
         return TcgStop("halt")
+
+    def _invalid(self) -> TcgStop:
+        """Unicorn stopped at an instruction it does not execute, RIP at it: #UD, except for INT1 (ICEBP, F1),
+        which Unicorn stops at the same way and a CPU executes: #DB (vector 1) with the next instruction's
+        address pushed, and no DPL check (SDM vol. 3, 6.12.1.1)."""
+        from hvm.vcpu.tcg_idt import linear_byte
+
+        if linear_byte(self, self.memory, 0) == 0xF1:
+            self.uc.reg_write(self._pc_reg, self.pc() + 1)
+            stop = self._deliver(1, False, "tcg: software interrupt 0x1 (INT1)")
+            if stop.kind == "delivered":
+                return TcgStop("delivered", "INT 0x1")
+            self.uc.reg_write(self._pc_reg, self.pc() - 1)   # the crash report's RIP: the INT1
+            return stop
+        return self._deliver(UD_VECTOR, False, "tcg: invalid instruction (#UD)")
 
     def _after_hlt(self) -> bool:
         """Whether the byte before RIP (where Unicorn leaves RIP after a HLT) is HLT's opcode (or cannot be
