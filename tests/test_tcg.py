@@ -930,3 +930,27 @@ def test_int1_is_delivered_through_vector_1_with_the_next_instruction_as_return_
         regs, _ = thread.cpu.registers()
         assert (result.status, result.reason) == (0, "halt"), result.crash
         assert regs["rax"] == 0x100009 and thread.completed == {"INT 0x1 delivered": 1}
+
+
+@pytest.mark.parametrize("where", ["set_boot_state", "_map_mmio"])
+def test_a_tcg_vcpu_that_fails_half_way_through_construction_closes_its_unicorn(monkeypatch, where):
+    """A TcgCpu's Unicorn exists before its MMIO regions are mapped and before the boot state is written: if
+    either fails, the Machine never holds the thread, so the vCPU itself must close its Unicorn (uc_close now, not
+    whenever the hooks' reference cycle is collected, after guest memory is unmapped)."""
+    from hvm.vcpu import tcg
+
+    closed, close = [], tcg.TcgCpu.close
+
+    def recording_close(self):
+        closed.append(self.uc is not None)
+        close(self)
+
+    def failing(self, *args):
+        raise RuntimeError("no boot state")
+
+    monkeypatch.setattr(tcg.TcgCpu, "close", recording_close)
+    monkeypatch.setattr(tcg.TcgCpu, where, failing)
+    spec = parse_spec({**_flat(FIRMWARE / "hello.bin"), "accel": "tcg", "timeout": TIMEOUT})
+    with pytest.raises(RuntimeError, match="no boot state"):
+        Machine(spec, console=Console("none", "none", open_now=False))
+    assert closed == [True]

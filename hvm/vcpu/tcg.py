@@ -96,7 +96,7 @@ class TcgCpu:
     Unicorn's state; the guest memory stays hvm's)."""
 
     def __init__(self, memory, mode: str, io: TcgIo) -> None:
-        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc
+        from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
         from unicorn import x86_const as x
 
         self._x = x
@@ -115,6 +115,17 @@ class TcgCpu:
         self.memory = memory
         self._read: tuple[int, int, int] = (0, 0, 0)     # the last MMIO read: (address, size, value)
         self.io = io
+        try:
+            self._set_up(memory, x)
+        except BaseException:    # half built: Unicorn is closed now, not when the hooks' cycle is collected
+            self.close()
+            raise
+
+    def _set_up(self, memory, x) -> None:
+        """Guest RAM, MMIO regions and the hooks."""
+        from unicorn import UC_HOOK_INSN, UC_HOOK_INTR, UC_PROT_ALL
+
+        uc = self.uc
         regions = sorted((r.gpa, r.size, r.host_addr) for r in memory.regions)
         at = 0
         for gpa, size, host in regions:
@@ -398,7 +409,11 @@ class TcgVcpuThread(threading.Thread):
         self._mmio = machine.mmio.for_vcpu()
         self.cpu = TcgCpu(memory, boot_state.mode,
                           TcgIo(self._pio_read, self._pio_write, self._mmio_read, self._mmio_write))
-        self.cpu.set_boot_state(boot_state)
+        try:
+            self.cpu.set_boot_state(boot_state)
+        except BaseException:   # the Machine never holds this thread: its Unicorn is closed here
+            self.close()
+            raise
 
     # --- accesses, accounted as KVM exits ------------------------------------------------------------
     def _record(self, reason: int, where, size: int, direction: int, value: int | None, t: int) -> None:
