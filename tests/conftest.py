@@ -194,3 +194,17 @@ class FakeRam:
         if gpa + len(data) > len(self.data):
             raise GuestMemoryError(f"{gpa:#x}+{len(data)} is outside guest RAM")
         self.data[gpa:gpa + len(data)] = data
+
+
+class Latch:
+    """A port device for bus tests: reads 0, keeps every value written (a subclass may fail in write)."""
+    name = "latch"
+
+    def __init__(self) -> None:
+        self.writes: list[int] = []
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append(value)

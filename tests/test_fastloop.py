@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import FIRMWARE
+from conftest import FIRMWARE, Latch
 from hvm import Machine
 from hvm.config import FlatBoot, VmSpec
 from hvm.console import Console
@@ -121,20 +121,6 @@ def test_watchdog_ends_a_vcpu_looping_in_c(tmp_path):
 def test_a_device_claiming_a_port_takes_it_back_from_c(tmp_path):
     """Routes follow the bus: once a device registers a port the fast loop had as unclaimed, its exits
     reach the device again."""
-    from hvm.mmio.device import Device
-
-    class Latch(Device):
-        name = "latch"
-
-        def __init__(self) -> None:
-            self.writes: list[int] = []
-
-        def read(self, offset: int, size: int) -> int:
-            return 0
-
-        def write(self, offset: int, size: int, value: int) -> None:
-            self.writes.append(value)
-
     with Machine(spec_for(tmp_path, PORT80_LOOP), console=Console("none", "none")) as vm:
         fast = vm.threads[0].fast
         vm.pio.write(0x80, 1, 0)           # a miss before start: the bus logs it and tells the fast loop

@@ -27,7 +27,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import CONFIGS, FIRMWARE, ROOT, run_hvm, write_yaml
+from conftest import CONFIGS, FIRMWARE, ROOT, Latch, run_hvm, write_yaml
 
 pytest.importorskip("unicorn", reason="accel tcg needs the unicorn package")
 
@@ -531,22 +531,44 @@ def test_stop_ends_a_running_tcg_guest_and_close_ends_its_thread():
     assert m.memory is None
 
 
-def test_resume_after_a_kick_in_real_protected_and_long_mode(monkeypatch):
-    """Every port write kicks the vCPU (as a pause or a slice's end does), so Unicorn is entered again ~70
-    times from the guest's current CS:RIP, in each of the modes firmware/modes walks through by itself."""
+def count_runs(monkeypatch) -> list[int]:
+    """A one-element list counting TcgCpu.run calls (each one enters Unicorn again at the guest's CS:RIP)."""
     from hvm.vcpu import tcg
 
-    runs, run, write = [0], tcg.TcgCpu.run, tcg.TcgVcpuThread._pio_write
+    runs, run = [0], tcg.TcgCpu.run
 
     def counted_run(self):
         runs[0] += 1
         return run(self)
 
+    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
+    return runs
+
+
+def run_across_slices_and_a_pause(monkeypatch, config: dict) -> tuple[object, str, int]:
+    """Start the guest, pause and resume it after 50 ms, wait for its end: (result, console text, runs)."""
+    runs = count_runs(monkeypatch)
+    spec = parse_spec({**config, "accel": "tcg", "timeout": 20})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        m.start()
+        time.sleep(0.05)
+        m.pause()
+        m.resume()
+        result = m.wait(20)
+        return result, m.console.text(), runs[0]
+
+
+def test_resume_after_a_kick_in_real_protected_and_long_mode(monkeypatch):
+    """Every port write kicks the vCPU (as a pause or a slice's end does), so Unicorn is entered again ~70
+    times from the guest's current CS:RIP, in each of the modes firmware/modes walks through by itself."""
+    from hvm.vcpu import tcg
+
+    runs, write = count_runs(monkeypatch), tcg.TcgVcpuThread._pio_write
+
     def kicking_write(self, port, size, value):
         write(self, port, size, value)
         self.cpu.kick()
 
-    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
     monkeypatch.setattr(tcg.TcgVcpuThread, "_pio_write", kicking_write)
     spec = parse_spec({**_flat(FIRMWARE / "modes.bin"), "accel": "tcg", "timeout": TIMEOUT})
     with Machine(spec, console=Console("none", "none", open_now=False)) as m:
@@ -567,26 +589,11 @@ HIGH_LOOP = bytes.fromhex(
 def test_a_real_mode_boot_runs_on_above_64k_across_slices_and_pauses(monkeypatch, tmp_path):
     """The loop above 1 MiB lasts several 50 ms slices, and is paused and resumed: each time Unicorn is entered
     again at CS:EIP with EIP > 0xffff (Unicorn's 16-bit mode, used for real-mode boots before, kept only IP)."""
-    from hvm.vcpu import tcg
-
-    runs, run = [0], tcg.TcgCpu.run
-
-    def counted_run(self):
-        runs[0] += 1
-        return run(self)
-
-    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
     image = tmp_path / "high.bin"
     image.write_bytes(HIGH_LOOP)
-    spec = parse_spec({**_flat(image, memory="4M", machine="none"), "accel": "tcg", "timeout": 20})
-    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
-        m.start()
-        time.sleep(0.05)
-        m.pause()
-        m.resume()
-        result = m.wait(20)
-        assert (result.reason, result.status, m.console.text()) == ("debug-exit", 11, "P\n"), result
-    assert runs[0] >= 3
+    result, text, runs = run_across_slices_and_a_pause(monkeypatch, _flat(image, memory="4M", machine="none"))
+    assert (result.reason, result.status, text) == ("debug-exit", 11, "P\n"), result
+    assert runs >= 3
 
 
 # Protected mode at 0x100000 (its own GDT): page tables mapping 0..1 GiB twice, at 0 and at 4 GiB; long mode;
@@ -601,26 +608,11 @@ ABOVE_4G = bytes.fromhex(
 
 
 def test_a_protected_mode_boot_runs_on_above_4g_in_long_mode_across_slices(monkeypatch, tmp_path):
-    from hvm.vcpu import tcg
-
-    runs, run = [0], tcg.TcgCpu.run
-
-    def counted_run(self):
-        runs[0] += 1
-        return run(self)
-
-    monkeypatch.setattr(tcg.TcgCpu, "run", counted_run)
     image = tmp_path / "above4g.bin"
     image.write_bytes(ABOVE_4G)
-    spec = parse_spec({**_flat(image, "protected", 0x100000, machine="none"), "accel": "tcg", "timeout": 20})
-    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
-        m.start()
-        time.sleep(0.05)
-        m.pause()
-        m.resume()
-        result = m.wait(20)
-        assert (result.reason, result.status, m.console.text()) == ("debug-exit", 13, "L1\n"), result
-    assert runs[0] >= 3
+    result, text, runs = run_across_slices_and_a_pause(monkeypatch, _flat(image, "protected", 0x100000, machine="none"))
+    assert (result.reason, result.status, text) == ("debug-exit", 13, "L1\n"), result
+    assert runs >= 3
 
 
 def test_pause_before_the_first_instruction_then_resume():
@@ -773,17 +765,11 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-class Faulty:
+class Faulty(Latch):
     name = "faulty"
 
-    def __init__(self) -> None:
-        self.writes: list[int] = []
-
-    def read(self, offset: int, size: int) -> int:
-        return 0
-
     def write(self, offset: int, size: int, value: int) -> None:
-        self.writes.append(value)
+        super().write(offset, size, value)
         raise ZeroDivisionError("division by zero")
 
 
@@ -872,3 +858,99 @@ def test_qmp_stop_cont_and_the_refusals_under_tcg(tmp_path):
         assert "Traceback" not in v.stderr()
     finally:
         v.kill()
+
+
+# --- a #UD handler that raises #UD again ---------------------------------------------------------------------
+def gate_image(tmp: Path, vector: int, code: bytes, handler: bytes) -> Path:
+    """Long mode at 0x100000: LIDT, then `code` (at 0x100008); the gate of `vector` (selector 0x10, the
+    loader's code segment) points at `handler` (at 0x100020), every other gate is empty."""
+    base, at, idtr, idt = 0x100000, 0x20, 0x40, 0x50
+    image = bytearray(idt + 16 * (vector + 1))
+    image[:8] = bytes.fromhex("0f011c25") + (base + idtr).to_bytes(4, "little")   # lidt [abs]
+    image[8:8 + len(code)] = code
+    image[at:at + len(handler)] = handler
+    image[idtr:idtr + 10] = (16 * (vector + 1) - 1).to_bytes(2, "little") + (base + idt).to_bytes(8, "little")
+    target = base + at
+    gate = (target & 0xFFFF) | 0x10 << 16 | 0x8E << 40 | (target >> 16 & 0xFFFF) << 48
+    image[idt + 16 * vector:] = gate.to_bytes(8, "little") + (target >> 32).to_bytes(8, "little")
+    path = tmp / f"gate{vector}.bin"
+    path.write_bytes(bytes(image))
+    return path
+
+
+def ud_loop_image(tmp: Path, reset_rsp: bool) -> Path:
+    """UD2, whose #UD handler is UD2 again (after resetting RSP: then it never runs out of stack)."""
+    return gate_image(tmp, 6, bytes.fromhex("0f0b"),
+                      (bytes.fromhex("48c7c400700000") if reset_rsp else b"") + bytes.fromhex("0f0b"))
+
+
+def test_a_ud_handler_that_raises_ud_again_is_delivered_each_time_not_a_halt(tmp_path):
+    """Unicorn returns without an error at an invalid instruction it met before: that was taken for a HLT (the
+    VM ended "halted", status 0, after two deliveries). Each #UD is delivered: the frames use up the stack
+    until one cannot be pushed, a crash report naming it."""
+    spec = parse_spec({**_flat(ud_loop_image(tmp_path, False), "long", 0x100000, machine="none"), "accel": "tcg",
+                       "timeout": TIMEOUT})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        result = m.run()
+        delivered = m.threads[0].completed["#UD delivered"]
+    assert (result.status, result.reason, result.crash.reason) == (4, "crash", INVALID)
+    assert result.crash.detail.startswith("hvm could not deliver it as the CPU would: page of ")
+    assert delivered > 100 and result.crash.regs["rip"] == 0x100020
+
+
+def test_the_watchdog_pause_and_stop_end_a_guest_looping_on_ud_deliveries(tmp_path):
+    image = ud_loop_image(tmp_path, True)
+    run = run_hvm("run", _yaml(tmp_path, "udloop", _flat(image, "long", 0x100000, machine="none")), "--accel", "tcg",
+                  "--timeout", "1")
+    assert (run.status, run.stderr) == (124, "hvm: timeout: the guest was still running after 1 s\n")
+    spec = parse_spec({**_flat(image, "long", 0x100000, machine="none"), "accel": "tcg", "timeout": TIMEOUT})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        m.start()
+        time.sleep(0.2)
+        m.pause()
+        before = m.threads[0].completed["#UD delivered"]
+        time.sleep(0.2)
+        assert m.threads[0].completed["#UD delivered"] == before > 10      # paused: no delivery
+        m.resume()
+        time.sleep(0.2)
+        assert m.threads[0].completed["#UD delivered"] > before
+        m.stop()
+        assert m.wait(5).reason != "halt"
+    assert vcpu_threads() == []
+
+
+def test_int1_is_delivered_through_vector_1_with_the_next_instruction_as_return_address(tmp_path):
+    """INT1 (ICEBP, F1): Unicorn stops at it as at an invalid instruction; a CPU raises #DB (vector 1, no DPL
+    check) with the address after it pushed, as docs/tcg.md says hvm delivers it. The handler pops that."""
+    image = gate_image(tmp_path, 1, bytes.fromhex("f1 0f0b"), bytes.fromhex("58 f4"))    # int1; ud2 | pop rax; hlt
+    spec = parse_spec({**_flat(image, "long", 0x100000, machine="none"), "accel": "tcg", "timeout": TIMEOUT})
+    with Machine(spec, console=Console("none", "none", open_now=False)) as m:
+        result = m.run()
+        thread = m.threads[0]
+        regs, _ = thread.cpu.registers()
+        assert (result.status, result.reason) == (0, "halt"), result.crash
+        assert regs["rax"] == 0x100009 and thread.completed == {"INT 0x1 delivered": 1}
+
+
+@pytest.mark.parametrize("where", ["set_boot_state", "_map_mmio"])
+def test_a_tcg_vcpu_that_fails_half_way_through_construction_closes_its_unicorn(monkeypatch, where):
+    """A TcgCpu's Unicorn exists before its MMIO regions are mapped and before the boot state is written: if
+    either fails, the Machine never holds the thread, so the vCPU itself must close its Unicorn (uc_close now, not
+    whenever the hooks' reference cycle is collected, after guest memory is unmapped)."""
+    from hvm.vcpu import tcg
+
+    closed, close = [], tcg.TcgCpu.close
+
+    def recording_close(self):
+        closed.append(self.uc is not None)
+        close(self)
+
+    def failing(self, *args):
+        raise RuntimeError("no boot state")
+
+    monkeypatch.setattr(tcg.TcgCpu, "close", recording_close)
+    monkeypatch.setattr(tcg.TcgCpu, where, failing)
+    spec = parse_spec({**_flat(FIRMWARE / "hello.bin"), "accel": "tcg", "timeout": TIMEOUT})
+    with pytest.raises(RuntimeError, match="no boot state"):
+        Machine(spec, console=Console("none", "none", open_now=False))
+    assert closed == [True]

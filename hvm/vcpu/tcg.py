@@ -96,7 +96,7 @@ class TcgCpu:
     Unicorn's state; the guest memory stays hvm's)."""
 
     def __init__(self, memory, mode: str, io: TcgIo) -> None:
-        from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc
+        from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
         from unicorn import x86_const as x
 
         self._x = x
@@ -115,6 +115,17 @@ class TcgCpu:
         self.memory = memory
         self._read: tuple[int, int, int] = (0, 0, 0)     # the last MMIO read: (address, size, value)
         self.io = io
+        try:
+            self._set_up(memory, x)
+        except BaseException:    # half built: Unicorn is closed now, not when the hooks' cycle is collected
+            self.close()
+            raise
+
+    def _set_up(self, memory, x) -> None:
+        """Guest RAM, MMIO regions and the hooks."""
+        from unicorn import UC_HOOK_INSN, UC_HOOK_INTR, UC_PROT_ALL
+
+        uc = self.uc
         regions = sorted((r.gpa, r.size, r.host_addr) for r in memory.regions)
         at = 0
         for gpa, size, host in regions:
@@ -258,7 +269,7 @@ class TcgCpu:
             from unicorn import UC_ERR_INSN_INVALID
 
             if e.errno == UC_ERR_INSN_INVALID:     # RIP is at the instruction: #UD is delivered precisely
-                return self._deliver(UD_VECTOR, False, "tcg: invalid instruction (#UD)")
+                return self._invalid()
             return TcgStop("fault", f"tcg: {_describe_error(e)}", self._error_detail(e))
         if self._fault is not None:
             vector = self._vector
@@ -270,7 +281,35 @@ class TcgCpu:
             return TcgStop("kick")
         if self.uc.query(UC_QUERY_TIMEOUT):
             return TcgStop("kick")
+        if not self._after_hlt():
+            # Unicorn (2.1) also returns without an error, RIP at the instruction, when it runs into an invalid
+            # instruction again (seen with a #UD handler that raises #UD: its second #UD ended the VM as
+            # "halted", status 0; running again from RIP returns the same way, so a retry would spin). No HLT,
+            # no kick, no slice's end, no hook: that is the #UD.
+            return self._invalid()
         return TcgStop("halt")
+
+    def _invalid(self) -> TcgStop:
+        """Unicorn stopped at an instruction it does not execute, RIP at it: #UD, except for INT1 (ICEBP, F1),
+        which Unicorn stops at the same way and a CPU executes: #DB (vector 1) with the next instruction's
+        address pushed, and no DPL check (SDM vol. 3, 6.12.1.1)."""
+        from hvm.vcpu.tcg_idt import linear_byte
+
+        if linear_byte(self, self.memory, 0) == 0xF1:
+            self.uc.reg_write(self._pc_reg, self.pc() + 1)
+            stop = self._deliver(1, False, "tcg: software interrupt 0x1 (INT1)")
+            if stop.kind == "delivered":
+                return TcgStop("delivered", "INT 0x1")
+            self.uc.reg_write(self._pc_reg, self.pc() - 1)   # the crash report's RIP: the INT1
+            return stop
+        return self._deliver(UD_VECTOR, False, "tcg: invalid instruction (#UD)")
+
+    def _after_hlt(self) -> bool:
+        """Whether the byte before RIP (where Unicorn leaves RIP after a HLT) is HLT's opcode (or cannot be
+        read, e.g. code in an LDT segment: then the HLT it was before)."""
+        from hvm.vcpu.tcg_idt import linear_byte
+
+        return linear_byte(self, self.memory, -1) in (0xF4, None)
 
     def _deliver(self, vector: int, software: bool, what: str) -> TcgStop:
         """Deliver `vector` through the guest's IDT/IVT (hvm/vcpu/tcg_idt.py): "delivered", or the fault."""
@@ -370,7 +409,11 @@ class TcgVcpuThread(threading.Thread):
         self._mmio = machine.mmio.for_vcpu()
         self.cpu = TcgCpu(memory, boot_state.mode,
                           TcgIo(self._pio_read, self._pio_write, self._mmio_read, self._mmio_write))
-        self.cpu.set_boot_state(boot_state)
+        try:
+            self.cpu.set_boot_state(boot_state)
+        except BaseException:   # the Machine never holds this thread: its Unicorn is closed here
+            self.close()
+            raise
 
     # --- accesses, accounted as KVM exits ------------------------------------------------------------
     def _record(self, reason: int, where, size: int, direction: int, value: int | None, t: int) -> None:

@@ -127,6 +127,15 @@ def software_vector(tcg, memory, vector: int) -> bool:
         return False
 
 
+def linear_byte(tcg, memory, offset: int) -> int | None:
+    """The code byte at CS:RIP + offset (None where it cannot be read)."""
+    cpu = _Cpu(tcg, memory)
+    try:
+        return cpu.read(cpu.code_base() + tcg.pc() + offset, 1)
+    except DeliveryError:
+        return None
+
+
 def deliver(tcg, memory, vector: int, software: bool) -> None:
     """Deliver `vector` (no error code: #UD or a software interrupt) at the vCPU's current RIP, which is the
     return address; raises DeliveryError if hvm cannot do it as the CPU would."""
