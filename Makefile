@@ -32,7 +32,7 @@ $(FWB)/modes.elf: $(FW)/modes.S $(FW)/uart.inc | $(FWB)
 $(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT32))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc $(FW)/virtio.inc $(FW)/virtio_driver.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m32 -I$(FW) -o $(FWB)/$*.o $<
 	ld -m elf_i386 -Ttext=0x100000 -e _start -o $@ $(FWB)/$*.o
-$(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT64))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc | $(FWB)
+$(addprefix $(FWB)/,$(addsuffix .elf,$(FLAT64))): $(FWB)/%.elf: $(FW)/%.S $(FW)/uart.inc $(FW)/header.inc | $(FWB)
 	$(CC) -c -x assembler-with-cpp -m64 -I$(FW) -o $(FWB)/$*.o $<
 	ld -m elf_x86_64 -Ttext=0x100000 -e _start -o $@ $(FWB)/$*.o
 $(FWB)/%.bin: $(FWB)/%.elf

@@ -28,15 +28,7 @@ ring:           .long 0
 start:
         cli
         lea stack_top(%rip), %rsp
-        lgdt gdt_desc(%rip)
-        pushq $KCODE
-        lea 1f(%rip), %rax
-        push %rax
-        lretq
-1:      mov $KDATA, %ax
-        mov %ax, %ds
-        mov %ax, %es
-        mov %ax, %ss
+        LOAD_OWN_GDT64
         mov iterations(%rip), %ecx
         cmpl $3, ring(%rip)
         jne loop

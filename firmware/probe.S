@@ -25,6 +25,7 @@
  * #GP the error code) and resume at RESUME.
  * Tags: 'S' syscall entry, 'I' int 0x80 gate, 'E' sysenter entry, 'U' #UD, 'G' #GP, 'P' #PF,
  * 'B' #BP, 'K' the instruction under test completed, 'W' an instruction without visible effect passed. */
+#include "header.inc"
         .set REPORT, 0x80
         .set DEBUG_EXIT, 0xf4
         .set KCODE, 0x08
@@ -42,15 +43,7 @@ _start:
         mov $kstack_top, %rsp
         mov %rdi, %r12                  /* probe number */
         mov %rsi, %r13                  /* iterations */
-        lgdt gdt_desc(%rip)
-        pushq $KCODE
-        lea 1f(%rip), %rax
-        push %rax
-        lretq
-1:      mov $KDATA, %ax
-        mov %ax, %ds
-        mov %ax, %es
-        mov %ax, %ss
+        LOAD_OWN_GDT64
         /* TSS: RSP0 = kernel stack, descriptor base patched in */
         lea tss(%rip), %rax
         lea kstack_top(%rip), %rbx
