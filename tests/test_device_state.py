@@ -19,6 +19,7 @@ import hvm.mmio
 from conftest import GUEST_TIMEOUT, FakeRam
 from hvm.mmio.acpi_pm import PM1_CNT, PM1_EVT, PWRBTN_EN, PWRBTN_STS, SCI_IRQ, AcpiPm
 from hvm.mmio.debug_exit import DebugExit
+from hvm.mmio.apic_regs import APIC_SIZE, ApicRegisters
 from hvm.mmio.debugcon import DebugCon
 from hvm.mmio.device import DeviceStateError, IrqLine
 from hvm.mmio.fw_cfg import FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE, FwCfg
@@ -154,13 +155,27 @@ def pci_ecam_rig(now=None) -> Rig:
     return Rig(ecam, [(ecam, ECAM_SIZE)])
 
 
+def apic_rig(now=None) -> Rig:
+    """The tcg accelerator's LAPIC register page (no interrupt logic: nothing goes out)."""
+    dev = ApicRegisters()
+    return Rig(dev, [(dev, APIC_SIZE)])
+
+
+def apic_busy() -> Rig:
+    rig = apic_rig()
+    for reg, value in ((0x80, 0x20), (0xF0, 0x1FF), (0x320, 0x20030), (0x310, 0x01000000), (0x300, 0x4500),
+                       (0x380, 12345), (0x3E0, 0xB)):
+        rig.dev.write(reg, 4, value)
+    return rig
+
+
 # Every device class in hvm/mmio/ with its rig. A device class missing here fails test_every_device_has_a_rig.
 RIGS: dict[str, Callable[..., Rig]] = {
     "SerialUart": uart_rig, "Rtc": rtc_rig, "_Port": i8042_rig, "AcpiPm": acpi_rig, "FwCfg": fw_cfg_rig,
     "DebugExit": debug_exit_rig, "DebugCon": debugcon_rig, "PvConsole": pvconsole_rig,
     "PcTestDev": pc_testdev_rig, "PcTestDevIrq": pc_testdev_irq_rig, "PciBus": pci_rig,
     "PciEcam": pci_ecam_rig,
-    "PcTestDevByteView": pc_testdev_byte_rig, "PcTestDevIomem": pc_testdev_iomem_rig,
+    "PcTestDevByteView": pc_testdev_byte_rig, "PcTestDevIomem": pc_testdev_iomem_rig, "ApicRegisters": apic_rig,
 }
 # The RTC reads host wall-clock time plus the guest's offset: a restored one is compared at the same host
 # time. The PM timer counts on from its saved value whatever the new host's clock says.
@@ -433,7 +448,7 @@ BUSY: dict[str, Callable[[], Rig]] = {
     "PcTestDev": pc_testdev_busy, "PcTestDevIrq": pc_testdev_irq_busy, "PciBus": pci_busy,
     "PcTestDevIomem": pc_testdev_iomem_busy, "PcTestDevByteView": pc_testdev_byte_rig,   # its state is the register's
     "DebugExit": debug_exit_rig, "DebugCon": debugcon_rig, "PvConsole": pvconsole_rig,    # no state to reach
-    "PciEcam": pci_ecam_rig,
+    "PciEcam": pci_ecam_rig, "ApicRegisters": apic_busy,
 }
 
 
@@ -705,3 +720,18 @@ def test_a_guest_write_cannot_give_the_testdev_a_state_its_load_refuses():
     other = PcTestDev()
     other.load(state)
     assert other.save() == state == {"data": 0xCCDD3344}
+
+
+def test_apic_register_page_without_interrupt_logic():
+    """What a guest reads from the tcg accelerator's APIC page: id 0, an integrated xAPIC's version, masked LVT
+    entries at reset, registers back as written, and an ICR whose delivery status is idle at once (an IPI is
+    dropped, never pending: kvm-unit-tests' apic setup waits on that bit)."""
+    a = ApicRegisters()
+    assert (a.read(0x20, 4), a.read(0x30, 4), a.read(0x320, 4), a.read(0xF0, 4)) == (0, 0x50014, 0x10000, 0xFF)
+    a.write(0x300, 4, 0x000C4500 | (1 << 12))        # INIT to all-but-self, delivery status set by the guest
+    assert a.read(0x300, 4) == 0x000C4500
+    a.write(0x80, 4, 0x35)
+    assert (a.read(0x80, 4), a.read(0xA0, 4)) == (0x35, 0x30)   # TPR back; PPR follows its class
+    a.write(0xB0, 4, 0)                                 # EOI: nothing
+    assert a.read(0xB0, 4) == 0 and a.read(0x100, 4) == 0 and a.read(0x390, 4) == 0
+    assert a.read(0x31, 1) == 0x00 and a.read(0x32, 1) == 0x05   # byte reads of the version register

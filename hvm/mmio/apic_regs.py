@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from hvm.mmio.device import DeviceStateError
+from hvm.mmio.device import StateReader
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ LVT_MASKED = 1 << 16
 ICR_DELIVERY_PENDING = 1 << 12
 # Registers a guest may write and read back (the rest read as their fixed or zero values).
 _WRITABLE = (TPR, LDR, DFR, SVR, ESR, ICR_LOW, ICR_HIGH, *LVT, TIMER_INITIAL, TIMER_DIVIDE)
+# The saved state: one 32-bit field per register a guest can write
+_FIELDS = {"tpr": TPR, "ldr": LDR, "dfr": DFR, "svr": SVR, "esr": ESR, "icr_low": ICR_LOW, "icr_high": ICR_HIGH,
+           **{f"lvt_{n}": r for n, r in zip(("cmci", "timer", "thermal", "perf", "lint0", "lint1", "error"), LVT)},
+           "timer_initial": TIMER_INITIAL, "timer_divide": TIMER_DIVIDE}
 
 
 class ApicRegisters:
@@ -72,15 +76,9 @@ class ApicRegisters:
         self._regs[reg] = value & 0xFFFFFFFF
 
     def save(self) -> dict:
-        return {"regs": {f"{r:#x}": v for r, v in self._regs.items()}}
+        return {name: self._regs[reg] for name, reg in _FIELDS.items()}
 
     def load(self, state: dict) -> None:
-        regs = state.get("regs") if isinstance(state, dict) else None
-        if not isinstance(regs, dict) or set(regs) != {f"{r:#x}": 0 for r in self._regs}.keys():
-            raise DeviceStateError("apic: regs: malformed")
-        values = {}
-        for key, v in regs.items():
-            if not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFF:
-                raise DeviceStateError(f"apic: regs.{key}: {v!r} is not a 32-bit value")
-            values[int(key, 16)] = v
+        reader = StateReader(self.name, state, tuple(_FIELDS))
+        values = {reg: reader.integer(name, 0, 0xFFFFFFFF) for name, reg in _FIELDS.items()}
         self._regs = values
