@@ -587,15 +587,9 @@ def to_json(c: Comparison) -> dict:
 
 # --- the command -----------------------------------------------------------------------------------------
 
-class _Terminated(Exception):
-    def __init__(self, signo: int):
-        super().__init__(signo)
-        self.signo = signo
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
     """`hvm compare`: the spec from the config and flags as `hvm run` builds it, both runs, the table."""
-    from hvm.cli import spec_from_args
+    from hvm.cli import _Terminated, spec_from_args   # (hvm run's: SIGTERM/SIGHUP during a run)
 
     if "help" in args.device or "?" in args.device:
         print("hvm: compare: --device help: see `hvm run --device help`", file=sys.stderr)
