@@ -72,16 +72,18 @@ def _plant_capital_l(monkeypatch):
     """Under tcg only, the guest's first 'l' to COM1 becomes 'L' on its way to the bus (an accelerator bug)."""
     from hvm.vcpu.tcg import TcgVcpuThread
 
-    original = TcgVcpuThread._pio_write
+    from hvm.kvm.constants import EXIT_IO
+
+    original = TcgVcpuThread._write
     done = []
 
-    def planted(self, port, size, value):
-        if port == 0x3F8 and value == ord("l") and not done:
+    def planted(self, bus_write, reason, direction, port, size, value):
+        if reason == EXIT_IO and port == 0x3F8 and value == ord("l") and not done:
             done.append(True)
             value = ord("L")
-        return original(self, port, size, value)
+        return original(self, bus_write, reason, direction, port, size, value)
 
-    monkeypatch.setattr(TcgVcpuThread, "_pio_write", planted)
+    monkeypatch.setattr(TcgVcpuThread, "_write", planted)
 
 
 def _spec(*argv: str):

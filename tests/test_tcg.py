@@ -563,13 +563,14 @@ def test_resume_after_a_kick_in_real_protected_and_long_mode(monkeypatch):
     times from the guest's current CS:RIP, in each of the modes firmware/modes walks through by itself."""
     from hvm.vcpu import tcg
 
-    runs, write = count_runs(monkeypatch), tcg.TcgVcpuThread._pio_write
+    runs, write = count_runs(monkeypatch), tcg.TcgVcpuThread._write
 
-    def kicking_write(self, port, size, value):
-        write(self, port, size, value)
-        self.cpu.kick()
+    def kicking_write(self, bus_write, reason, direction, port, size, value):
+        write(self, bus_write, reason, direction, port, size, value)
+        if reason == tcg.k.EXIT_IO:
+            self.cpu.kick()
 
-    monkeypatch.setattr(tcg.TcgVcpuThread, "_pio_write", kicking_write)
+    monkeypatch.setattr(tcg.TcgVcpuThread, "_write", kicking_write)
     spec = parse_spec({**_flat(FIRMWARE / "modes.bin"), "accel": "tcg", "timeout": TIMEOUT})
     with Machine(spec, console=Console("none", "none", open_now=False)) as m:
         result = m.run()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -407,8 +408,12 @@ class TcgVcpuThread(threading.Thread):
         self._error: Exception | None = None    # what a bus access raised (see _ending)
         self._pio = machine.pio.for_vcpu()
         self._mmio = machine.mmio.for_vcpu()
-        self.cpu = TcgCpu(memory, boot_state.mode,
-                          TcgIo(self._pio_read, self._pio_write, self._mmio_read, self._mmio_write))
+        pio, mmio = self._pio, self._mmio
+        io = TcgIo(partial(self._read, pio.read, k.EXIT_IO, k.EXIT_IO_IN),
+                   partial(self._write, pio.write, k.EXIT_IO, k.EXIT_IO_OUT),
+                   partial(self._read, mmio.read, k.EXIT_MMIO, 0),
+                   partial(self._write, mmio.write, k.EXIT_MMIO, 1))
+        self.cpu = TcgCpu(memory, boot_state.mode, io)
         try:
             self.cpu.set_boot_state(boot_state)
         except BaseException:   # the Machine never holds this thread: its Unicorn is closed here
@@ -442,51 +447,30 @@ class TcgVcpuThread(threading.Thread):
         self._error = e
         self.cpu.kick()
 
-    def _pio_read(self, port: int, size: int) -> int:
+    def _read(self, bus_read: Callable[[int, int], int], reason: int, direction: int, where: int,
+              size: int) -> int:
+        """A port or MMIO read on the bus, accounted as its KVM exit; all ones once the VM ends or a device failed."""
         if self._ending():
             return MASK[size]
         t = time.monotonic_ns()
         try:
-            value = self._pio.read(port, size)
-            self._record(k.EXIT_IO, port, size, k.EXIT_IO_IN, value, t)
+            value = bus_read(where, size)
+            self._record(reason, where, size, direction, value, t)
         except Exception as e:
             self._failed(e)
             return MASK[size]
         self._ending()
         return value
 
-    def _pio_write(self, port: int, size: int, value: int) -> None:
+    def _write(self, bus_write: Callable[[int, int, int], None], reason: int, direction: int, where: int,
+               size: int, value: int) -> None:
+        """A port or MMIO write on the bus, accounted as its KVM exit; dropped once the VM ends or a device failed."""
         if self._ending():
             return
         t = time.monotonic_ns()
         try:
-            self._pio.write(port, size, value)
-            self._record(k.EXIT_IO, port, size, k.EXIT_IO_OUT, value, t)
-        except Exception as e:
-            self._failed(e)
-            return
-        self._ending()
-
-    def _mmio_read(self, addr: int, size: int) -> int:
-        if self._ending():
-            return MASK[size]
-        t = time.monotonic_ns()
-        try:
-            value = self._mmio.read(addr, size)
-            self._record(k.EXIT_MMIO, addr, size, 0, value, t)
-        except Exception as e:
-            self._failed(e)
-            return MASK[size]
-        self._ending()
-        return value
-
-    def _mmio_write(self, addr: int, size: int, value: int) -> None:
-        if self._ending():
-            return
-        t = time.monotonic_ns()
-        try:
-            self._mmio.write(addr, size, value)
-            self._record(k.EXIT_MMIO, addr, size, 1, value, t)
+            bus_write(where, size, value)
+            self._record(reason, where, size, direction, value, t)
         except Exception as e:
             self._failed(e)
             return
