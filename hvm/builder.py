@@ -72,25 +72,25 @@ def virtio_on_cmdline(spec: VmSpec) -> bool:
 
 def resolve_accel(m: "Machine") -> str:
     """The accelerator `m` runs on: spec.accel, with "auto" made "kvm" when /dev/kvm opens and answers (the
-    Kvm handle is kept in m.kvm for the build), else "tcg" with a one-line notice (QEMU's -accel kvm:tcg)."""
+    Kvm handle is kept in m.kvm for the build), else "tcg" with a one-line notice (QEMU's -accel kvm:tcg).
+    A restore is KVM's (snapshots hold KVM state): "auto" is then "kvm" without a probe."""
     requested = m.spec.accel
-    if requested == "tcg" or (requested == "auto" and m._snapshot is None and m.kvm is None):
-        if requested == "auto":
-            try:
-                m.kvm = Kvm()
-                return "kvm"
-            except KvmError as e:
-                why = tcg_unavailable()
-                if why is not None:
-                    raise
-                log.warning("KVM is not usable here (%s): running on tcg (binary translation, docs/tcg.md)", e)
-        why = tcg_unavailable()
-        if why is not None:
-            raise BootError(f"accel tcg: {why}")
-        if m._snapshot is not None:
-            raise BootError("accel tcg: hvm restores snapshots on KVM only")
-        return "tcg"
-    return "kvm"
+    if requested == "kvm" or (requested == "auto" and m._snapshot is not None):
+        return "kvm"
+    if requested == "auto":
+        try:
+            m.kvm = Kvm()
+            return "kvm"
+        except KvmError as e:
+            if tcg_unavailable() is not None:
+                raise
+            log.warning("KVM is not usable here (%s): running on tcg (binary translation, docs/tcg.md)", e)
+    why = tcg_unavailable()
+    if why is not None:
+        raise BootError(f"accel tcg: {why}")
+    if m._snapshot is not None:
+        raise BootError("accel tcg: hvm restores snapshots on KVM only")
+    return "tcg"
 
 
 def build_pc(m: "Machine") -> None:
