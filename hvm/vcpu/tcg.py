@@ -127,7 +127,7 @@ class TcgCpu:
         from unicorn import UC_HOOK_INSN, UC_HOOK_INTR, UC_PROT_ALL
 
         uc = self.uc
-        regions = sorted((r.gpa, r.size, r.host_addr) for r in memory.regions)
+        regions = sorted(self._ram)
         at = 0
         for gpa, size, host in regions:
             if gpa > at:
@@ -227,9 +227,7 @@ class TcgCpu:
             self._write_state(staging, state, wide=False)
             self.uc.context_restore(staging.context_save())
         finally:
-            finalize = getattr(staging, "_Uc__finalizer", None)
-            if finalize is not None:
-                finalize()
+            _close_uc(staging)
 
     def _write_state(self, uc, state: BootState, wide: bool) -> None:
         x = self._x
@@ -250,11 +248,6 @@ class TcgCpu:
         uc.reg_write(x.UC_X86_REG_RFLAGS if wide else x.UC_X86_REG_EFLAGS, state.rflags)
         uc.reg_write(x.UC_X86_REG_RIP if wide else x.UC_X86_REG_EIP, state.rip)
 
-    def _begin(self) -> int:
-        """The address uc_emu_start wants to resume at the current instruction: in Unicorn's 32- and 64-bit
-        modes it writes EIP/RIP, the offset in CS (real mode included)."""
-        return self.uc.reg_read(self._pc_reg)
-
     def run(self) -> TcgStop:
         """Run until HLT, a kick, the end of a slice (both "kick") or a fault."""
         from unicorn import UC_QUERY_TIMEOUT, UcError
@@ -265,7 +258,8 @@ class TcgCpu:
         self._fault = None
         self._vector = None
         try:
-            self.uc.emu_start(self._begin(), _UNTIL, timeout=int(SLICE_MS * 1000))
+            # (Unicorn's 64-bit mode writes `begin` into RIP: the offset in CS, real mode included)
+            self.uc.emu_start(self.pc(), _UNTIL, timeout=int(SLICE_MS * 1000))
         except UcError as e:
             from unicorn import UC_ERR_INSN_INVALID
 
@@ -362,17 +356,21 @@ class TcgCpu:
     def close(self) -> None:
         uc, self.uc = self.uc, None
         if uc is not None:
-            # uc_close now (the binding's own finalizer, idempotent), not whenever the hooks' reference
-            # cycle is collected: Unicorn maps guest memory that close() is about to unmap.
-            finalize = getattr(uc, "_Uc__finalizer", None)
-            if finalize is not None:
-                finalize()
+            _close_uc(uc)
 
     def __enter__(self) -> "TcgCpu":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_uc(uc) -> None:
+    """uc_close now (the binding's own finalizer, idempotent), not whenever the hooks' reference cycle is
+    collected: Unicorn maps guest memory that the Machine is about to unmap."""
+    finalize = getattr(uc, "_Uc__finalizer", None)
+    if finalize is not None:
+        finalize()
 
 
 def _describe_error(e) -> str:
