@@ -200,7 +200,7 @@ def _load_cs(cpu: _Cpu, selector: int) -> None:
                             f"({cpu.reg('CS'):#x}): hvm's tcg cannot load a segment's hidden part")
 
 
-def _finish(cpu: _Cpu, kind_is_interrupt: bool, flags: int, selector: int, rip: int, sp: int) -> None:
+def _finish(cpu: _Cpu, kind_is_interrupt: bool, flags: int, rip: int, sp: int) -> None:
     uc = cpu.uc
     uc.reg_write(cpu.sp_reg, sp)
     cleared = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM | (RFLAGS_IF if kind_is_interrupt else 0)
@@ -225,7 +225,7 @@ def _long(cpu: _Cpu, vector: int, software: bool) -> None:
     for value in (cpu.reg("SS"), old_sp, flags, cpu.reg("CS"), cpu.uc.reg_read(cpu.pc_reg)):
         sp = (sp - 8) & 0xFFFF_FFFF_FFFF_FFFF
         cpu.write(sp, value, 8)
-    _finish(cpu, kind == 0xE, flags, selector, rip, sp)
+    _finish(cpu, kind == 0xE, flags, rip, sp)
 
 
 def _protected(cpu: _Cpu, vector: int, software: bool) -> None:
@@ -240,4 +240,4 @@ def _protected(cpu: _Cpu, vector: int, software: bool) -> None:
     for value in (flags & 0xFFFFFFFF, cpu.reg("CS"), cpu.uc.reg_read(cpu.pc_reg) & 0xFFFFFFFF):
         sp = (sp - 4) & 0xFFFFFFFF
         cpu.write(ss_base + sp, value, 4)
-    _finish(cpu, kind == 0xE, flags, selector, eip, sp)
+    _finish(cpu, kind == 0xE, flags, eip, sp)
