@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 from hvm.mmio.device import IrqLine, StateReader
+from hvm.mmio.published import ClockCounter
 
 PM_BASE = 0x600
 PM_LEN = 12
@@ -52,6 +53,11 @@ class AcpiPm:
         self._on_poweroff = on_poweroff
         self.on_suspend = on_suspend
         self._clock = clock_ns
+        # The PM timer is a published clock counter (hvm/mmio/published.py): with the real clock the vCPUs'
+        # fast loops answer its 4-byte reads in C from the same t0; an injected clock (tests) keeps it here.
+        real = clock_ns is time.monotonic_ns
+        self._tmr = ClockCounter(PM_TIMER_HZ, 24, 4, in_c=real)
+        self.published_registers = [(PM_TMR, self._tmr)] if real else []
         self.sci = sci or IrqLine(SCI_IRQ)
         # PM1 registers are written by vCPUs and by press_power_button() from another thread (QMP)
         self._lock = threading.Lock()
@@ -65,7 +71,15 @@ class AcpiPm:
 
     def timer(self) -> int:
         """24-bit counter at 3.579545 MHz since the machine started (FADT does not set TMR_VAL_EXT)."""
-        return ((self._clock() - self._t0) * PM_TIMER_HZ // 1_000_000_000) & 0xFFFFFF
+        return self._tmr.count(self._clock())
+
+    @property
+    def _t0(self) -> int:
+        return self._tmr.t0_ns
+
+    @_t0.setter
+    def _t0(self, t: int) -> None:
+        self._tmr.t0_ns = t
 
     def _update_sci(self) -> None:
         self.sci.set_level(bool(self.pm1_sts & self.pm1_en & SCI_EVENTS))

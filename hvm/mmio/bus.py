@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from hvm.mmio.device import Device
+from hvm.mmio.published import PublishedTable, Register
 
 log = logging.getLogger(__name__)
 
@@ -360,11 +361,26 @@ class PioBus(_Bus, _PioAccess):
         self._seen = _PortSet()
         self._handlers: list[tuple] = [(self._miss_read, self._miss_write)] * 0x10000
         self._offsets = array.array("l", range(0x10000))   # a miss handler gets the port itself
+        # Registers devices publish for the vCPUs' C fast loops to answer (hvm/mmio/published.py).
+        self.published = PublishedTable()
 
     def register(self, base: int, length: int, device: Device) -> None:
         if base < 0 or base + length > 0x10000:
             raise BusError(f"port range {base:#x}+{length} of {device.name} is outside 0..0xffff")
         super().register(base, length, device)
+        # A device may list registers of its range the fast loop can answer: [(offset, Register)].
+        for offset, reg in getattr(device, "published_registers", ()):
+            if 0 <= offset < length:
+                self.publish(base + offset, reg)
+
+    def publish(self, port: int, reg: Register) -> bool:
+        """Let every vCPU's fast loop (those running and those made later: they all read this table) answer
+        accesses of reg.size to `port` from `reg`; the device keeps serving every other access. The port
+        must be a registered device's. False if the table is full (the device then serves them all)."""
+        r = self.find(port)
+        if r is None:
+            raise BusError(f"port {port:#06x}: no device there to publish a register for")
+        return self.published.publish(port, reg)
 
     def _install(self, base: int, length: int, device: Device) -> None:
         pair = (device.read, device.write)
@@ -373,6 +389,7 @@ class PioBus(_Bus, _PioAccess):
             self._offsets[port] = port - base
 
     def _uninstall(self, base: int, length: int) -> None:
+        self.published.withdraw(base, length)
         miss = (self._miss_read, self._miss_write)
         for port in range(base, base + length):
             self._handlers[port] = miss

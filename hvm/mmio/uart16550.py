@@ -12,6 +12,7 @@ from collections import deque
 from typing import Callable
 
 from hvm.mmio.device import InputGate, IrqLine, StateReader
+from hvm.mmio.published import Latch
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
@@ -91,6 +92,10 @@ class SerialUart:
         self._input = InputGate(self._lock)            # a feeder waits here for room in the input queue
         self.rx_fifo: deque[int] = deque()
         self._pending_input: deque[int] = deque()  # host input not yet in the FIFO (bounded; see feed)
+        # SCR is a published latch (hvm/mmio/published.py): the fast loop answers its one-byte IN/OUT in C
+        # from the same memory this object reads and writes; other sizes come here, as before.
+        self._scr = Latch(1)
+        self.published_registers = [(SCR, self._scr)]
         self._power_on()
         self.tx_bytes = 0
         self.rx_bytes = 0
@@ -110,6 +115,14 @@ class SerialUart:
         # Host input is held back until the guest first looks at the receiver (reads RBR/LSR/IIR or
         # enables the receive interrupt), so the FIFO reset every driver does at init cannot eat it.
         self._rx_active = False
+
+    @property
+    def scr(self) -> int:
+        return self._scr.value
+
+    @scr.setter
+    def scr(self, value: int) -> None:
+        self._scr.value = value
 
     # --- device state (hvm.mmio.device: save/load/reset) -----------------------------------------
     # tx_bytes/rx_bytes are this process's statistics, not state. The IRQ level is saved and driven

@@ -8,12 +8,17 @@ else, and every error or kick (-errno), goes back to the Python loop and its dis
 ring of the last exits -- all of them, including the ones Python handled -- for crash reports, and
 counts what it handled itself so that the statistics stay exact.
 
-No devices live here: the C side knows only "this address is unclaimed", which Python tells it.
+No devices live here: the C side knows only "this address is unclaimed", which Python tells it, and the
+machine's table of published port registers (hvm/mmio/published.py): registers of a few generic kinds
+that a device keeps in memory this loop can read -- a latch (an OUT of its size stores the value, an IN
+returns it) and a clock counter (an IN returns the ticks of CLOCK_MONOTONIC since t0) -- answered here for
+accesses of exactly the register's size; any other access goes to the device in Python.
 """
 from cffi import FFI
 
 LAST_EXITS = 16
 MMIO_SLOTS = 32
+PUBLISHED_SLOTS = 16          # published port registers per machine (hvm/mmio/published.py)
 TRACE_FLUSH = -10000          # returned (below any -errno) when the trace buffer wants emptying
 TRACE_DATA_RESERVE = 4096 + 8 # the most data one exit can move (string port I/O: one page)
 
@@ -51,6 +56,27 @@ struct hvm_trace_buf {{
     uint32_t want_rip;
     uint32_t open;          /* recs[n-1] went to Python: finish it at the next entry */
 }};
+/* A published register (hvm/mmio/published.py): the device's Python reads and writes the same memory. */
+struct hvm_pubreg {{
+    uint64_t value;         /* latch: the value stored */
+    int64_t t0_ns;          /* clock: CLOCK_MONOTONIC at count 0 (negative after a restore of a long run) */
+    uint64_t hz;            /* clock: ticks per second */
+    uint64_t mask;          /* clock: the counter's width */
+    uint8_t kind;           /* HVM_PUB_LATCH, HVM_PUB_CLOCK */
+    uint8_t size;           /* the access size answered here (1, 2 or 4) */
+    uint8_t pad[6];
+}};
+struct hvm_pubent {{
+    uint64_t port;
+    struct hvm_pubreg *reg; /* NULL: withdrawn (the device's range was removed) */
+}};
+/* One per machine, shared by every vCPU's fast loop. Python fills an entry, then sets its bit and n. */
+struct hvm_published {{
+    uint8_t ports[8192];                    /* bitmap over 64 K ports: some entry has this port */
+    uint32_t n;
+    uint32_t pad;
+    struct hvm_pubent ent[{PUBLISHED_SLOTS}];
+}};
 struct hvm_fastloop {{
     uint8_t pio_unclaimed[8192];            /* bitmap over 64 K ports */
     uint64_t mmio_unclaimed[{MMIO_SLOTS}];   /* exact addresses */
@@ -63,8 +89,11 @@ struct hvm_fastloop {{
     uint64_t seq;                           /* exits recorded in last[] */
     uint32_t pending_read;                  /* last[] ends with a read Python answers: fill its value in */
     struct hvm_trace_buf *trace;            /* NULL: not tracing */
+    struct hvm_published *published;        /* the machine's published registers (NULL: none) */
 }};
 #define HVM_TRACE_FLUSH ...
+#define HVM_PUB_LATCH ...
+#define HVM_PUB_CLOCK ...
 #define HVM_TRACE_DATA_RESERVE ...
 int hvm_fastloop_run(int fd, uintptr_t run, struct hvm_fastloop *f);
 void hvm_trace_finish(uintptr_t run, struct hvm_fastloop *f);
@@ -80,6 +109,8 @@ SOURCE = r"""
 #define HVM_LAST_EXITS """ + str(LAST_EXITS) + f"""
 #define HVM_TRACE_FLUSH ({TRACE_FLUSH})
 #define HVM_TRACE_DATA_RESERVE {TRACE_DATA_RESERVE}
+#define HVM_PUB_LATCH 1
+#define HVM_PUB_CLOCK 2
 """ + CDEF.split("#define HVM_TRACE_FLUSH")[0] + r"""
 static uint64_t hvm_now(void)
 {
@@ -185,6 +216,44 @@ static struct hvm_exit_rec *hvm_record(struct hvm_fastloop *f, struct kvm_run *r
     return r;
 }
 
+/* Answer a single-transfer port access from the published table; 1 if answered. The semantics of each
+   kind are those of hvm/mmio/published.py (Latch, ClockCounter), which the device's Python uses. */
+static int hvm_published_io(const struct hvm_published *p, struct kvm_run *run)
+{
+    uint16_t port = run->io.port;
+    if (!(p->ports[port >> 3] & (1u << (port & 7))) || run->io.count != 1)
+        return 0;
+    uint32_t n = __atomic_load_n(&p->n, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n && i < """ + str(PUBLISHED_SLOTS) + r"""; i++) {
+        struct hvm_pubreg *reg = __atomic_load_n(&p->ent[i].reg, __ATOMIC_ACQUIRE);
+        if (p->ent[i].port != port || !reg || reg->size != run->io.size)
+            continue;
+        uint8_t *data = (uint8_t *)run + run->io.data_offset;
+        uint64_t size_mask = run->io.size >= 8 ? ~0ull : (1ull << (8 * run->io.size)) - 1;
+        if (reg->kind == HVM_PUB_LATCH) {
+            if (run->io.direction == KVM_EXIT_IO_OUT) {
+                reg->value = hvm_le(data, run->io.size) & size_mask;
+            } else {
+                uint64_t v = reg->value;
+                memcpy(data, &v, run->io.size);
+            }
+            return 1;
+        }
+        if (reg->kind == HVM_PUB_CLOCK && run->io.direction == KVM_EXIT_IO_IN) {
+            /* floor((now - t0) * hz / 1e9) & mask, exactly as Python's integers compute it: the difference
+               is taken modulo 2^64 (it is in [0, 2^64)) and the product in 128 bits (64 bits overflow after
+               ~85 minutes at 3.58 MHz). */
+            uint64_t elapsed = hvm_now() - (uint64_t)reg->t0_ns;
+            unsigned __int128 ticks = (unsigned __int128)elapsed * reg->hz / 1000000000u;
+            uint64_t v = (uint64_t)ticks & reg->mask & size_mask;
+            memcpy(data, &v, run->io.size);
+            return 1;
+        }
+        return 0;   /* a clock's writes: the device's Python */
+    }
+    return 0;
+}
+
 static int hvm_mmio_slot(const struct hvm_fastloop *f, uint64_t addr)
 {
     for (uint32_t i = 0; i < f->mmio_unclaimed_n; i++)
@@ -219,6 +288,12 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
         if (reason == KVM_EXIT_IO) {
             uint16_t port = run->io.port;
             size_t bytes = (size_t)run->io.size * run->io.count;
+            if (f->published && hvm_published_io(f->published, run)) {
+                if (run->io.direction == KVM_EXIT_IO_IN)
+                    hvm_take_value(r, run);
+                f->pio_hits[port]++;
+                goto by_c;
+            }
             /* claimed, or more than KVM's one-page I/O buffer (left to Python's checks) */
             if (!(f->pio_unclaimed[port >> 3] & (1u << (port & 7))) || bytes > 4096) {
                 f->pending_read = run->io.direction == KVM_EXIT_IO_IN;
@@ -245,6 +320,7 @@ int hvm_fastloop_run(int fd, uintptr_t run_addr, struct hvm_fastloop *f)
         } else {
             goto to_python;
         }
+    by_c:
         r->by_c = 1;
         f->handled[reason]++;
         if (tr)

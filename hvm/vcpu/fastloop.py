@@ -76,6 +76,13 @@ class FastLoop:
                 if base <= a < base + length:
                     self.state.mmio_unclaimed[i] = _NO_ADDRESS
 
+    def use_published(self, table) -> None:
+        """Answer the machine's published port registers (a PublishedTable, hvm/mmio/published.py) in C.
+        The table is the machine's for its whole life: registers published later are seen at once."""
+        pointer = table.pointer
+        self._published = table          # the C struct lives as long as this loop reads it
+        self.state.published = pointer if pointer is not None else ffi.NULL
+
     def resume_on(self, reason: int) -> None:
         """Enter the guest again at once after exits of this reason (counted, never seen by Python)."""
         self.state.resume_mask |= 1 << reason

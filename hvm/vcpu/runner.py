@@ -222,6 +222,7 @@ class VcpuThread(threading.Thread):
             fl = self.fast = fastloop.FastLoop(vcpu.fd, int(ffi.cast("uintptr_t", vcpu.run_struct)))
             machine.pio.attach(_Routes(fl.port_unclaimed, fl.ports_claimed), fl.port_hits)
             machine.mmio.attach(_Routes(fl.mmio_unclaimed, fl.mmio_claimed), fl.mmio_hits)
+            fl.use_published(machine.pio.published)   # device registers answered in C (published.py)
 
     def resume_on(self, reason: int) -> None:
         """Enter the guest again at once after exits of this reason, without a handler (benchmarks: the
