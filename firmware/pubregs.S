@@ -1,16 +1,19 @@
 /* pubregs: the published port registers (hvm/mmio/published.py; tests/test_published_regs.py).
- * Real mode at 0x7c00, header patched by the test (firmware/header.inc): +4 iterations (u32, >= 1).
+ * Real mode at 0x7c00, header patched by the test (firmware/header.inc): +4 iterations (u32, >= 1),
+ * +8 verbose (u16: 0 as built).
  * 1. COM1's scratch register (0x3ff, a published latch): `iterations` one-byte OUT/IN pairs of a sequence
  *    of values; prints "S <checksum> <mismatches>".
  * 2. A word OUT of 0xabcd and a word IN at 0x3ff (not the latch's size: the UART's Python keeps the low
  *    byte), then a byte IN; prints "W <word> <byte>".
  * 3. The ACPI PM timer (0x608, a published clock counter): a 4-byte IN, a 2-byte IN (Python's path),
- *    a 4-byte IN; prints "T <t1> <t2> <t3>".
+ *    a 4-byte IN; checks that the 2-byte value lies between the others, which are less than 0x8000 ticks
+ *    apart (ok = 1); prints "T <ok>", or with verbose "T <t1> <t2> <t3> <ok>" (timing-dependent values).
  * Then writes 0 to the debug-exit port (status 1). Every line has a fixed width, so every run takes the
  * same number of exits. No LSR polling: hvm's UART transmits at once. */
 #include "header.inc"
         .code16
         PATCHED_HEADER
+verbose:        .word 0
         .p2align 2
 start:
         cli
@@ -67,13 +70,29 @@ start:
         mov %eax, %edi
         in (%dx), %eax
         mov %eax, %ebp
-        mov $'T', %al
+        mov %ebp, %eax          /* t3 - t1, 24 bits */
+        sub %esi, %eax
+        and $0xffffff, %eax
+        mov %edi, %ecx          /* t2 - t1, 16 bits */
+        sub %esi, %ecx
+        and $0xffff, %ecx
+        xor %ebx, %ebx
+        cmp $0x8000, %eax
+        jae 4f
+        cmp %eax, %ecx
+        ja 4f
+        inc %ebx
+4:      mov $'T', %al
         call putc
+        cmpw $0, verbose
+        je 5f
         mov %esi, %eax
         call hex32
         mov %edi, %eax
         call hex32
         mov %ebp, %eax
+        call hex32
+5:      mov %ebx, %eax
         call hex32
         call newline
 

@@ -23,14 +23,16 @@ from hvm.vcpu import fastloop
 
 needs_c = pytest.mark.skipif(not fastloop.AVAILABLE, reason="the fast loop is not compiled (pip install -e .)")
 
-PRINTED = 20 + 20 + 29          # console bytes: "S x x\n", "W x x\n", "T x x x\n" (one OUT exit each)
+PRINTED = 20 + 20 + 38          # console bytes: "S x x\n", "W x x\n", "T x x x x\n" (one OUT exit each)
 MASK24 = 0xFFFFFF
 
 
 def image(tmp_path: Path, iterations: int) -> Path:
     from bench.exits import patch_header
 
-    return patch_header(FIRMWARE / "pubregs.bin", tmp_path / f"pubregs-{iterations}.bin", iterations)
+    # verbose: the timer values themselves on the console (tests/test_tcg.py runs the image as built)
+    return patch_header(FIRMWARE / "pubregs.bin", tmp_path / f"pubregs-{iterations}.bin", iterations, 1,
+                        arg_as_built=0)
 
 
 def spec_for(tmp_path: Path, iterations: int, accel: str = "kvm", timeout: float = 20) -> VmSpec:
@@ -66,7 +68,8 @@ def run(spec: VmSpec, fast_loop: bool, before=None):
 def check_timer(lines: dict[str, list[int]]) -> None:
     """T t1 t2 t3: two 4-byte reads (C in the fast loop) around a 2-byte read (the device's Python): the
     Python value lies between them, so both sides count from the same t0 with the same formula."""
-    t1, t2, t3 = lines["T"]
+    t1, t2, t3, ok = lines["T"]
+    assert ok == 1, lines["T"]
     assert t1 <= MASK24 and t3 <= MASK24 and t2 <= 0xFFFF
     span = (t3 - t1) & MASK24
     assert span < 0x8000, f"{span} ticks between two consecutive reads"

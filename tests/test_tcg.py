@@ -132,6 +132,8 @@ PROGRAMS: dict[str, Program] = {
         _patched("bench_mmio", tmp, 200, 0xD000_0000, "<I"), "protected", 0x100000, machine="none"))], 1),
     "bench_hlt": Program(lambda tmp: [_yaml(tmp, "bench_hlt", _flat(_patched("bench_hlt", tmp, 200),
                                                                      machine="none"))], 0),
+    # published registers (COM1's SCR, the PM timer): answered in C under KVM, by the devices under tcg
+    "pubregs": Program(lambda tmp: [_yaml(tmp, "pubregs", _flat(_patched("pubregs", tmp, 100), machine="pc"))], 1),
     # bench/tcg.py's compute loop; at CPL3 it writes its CS to port 0x80: kvm_pvm's user selector is the host's
     # (0x33), Unicorn's the guest's GDT's (0x2b): same output and status, other exit data (tests/test_bench_tcg.py)
     **{f"bench_cpl-ring{ring}": Program(lambda tmp, r=ring: [_yaml(tmp, f"bench_cpl{r}", _flat(
