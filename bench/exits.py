@@ -40,8 +40,9 @@ LOOPS = (
              note="hvm: the first OUT through Python (PioBus logs the unclaimed port), the rest in the C fast loop"),
     ExitLoop("exit.pio_dev", "Port-I/O exit round trip to a device: `out` to port 0x3ff, COM1's scratch register",
              "bench_pio", "real", 0x7C00, "io", 0x3FF, claimed=True,
-             note="hvm: every exit through Python: C fast loop -> dispatch table -> PioBus -> SerialUart.write; "
-                  "C: one-byte register"),
+             note="hvm: answered in the C fast loop: SCR is a published latch (hvm/mmio/published.py) the UART "
+                  "keeps in memory C reads and writes, counted for the UART as before (other access sizes "
+                  "still go to SerialUart in Python); C: one-byte register"),
     ExitLoop("exit.mmio", "MMIO exit round trip: protected-mode 4-byte store to 0xd0000000, no device there",
              "bench_mmio", "protected", 0x100000, "mmio", 0xD0000000, arg_size=4,
              note="hvm: the first store through Python (MmioBus logs it), the rest in the C fast loop"),
