@@ -14,7 +14,8 @@ from bench.common import KUT_DIR, QEMU, BenchError, Figure, Row, have_qemu, hvm_
 TESTS = ("cpuid", "inl_from_pmtimer", "mov_from_cr8", "inl_from_qemu")
 TITLES = {
     "cpuid": "vmexit.flat `cpuid`: CPUID exit, handled in the kernel",
-    "inl_from_pmtimer": "vmexit.flat `inl_from_pmtimer`: port read of the ACPI PM timer (hvm: Python device; "
+    "inl_from_pmtimer": "vmexit.flat `inl_from_pmtimer`: port read of the ACPI PM timer (hvm: answered in the C "
+                        "fast loop from the clock counter the device publishes, hvm/mmio/published.py; "
                         "QEMU: its device model)",
     "mov_from_cr8": "vmexit.flat `mov_from_cr8`: CR8 read (TPR), handled in the kernel",
     "inl_from_qemu": "vmexit.flat `inl_from_qemu`: port read of 0x1234, claimed by no device (exits to the VMM)",
