@@ -66,7 +66,8 @@ CASES = (
     Case("tcg.pio_dev", "Port-I/O loop to a device: `out` to port 0x3ff, COM1's scratch register, tcg vs kvm",
          "pio", {"kvm": (5_000, 50_000), "tcg": (30_000, 300_000)},
          {"kvm": (500, 5_000), "tcg": (3_000, 30_000)}, "OUT",
-         "both: PioBus -> SerialUart.write in Python; kvm adds the exit, tcg the ctypes callback",
+         "kvm: an exit answered in hvm's C fast loop (SCR is a published latch, hvm/mmio/published.py); "
+         "tcg: the ctypes callback -> PioBus -> SerialUart.write in Python",
          port=0x3FF, claimed=True),
     Case("tcg.console_uart", f"Console line through the 16550 UART ({2 * LINE_LEN} port exits per line, "
          "firmware/pvcon), tcg vs kvm", "console",
