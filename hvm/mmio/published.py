@@ -154,11 +154,12 @@ class PublishedTable:
                 raise ValueError(f"port {port:#x} already has a published {reg.size}-byte register")
             c = self._c
             n = len(self._regs)
+            if c is None:
+                return False        # no fast loop to answer it
             if not reg.in_c:
                 raise ValueError(f"port {port:#x}: the register was made Python-only (in_c=False)")
-            if c is None or n >= self.capacity:
-                if c is not None:
-                    log.debug("published register table full: port %#x stays in Python", port)
+            if n >= self.capacity:
+                log.debug("published register table full: port %#x stays in Python", port)
                 return False
             self._regs.append(reg)
             self._ports.append(port)
