@@ -819,6 +819,10 @@ def quiet_broken_pipe(run: Callable[[], int]) -> int:
 
 
 def entry_point() -> None:
+    # What start-up imported lives as long as the process: out of the collector's reach (hvm/__main__.py
+    # turned it off while importing), then the collector on for what the run allocates.
+    gc.freeze()
+    gc.enable()
     status = quiet_broken_pipe(main)
     # The process ends here: move every live object out of the collector's reach, so the interpreter's
     # final collections skip them (20-30 ms of a ~150 ms `hvm run`). Teardown itself still runs.
