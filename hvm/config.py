@@ -12,13 +12,15 @@ import re
 import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hvm.files import HostFileError, _describe, check_regular_input, expand_user
-from hvm.cpu_model import CpuModelError, CpuSpec, parse_cpu
 from hvm.mmio import registry
 from hvm.mmio.registry import REQUIRED, DeviceConfig
-from hvm.qmp.address import QmpAddress, QmpAddressError, parse_qmp_address
+
+if TYPE_CHECKING:
+    from hvm.cpu_model import CpuSpec
+    from hvm.qmp.address import QmpAddress
 
 DEFAULT_MEMORY = 128 << 20   # as QEMU
 MIN_MEMORY = 2 << 20
@@ -612,6 +614,8 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
             raise top.error("qmp", f"expected a socket path or unix:PATH[,server=on][,wait=off], got {_kind(raw_qmp)}")
         # A path from --qmp is the current directory's, one from the YAML file the file's directory's.
         qmp_base = Path.cwd() if top.origins.get("qmp") else base
+        from hvm.qmp.address import QmpAddressError, parse_qmp_address   # (only when a config asks for QMP)
+
         try:
             qmp = parse_qmp_address(raw_qmp, qmp_base)
         except QmpAddressError as e:
@@ -622,6 +626,8 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if raw_cpu is not None:
         if not isinstance(raw_cpu, str):
             raise top.error("cpu", f"expected MODEL[,vendor=NAME][,+feature][,-feature], got {_kind(raw_cpu)}")
+        from hvm.cpu_model import CpuModelError, parse_cpu   # (only when a config names a CPU model)
+
         try:
             cpu = parse_cpu(raw_cpu)
         except CpuModelError as e:
