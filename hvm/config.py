@@ -10,10 +10,10 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hvm.plain import Frozen
 from hvm.files import HostFileError, _describe, check_regular_input, expand_user
 from hvm.mmio import registry
 from hvm.mmio.registry import REQUIRED, DeviceConfig
@@ -69,68 +69,71 @@ def _one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-@dataclass(frozen=True)
-class FlatBoot:
-    image: Path
-    load: int
-    entry: int
-    mode: str
-    regs: tuple[tuple[str, int], ...] = ()   # initial general-purpose registers, e.g. (("rdi", 1),)
+class FlatBoot(Frozen):
+    _fields = ("image", "load", "entry", "mode", "regs")
+
+    def __init__(self, image: Path, load: int, entry: int, mode: str, regs: tuple[tuple[str, int], ...] = ()):
+        # regs: initial general-purpose registers, e.g. (("rdi", 1),)
+        self._set(image=image, load=load, entry=entry, mode=mode, regs=regs)
 
 
-@dataclass(frozen=True)
-class KernelBoot:
-    kernel: Path
-    initrd: tuple[Path, ...] = ()
-    cmdline: str = ""
+class KernelBoot(Frozen):
+    _fields = ("kernel", "initrd", "cmdline")
+
+    def __init__(self, kernel: Path, initrd: tuple[Path, ...] = (), cmdline: str = ""):
+        self._set(kernel=kernel, initrd=initrd, cmdline=cmdline)
 
 
-@dataclass(frozen=True)
-class SerialSpec:
-    output: str = "stdio"           # "stdio", "none" or "file:PATH"
-    input: str = "auto"             # "stdin", "none", "file:PATH", or "auto" (stdin when output is stdio)
-    port: int = 0x3F8
-    irq: int = 4
+class SerialSpec(Frozen):
+    _fields = ("output", "input", "port", "irq")
+
+    def __init__(self, output: str = "stdio", input: str = "auto", port: int = 0x3F8, irq: int = 4):
+        # output: "stdio", "none" or "file:PATH"; input: "stdin", "none", "file:PATH", or "auto" (stdin when
+        # output is stdio)
+        self._set(output=output, input=input, port=port, irq=irq)
 
 
-@dataclass(frozen=True)
-class DebugExitSpec:
-    port: int = 0xF4
-    size: int = 4
+class DebugExitSpec(Frozen):
+    _fields = ("port", "size")
+
+    def __init__(self, port: int = 0xF4, size: int = 4):
+        self._set(port=port, size=size)
 
 
-@dataclass(frozen=True)
-class VmSpec:
-    name: str
-    boot: FlatBoot | KernelBoot
-    memory: int = DEFAULT_MEMORY
-    vcpus: int = 1
-    timeout: float | None = None
-    machine: str = "none"           # "pc": irqchip, PIT, ACPI tables, PM timer, fw_cfg; "none": bare
-    irqchip: bool = True
-    pit: bool = True
-    serial: SerialSpec | None = field(default_factory=SerialSpec)
-    debug_exit: DebugExitSpec | None = field(default_factory=DebugExitSpec)
-    # Every other device, as declared in its own file (hvm/mmio/registry.py): debugcon, pvconsole, testdev,
-    # virtio-blk, ... in the order the machine creates them.
-    devices: tuple[DeviceConfig, ...] = ()
-    virtio_cmdline: bool = True     # add virtio_mmio.device=... to a Linux command line (else: ACPI only)
-    source: str = "command line"
-    script: tuple = ()              # hvm.script.Step: `script:` steps `hvm run` runs against the console
-    qmp: QmpAddress | None = None   # a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md)
-    cpu: CpuSpec | None = None      # `cpu:`/--cpu: QEMU's -cpu model (hvm/cpu_model.py); None: the host's CPUID
-    # `accel:`/--accel: "kvm" (hardware assist through /dev/kvm), "tcg" (binary translation: Unicorn,
-    # hvm/vcpu/tcg.py) or "auto" (KVM when /dev/kvm works, else tcg with a notice: Machine resolves it)
-    accel: str = "auto"
+_DEFAULT = object()     # VmSpec's serial and debug_exit: a fresh default SerialSpec()/DebugExitSpec()
 
-    def __post_init__(self) -> None:
+
+class VmSpec(Frozen):
+    """A validated VM description (plain: hvm/plain.py says why). Fields:
+    machine: "pc" (irqchip, PIT, ACPI tables, PM timer, fw_cfg) or "none" (bare);
+    devices: every other device, as declared in its own file (hvm/mmio/registry.py): debugcon, pvconsole,
+      testdev, virtio-blk, ... in the order the machine creates them;
+    virtio_cmdline: add virtio_mmio.device=... to a Linux command line (else: ACPI only);
+    script: hvm.script.Step: `script:` steps `hvm run` runs against the console;
+    qmp: a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md);
+    cpu: `cpu:`/--cpu: QEMU's -cpu model (hvm/cpu_model.py); None: the host's CPUID;
+    accel: `accel:`/--accel: "kvm" (hardware assist through /dev/kvm), "tcg" (binary translation: Unicorn,
+      hvm/vcpu/tcg.py) or "auto" (KVM when /dev/kvm works, else tcg with a notice: Machine resolves it)."""
+    _fields = ("name", "boot", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "serial", "debug_exit",
+               "devices", "virtio_cmdline", "source", "script", "qmp", "cpu", "accel")
+
+    def __init__(self, name: str, boot: FlatBoot | KernelBoot, memory: int = DEFAULT_MEMORY, vcpus: int = 1,
+                 timeout: float | None = None, machine: str = "none", irqchip: bool = True, pit: bool = True,
+                 serial: SerialSpec | None = _DEFAULT, debug_exit: DebugExitSpec | None = _DEFAULT,  # type: ignore
+                 devices: tuple[DeviceConfig, ...] = (), virtio_cmdline: bool = True, source: str = "command line",
+                 script: tuple = (), qmp: QmpAddress | None = None, cpu: CpuSpec | None = None,
+                 accel: str = "auto"):
+        self._set(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
+                  irqchip=irqchip, pit=pit, serial=SerialSpec() if serial is _DEFAULT else serial,
+                  debug_exit=DebugExitSpec() if debug_exit is _DEFAULT else debug_exit, devices=devices,
+                  virtio_cmdline=virtio_cmdline, source=source, script=script, qmp=qmp, cpu=cpu, accel=accel)
         # A VmSpec built in code (not by parse_spec) gets the checks that keep the watchdog working.
         if self.timeout is not None and not _timeout_ok(self.timeout):
             raise ConfigError(self.source, "timeout", f"{_show(self.timeout)} is not a number of seconds "
                               f"in 0..{MAX_TIMEOUT:.0f}")
 
     def with_overrides(self, **changes: Any) -> "VmSpec":
-        return replace(self, **changes)
+        return self.replace(**changes)
 
     def device(self, type_name: str) -> DeviceConfig | None:
         """The first device of that type, or None."""
