@@ -26,10 +26,10 @@ import bisect
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from hvm.mmio.device import Device
+from hvm.plain import Frozen
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ class DeviceFault(Exception):
                          f"{type(error).__name__}: {error}")
 
 
-@dataclass(frozen=True)
-class BusRange:
-    base: int
-    length: int
-    device: Device
+class BusRange(Frozen):     # a plain class, not a dataclass: hvm/plain.py says why
+    _fields = ("base", "length", "device")
+
+    def __init__(self, base: int, length: int, device: Device):
+        self._set(base=base, length=length, device=device)
 
     @property
     def end(self) -> int:
