@@ -143,7 +143,8 @@ class VmSpec(Frozen):
         return None
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+# Patterns as strings: re compiles (and caches) one at its first use, not at every start-up of hvm.
+_SIZE_RE = r"(?i)^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -154,7 +155,7 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, str) and len(value) <= 64:  # a longer string is no size (and int() of it is slow)
-        m = _SIZE_RE.match(value)
+        m = re.match(_SIZE_RE, value)
         if m:
             unit = m.group(2).upper()
             if not unit and not m.group(3):
@@ -679,7 +680,7 @@ def device_keys() -> tuple[str, ...]:
 
 
 MAX_DEVICE_INSTANCES = 32        # of one type (virtio slots run out before that: registry.VIRTIO_IRQS)
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC_RE = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
 
 
 def _registry_devices(devices: _Fields, base: Path, irqchip: bool) -> tuple[DeviceConfig, ...]:
@@ -761,7 +762,7 @@ def _prop_value(fields: _Fields, prop, base: Path) -> Any:
         return fields.path_(key, base)
     if kind == "mac":
         value = raw if isinstance(raw, str) else None
-        if value is None or not _MAC_RE.match(value):
+        if value is None or not re.match(_MAC_RE, value):
             raise fields.error(key, f"expected a MAC address like 52:54:00:12:34:56, got {_kind(raw)}")
         if int(value[:2], 16) & 1:
             raise fields.error(key, f"{value} is a multicast address (the first octet must be even)")

@@ -283,7 +283,13 @@ class _PortSet:
         self._bits[port] = 1
 
     def __iter__(self):
-        return (port for port, seen in enumerate(self._bits) if seen)
+        # bytearray.find skips the unseen ports in C: every vCPU's attach() walks this set at start-up, and a
+        # Python loop over all 65536 entries took 2-4 ms of `hvm run` each time.
+        bits = self._bits
+        port = bits.find(1)
+        while port >= 0:
+            yield port
+            port = bits.find(1, port + 1)
 
 
 class _PioAccess:
