@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import pkgutil
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -145,6 +144,8 @@ _NOT_DEVICES = {"registry", "bus", "device", "pci"}
 
 
 def _discover() -> dict[str, DeviceType]:
+    import pkgutil   # (the scan runs only when a config or a command names a registry device)
+
     found: dict[str, DeviceType] = {}
     for package_name in _PACKAGES:
         try:
