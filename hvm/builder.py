@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from hvm._types import TYPE_CHECKING, Callable
 
 from hvm.boot import BootError, BootState, Module, bios, is_multiboot, load_flat, load_multiboot
 from hvm.boot.acpi import ACPI_BASE, write_acpi_tables

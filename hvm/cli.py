@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable
+from hvm._types import Callable
 
 from hvm.boot import BootError
 from hvm.config import ConfigError, load_yaml, merge, parse_spec

@@ -11,7 +11,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from hvm._types import TYPE_CHECKING, Any
 
 from hvm.plain import Frozen
 from hvm.files import HostFileError, _describe, check_regular_input, expand_user

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from hvm._types import TYPE_CHECKING, Callable
 
 from hvm.boot import BootError, BootState
 from hvm.plain import Record

@@ -27,10 +27,11 @@ print(json.dumps({"status": status, "modules": sorted(sys.modules), "gc": gc.ise
 
 # Modules a KVM run of a multiboot kernel with built-in devices never needs: Unicorn's accelerator, the
 # YAML parser, the device registry's scan (virtio, testdev, ...), QMP, CPU models, tracing, and the
-# dataclasses machinery (with inspect, ast, dis) the boot path's records no longer use.
+# dataclasses machinery (with inspect, ast, dis) the boot path's records no longer use, and typing
+# (hvm/_types.py).
 NOT_LOADED = ("hvm.vcpu.tcg", "unicorn", "yaml", "hvm.mmio.virtio", "hvm.mmio.testdev", "hvm.mmio.debugcon",
               "hvm.qmp.address", "hvm.qmp.server", "hvm.cpu_model", "hvm.trace", "pkgutil", "dataclasses",
-              "inspect", "shutil", "bz2", "lzma")
+              "inspect", "shutil", "bz2", "lzma", "typing")
 
 
 def _probe(args: list[str]) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import TYPE_CHECKING, Iterable, Mapping
+from hvm._types import TYPE_CHECKING, Iterable, Mapping
 
 from hvm.kvm import ioctls
 from hvm.kvm._ffi import ffi

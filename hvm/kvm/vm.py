@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from hvm._types import TYPE_CHECKING
 
 from hvm.kvm import ioctls
 from hvm.kvm._ffi import ffi

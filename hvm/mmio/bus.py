@@ -26,7 +26,7 @@ import bisect
 import logging
 import threading
 import time
-from typing import Callable, Protocol
+from hvm._types import Callable, Protocol
 
 from hvm.mmio.device import Device
 from hvm.plain import Frozen

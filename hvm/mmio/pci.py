@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from hvm._types import TYPE_CHECKING, Any, Callable, Iterable
 
 from hvm.mmio.bus import BusError
 from hvm.mmio.device import StateReader, Stateless

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+from hvm._types import TYPE_CHECKING, Any, Callable
 
 from hvm.plain import Frozen, Record
 

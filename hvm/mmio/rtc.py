@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from hvm._types import Callable
 
 from hvm.mmio.device import IrqLine, StateReader, state_lock
 

@@ -21,7 +21,7 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Callable, Protocol
+from hvm._types import Callable, Protocol
 
 from hvm.kvm import KICK_SIGNAL, Vcpu, ffi
 from hvm.kvm import constants as k
