@@ -146,3 +146,14 @@ def test_venv_install_is_a_plain_path():
     assert len(pths) == 1, pths
     with open(pths[0]) as f:
         assert f.read().strip() == str(ROOT)
+
+
+def test_port_numbers_table_is_every_port():
+    """PioBus's miss offsets (each port's own number), built from bytes at start-up: the same table."""
+    import array
+
+    from hvm.mmio.bus import PioBus, _port_numbers
+
+    assert _port_numbers() == array.array("l", range(0x10000))
+    bus = PioBus()
+    assert bus._offsets.typecode == "l" and bus._offsets[0x3FF] == 0x3FF and bus._offsets[0xFFFF] == 0xFFFF

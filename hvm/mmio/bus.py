@@ -24,6 +24,7 @@ from __future__ import annotations
 import array
 import bisect
 import logging
+import sys
 import threading
 import time
 from hvm._types import Callable, Protocol
@@ -352,6 +353,19 @@ class PioView(_PioAccess):
         return {port: n for port, n in enumerate(self._hits) if n}
 
 
+def _port_numbers() -> array.array:
+    """array("l", range(0x10000)), built from bytes: array() converts a range one int at a time (~2.5 ms of
+    every start-up); this writes the low and high byte of every port number in two slice assignments."""
+    size = array.array("l").itemsize
+    raw = bytearray(size * 0x10000)
+    low, high = (0, 1) if sys.byteorder == "little" else (size - 1, size - 2)
+    raw[low::size] = bytes(range(256)) * 256
+    raw[high::size] = b"".join(bytes((n,)) * 256 for n in range(256))
+    ports = array.array("l")
+    ports.frombytes(raw)
+    return ports
+
+
 class PioBus(_Bus, _PioAccess):
     """x86 port I/O space (64 K ports). Per port: one (read, write) pair -- by default the shared miss
     handlers -- an offset and a hit counter, in flat sequences: two list indexes and one increment per
@@ -365,7 +379,7 @@ class PioBus(_Bus, _PioAccess):
         self._hits = [0] * 0x10000
         self._seen = _PortSet()
         self._handlers: list[tuple] = [(self._miss_read, self._miss_write)] * 0x10000
-        self._offsets = array.array("l", range(0x10000))   # a miss handler gets the port itself
+        self._offsets = _port_numbers()   # a miss handler gets the port itself
 
     def register(self, base: int, length: int, device: Device) -> None:
         if base < 0 or base + length > 0x10000:
