@@ -15,8 +15,8 @@ import logging
 import os
 import stat
 from pathlib import Path
-from hvm._types import TYPE_CHECKING, Callable
 
+from hvm._types import TYPE_CHECKING, Callable
 from hvm.boot import BootError, BootState, Module, bios, is_multiboot, load_flat, load_multiboot
 from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt

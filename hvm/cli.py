@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 from pathlib import Path
-from hvm._types import Callable
 
+from hvm._types import Callable
 from hvm.boot import BootError
 from hvm.config import ConfigError, load_yaml, merge, parse_spec
 from hvm.files import HostFileError

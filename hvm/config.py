@@ -11,12 +11,12 @@ import os
 import re
 import stat
 from pathlib import Path
-from hvm._types import TYPE_CHECKING, Any
 
-from hvm.plain import Frozen
+from hvm._types import TYPE_CHECKING, Any
 from hvm.files import HostFileError, _describe, check_regular_input, expand_user
 from hvm.mmio import registry
 from hvm.mmio.registry import REQUIRED, DeviceConfig
+from hvm.plain import Frozen
 
 if TYPE_CHECKING:
     from hvm.cpu_model import CpuSpec

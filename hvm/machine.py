@@ -12,8 +12,8 @@ import logging
 import os
 import threading
 import time
-from hvm._types import TYPE_CHECKING, Callable
 
+from hvm._types import TYPE_CHECKING, Callable
 from hvm.boot import BootError, BootState
 from hvm.plain import Record
 from hvm.config import FlatBoot, VmSpec

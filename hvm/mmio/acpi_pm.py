@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
-from hvm._types import Callable
 
+from hvm._types import Callable
 from hvm.mmio.device import IrqLine, StateReader
 
 PM_BASE = 0x600

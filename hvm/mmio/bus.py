@@ -27,8 +27,8 @@ import logging
 import sys
 import threading
 import time
-from hvm._types import Callable, Protocol
 
+from hvm._types import Callable, Protocol
 from hvm.mmio.device import Device
 from hvm.plain import Frozen
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+
 from hvm._types import Any, Iterable, Protocol
 
 

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from hvm._types import TYPE_CHECKING, Any, Callable, Iterable
 
+from hvm._types import TYPE_CHECKING, Any, Callable, Iterable
 from hvm.mmio.bus import BusError
 from hvm.mmio.device import StateReader, Stateless
 from hvm.plain import Record

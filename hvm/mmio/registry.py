@@ -19,8 +19,8 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from hvm._types import TYPE_CHECKING, Any, Callable
 
+from hvm._types import TYPE_CHECKING, Any, Callable
 from hvm.plain import Frozen, Record
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from hvm._types import Callable
 
+from hvm._types import Callable
 from hvm.mmio.device import InputGate, IrqLine, StateReader
 
 COM1_PORT = 0x3F8

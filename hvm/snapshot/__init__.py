@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+
 from hvm._types import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:

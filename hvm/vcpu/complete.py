@@ -12,9 +12,9 @@ hands over garbage gets a fault of its own or a refusal (the crash report), neve
 """
 from __future__ import annotations
 
-from hvm._types import Callable, Protocol
 
 # architectural bits: one definition, beside the boot code's (hvm/boot calls no KVM either)
+from hvm._types import Callable, Protocol
 from hvm.boot.cpu_modes import CR0_PE, CR0_TS, CR4_LA57, CR4_OSXSAVE, EFER_LMA, RFLAGS_AC, RFLAGS_VM
 from hvm.plain import Frozen, Record
 
