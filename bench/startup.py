@@ -42,6 +42,7 @@ def bench_startup(reps: int, warmup: bool, log) -> tuple[list[Row], dict]:
         del cmds["qemu_mbtest"]
     wall = {name: Figure("s") for name in cmds}
     rss = {name: Figure("MiB") for name in cmds}
+    cpu = {name: Figure("s") for name in cmds}     # user+sys from wait4: steadier than wall on a busy host
     errors = {}
     first = 0 if warmup else 1      # a warm-up round (page cache, pyc files) is run but not counted
     for i in range(first, reps + 1):
@@ -57,6 +58,7 @@ def bench_startup(reps: int, warmup: bool, log) -> tuple[list[Row], dict]:
             if i > 0:
                 wall[name].samples.append(res.seconds)
                 rss[name].samples.append(res.maxrss_kib / 1024)
+                cpu[name].samples.append(res.user + res.sys)
     for name in wall:
         if name not in errors:
             log(f"  start-up {name}: {wall[name].median * 1000:.0f} ms, peak RSS {rss[name].median:.1f} MiB")
@@ -82,12 +84,17 @@ def bench_startup(reps: int, warmup: bool, log) -> tuple[list[Row], dict]:
         else:
             note = ""
             if key == "startup.mbtest":
+                # The interpreter the baselines ran is the one `hvm` runs on (the venv's, when the bench
+                # runs as .venv/bin/python -m bench): say which, so a row from another environment shows.
                 note = (f"python -c pass: {wall['python_bare'].median * 1000:.0f} ms, "
-                        f"python -c 'import hvm.cli, hvm.machine': {wall['python_import_hvm'].median * 1000:.0f} ms")
+                        f"python -c 'import hvm.cli, hvm.machine': {wall['python_import_hvm'].median * 1000:.0f} ms "
+                        f"(hvm: {cmds['hvm_mbtest'][0]}; python: {sys.executable}; median CPU time user+sys: hvm "
+                        f"{cpu['hvm_mbtest'].median * 1000:.0f} ms, QEMU {cpu['qemu_mbtest'].median * 1000:.0f} ms)")
             rows.append(Row(key, title, qemu_ref, fig[name], fig["qemu_mbtest"], ratio_of, note))
     raw = {"commands": cmds, "errors": errors, "reps": reps,
            "wall_seconds": {n: f.to_json() for n, f in wall.items() if f.samples},
-           "peak_rss_mib": {n: f.to_json() for n, f in rss.items() if f.samples}}
+           "peak_rss_mib": {n: f.to_json() for n, f in rss.items() if f.samples},
+           "cpu_seconds": {n: f.to_json() for n, f in cpu.items() if f.samples}}
     return rows, raw
 
 

@@ -15,14 +15,13 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
+from hvm._types import TYPE_CHECKING, Callable
 from hvm.boot import BootError, BootState, Module, bios, is_multiboot, load_flat, load_multiboot
 from hvm.boot.acpi import ACPI_BASE, write_acpi_tables
 from hvm.boot.bios import write_real_mode_ivt
 from hvm.boot.mptable import write_mp_table
 from hvm.config import FlatBoot, KernelBoot, VmSpec
-from hvm.cpu_model import CpuModelError, apply_cpu_model, check_cpu
 from hvm.host import cpu_flags, denied_feature_msrs, guest_default_flags, guest_visible_cpuid, hide_features
 from hvm.kvm import Kvm, KvmError, install_kick_handler
 from hvm.memory import GuestMemory
@@ -35,7 +34,6 @@ from hvm.mmio.pci import ECAM_BASE, ECAM_SIZE, PCI_CONFIG_LEN, PCI_CONFIG_PORT, 
 from hvm.mmio.registry import DeviceConfig, DeviceContext, VirtioSlot
 from hvm.mmio.rtc import RTC_IRQ, RTC_LEN, RTC_PORT, Rtc
 from hvm.vcpu import VcpuThread, apply_boot_state, cpuid_for_vcpu
-from hvm.vcpu.tcg import unavailable as tcg_unavailable
 
 if TYPE_CHECKING:
     from hvm.machine import Machine
@@ -82,9 +80,14 @@ def resolve_accel(m: "Machine") -> str:
             m.kvm = Kvm()
             return "kvm"
         except KvmError as e:
-            if tcg_unavailable() is not None:
-                raise
-            log.warning("KVM is not usable here (%s): running on tcg (binary translation, docs/tcg.md)", e)
+            kvm_error = e
+    # tcg (Unicorn's side of hvm, imported only here: a KVM VM never needs it)
+    from hvm.vcpu.tcg import unavailable as tcg_unavailable
+
+    if requested == "auto":
+        if tcg_unavailable() is not None:
+            raise kvm_error
+        log.warning("KVM is not usable here (%s): running on tcg (binary translation, docs/tcg.md)", kvm_error)
     why = tcg_unavailable()
     if why is not None:
         raise BootError(f"accel tcg: {why}")
@@ -135,12 +138,14 @@ def build_pc(m: "Machine") -> None:
     hidden = m.host.hidden_features + (m.host.smp_hidden_features if spec.vcpus > 1 else [])
     raw_cpuid = m.kvm.supported_cpuid()
     supported = hide_features(raw_cpuid, hidden)
-    if spec.cpu is not None:
+    if spec.cpu is not None:    # (hvm/cpu_model.py is imported only for a VM that names a CPU model)
+        from hvm.cpu_model import CpuModelError, apply_cpu_model, check_cpu
+
         try:
             check_cpu(spec.cpu, raw_cpuid, hidden, m.host.honours_clear, guest_default_flags(m.host))
         except CpuModelError as e:
             raise BootError(f"cpu {spec.cpu}: {e}") from None
-    supported = apply_cpu_model(supported, spec.cpu)
+        supported = apply_cpu_model(supported, spec.cpu)
     # The guest's CPUID: instructions hvm completes (hvm/vcpu/complete.py) read its feature bits here (with
     # the host's bits this backend shows the guest although hvm hid them: the guest's view is what counts).
     m.cpuid = guest_visible_cpuid(supported, hidden, m.host.hiding_ignored & cpu_flags(), raw_cpuid) \

@@ -32,7 +32,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -404,13 +404,13 @@ def compare(spec: VmSpec, trace_prefix: Path | None = None, count: bool = True) 
     if spec.cpu is not None:
         raise CompareError(f"{spec.source}: cpu: applies to accel kvm only (tcg runs Unicorn's qemu64 CPU)")
     if spec.timeout is None:
-        spec = replace(spec, timeout=DEFAULT_TIMEOUT)
+        spec = spec.replace(timeout=DEFAULT_TIMEOUT)
     with tempfile.TemporaryDirectory(prefix="hvm-compare-") as tmp:
         sides = {}
         for accel in ACCELS:
             path = (Path(f"{trace_prefix}.{accel}.jsonl") if trace_prefix is not None
                     else Path(tmp) / f"{accel}.jsonl")
-            sides[accel] = run_side(replace(spec, accel=accel), path)
+            sides[accel] = run_side(spec.replace(accel=accel), path)
             if trace_prefix is None:
                 sides[accel].trace_path = None
         kvm, tcg = sides["kvm"], sides["tcg"]
@@ -423,7 +423,7 @@ def compare(spec: VmSpec, trace_prefix: Path | None = None, count: bool = True) 
             elif tcg.reason in ("timeout", "stopped"):
                 note = f"not counted: the tcg run ended by {tcg.reason} (what it ran depends on time)"
             else:
-                n, out, status, why = count_instructions(replace(spec, accel="tcg"))
+                n, out, status, why = count_instructions(spec.replace(accel="tcg"))
                 if n is None:
                     note = why
                 elif out != tcg.output or status != tcg.status:

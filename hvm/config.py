@@ -10,15 +10,17 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
+from hvm._types import TYPE_CHECKING, Any
 from hvm.files import HostFileError, _describe, check_regular_input, expand_user
-from hvm.cpu_model import CpuModelError, CpuSpec, parse_cpu
 from hvm.mmio import registry
 from hvm.mmio.registry import REQUIRED, DeviceConfig
-from hvm.qmp.address import QmpAddress, QmpAddressError, parse_qmp_address
+from hvm.plain import Frozen
+
+if TYPE_CHECKING:
+    from hvm.cpu_model import CpuSpec
+    from hvm.qmp.address import QmpAddress
 
 DEFAULT_MEMORY = 128 << 20   # as QEMU
 MIN_MEMORY = 2 << 20
@@ -67,68 +69,71 @@ def _one_line(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-@dataclass(frozen=True)
-class FlatBoot:
-    image: Path
-    load: int
-    entry: int
-    mode: str
-    regs: tuple[tuple[str, int], ...] = ()   # initial general-purpose registers, e.g. (("rdi", 1),)
+class FlatBoot(Frozen):
+    _fields = ("image", "load", "entry", "mode", "regs")
+
+    def __init__(self, image: Path, load: int, entry: int, mode: str, regs: tuple[tuple[str, int], ...] = ()):
+        # regs: initial general-purpose registers, e.g. (("rdi", 1),)
+        self._set(image=image, load=load, entry=entry, mode=mode, regs=regs)
 
 
-@dataclass(frozen=True)
-class KernelBoot:
-    kernel: Path
-    initrd: tuple[Path, ...] = ()
-    cmdline: str = ""
+class KernelBoot(Frozen):
+    _fields = ("kernel", "initrd", "cmdline")
+
+    def __init__(self, kernel: Path, initrd: tuple[Path, ...] = (), cmdline: str = ""):
+        self._set(kernel=kernel, initrd=initrd, cmdline=cmdline)
 
 
-@dataclass(frozen=True)
-class SerialSpec:
-    output: str = "stdio"           # "stdio", "none" or "file:PATH"
-    input: str = "auto"             # "stdin", "none", "file:PATH", or "auto" (stdin when output is stdio)
-    port: int = 0x3F8
-    irq: int = 4
+class SerialSpec(Frozen):
+    _fields = ("output", "input", "port", "irq")
+
+    def __init__(self, output: str = "stdio", input: str = "auto", port: int = 0x3F8, irq: int = 4):
+        # output: "stdio", "none" or "file:PATH"; input: "stdin", "none", "file:PATH", or "auto" (stdin when
+        # output is stdio)
+        self._set(output=output, input=input, port=port, irq=irq)
 
 
-@dataclass(frozen=True)
-class DebugExitSpec:
-    port: int = 0xF4
-    size: int = 4
+class DebugExitSpec(Frozen):
+    _fields = ("port", "size")
+
+    def __init__(self, port: int = 0xF4, size: int = 4):
+        self._set(port=port, size=size)
 
 
-@dataclass(frozen=True)
-class VmSpec:
-    name: str
-    boot: FlatBoot | KernelBoot
-    memory: int = DEFAULT_MEMORY
-    vcpus: int = 1
-    timeout: float | None = None
-    machine: str = "none"           # "pc": irqchip, PIT, ACPI tables, PM timer, fw_cfg; "none": bare
-    irqchip: bool = True
-    pit: bool = True
-    serial: SerialSpec | None = field(default_factory=SerialSpec)
-    debug_exit: DebugExitSpec | None = field(default_factory=DebugExitSpec)
-    # Every other device, as declared in its own file (hvm/mmio/registry.py): debugcon, pvconsole, testdev,
-    # virtio-blk, ... in the order the machine creates them.
-    devices: tuple[DeviceConfig, ...] = ()
-    virtio_cmdline: bool = True     # add virtio_mmio.device=... to a Linux command line (else: ACPI only)
-    source: str = "command line"
-    script: tuple = ()              # hvm.script.Step: `script:` steps `hvm run` runs against the console
-    qmp: QmpAddress | None = None   # a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md)
-    cpu: CpuSpec | None = None      # `cpu:`/--cpu: QEMU's -cpu model (hvm/cpu_model.py); None: the host's CPUID
-    # `accel:`/--accel: "kvm" (hardware assist through /dev/kvm), "tcg" (binary translation: Unicorn,
-    # hvm/vcpu/tcg.py) or "auto" (KVM when /dev/kvm works, else tcg with a notice: Machine resolves it)
-    accel: str = "auto"
+_DEFAULT = object()     # VmSpec's serial and debug_exit: a fresh default SerialSpec()/DebugExitSpec()
 
-    def __post_init__(self) -> None:
+
+class VmSpec(Frozen):
+    """A validated VM description (plain: hvm/plain.py says why). Fields:
+    machine: "pc" (irqchip, PIT, ACPI tables, PM timer, fw_cfg) or "none" (bare);
+    devices: every other device, as declared in its own file (hvm/mmio/registry.py): debugcon, pvconsole,
+      testdev, virtio-blk, ... in the order the machine creates them;
+    virtio_cmdline: add virtio_mmio.device=... to a Linux command line (else: ACPI only);
+    script: hvm.script.Step: `script:` steps `hvm run` runs against the console;
+    qmp: a QMP socket to listen on (hvm/qmp/, docs/lifecycle.md);
+    cpu: `cpu:`/--cpu: QEMU's -cpu model (hvm/cpu_model.py); None: the host's CPUID;
+    accel: `accel:`/--accel: "kvm" (hardware assist through /dev/kvm), "tcg" (binary translation: Unicorn,
+      hvm/vcpu/tcg.py) or "auto" (KVM when /dev/kvm works, else tcg with a notice: Machine resolves it)."""
+    _fields = ("name", "boot", "memory", "vcpus", "timeout", "machine", "irqchip", "pit", "serial", "debug_exit",
+               "devices", "virtio_cmdline", "source", "script", "qmp", "cpu", "accel")
+
+    def __init__(self, name: str, boot: FlatBoot | KernelBoot, memory: int = DEFAULT_MEMORY, vcpus: int = 1,
+                 timeout: float | None = None, machine: str = "none", irqchip: bool = True, pit: bool = True,
+                 serial: SerialSpec | None = _DEFAULT, debug_exit: DebugExitSpec | None = _DEFAULT,  # type: ignore
+                 devices: tuple[DeviceConfig, ...] = (), virtio_cmdline: bool = True, source: str = "command line",
+                 script: tuple = (), qmp: QmpAddress | None = None, cpu: CpuSpec | None = None,
+                 accel: str = "auto"):
+        self._set(name=name, boot=boot, memory=memory, vcpus=vcpus, timeout=timeout, machine=machine,
+                  irqchip=irqchip, pit=pit, serial=SerialSpec() if serial is _DEFAULT else serial,
+                  debug_exit=DebugExitSpec() if debug_exit is _DEFAULT else debug_exit, devices=devices,
+                  virtio_cmdline=virtio_cmdline, source=source, script=script, qmp=qmp, cpu=cpu, accel=accel)
         # A VmSpec built in code (not by parse_spec) gets the checks that keep the watchdog working.
         if self.timeout is not None and not _timeout_ok(self.timeout):
             raise ConfigError(self.source, "timeout", f"{_show(self.timeout)} is not a number of seconds "
                               f"in 0..{MAX_TIMEOUT:.0f}")
 
     def with_overrides(self, **changes: Any) -> "VmSpec":
-        return replace(self, **changes)
+        return self.replace(**changes)
 
     def device(self, type_name: str) -> DeviceConfig | None:
         """The first device of that type, or None."""
@@ -138,7 +143,8 @@ class VmSpec:
         return None
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+# Patterns as strings: re compiles (and caches) one at its first use, not at every start-up of hvm.
+_SIZE_RE = r"(?i)^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -149,7 +155,7 @@ def parse_size(value: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, str) and len(value) <= 64:  # a longer string is no size (and int() of it is slow)
-        m = _SIZE_RE.match(value)
+        m = re.match(_SIZE_RE, value)
         if m:
             unit = m.group(2).upper()
             if not unit and not m.group(3):
@@ -556,7 +562,8 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if pit and not irqchip:
         raise top.error("pit", "the in-kernel PIT needs the in-kernel irqchip")
 
-    devices = top.sub(top.get("devices"), "devices", device_keys())
+    raw_devices = top.get("devices")
+    devices = top.sub(raw_devices, "devices", device_keys() if _names_registry(raw_devices) else BUILTIN_DEVICE_KEYS)
     serial: SerialSpec | None = SerialSpec()
     if "serial" in devices.data:
         raw = devices.get("serial")
@@ -611,6 +618,8 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
             raise top.error("qmp", f"expected a socket path or unix:PATH[,server=on][,wait=off], got {_kind(raw_qmp)}")
         # A path from --qmp is the current directory's, one from the YAML file the file's directory's.
         qmp_base = Path.cwd() if top.origins.get("qmp") else base
+        from hvm.qmp.address import QmpAddressError, parse_qmp_address   # (only when a config asks for QMP)
+
         try:
             qmp = parse_qmp_address(raw_qmp, qmp_base)
         except QmpAddressError as e:
@@ -621,6 +630,8 @@ def parse_spec(data: dict, source: str = "command line", base_dir: Path | None =
     if raw_cpu is not None:
         if not isinstance(raw_cpu, str):
             raise top.error("cpu", f"expected MODEL[,vendor=NAME][,+feature][,-feature], got {_kind(raw_cpu)}")
+        from hvm.cpu_model import CpuModelError, parse_cpu   # (only when a config names a CPU model)
+
         try:
             cpu = parse_cpu(raw_cpu)
         except CpuModelError as e:
@@ -651,10 +662,16 @@ def parse_devices(mapping: Any, source: str = "Python", irqchip: bool = True,
 
 def _wants_pci(raw: Any) -> bool:
     """Whether a `devices:` mapping (not validated yet) asks for a PCI device."""
-    if not isinstance(raw, dict):
+    if not _names_registry(raw):
         return False
     return any(v not in (None, False) and getattr(registry.device_types().get(str(k)), "pci", False)
                for k, v in raw.items())
+
+
+def _names_registry(raw: Any) -> bool:
+    """Whether a `devices:` mapping (not validated yet) has a key beyond the built-in serial and debug_exit:
+    only then does the registry import every device module to know their names (~10 ms of a start-up)."""
+    return isinstance(raw, dict) and any(k not in BUILTIN_DEVICE_KEYS for k in raw)
 
 
 def device_keys() -> tuple[str, ...]:
@@ -663,13 +680,15 @@ def device_keys() -> tuple[str, ...]:
 
 
 MAX_DEVICE_INSTANCES = 32        # of one type (virtio slots run out before that: registry.VIRTIO_IRQS)
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC_RE = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"
 
 
 def _registry_devices(devices: _Fields, base: Path, irqchip: bool) -> tuple[DeviceConfig, ...]:
     """`devices: {NAME: true | false | {props} | [{props}, ...]}` for every registered type, each
     instance's properties validated from its type's declaration (hvm/mmio/registry.py)."""
     out: list[DeviceConfig] = []
+    if not _names_registry(devices.data):
+        return ()
     virtio = 0
     for name, dt in registry.device_types().items():
         raw = devices.get(name)
@@ -743,7 +762,7 @@ def _prop_value(fields: _Fields, prop, base: Path) -> Any:
         return fields.path_(key, base)
     if kind == "mac":
         value = raw if isinstance(raw, str) else None
-        if value is None or not _MAC_RE.match(value):
+        if value is None or not re.match(_MAC_RE, value):
             raise fields.error(key, f"expected a MAC address like 52:54:00:12:34:56, got {_kind(raw)}")
         if int(value[:2], 16) & 1:
             raise fields.error(key, f"{value} is a multicast address (the first octet must be even)")

@@ -17,8 +17,8 @@ import sys
 import termios
 import threading
 import time
-from typing import Callable
 
+from hvm._types import Callable
 from hvm.files import expand_user, open_output
 
 log = logging.getLogger(__name__)

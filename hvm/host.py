@@ -8,7 +8,8 @@ failures itself (INT3, FWAIT). `hvm doctor` measures the rest with probe guests.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+
+from hvm.plain import Frozen
 
 # (leaf, subleaf or None, register, bit, name): CPU features this backend's emulator cannot run, or that
 # make Linux take paths through instructions it cannot run.
@@ -112,15 +113,22 @@ def cpuid_hiding_ignored(backend: str, hidden) -> frozenset[str]:
                      and name not in keeps and name not in _DYNAMIC_CPUID_BITS)
 
 
-@dataclass(frozen=True)
-class HostProfile:
-    backend: str                       # "kvm_pvm", "vmx", "svm" or "unknown"
-    cpl0_emulated: bool
-    hidden_features: list = field(default_factory=list)
-    linux_cmdline: list[str] = field(default_factory=list)
-    smp_hidden_features: list = field(default_factory=list)   # hidden too when the VM has several vCPUs
-    disabled_quirks: int = 0           # KVM_X86_QUIRK_* bits hvm disables (KVM_CAP_DISABLE_QUIRKS2)
-    filter_feature_msrs: bool = False  # deny FEATURE_MSRS the guest's CPUID lacks (the backend does not)
+class HostProfile(Frozen):
+    """backend: "kvm_pvm", "vmx", "svm" or "unknown"; smp_hidden_features: hidden too when the VM has several
+    vCPUs; disabled_quirks: KVM_X86_QUIRK_* bits hvm disables (KVM_CAP_DISABLE_QUIRKS2);
+    filter_feature_msrs: deny FEATURE_MSRS the guest's CPUID lacks (the backend does not). (Plain:
+    hvm/plain.py says why.)"""
+    _fields = ("backend", "cpl0_emulated", "hidden_features", "linux_cmdline", "smp_hidden_features",
+               "disabled_quirks", "filter_feature_msrs")
+
+    def __init__(self, backend: str, cpl0_emulated: bool, hidden_features: list | None = None,
+                 linux_cmdline: list[str] | None = None, smp_hidden_features: list | None = None,
+                 disabled_quirks: int = 0, filter_feature_msrs: bool = False):
+        self._set(backend=backend, cpl0_emulated=cpl0_emulated,
+                  hidden_features=[] if hidden_features is None else hidden_features,
+                  linux_cmdline=[] if linux_cmdline is None else linux_cmdline,
+                  smp_hidden_features=[] if smp_hidden_features is None else smp_hidden_features,
+                  disabled_quirks=disabled_quirks, filter_feature_msrs=filter_feature_msrs)
 
     @property
     def hiding_ignored(self) -> frozenset[str]:

@@ -12,10 +12,10 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
 
+from hvm._types import TYPE_CHECKING, Callable
 from hvm.boot import BootError, BootState
+from hvm.plain import Record
 from hvm.config import FlatBoot, VmSpec
 from hvm.console import Console
 from hvm.host import detect as detect_host
@@ -67,28 +67,36 @@ _GUEST_CAUSE = {"halt": "guest-shutdown", "poweroff": "guest-shutdown", "debug-e
                 "reset": "guest-reset", "crash": "guest-panic", "panic": "guest-panic"}
 
 
-@dataclass
-class RunResult:
-    status: int                 # process exit status hvm uses
-    reason: str                 # "debug-exit", "halt", "poweroff", "reset", "timeout", "crash", "stopped"
-    message: str = ""
-    crash: CrashReport | None = None
-    seconds: float = 0.0
+class RunResult(Record):
+    """How a run ended. status: the process exit status hvm uses; reason: "debug-exit", "halt", "poweroff",
+    "reset", "timeout", "crash", "stopped", ... (plain: hvm/plain.py says why)."""
+    _fields = ("status", "reason", "message", "crash", "seconds")
+
+    def __init__(self, status: int, reason: str, message: str = "", crash: CrashReport | None = None,
+                 seconds: float = 0.0):
+        self._set(status=status, reason=reason, message=message, crash=crash, seconds=seconds)
 
 
-@dataclass
-class ExitStats:
-    by_reason: dict[str, int] = field(default_factory=dict)
-    by_port: dict[int, int] = field(default_factory=dict)
-    by_device: dict[str, int] = field(default_factory=dict)
-    by_mmio: dict[int, int] = field(default_factory=dict)
-    unhandled_ports: dict[int, int] = field(default_factory=dict)
-    unhandled_mmio: dict[int, int] = field(default_factory=dict)
-    # accesses to unclaimed MMIO addresses beyond the first hvm.mmio.bus.TRACKED_ADDRESSES distinct ones
-    other_mmio: int = 0
-    completed: dict[str, int] = field(default_factory=dict)       # emulation failures hvm finished
-    milestones: dict[str, float] = field(default_factory=dict)    # console line -> ms since start
-    device_counters: dict[str, dict[str, int]] = field(default_factory=dict)   # registry devices' stats()
+class ExitStats(Record):
+    """Exit counters (Machine.stats()). other_mmio: accesses to unclaimed MMIO addresses beyond the first
+    hvm.mmio.bus.TRACKED_ADDRESSES distinct ones; completed: emulation failures hvm finished; milestones:
+    console line -> ms since start; device_counters: registry devices' stats()."""
+    _fields = ("by_reason", "by_port", "by_device", "by_mmio", "unhandled_ports", "unhandled_mmio", "other_mmio",
+               "completed", "milestones", "device_counters")
+
+    def __init__(self, by_reason: dict[str, int] | None = None, by_port: dict[int, int] | None = None,
+                 by_device: dict[str, int] | None = None, by_mmio: dict[int, int] | None = None,
+                 unhandled_ports: dict[int, int] | None = None, unhandled_mmio: dict[int, int] | None = None,
+                 other_mmio: int = 0, completed: dict[str, int] | None = None,
+                 milestones: dict[str, float] | None = None,
+                 device_counters: dict[str, dict[str, int]] | None = None):
+        self._set(by_reason={} if by_reason is None else by_reason, by_port={} if by_port is None else by_port,
+                  by_device={} if by_device is None else by_device, by_mmio={} if by_mmio is None else by_mmio,
+                  unhandled_ports={} if unhandled_ports is None else unhandled_ports,
+                  unhandled_mmio={} if unhandled_mmio is None else unhandled_mmio, other_mmio=other_mmio,
+                  completed={} if completed is None else completed,
+                  milestones={} if milestones is None else milestones,
+                  device_counters={} if device_counters is None else device_counters)
 
     @property
     def total(self) -> int:
@@ -765,8 +773,6 @@ class Machine:
         ("inmigrate"): start() runs the guest on from the saved instruction. `timeout` (seconds; 0 for
         none) replaces the saved watchdog. Raises SnapshotError for any problem with the file, having
         released everything it opened."""
-        from dataclasses import replace
-
         from hvm.snapshot import spec_from_snapshot
         from hvm.snapshot.format import SnapshotFile
 
@@ -777,15 +783,15 @@ class Machine:
                 # not taken yet are in the UART's saved state): reading it again from its start would
                 # give the guest its input twice. A restored VM's input comes only from what is given anew.
                 log.info("%s: the saved serial input %s is not read again", path, spec.serial.input)
-                spec = replace(spec, serial=replace(spec.serial, input="none"))
+                spec = spec.replace(serial=spec.serial.replace(input="none"))
             if console is None and spec.serial is not None and spec.serial.output.startswith("file:"):
                 # A snapshot may come from anywhere: hvm never opens (and truncates) a host path named inside
                 # one. Output goes to this terminal unless --serial / console= says where.
                 log.warning("%s: the saved serial output %s is not reopened (give --serial file:PATH); "
                             "console output goes to stdout", path, spec.serial.output)
-                spec = replace(spec, serial=replace(spec.serial, output="stdio"))
+                spec = spec.replace(serial=spec.serial.replace(output="stdio"))
             if timeout is not None:
-                spec = replace(spec, timeout=timeout or None)
+                spec = spec.replace(timeout=timeout or None)
             adapt = snap.description.get("adapt_to_host", True) is not False
             machine = cls(spec, console=console, adapt_to_host=adapt, trace=trace, fast_loop=fast_loop,
                           _snapshot=snap)

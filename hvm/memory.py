@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from dataclasses import dataclass
+
+from hvm.plain import Record
 
 MiB = 1 << 20
 PAGE_SIZE = mmap.PAGESIZE
@@ -33,15 +34,15 @@ class GuestMemoryError(Exception):
     """An access fell outside guest RAM."""
 
 
-@dataclass
-class MemoryRegion:
-    gpa: int
-    size: int
-    mapping: mmap.mmap
-    host_addr: int
-    # Mapped from a file (a snapshot): the (offset, length) runs of the region the file holds data for; the
-    # rest of the file is holes. A page neither touched since nor in a run reads as zero.
-    file_extents: list[tuple[int, int]] | None = None
+class MemoryRegion(Record):
+    """One guest RAM region (plain: hvm/plain.py). file_extents: mapped from a file (a snapshot), the
+    (offset, length) runs of the region the file holds data for; the rest of the file is holes. A page
+    neither touched since nor in a run reads as zero."""
+    _fields = ("gpa", "size", "mapping", "host_addr", "file_extents")
+
+    def __init__(self, gpa: int, size: int, mapping: mmap.mmap, host_addr: int,
+                 file_extents: list[tuple[int, int]] | None = None):
+        self._set(gpa=gpa, size=size, mapping=mapping, host_addr=host_addr, file_extents=file_extents)
 
     @property
     def end(self) -> int:

@@ -2,30 +2,28 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from hvm.boot.errors import BootError
+from hvm.plain import Frozen
 
 PT_LOAD = 1
 EM_386 = 3
 EM_X86_64 = 62
 
 
-@dataclass(frozen=True)
-class ElfSegment:
-    offset: int
-    vaddr: int
-    paddr: int
-    filesz: int
-    memsz: int
+class ElfSegment(Frozen):
+    _fields = ("offset", "vaddr", "paddr", "filesz", "memsz")
+
+    def __init__(self, offset: int, vaddr: int, paddr: int, filesz: int, memsz: int):
+        self._set(offset=offset, vaddr=vaddr, paddr=paddr, filesz=filesz, memsz=memsz)
 
 
-@dataclass(frozen=True)
-class ElfImage:
-    bits: int          # 32 or 64
-    machine: int
-    entry: int
-    segments: tuple[ElfSegment, ...]
+class ElfImage(Frozen):
+    """bits: 32 or 64. (Plain classes: hvm/plain.py says why.)"""
+    _fields = ("bits", "machine", "entry", "segments")
+
+    def __init__(self, bits: int, machine: int, entry: int, segments: tuple[ElfSegment, ...]):
+        self._set(bits=bits, machine=machine, entry=entry, segments=segments)
 
 
 def is_elf(data: bytes) -> bool:

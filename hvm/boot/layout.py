@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import bisect
 import mmap
-from dataclasses import dataclass
 from pathlib import Path
 
 from hvm.boot.cpu_modes import GDT_ADDR, PML4_ADDR, RESERVED_END
 from hvm.boot.errors import BootError
 from hvm.files import HostFileError, check_regular_input, read_regular_file
 from hvm.memory import GuestMemory
+from hvm.plain import Frozen
 
 PAGE = mmap.PAGESIZE
 # A kernel file larger than this is not something hvm can boot; it also bounds what a loader reads into
@@ -26,11 +26,12 @@ PAGE = mmap.PAGESIZE
 KERNEL_FILE_MAX = 1 << 30
 
 
-@dataclass(frozen=True)
-class Region:
-    start: int
-    end: int            # exclusive
-    what: str
+class Region(Frozen):
+    """[start, end) of guest-physical memory, and what is there (plain: hvm/plain.py)."""
+    _fields = ("start", "end", "what")
+
+    def __init__(self, start: int, end: int, what: str):   # end: exclusive
+        self._set(start=start, end=end, what=what)
 
     def __str__(self) -> str:
         return f"{self.what} at {self.start:#x}..{self.end:#x}"

@@ -8,7 +8,6 @@ EAX = 0x2BADB002 and EBX = the multiboot information structure.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from hvm.boot.cpu_modes import protected_mode_state
@@ -17,6 +16,7 @@ from hvm.boot.errors import BootError
 from hvm.boot.layout import BIOS_AREA, GDT, IVT, KERNEL_FILE_MAX, Layout, load_piece, read_input
 from hvm.boot.state import BootState
 from hvm.memory import GuestMemory
+from hvm.plain import Frozen
 
 HEADER_MAGIC = 0x1BADB002
 BOOTLOADER_MAGIC = 0x2BADB002
@@ -40,15 +40,13 @@ MAX_MMAP = 0x400
 LOADER_NAME = b"hvm\0"
 
 
-@dataclass(frozen=True)
-class MultibootHeader:
-    offset: int
-    flags: int
-    header_addr: int = 0
-    load_addr: int = 0
-    load_end_addr: int = 0
-    bss_end_addr: int = 0
-    entry_addr: int = 0
+class MultibootHeader(Frozen):
+    _fields = ("offset", "flags", "header_addr", "load_addr", "load_end_addr", "bss_end_addr", "entry_addr")
+
+    def __init__(self, offset: int, flags: int, header_addr: int = 0, load_addr: int = 0, load_end_addr: int = 0,
+                 bss_end_addr: int = 0, entry_addr: int = 0):
+        self._set(offset=offset, flags=flags, header_addr=header_addr, load_addr=load_addr,
+                  load_end_addr=load_end_addr, bss_end_addr=bss_end_addr, entry_addr=entry_addr)
 
 
 def find_header(data: bytes) -> MultibootHeader | None:
@@ -67,10 +65,11 @@ def is_multiboot(data: bytes) -> bool:
     return find_header(data) is not None
 
 
-@dataclass(frozen=True)
-class Module:
-    path: Path
-    args: str = ""
+class Module(Frozen):
+    _fields = ("path", "args")
+
+    def __init__(self, path: Path, args: str = ""):
+        self._set(path=path, args=args)
 
 
 def load_multiboot(mem: GuestMemory, kernel: Path, cmdline: str = "", modules: tuple[Module, ...] = ()) -> BootState:

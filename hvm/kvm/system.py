@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
 
+from hvm._types import TYPE_CHECKING
 from hvm.kvm import ioctls
 from hvm.kvm._ffi import ffi, ioctl_int, lib
 from hvm.kvm.errors import KvmError

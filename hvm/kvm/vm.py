@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
+from hvm._types import TYPE_CHECKING
 from hvm.kvm import ioctls
 from hvm.kvm._ffi import ffi
 from hvm.kvm.system import ioctl_ptr, ioctl_val

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
 
+from hvm._types import Callable
 from hvm.mmio.device import IrqLine, StateReader
 from hvm.mmio.published import ClockCounter
 

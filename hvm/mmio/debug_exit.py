@@ -1,8 +1,8 @@
 """QEMU's isa-debug-exit: a guest write of V ends the VM with process status (V << 1) | 1."""
 from __future__ import annotations
 
-from typing import Callable
 
+from hvm._types import Callable
 from hvm.mmio.device import Stateless
 
 DEFAULT_PORT = 0xF4

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterable, Protocol
+
+from hvm._types import Any, Iterable, Protocol
 
 
 class DeviceStateError(ValueError):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
 
+from hvm._types import Callable
 from hvm.mmio.device import StateReader, state_lock
 
 I8042_DATA_PORT = 0x60

@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from hvm._types import TYPE_CHECKING, Any, Callable, Iterable
 from hvm.mmio.bus import BusError
 from hvm.mmio.device import StateReader, Stateless
+from hvm.plain import Record
 
 if TYPE_CHECKING:
     from hvm.mmio.bus import MmioBus, PioBus
@@ -88,15 +88,15 @@ def devfn_name(devfn: int) -> str:
     return f"00:{devfn >> 3:02x}.{devfn & 7}"
 
 
-@dataclass
-class Bar:
-    """One BAR: its kind and size, the handler its region routes to, and where it is mapped (None: not)."""
-    index: int
-    io: bool
-    size: int
-    region: Any          # an object with name, read(offset, size), write(offset, size, value)
-    mapped: int | None = None
-    refused: int | None = None   # the address last refused (logged once; tried again at each config write)
+class Bar(Record):
+    """One BAR: its kind and size, the handler its region routes to, and where it is mapped (None: not).
+    region: an object with name, read(offset, size), write(offset, size, value); refused: the address last
+    refused (logged once; tried again at each config write). (Plain: hvm/plain.py says why.)"""
+    _fields = ("index", "io", "size", "region", "mapped", "refused")
+
+    def __init__(self, index: int, io: bool, size: int, region: Any, mapped: int | None = None,
+                 refused: int | None = None):
+        self._set(index=index, io=io, size=size, region=region, mapped=mapped, refused=refused)
 
 
 class BarRegion:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-import pkgutil
 import threading
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+
+from hvm._types import TYPE_CHECKING, Any, Callable
+from hvm.plain import Frozen, Record
 
 if TYPE_CHECKING:
     from hvm.console import Console
@@ -48,46 +48,50 @@ VIRTIO_MMIO_SLOT = 0x1000
 VIRTIO_IRQS = (5, 6, 7, 10, 11, 14, 15)
 
 
-@dataclass(frozen=True)
-class Prop:
-    """One typed property of a device type: its YAML key and --device option."""
-    name: str
-    kind: str                      # one of PROP_KINDS
-    default: Any = REQUIRED
-    lo: int | None = None          # "int": the range (inclusive)
-    hi: int | None = None
-    choices: tuple[str, ...] = ()  # "choice"
-    alias: str | None = None       # QEMU's option name for it ("iobase" for port)
-    help: str = ""
+# The records below are plain classes (hvm/plain.py: a dataclass costs ~0.5 ms to create at every start).
+class Prop(Frozen):
+    """One typed property of a device type: its YAML key and --device option. kind: one of PROP_KINDS;
+    lo, hi: the range of an "int" (inclusive); choices: a "choice"'s values; alias: QEMU's option name for
+    it ("iobase" for port)."""
+    _fields = ("name", "kind", "default", "lo", "hi", "choices", "alias", "help")
 
-    def __post_init__(self) -> None:
+    def __init__(self, name: str, kind: str, default: Any = REQUIRED, lo: int | None = None, hi: int | None = None,
+                 choices: tuple[str, ...] = (), alias: str | None = None, help: str = ""):
+        self._set(name=name, kind=kind, default=default, lo=lo, hi=hi, choices=choices, alias=alias, help=help)
         if self.kind not in PROP_KINDS:
             raise ValueError(f"property {self.name}: unknown kind {self.kind!r}")
 
 
-@dataclass(frozen=True)
-class VirtioSlot:
+class VirtioSlot(Frozen):
     """The MMIO window and interrupt line the machine gave a virtio-mmio device."""
-    base: int
-    irq: int
-    size: int = VIRTIO_MMIO_SLOT
+    _fields = ("base", "irq", "size")
+
+    def __init__(self, base: int, irq: int, size: int = VIRTIO_MMIO_SLOT):
+        self._set(base=base, irq=irq, size=size)
 
 
-@dataclass(frozen=True)
-class DeviceType:
-    name: str                                  # the `devices:` key and the --device NAME
-    help: str                                  # one line: docs/config.md, `--device help`
-    create: Callable[["DeviceContext", dict], Any]
-    props: tuple[Prop, ...] = ()
-    aliases: tuple[str, ...] = ()              # other --device names (QEMU's)
-    multiple: bool = False                     # several instances: a YAML list, a repeated --device
-    virtio: bool = False                       # wants a virtio-mmio slot (4 KiB + an IRQ) from the machine
-    ports: Callable[[dict], list[tuple[int, int]]] | None = None   # fixed port ranges, from the properties
-    check: Callable[[dict], None] | None = None   # config-time checks beyond the types: ValueError(message)
-    uses_console: bool = False                 # writes to the console (then it is the terminal without a UART)
-    snapshot: bool = True                      # False: the VM cannot be snapshotted with it (host files, fds)
-    requires_irqchip: bool = False             # raises interrupts that mean nothing without the irqchip
-    pci: bool = False                          # a PCI function on the pc machine's bus 0 (ctx.pci; machine: pc)
+class DeviceType(Frozen):
+    """A device type's declaration (a device module's DEVICE):
+    name: the `devices:` key and the --device NAME; help: one line (docs/config.md, `--device help`);
+    create(ctx, props) -> the device; props: its Props; aliases: other --device names (QEMU's);
+    multiple: several instances (a YAML list, a repeated --device);
+    virtio: wants a virtio-mmio slot (4 KiB + an IRQ) from the machine;
+    ports(props) -> its fixed port ranges [(base, length)]; check(props): config-time checks beyond the
+    types (ValueError(message)); uses_console: writes to the console (then it is the terminal without a
+    UART); snapshot: False if the VM cannot be snapshotted with it (host files, fds);
+    requires_irqchip: raises interrupts that mean nothing without the irqchip;
+    pci: a PCI function on the pc machine's bus 0 (ctx.pci; machine: pc)."""
+    _fields = ("name", "help", "create", "props", "aliases", "multiple", "virtio", "ports", "check",
+               "uses_console", "snapshot", "requires_irqchip", "pci")
+
+    def __init__(self, name: str, help: str, create: Callable[["DeviceContext", dict], Any],
+                 props: tuple[Prop, ...] = (), aliases: tuple[str, ...] = (), multiple: bool = False,
+                 virtio: bool = False, ports: Callable[[dict], list[tuple[int, int]]] | None = None,
+                 check: Callable[[dict], None] | None = None, uses_console: bool = False, snapshot: bool = True,
+                 requires_irqchip: bool = False, pci: bool = False):
+        self._set(name=name, help=help, create=create, props=props, aliases=aliases, multiple=multiple,
+                  virtio=virtio, ports=ports, check=check, uses_console=uses_console, snapshot=snapshot,
+                  requires_irqchip=requires_irqchip, pci=pci)
 
     def prop(self, name: str) -> Prop | None:
         for p in self.props:
@@ -96,42 +100,40 @@ class DeviceType:
         return None
 
 
-@dataclass(frozen=True)
-class DeviceConfig:
+class DeviceConfig(Frozen):
     """One device instance of a VmSpec: its type, validated properties, and its instance name."""
-    type: str
-    props: tuple[tuple[str, Any], ...]
-    name: str
-    index: int = 0
+    _fields = ("type", "props", "name", "index")
+
+    def __init__(self, type: str, props: tuple[tuple[str, Any], ...], name: str, index: int = 0):
+        self._set(type=type, props=props, name=name, index=index)
 
     @property
     def values(self) -> dict:
         return dict(self.props)
 
 
-@dataclass
-class DeviceContext:
-    """What a device type's create() gets: the machine's resources, never KVM."""
-    name: str
-    index: int
-    memory: "GuestMemory"
-    console: "Console"
-    pio: "PioBus"
-    mmio: "MmioBus"
-    slot: VirtioSlot | None
-    irq_line: Callable[[int], "IrqLine"]
-    on_close: Callable[[Callable[[], None]], None]
-    # set_console_input(feed, pending, release=None): this device takes the console's input instead of the
-    # UART; release() lets a feed blocked on a full queue go when the VM stops.
-    set_console_input: Callable[..., None]
-    irq_setter: Callable[[int, int], None] | None = None   # the irqchip's line setter (None without one)
-    # ioevent(addr, length, datamatch, callback) -> bool: a guest write there runs callback on hvm's ioevent
-    # thread without an exit to hvm (KVM_IOEVENTFD, hvm/ioevents.py); False where that is not available.
-    ioevent: Callable[[int, int, int | None, Callable[[], None]], bool] | None = None
-    machine: Any = field(default=None, repr=False)
-    # The pc machine's PCI bus 0 (hvm/mmio/pci.py): a `pci=True` device adds its PciFunction with
-    # ctx.pci.add(); the machine assigns the BARs once every device is created. None on machine: none.
-    pci: Any = None
+class DeviceContext(Record):
+    """What a device type's create() gets: the machine's resources, never KVM.
+    set_console_input(feed, pending, release=None): this device takes the console's input instead of the
+      UART; release() lets a feed blocked on a full queue go when the VM stops.
+    irq_setter: the irqchip's line setter (None without one).
+    ioevent(addr, length, datamatch, callback) -> bool: a guest write there runs callback on hvm's ioevent
+      thread without an exit to hvm (KVM_IOEVENTFD, hvm/ioevents.py); False where that is not available.
+    pci: the pc machine's PCI bus 0 (hvm/mmio/pci.py): a `pci=True` device adds its PciFunction with
+      ctx.pci.add(); the machine assigns the BARs once every device is created. None on machine: none."""
+    _fields = ("name", "index", "memory", "console", "pio", "mmio", "slot", "irq_line", "on_close",
+               "set_console_input", "irq_setter", "ioevent", "machine", "pci")
+    _hidden = ("machine",)
+
+    def __init__(self, name: str, index: int, memory: "GuestMemory", console: "Console", pio: "PioBus",
+                 mmio: "MmioBus", slot: VirtioSlot | None, irq_line: Callable[[int], "IrqLine"],
+                 on_close: Callable[[Callable[[], None]], None], set_console_input: Callable[..., None],
+                 irq_setter: Callable[[int, int], None] | None = None,
+                 ioevent: Callable[[int, int, int | None, Callable[[], None]], bool] | None = None,
+                 machine: Any = None, pci: Any = None):
+        self._set(name=name, index=index, memory=memory, console=console, pio=pio, mmio=mmio, slot=slot,
+                  irq_line=irq_line, on_close=on_close, set_console_input=set_console_input,
+                  irq_setter=irq_setter, ioevent=ioevent, machine=machine, pci=pci)
 
 
 _types: dict[str, DeviceType] | None = None
@@ -142,6 +144,8 @@ _NOT_DEVICES = {"registry", "bus", "device", "pci"}
 
 
 def _discover() -> dict[str, DeviceType]:
+    import pkgutil   # (the scan runs only when a config or a command names a registry device)
+
     found: dict[str, DeviceType] = {}
     for package_name in _PACKAGES:
         try:

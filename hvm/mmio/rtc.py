@@ -36,8 +36,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
 
+from hvm._types import Callable
 from hvm.mmio.device import IrqLine, StateReader, state_lock
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
 
+from hvm._types import Callable
 from hvm.mmio.device import InputGate, IrqLine, StateReader
 from hvm.mmio.published import Latch
 

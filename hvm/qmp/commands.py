@@ -9,7 +9,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -189,7 +188,7 @@ class Commands:
 
     def cmd_x_hvm_stats(self) -> dict:
         stats = self.machine.stats()
-        out = _jsonable(asdict(stats))
+        out = _jsonable(stats.as_dict())
         out["total"] = stats.total
         return out
 

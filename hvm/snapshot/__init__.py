@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+
+from hvm._types import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hvm.config import VmSpec

@@ -9,7 +9,6 @@ save -> load -> save gives identical sections.
 from __future__ import annotations
 
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +91,7 @@ def spec_to_dict(spec: VmSpec) -> dict:
     return {
         "name": spec.name, "boot": b, "memory": spec.memory, "vcpus": spec.vcpus, "timeout": spec.timeout,
         "machine": spec.machine, "irqchip": spec.irqchip, "pit": spec.pit,
-        "serial": None if spec.serial is None else {f.name: getattr(spec.serial, f.name) for f in fields(SerialSpec)},
+        "serial": None if spec.serial is None else spec.serial.as_dict(),
         "debug_exit": None if spec.debug_exit is None else {"port": spec.debug_exit.port,
                                                               "size": spec.debug_exit.size},
         # Registry devices as the YAML would give them: read back through the same validation.

@@ -19,8 +19,8 @@ host ran in between (as after a long pause). The kvmclock base (KVM_SET_CLOCK) i
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from hvm._types import Any
 from hvm.kvm import Kvm, ffi
 from hvm.kvm.vcpu import Vcpu
 from hvm.kvm.vm import Vm

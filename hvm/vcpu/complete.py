@@ -12,11 +12,11 @@ hands over garbage gets a fault of its own or a refusal (the crash report), neve
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
 
 # architectural bits: one definition, beside the boot code's (hvm/boot calls no KVM either)
+from hvm._types import Callable, Protocol
 from hvm.boot.cpu_modes import CR0_PE, CR0_TS, CR4_LA57, CR4_OSXSAVE, EFER_LMA, RFLAGS_AC, RFLAGS_VM
+from hvm.plain import Frozen, Record
 
 MAX_INSN = 15            # the architectural limit of an x86 instruction's length
 PAGE = 4096
@@ -78,32 +78,40 @@ class Cpu(Protocol):
         Completion says xsave_changed."""
 
 
-@dataclass(frozen=True)
-class Fault:
-    """An exception to deliver, RIP left at the faulting instruction."""
-    vector: int
-    error_code: int | None = None
-    cr2: int | None = None        # #PF: the linear address
+class Fault(Frozen):
+    """An exception to deliver, RIP left at the faulting instruction. cr2: #PF's linear address.
+    (Plain classes here: hvm/plain.py says why.)"""
+    _fields = ("vector", "error_code", "cr2")
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None):
+        self._set(vector=vector, error_code=error_code, cr2=cr2)
 
 
-@dataclass(frozen=True)
-class SoftInterrupt:
+class SoftInterrupt(Frozen):
     """INT n: vector n delivered as a software interrupt (gate DPL checked), return RIP after the instruction."""
-    vector: int
+    _fields = ("vector",)
+
+    def __init__(self, vector: int):
+        self._set(vector=vector)
 
 
-@dataclass(frozen=True)
-class Trap:
+class Trap(Frozen):
     """A software exception raised after the instruction (INT3's #BP): RIP already advanced."""
-    vector: int
+    _fields = ("vector",)
+
+    def __init__(self, vector: int):
+        self._set(vector=vector)
 
 
-@dataclass(frozen=True)
-class Completion:
-    name: str                      # counted in VcpuThread.completed ("movbe", "clac", "rdpru #UD", ...)
-    regs_changed: bool             # cpu.regs must be written back (RIP advanced, a result register)
-    event: Fault | SoftInterrupt | Trap | None = None
-    xsave_changed: bool = False    # cpu.xsave_area() must be written back (a vector register changed)
+class Completion(Frozen):
+    """name: counted in VcpuThread.completed ("movbe", "clac", "rdpru #UD", ...); regs_changed: cpu.regs must
+    be written back (RIP advanced, a result register); xsave_changed: cpu.xsave_area() must be written back
+    (a vector register changed)."""
+    _fields = ("name", "regs_changed", "event", "xsave_changed")
+
+    def __init__(self, name: str, regs_changed: bool, event: Fault | SoftInterrupt | Trap | None = None,
+                 xsave_changed: bool = False):
+        self._set(name=name, regs_changed=regs_changed, event=event, xsave_changed=xsave_changed)
 
 
 class _Short(Exception):
@@ -120,13 +128,13 @@ class _Raise(Exception):
         self.fault = fault
 
 
-@dataclass
-class _Mode:
-    long64: bool      # 64-bit mode (EFER.LMA and CS.L)
-    op: int           # default operand size in bytes (2/4)
-    addr: int         # default address size in bytes (2/4/8)
-    cpl: int
-    real: bool
+class _Mode(Record):
+    """long64: 64-bit mode (EFER.LMA and CS.L); op: default operand size in bytes (2/4); addr: default
+    address size in bytes (2/4/8)."""
+    _fields = ("long64", "op", "addr", "cpl", "real")
+
+    def __init__(self, long64: bool, op: int, addr: int, cpl: int, real: bool):
+        self._set(long64=long64, op=op, addr=addr, cpl=cpl, real=real)
 
 
 def cpu_mode(cpu: Cpu) -> _Mode:
@@ -161,24 +169,22 @@ class _Decoder:
         return v - (1 << (8 * n)) if v >> (8 * n - 1) else v
 
 
-@dataclass
-class _Insn:
-    opsize: bool = False      # 66
-    addrsize: bool = False    # 67
-    lock: bool = False
-    rep: int = 0              # F2/F3
-    seg: str | None = None
-    rex: int = 0
+class _Insn(Record):
+    """Prefixes: opsize 66, addrsize 67, lock, rep F2/F3, a segment override, REX."""
+    _fields = ("opsize", "addrsize", "lock", "rep", "seg", "rex")
+
+    def __init__(self, opsize: bool = False, addrsize: bool = False, lock: bool = False, rep: int = 0,
+                 seg: str | None = None, rex: int = 0):
+        self._set(opsize=opsize, addrsize=addrsize, lock=lock, rep=rep, seg=seg, rex=rex)
 
 
-@dataclass
-class _ModRM:
-    mod: int
-    reg: int                  # with REX.R
-    rm: int                   # with REX.B (register form) -- unused for memory forms
-    offset: int = 0           # effective address (memory forms), truncated to the address size
-    seg: str = "ds"
-    rip_relative: bool = False
+class _ModRM(Record):
+    """reg: with REX.R; rm: with REX.B (register form) -- unused for memory forms; offset: the effective
+    address (memory forms), truncated to the address size."""
+    _fields = ("mod", "reg", "rm", "offset", "seg", "rip_relative")
+
+    def __init__(self, mod: int, reg: int, rm: int, offset: int = 0, seg: str = "ds", rip_relative: bool = False):
+        self._set(mod=mod, reg=reg, rm=rm, offset=offset, seg=seg, rip_relative=rip_relative)
 
 
 def _modrm(d: _Decoder, p: _Insn, m: _Mode, regs) -> _ModRM:

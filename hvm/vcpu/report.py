@@ -1,17 +1,17 @@
 """CrashReport: what a guest crash looked like, in one screen."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from hvm.plain import Record
 
 
-@dataclass
-class CrashReport:
-    vcpu: int
-    reason: str                     # e.g. "SHUTDOWN (triple fault)"
-    detail: str = ""
-    regs: dict[str, int] = field(default_factory=dict)
-    sregs: dict[str, int] = field(default_factory=dict)
-    last_exits: list[str] = field(default_factory=list)
+class CrashReport(Record):
+    """reason: e.g. "SHUTDOWN (triple fault)". (Plain: hvm/plain.py says why.)"""
+    _fields = ("vcpu", "reason", "detail", "regs", "sregs", "last_exits")
+
+    def __init__(self, vcpu: int, reason: str, detail: str = "", regs: dict[str, int] | None = None,
+                 sregs: dict[str, int] | None = None, last_exits: list[str] | None = None):
+        self._set(vcpu=vcpu, reason=reason, detail=detail, regs={} if regs is None else regs,
+                  sregs={} if sregs is None else sregs, last_exits=[] if last_exits is None else last_exits)
 
     def format(self) -> str:
         lines = [f"guest crashed: {self.reason} on vCPU {self.vcpu}"]

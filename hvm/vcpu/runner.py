@@ -21,8 +21,8 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Callable, Protocol
 
+from hvm._types import Callable, Protocol
 from hvm.kvm import KICK_SIGNAL, Vcpu, ffi
 from hvm.kvm import constants as k
 from hvm.kvm._ffi import API_MODE, lib
