@@ -4,8 +4,9 @@
  * slot at guest-physical 0, one vCPU in real or flat 32-bit protected mode (the same CPU state hvm's
  * loader gives a flat image: GDT at 0x500, CS=0x10, DS=0x18, CR0.PE|ET), then KVM_RUN in a loop that
  * counts exits. No devices, except: a write to the debug-exit port 0xf4 ends the run, and port 0x3ff
- * (COM1's scratch register) is a one-byte register, the "trivial device" of the device benchmark.
- * An IN from any other port reads all ones; MMIO writes are dropped, reads return all ones.
+ * (COM1's scratch register) is a one-byte register, the "trivial device" of the device benchmark; an
+ * IN from 0x3fd (COM1's line status) reads 0x60, THR and transmitter empty, as hvm's idle UART answers
+ * (exit.pio_lsr). An IN from any other port reads all ones; MMIO writes are dropped, reads return all ones.
  * HLT (no irqchip, so it exits here) is counted and the guest is entered again after it.
  *
  * Usage: cref [-m real|protected] [-l LOAD] [-M MiB] [-t SECONDS] IMAGE
@@ -30,6 +31,8 @@
 
 #define DEBUG_EXIT_PORT 0xf4
 #define SCRATCH_PORT 0x3ff
+#define LSR_PORT 0x3fd
+#define LSR_IDLE 0x60                   /* THRE | TEMT: nothing received, nothing to send */
 #define GDT_ADDR 0x500
 #define TSS_ADDR 0xfeffd000UL           /* the addresses hvm gives KVM */
 #define IDENTITY_MAP_ADDR 0xfeffc000ULL
@@ -279,6 +282,8 @@ int main(int argc, char **argv)
                 io_in++;
                 if (run->io.port == SCRATCH_PORT && run->io.size == 1)
                     memset(data, scratch, bytes);
+                else if (run->io.port == LSR_PORT && run->io.size == 1)
+                    memset(data, LSR_IDLE, bytes);
                 else
                     memset(data, 0xff, bytes);
             }

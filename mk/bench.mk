@@ -2,7 +2,7 @@
 #   make bench           every benchmark, a few minutes: one markdown table, raw figures in bench/results/
 #   make bench QUICK=1   tiny iteration counts, well under a minute (what tests/test_bench.py runs)
 #   make bench-tcg       only the tcg-vs-kvm rows (bench/tcg.py): the same guests under both accelerators
-BENCH_FW16 := bench_pio bench_hlt
+BENCH_FW16 := bench_pio bench_pin bench_hlt
 BENCH_FW32 := bench_mmio
 BENCH_FW64 := bench_cpl
 BENCH_BINS := $(addprefix $(FWB)/,$(addsuffix .bin,$(BENCH_FW16) $(BENCH_FW32) $(BENCH_FW64)))
