@@ -183,7 +183,7 @@ class VcpuThread(threading.Thread):
         self._last_exit = self.last_exits.append
         # Bound once: the I/O handler is the hottest code in hvm. Each vCPU goes through a view of its own
         # of each bus (same routes, its own hit counters), so counts stay exact with several vCPUs.
-        pio = machine.pio.for_vcpu()
+        pio = self._pio = machine.pio.for_vcpu()
         self._mmio = machine.mmio.for_vcpu()
         self._pio_read = pio.read
         self._pio_write = pio.write
@@ -311,14 +311,50 @@ class VcpuThread(threading.Thread):
 
     def _loop_fast(self) -> None:
         """The same loop around the C fast loop, which returns only exits that need Python, -errno, or
-        TRACE_FLUSH when it is recording exits and its buffer wants emptying."""
+        TRACE_FLUSH when it is recording exits and its buffer wants emptying.
+
+        A single port access -- what reaches Python most: a device's register -- is handled right here,
+        not through the dispatch table, _exit_io and PioView.read/write (the same steps, bound once per run:
+        one Python call per exit, the device's). It records no last-exits tuple: the C loop's ring holds
+        every exit. Anything else, string I/O included, goes through the dispatch table; so does port I/O
+        when its table entry was replaced (tests, benchmarks)."""
         fast = self.fast
         run, fd, run_address, state = fast.run, fast.fd, fast.run_address, fast.state
         dispatch = self.dispatch
         counts = self.exit_counts
         machine = self.machine
+        view = self._view
+        # -1 << 40 is no exit reason and no -errno: port I/O then takes the table's handler.
+        io_reason = _EXIT_IO if dispatch[_EXIT_IO] == self._exit_io else -1 << 40
+        io_of = _IO_OF
+        uint = _UINT_BY_SIZE
+        mask = MASK
+        pio = self._pio
+        # The bus's own lists, changed in place when a device registers: bound once, always current.
+        hits, handlers, offsets, fault = pio._hits, pio._handlers, pio._offsets, pio._fault
         while not machine.stopping:
             reason = run(fd, run_address, state)
+            if reason == io_reason:
+                counts[reason] += 1
+                direction, size, port, count, offset = io_of(view, 32)   # 32: _EXIT_UNION
+                if count == 1:
+                    hits[port] += 1
+                    if direction:   # KVM_EXIT_IO_OUT; a value unpacked from `size` bytes needs no mask
+                        value = uint[size].unpack_from(view, offset)[0]
+                        try:
+                            handlers[port][1](offsets[port], size, value)
+                        except Exception as e:
+                            raise fault(port, size, value, e) from e
+                    else:
+                        try:
+                            value = handlers[port][0](offsets[port], size) & mask[size]
+                        except Exception as e:
+                            raise fault(port, size, None, e) from e
+                        uint[size].pack_into(view, offset, value)
+                    continue
+                if self._exit_io():     # string I/O: counted above already
+                    return
+                continue
             if reason < 0:
                 if reason == fastloop.TRACE_FLUSH:
                     self._trace_flush()
