@@ -1,24 +1,28 @@
-"""Where an exit's time goes in hvm (`make bench-hotpath`, or `python -m bench.hotpath`).
+"""Where the time of an exit that reaches a Python device goes (`make bench-hotpath`, `python -m bench.hotpath`).
 
-Runs the bench_pio guest loop (firmware/bench_pio.S) under several run loops, on identical VMs built by
-hvm.Machine, interleaved so that the host's drift hits all of them alike, and prints the median cost
-per exit of each and the differences between neighbours:
+Runs one guest loop -- by default firmware/bench_pin.S, `in` from port 0x3fd (COM1's line status register,
+a read with side effects: hvm answers it in Python) -- under run loops that add one layer of hvm's device
+path at a time, on identical VMs built by hvm.Machine, interleaved so that the host's drift hits all of them
+alike. Prints, per loop, the median cost per exit (wall clock), the user and system CPU per exit
+(getrusage: the robust figure on a busy host) and the difference to the previous layer:
 
-  cref          bench/cref.c: KVM_RUN in C (the kernel's and the backend's share of an exit)
-  hvm           Machine.run() as it is: the C fast loop re-enters the guest itself after port I/O that
-                no device claims (hvm/vcpu/fastloop.py); Python sees the first such exit and the rest
-  py-min        the least a Python loop can do: KVM_RUN through hvm's cffi binding, read the exit reason
-                and the port, stop at the debug-exit port; on a thread, as hvm runs vCPUs
-  hvm-empty     hvm's own VcpuThread._loop, with the IO entry of its dispatch table replaced by a handler
-                that only reads the port: the loop's shape (stopping flag, counters, table, one call)
-  py-inline     the hvm loop with the port-I/O path written inline (decode, one dict lookup, count a
-                miss or call the device), no per-exit method calls, no tuple per exit: what a
-                restructured Python loop costs
-  hvm-py        Machine.run() with the all-Python loop (fast_loop=False): _exit_io, PioBus.write, the
-                miss path, last_exits, on every exit
+  cref       bench/cref.c, a minimal C VMM: the kernel's and the backend's share of an exit
+  unclaimed  hvm's vCPU loop on the same guest loop to a port no device claims (0x80): hvm's C fast loop
+             re-enters the guest itself; the C loop alone, inside hvm
+  return     the C fast loop returns every exit to Python (the port is claimed), which calls it again:
+             one cffi call per exit and the exit reason compared, nothing else
+  dispatch   + hvm's loop shape: the stopping flag, the exit counted by reason
+  decode     + the port-I/O exit decoded (direction, size, port, count, data offset), the IN's value packed
+             into kvm_run (a constant)
+  bus        + the PioBus route: the per-port hit count, the port's handler and offset, the fault guard,
+             the size mask; the handler is a function that returns a constant
+  hvm        + the device: hvm's vCPU loop as it is (VcpuThread._loop_fast, the UART's read)
+  table      the same exits the way hvm took them before issue 16: dispatch table -> VcpuThread._exit_io ->
+             PioView.read -> the device, and a last-exits tuple per exit (the device as it is now)
+  hvm-py     Machine(..., fast_loop=False).run(): the all-Python loop (KVM_RUN from Python)
 
-Then times hvm's handler pieces in a warm loop (timeit, no KVM) for comparison with their cost in situ.
-This reads hvm's internals (threads, dispatch table, buses) but changes nothing in hvm/.
+With --out, the loop is firmware/bench_pio.S instead (`out` to the port; default port then 0x3ff, the UART's
+scratch register). This reads hvm's internals (threads, buses, the fast loop) but changes nothing in hvm/.
 """
 from __future__ import annotations
 
@@ -32,20 +36,22 @@ import sys
 import tempfile
 import threading
 import time
-import timeit
 from pathlib import Path
 
 from bench.common import CREF, FIRMWARE, run_measured
-from bench.exits import ITERATIONS_OFFSET, ARG_OFFSET
+from bench.exits import ARG_OFFSET, ITERATIONS_OFFSET
 
-VARIANTS = ("cref", "hvm", "py-min", "hvm-empty", "py-inline", "hvm-py")
+VARIANTS = ("cref", "unclaimed", "return", "dispatch", "decode", "bus", "hvm", "table", "hvm-py")
+LAYERED = VARIANTS[:7]        # each adds one layer to the one before
+UNCLAIMED_PORT = 0x80
+DEBUG_EXIT_PORT = 0xF4
 
 
-def make_image(iterations: int, port: int, workdir: Path) -> Path:
-    data = bytearray((FIRMWARE / "bench_pio.bin").read_bytes())
+def make_image(iterations: int, port: int, out: bool, workdir: Path) -> Path:
+    data = bytearray((FIRMWARE / ("bench_pio.bin" if out else "bench_pin.bin")).read_bytes())
     struct.pack_into("<I", data, ITERATIONS_OFFSET, iterations)
     struct.pack_into("<H", data, ARG_OFFSET, port)
-    path = workdir / "hotpath.bin"
+    path = workdir / f"hotpath-{port:x}.bin"
     path.write_bytes(bytes(data))
     return path
 
@@ -74,69 +80,92 @@ def on_thread(fn, timeout: float = 30.0):
     return out[0]
 
 
-def loop_py_min(vm) -> int:
-    from hvm.kvm._ffi import lib
-    from hvm.kvm.ioctls import KVM_RUN
-
-    fd, view = vm.vcpus[0].fd, vm.vcpus[0].run_view
-    ioctl = lib.hvm_ioctl_int
-    u32 = struct.Struct("<I").unpack_from
-    u16 = struct.Struct("<H").unpack_from
-    n = 0
-    while True:
-        if ioctl(fd, KVM_RUN, 0) < 0:
-            raise OSError("KVM_RUN failed")
-        n += 1
-        if u32(view, 8)[0] == 2 and u16(view, 34)[0] == 0xF4:
-            return n
-
-
-def port_table(vm) -> dict[int, tuple]:
-    """port -> (device, base) from the devices registered on hvm's PioBus (its public `ranges`)."""
-    return {port: (r.device, r.base) for r in vm.pio.ranges for port in range(r.base, r.base + r.length)}
-
-
-def loop_py_inline(vm) -> int:
-    """hvm's loop with the OUT path inline; every other exit goes through hvm's dispatch table."""
+def layer_loop(vm, layer: str, port: int) -> int:
+    """One of the stripped-down loops (return, dispatch, decode, bus) around hvm's C fast loop; returns
+    the exits it saw. Each ends at the guest's debug-exit OUT (the port claimed by hvm's DebugExit)."""
     from hvm.kvm import constants as k
-    from hvm.kvm._ffi import lib
-    from hvm.kvm.ioctls import KVM_RUN
+    from hvm.mmio.bus import MASK
 
     t = vm.threads[0]
-    fd, view = vm.vcpus[0].fd, vm.vcpus[0].run_view
-    ioctl = lib.hvm_ioctl_int
-    reason_of = struct.Struct("<I").unpack_from
+    fast = t.fast
+    run, fd, run_address, state = fast.run, fast.fd, fast.run_address, fast.state
+    view = t._view
+    u16 = struct.Struct("<H").unpack_from
     io_of = struct.Struct("<BBHIQ").unpack_from
-    uint = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from, 4: struct.Struct("<I").unpack_from}
-    ports = port_table(vm)            # port -> (device, base)
-    counts_by_port: dict[int, int] = {}
-    unhandled: dict[int, int] = {}
-    counts, dispatch, machine = t.exit_counts, t.dispatch, vm
-    EXIT_IO, OUT = k.EXIT_IO, k.EXIT_IO_OUT
+    uint = [None, struct.Struct("<B"), struct.Struct("<H"), None, struct.Struct("<I")]
+    EXIT_IO = k.EXIT_IO
+    counts = [0] * 64
     n = 0
-    while not machine.stopping:
-        if ioctl(fd, KVM_RUN, 0) < 0:
-            raise OSError("KVM_RUN failed")
-        n += 1
-        reason = reason_of(view, 8)[0]
-        counts[reason] += 1
-        if reason == EXIT_IO:
-            direction, size, port, count, offset = io_of(view, 32)
-            if direction == OUT and count == 1:
-                entry = ports.get(port)
-                if entry is None:
-                    unhandled[port] = unhandled.get(port, 0) + 1
-                else:
-                    counts_by_port[port] = counts_by_port.get(port, 0) + 1
-                    device, base = entry
-                    device.write(port - base, size, uint[size](view, offset)[0])
+    if layer == "return":
+        while True:
+            reason = run(fd, run_address, state)
+            n += 1
+            if reason != EXIT_IO or u16(view, 34)[0] == DEBUG_EXIT_PORT:
+                return n
+    if layer == "dispatch":
+        while not vm.stopping:
+            reason = run(fd, run_address, state)
+            if reason == EXIT_IO:
+                counts[reason] += 1
+                if u16(view, 34)[0] == DEBUG_EXIT_PORT:
+                    break
                 continue
+            break
+        return sum(counts)
+    # decode, bus: the port's own handler is a constant (bus) or absent (decode)
+    pio = t._pio
+    hits, offsets, mask = pio._hits, pio._offsets, MASK
+    handlers = list(pio._handlers)
+    handlers[port] = (lambda offset, size: 0x60, lambda offset, size, value: None)
+    use_bus = layer == "bus"
+    while not vm.stopping:
+        reason = run(fd, run_address, state)
+        if reason == EXIT_IO:
+            counts[reason] += 1
+            direction, size, p, count, offset = io_of(view, 32)
+            if p == DEBUG_EXIT_PORT:
+                break
+            if count == 1:
+                if use_bus:
+                    hits[p] += 1
+                if direction:
+                    value = uint[size].unpack_from(view, offset)[0]
+                    if use_bus:
+                        try:
+                            handlers[p][1](offsets[p], size, value)
+                        except Exception:
+                            raise
+                else:
+                    value = 0x60
+                    if use_bus:
+                        try:
+                            value = handlers[p][0](offsets[p], size) & mask[size]
+                        except Exception:
+                            raise
+                    uint[size].pack_into(view, offset, value)
+                continue
+        break
+    return sum(counts)
+
+
+def table_loop(vm) -> int:
+    """hvm's loop as it was before issue 16: every exit through the dispatch table, port I/O through
+    VcpuThread._exit_io (which still exists: string I/O and the all-Python loops use it)."""
+    t = vm.threads[0]
+    fast = t.fast
+    run, fd, run_address, state = fast.run, fast.fd, fast.run_address, fast.state
+    dispatch, counts = t.dispatch, t.exit_counts
+    while not vm.stopping:
+        reason = run(fd, run_address, state)
+        if reason < 0:
+            raise OSError(-reason, "KVM_RUN failed")
+        counts[reason] += 1
         if dispatch[reason]():
             break
-    return n
+    return sum(counts)
 
 
-def run_variant(name: str, image: Path) -> tuple[float, float, float]:
+def run_variant(name: str, image: Path, unclaimed_image: Path) -> tuple[float, float, float]:
     """(wall, user CPU, system CPU) seconds per exit for one run of `name`. CPU times are the whole
     process's (getrusage; for cref the child's, including its few milliseconds of VM set-up)."""
     if name == "cref":
@@ -144,113 +173,77 @@ def run_variant(name: str, image: Path) -> tuple[float, float, float]:
         out = json.loads(res.stdout)
         n = out["exits"]["total"]
         return out["seconds"] / n, res.user / n, res.sys / n
-    from hvm.kvm import constants as k
-
-    with make_machine(image, fast_loop=name != "hvm-py") as vm:
+    with make_machine(unclaimed_image if name == "unclaimed" else image, fast_loop=name != "hvm-py") as vm:
+        if name not in ("unclaimed", "hvm", "hvm-py") and vm.threads[0].fast is None:
+            raise RuntimeError("hvm's C fast loop is not compiled: `make install` builds it")
         r0 = resource.getrusage(resource.RUSAGE_SELF)
-        if name in ("hvm", "hvm-py"):
-            t0 = time.perf_counter()
-            vm.run()
+        t0 = time.perf_counter()
+        if name == "hvm-py":
+            result = vm.run()
             dt = time.perf_counter() - t0
+            if result.reason != "debug-exit":
+                raise RuntimeError(f"{name}: the guest ended by {result.reason}: {result.message}")
             n = vm.stats().total
-        elif name == "hvm-empty":
-            t = vm.threads[0]
-            view = t._view
-            u16 = struct.Struct("<H").unpack_from
-
-            def only_port() -> bool:
-                if u16(view, 34)[0] == 0xF4:
-                    vm.stopping = True
-                    return True
-                return False
-
-            t.dispatch[k.EXIT_IO] = only_port
-            t0 = time.perf_counter()
-            on_thread(t._loop)
+        elif name in ("unclaimed", "hvm"):
+            # The vCPU thread's own loop, as Machine.run() runs it, without the machine's start and stop
+            # around it (the layered loops have none either)
+            on_thread(vm.threads[0]._run_loop)
             dt = time.perf_counter() - t0
-            n = sum(t.exit_counts)
+            if vm.result is None or vm.result.reason != "debug-exit":
+                raise RuntimeError(f"{name}: the guest did not end at its debug-exit write: {vm.result}")
+            n = vm.stats().total
         else:
-            fn = {"py-min": loop_py_min, "py-inline": loop_py_inline}[name]
-            t0 = time.perf_counter()
+            port = struct.unpack_from("<H", image.read_bytes(), ARG_OFFSET)[0]
+            fn = table_loop if name == "table" else (lambda vm_: layer_loop(vm_, name, port))
             n = on_thread(lambda: fn(vm))
             dt = time.perf_counter() - t0
-        vm.stopping = True
         r1 = resource.getrusage(resource.RUSAGE_SELF)
+        vm.stopping = True
     return dt / n, (r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n
-
-
-def warm_costs(port: int) -> dict[str, float]:
-    """hvm's per-exit Python pieces timed in a warm loop (no KVM_RUN in between): µs per call."""
-    from hvm.kvm._ffi import lib
-    from hvm.kvm.ioctls import KVM_RUN
-
-    with tempfile.TemporaryDirectory() as tmp:
-        with make_machine(make_image(10, port, Path(tmp)), fast_loop=False) as vm:
-            t = vm.threads[0]
-            view = t._view
-            struct.pack_into("<I", view, 8, 2)                       # a KVM_EXIT_IO ...
-            struct.pack_into("<BBHIQ", view, 32, 1, 1, port, 1, 64)  # ... OUT, 1 byte, `port`, data at 64
-            n = 100_000
-            u32 = struct.Struct("<I").unpack_from
-            counts, dispatch = t.exit_counts, t.dispatch
-
-            def loop_body():
-                reason = u32(view, 8)[0]
-                counts[reason] += 1
-                return dispatch[reason]()
-
-            vm.vcpus[0].run_struct.immediate_exit = 1   # KVM_RUN returns at once with EINTR: the call's cost
-            fd = vm.vcpus[0].fd
-            out = {
-                "loop body + _exit_io (reason, count, table, handler)": timeit.timeit(loop_body, number=n) / n,
-                "_exit_io": timeit.timeit(t._exit_io, number=n) / n,
-                "PioBus.write": timeit.timeit(lambda: vm.pio.write(port, 1, 0), number=n) / n,
-                "last_exits.append(tuple)": timeit.timeit(lambda: t.last_exits.append((2, port, 1, 1, 1, 0)),
-                                                          number=n) / n,
-                "empty lambda call (timeit's own overhead)": timeit.timeit(lambda: None, number=n) / n,
-                "KVM_RUN with immediate_exit (returns EINTR at once)":
-                    timeit.timeit(lambda: lib.hvm_ioctl_int(fd, KVM_RUN, 0), number=20_000) / 20_000,
-            }
-            vm.vcpus[0].run_struct.immediate_exit = 0
-    return {k_: v * 1e6 for k_, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=20000)
+    ap.add_argument("--iterations", type=int, default=30000)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--port", type=lambda s: int(s, 0), default=0x80)
+    ap.add_argument("--out", action="store_true", help="`out` to the port (bench_pio) instead of `in` (bench_pin)")
+    ap.add_argument("--port", type=lambda s: int(s, 0), help="default 0x3fd (in) or 0x3ff (--out)")
+    ap.add_argument("--only", help="comma-separated variants (default: all)")
     ap.add_argument("--json", type=Path, help="also write the samples here")
     args = ap.parse_args(argv)
+    port = args.port if args.port is not None else (0x3FF if args.out else 0x3FD)
+    variants = tuple(v for v in VARIANTS if not args.only or v in args.only.split(","))
     logging.basicConfig(level=logging.ERROR)
-    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    samples: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        image = make_image(args.iterations, args.port, Path(tmp))
+        image = make_image(args.iterations, port, args.out, Path(tmp))
+        unclaimed = make_image(args.iterations, UNCLAIMED_PORT, args.out, Path(tmp))
         for rep in range(args.reps + 1):            # round 0 warms up and is dropped
-            order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
+            order = variants[rep % len(variants):] + variants[:rep % len(variants)]
             for name in order:
-                wall, user, sys_ = run_variant(name, image)
+                wall, user, sys_ = run_variant(name, image, unclaimed)
                 if rep:
-                    samples[name].append(wall * 1e6)
-                    cpu[name].append((user * 1e6, sys_ * 1e6))
-    print(f"bench_pio to port {args.port:#x}, {args.iterations} iterations, {args.reps} interleaved runs each")
-    print(f"{'loop':<10} {'µs/exit: median':>15} {'min':>6} {'+ over previous':>16} {'user CPU':>9} {'system CPU':>11}")
+                    samples[name].append((wall * 1e6, user * 1e6, sys_ * 1e6))
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(f"{'out to' if args.out else 'in from'} port {port:#x}, {args.iterations} iterations, {args.reps} "
+          f"interleaved runs each; load average {' '.join(load)}")
+    print(f"{'loop':<10} {'µs/exit':>8} {'min':>6} {'+layer':>7} {'user CPU':>9} {'+layer':>7} {'sys CPU':>8}")
     prev = None
-    for name in VARIANTS:
-        med = statistics.median(samples[name])
-        delta = f"{med - prev:+.2f}" if prev is not None else ""
-        user = statistics.median(u for u, _ in cpu[name])
-        sys_ = statistics.median(s_ for _, s_ in cpu[name])
-        print(f"{name:<10} {med:>15.2f} {min(samples[name]):>6.2f} {delta:>16} {user:>9.2f} {sys_:>11.2f}")
-        prev = med
-    warm = warm_costs(args.port)
-    print("\nhvm's pieces in a warm loop (timeit, no exits in between), µs per call:")
-    for what, us in warm.items():
-        print(f"  {us:6.2f}  {what}")
+    for name in variants:
+        med = statistics.median(s[0] for s in samples[name])
+        user = statistics.median(s[1] for s in samples[name])
+        sys_ = statistics.median(s[2] for s in samples[name])
+        layered = name in LAYERED and prev is not None
+        d_wall = f"{med - prev[0]:+.2f}" if layered else ""
+        d_user = f"{user - prev[1]:+.2f}" if layered else ""
+        print(f"{name:<10} {med:>8.2f} {min(s[0] for s in samples[name]):>6.2f} {d_wall:>7} {user:>9.2f} "
+              f"{d_user:>7} {sys_:>8.2f}")
+        if name in LAYERED:
+            prev = (med, user)
     if args.json:
-        args.json.write_text(json.dumps({"samples_us": samples, "cpu_us": cpu, "warm_us": warm, "args": vars(args)}, default=str,
+        args.json.write_text(json.dumps({"samples_us": samples, "load": load, "args": vars(args)}, default=str,
                                         indent=1))
     return 0
 
