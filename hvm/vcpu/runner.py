@@ -45,6 +45,7 @@ _UINT_BY_SIZE = [None, _UINT[1], _UINT[2], None, _UINT[4], None, None, None, _UI
 _CAST_BY_SIZE = [None, "B", "H", None, "I"]      # struct codes for string I/O elements
 _IO_OF = _IO.unpack_from
 _EXIT_IO = k.EXIT_IO
+_EXIT_MMIO = k.EXIT_MMIO
 LAST_EXITS = 16
 RFLAGS_IF = 1 << 9
 
@@ -313,19 +314,25 @@ class VcpuThread(threading.Thread):
         """The same loop around the C fast loop, which returns only exits that need Python, -errno, or
         TRACE_FLUSH when it is recording exits and its buffer wants emptying.
 
-        A single port access -- what reaches Python most: a device's register -- is handled right here,
-        not through the dispatch table, _exit_io and PioView.read/write (the same steps, bound once per run:
-        one Python call per exit, the device's). It records no last-exits tuple: the C loop's ring holds
-        every exit. Anything else, string I/O included, goes through the dispatch table; so does port I/O
-        when its table entry was replaced (tests, benchmarks)."""
+        A single port access or an MMIO access -- what reaches Python most: a device's register -- is
+        handled right here, not through the dispatch table, _exit_io/_exit_mmio and the bus view's read/write
+        (the same steps, bound once per run: one Python call per exit, the device's). It records no
+        last-exits tuple: the C loop's ring holds every exit. Anything else, string I/O included, goes
+        through the dispatch table; so do port I/O and MMIO when their table entry was replaced (tests,
+        benchmarks)."""
         fast = self.fast
         run, fd, run_address, state = fast.run, fast.fd, fast.run_address, fast.state
         dispatch = self.dispatch
         counts = self.exit_counts
         machine = self.machine
         view = self._view
-        # -1 << 40 is no exit reason and no -errno: port I/O then takes the table's handler.
+        # -1 << 40 is no exit reason and no -errno: port I/O (MMIO) then takes the table's handler.
         io_reason = _EXIT_IO if dispatch[_EXIT_IO] == self._exit_io else -1 << 40
+        mmio_reason = _EXIT_MMIO if dispatch[_EXIT_MMIO] == self._exit_mmio else -1 << 40
+        mmio_of = _MMIO.unpack_from
+        mmio = self._mmio
+        # The MMIO view's route cache (cleared in place when a device registers), route lookup, own counts.
+        routes, route_of, mmio_hits, mmio_fault = mmio._routes, mmio._route, mmio._hits, mmio._fault
         io_of = _IO_OF
         uint = _UINT_BY_SIZE
         mask = MASK
@@ -354,6 +361,25 @@ class VcpuThread(threading.Thread):
                     continue
                 if self._exit_io():     # string I/O: counted above already
                     return
+                continue
+            if reason == mmio_reason:
+                counts[reason] += 1
+                addr, data, length, is_write = mmio_of(view, 32)   # 32: _EXIT_UNION
+                route = routes.get(addr) or route_of(addr)
+                key = route[3]
+                mmio_hits[key] = mmio_hits.get(key, 0) + 1
+                if is_write:
+                    value = data & mask[length]
+                    try:
+                        route[1](route[2], length, value)
+                    except Exception as e:
+                        raise mmio_fault(addr, length, value, e) from e
+                else:
+                    try:
+                        value = route[0](route[2], length) & mask[length]
+                    except Exception as e:
+                        raise mmio_fault(addr, length, None, e) from e
+                    view[40:40 + length] = value.to_bytes(length, "little")   # the data, at _EXIT_UNION + 8
                 continue
             if reason < 0:
                 if reason == fastloop.TRACE_FLUSH:
