@@ -32,6 +32,8 @@ class ExitLoop:
     hlt_continue: bool = False
     claimed: bool = False      # a device of hvm's owns the port/address (checked from hvm's exit statistics)
     note: str = ""
+    exit_value: int | None = None   # the byte the guest writes to the debug-exit port, when it is checked
+    goal: str = "0.90"              # of C's exits/s (issue 16: 0.85 for an exit that must reach a Python device)
 
 
 LOOPS = (
@@ -43,6 +45,13 @@ LOOPS = (
              note="hvm: answered in the C fast loop: SCR is a published latch (hvm/mmio/published.py) the UART "
                   "keeps in memory C reads and writes, counted for the UART as before (other access sizes "
                   "still go to SerialUart in Python); C: one-byte register"),
+    ExitLoop("exit.pio_lsr", "Port-I/O exit that must reach a Python device: real-mode `in (%dx),%al` from 0x3fd, "
+             "COM1's line status register", "bench_pin", "real", 0x7C00, "io", 0x3FD, claimed=True, exit_value=0x60, goal="0.85",
+             note="hvm: every exit through Python (reading LSR clears its error bits and may lower an interrupt: "
+                  "not a value C may answer): the C fast loop returns -> VcpuThread._loop_fast decodes the IN "
+                  "inline -> the port's handler from PioBus's per-port table -> SerialUart.read (LSR with no error "
+                  "bit: no lock) -> the value packed into kvm_run; C: a constant 0x60. The guest reports the last "
+                  "byte read (0x60, checked on both sides)"),
     ExitLoop("exit.mmio", "MMIO exit round trip: protected-mode 4-byte store to 0xd0000000, no device there",
              "bench_mmio", "protected", 0x100000, "mmio", 0xD0000000, arg_size=4,
              note="hvm: the first store through Python (MmioBus logs it), the rest in the C fast loop"),
@@ -97,6 +106,11 @@ def _parse(res, who: str, loop: ExitLoop, iterations: int) -> dict:
     want = iterations + 1   # the loop, then the debug-exit OUT
     if exits["total"] != want or exits[loop.kind] != (iterations + 1 if loop.kind == "io" else iterations):
         raise BenchError(f"{who} {loop.key}: {exits} exits, expected {iterations} {loop.kind} + 1 debug-exit")
+    if loop.exit_value is not None:
+        # cref reports the byte; hvm's debug-exit device ends with status (byte << 1) | 1, as QEMU's
+        got = out.get("exit_value") if who == "cref" else (out.get("status", 0) >> 1 if out.get("status", 0) & 1 else None)
+        if got != loop.exit_value:
+            raise BenchError(f"{who} {loop.key}: the guest read {got!r}, expected {loop.exit_value:#x}")
     return out
 
 
@@ -159,7 +173,7 @@ def bench_exits(iterations: int, reps: int, warmup: bool, workdir: Path, log) ->
             cpu_us = 1e6 / hvm_cpu.median - 1e6 / ref_cpu.median
             log(f"  {loop.key}: hvm {hvm_fig.median:,.0f} exits/s, C {ref_fig.median:,.0f} exits/s, "
                 f"paired ratio {paired:.2f}, per CPU second {cpu_ratio:.2f}")
-            rows.append(Row(loop.key, loop.title, title_ref, hvm_fig, ref_fig, "hvm/C exits/s, goal ≥ 0.90",
+            rows.append(Row(loop.key, loop.title, title_ref, hvm_fig, ref_fig, f"hvm/C exits/s, goal ≥ {loop.goal}",
                             f"median of paired runs {paired:.2f}; per exit, hvm − C = {per_exit_us:+.1f} µs; "
                             f"by CPU time (robust to a busy host): {cpu_ratio:.2f}, hvm − C = {cpu_us:+.1f} µs "
                             f"of CPU per exit; all-Python loop (fast_loop=False): {py_fig.median / ref_fig.median:.2f} "

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 EXPECTED_ROWS = (
-    "exit.pio", "exit.pio_dev", "exit.mmio", "exit.hlt", "trace.jsonl",
+    "exit.pio", "exit.pio_dev", "exit.pio_lsr", "exit.mmio", "exit.hlt", "trace.jsonl",
     "console.debugcon", "console.pvconsole", "console.virtio", "console.virtio_batch",
     "tcg.cpl0", "tcg.cpl3", "tcg.pio", "tcg.pio_dev", "tcg.console_uart", "tcg.console_pv",
     "virtio_blk.seq4k", "virtio_blk.seq4k_ioeventfd", "virtio_blk.seq64k", "virtio_blk.seq64k_ioeventfd",
