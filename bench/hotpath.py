@@ -3,8 +3,8 @@
 Runs one guest loop -- by default firmware/bench_pin.S, `in` from port 0x3fd (COM1's line status register,
 a read with side effects: hvm answers it in Python) -- under run loops that add one layer of hvm's device
 path at a time, on identical VMs built by hvm.Machine, interleaved so that the host's drift hits all of them
-alike. Prints, per loop, the median cost per exit (wall clock), the user and system CPU per exit
-(getrusage: the robust figure on a busy host) and the difference to the previous layer:
+alike. Prints, per loop, the median cost per exit: wall clock, the loop thread's CPU time (exact, and the
+robust figure on a busy host), getrusage's user and system CPU, and the difference to the previous layer:
 
   cref       bench/cref.c, a minimal C VMM: the kernel's and the backend's share of an exit
   unclaimed  hvm's vCPU loop on the same guest loop to a port no device claims (0x80): hvm's C fast loop
@@ -68,11 +68,18 @@ def make_machine(image: Path, fast_loop: bool = True):
     return Machine(load_config(yaml_path), console=Console("none", "none"), fast_loop=fast_loop)
 
 
-def on_thread(fn, timeout: float = 30.0):
+def on_thread(fn, timeout: float = 30.0) -> tuple:
     """Run a vCPU loop on a thread of its own, as hvm does; a daemon, so that a loop that never ends
-    (a guest gone wrong) cannot keep the process alive after the timeout."""
+    (a guest gone wrong) cannot keep the process alive after the timeout. Returns (fn's result, the
+    thread's CPU seconds: CLOCK_THREAD_CPUTIME_ID, exact, unlike getrusage's tick-sampled user/system split)."""
     out = []
-    t = threading.Thread(target=lambda: out.append(fn()), name="vcpu0", daemon=True)
+
+    def body() -> None:
+        c0 = time.thread_time()
+        r = fn()
+        out.append((r, time.thread_time() - c0))
+
+    t = threading.Thread(target=body, name="vcpu0", daemon=True)
     t.start()
     t.join(timeout)
     if not out:
@@ -165,29 +172,33 @@ def table_loop(vm) -> int:
     return sum(counts)
 
 
-def run_variant(name: str, image: Path, unclaimed_image: Path) -> tuple[float, float, float]:
-    """(wall, user CPU, system CPU) seconds per exit for one run of `name`. CPU times are the whole
-    process's (getrusage; for cref the child's, including its few milliseconds of VM set-up)."""
+def run_variant(name: str, image: Path, unclaimed_image: Path) -> tuple[float, float, float, float]:
+    """(wall, CPU, user CPU, system CPU) seconds per exit for one run of `name`. CPU: the vCPU thread's
+    (CLOCK_THREAD_CPUTIME_ID; hvm-py: the process's; cref: its loop's, CLOCK_PROCESS_CPUTIME_ID). User and
+    system: the whole process's, from getrusage (for cref the child's, including its VM set-up), which the
+    kernel splits by sampling at each tick: only the sum is exact."""
     if name == "cref":
         res = run_measured([str(CREF), "-t", "20", str(image)], 30)
         out = json.loads(res.stdout)
         n = out["exits"]["total"]
-        return out["seconds"] / n, res.user / n, res.sys / n
+        return out["seconds"] / n, out["cpu_seconds"] / n, res.user / n, res.sys / n
     with make_machine(unclaimed_image if name == "unclaimed" else image, fast_loop=name != "hvm-py") as vm:
         if name not in ("unclaimed", "hvm", "hvm-py") and vm.threads[0].fast is None:
             raise RuntimeError("hvm's C fast loop is not compiled: `make install` builds it")
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         if name == "hvm-py":
+            c0 = time.process_time()
             result = vm.run()
             dt = time.perf_counter() - t0
+            cpu = time.process_time() - c0
             if result.reason != "debug-exit":
                 raise RuntimeError(f"{name}: the guest ended by {result.reason}: {result.message}")
             n = vm.stats().total
         elif name in ("unclaimed", "hvm"):
             # The vCPU thread's own loop, as Machine.run() runs it, without the machine's start and stop
             # around it (the layered loops have none either)
-            on_thread(vm.threads[0]._run_loop)
+            _, cpu = on_thread(vm.threads[0]._run_loop)
             dt = time.perf_counter() - t0
             if vm.result is None or vm.result.reason != "debug-exit":
                 raise RuntimeError(f"{name}: the guest did not end at its debug-exit write: {vm.result}")
@@ -195,11 +206,11 @@ def run_variant(name: str, image: Path, unclaimed_image: Path) -> tuple[float, f
         else:
             port = struct.unpack_from("<H", image.read_bytes(), ARG_OFFSET)[0]
             fn = table_loop if name == "table" else (lambda vm_: layer_loop(vm_, name, port))
-            n = on_thread(lambda: fn(vm))
+            n, cpu = on_thread(lambda: fn(vm))
             dt = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         vm.stopping = True
-    return dt / n, (r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n
+    return dt / n, cpu / n, (r1.ru_utime - r0.ru_utime) / n, (r1.ru_stime - r0.ru_stime) / n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,33 +226,34 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port if args.port is not None else (0x3FF if args.out else 0x3FD)
     variants = tuple(v for v in VARIANTS if not args.only or v in args.only.split(","))
     logging.basicConfig(level=logging.ERROR)
-    samples: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
+    samples: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         image = make_image(args.iterations, port, args.out, Path(tmp))
         unclaimed = make_image(args.iterations, UNCLAIMED_PORT, args.out, Path(tmp))
         for rep in range(args.reps + 1):            # round 0 warms up and is dropped
             order = variants[rep % len(variants):] + variants[:rep % len(variants)]
             for name in order:
-                wall, user, sys_ = run_variant(name, image, unclaimed)
+                figures = run_variant(name, image, unclaimed)
                 if rep:
-                    samples[name].append((wall * 1e6, user * 1e6, sys_ * 1e6))
+                    samples[name].append(tuple(f * 1e6 for f in figures))
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"{'out to' if args.out else 'in from'} port {port:#x}, {args.iterations} iterations, {args.reps} "
           f"interleaved runs each; load average {' '.join(load)}")
-    print(f"{'loop':<10} {'µs/exit':>8} {'min':>6} {'+layer':>7} {'user CPU':>9} {'+layer':>7} {'sys CPU':>8}")
+    print(f"{'loop':<10} {'µs/exit':>8} {'min':>6} {'+layer':>7} {'CPU µs':>7} {'min':>6} {'+layer':>7} "
+          f"{'user':>6} {'sys':>6}")
     prev = None
     for name in variants:
-        med = statistics.median(s[0] for s in samples[name])
-        user = statistics.median(s[1] for s in samples[name])
-        sys_ = statistics.median(s[2] for s in samples[name])
+        wall, cpu, user, sys_ = (statistics.median(s[i] for s in samples[name]) for i in range(4))
         layered = name in LAYERED and prev is not None
-        d_wall = f"{med - prev[0]:+.2f}" if layered else ""
-        d_user = f"{user - prev[1]:+.2f}" if layered else ""
-        print(f"{name:<10} {med:>8.2f} {min(s[0] for s in samples[name]):>6.2f} {d_wall:>7} {user:>9.2f} "
-              f"{d_user:>7} {sys_:>8.2f}")
+        d_wall = f"{wall - prev[0]:+.2f}" if layered else ""
+        d_cpu = f"{cpu - prev[1]:+.2f}" if layered else ""
+        print(f"{name:<10} {wall:>8.2f} {min(s[0] for s in samples[name]):>6.2f} {d_wall:>7} {cpu:>7.2f} "
+              f"{min(s[1] for s in samples[name]):>6.2f} {d_cpu:>7} {user:>6.2f} {sys_:>6.2f}")
         if name in LAYERED:
-            prev = (med, user)
+            prev = (wall, cpu)
+    print("CPU: the loop thread's CPU time per exit (exact); user, sys: getrusage's tick-sampled split of the "
+          "process's (noisy below ~1000 ticks)")
     if args.json:
         args.json.write_text(json.dumps({"samples_us": samples, "load": load, "args": vars(args)}, default=str,
                                         indent=1))
