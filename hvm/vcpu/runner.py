@@ -2,7 +2,9 @@
 
 The hot path is: KVM_RUN (GIL released by cffi) -> read exit_reason from the mmapped kvm_run ->
 index the dispatch table -> one handler -> bus -> device. Handlers read kvm_run through a
-memoryview with precompiled struct formats; nothing is looked up twice.
+memoryview with precompiled struct formats; nothing is looked up twice. Behind the C fast loop, a single
+port access or MMIO access skips the table, the handler and the bus view's method: _loop_fast does their
+steps inline, so the device's read/write is the only Python call of such an exit.
 
 Exits that need no Python at all -- repeated accesses to addresses no device claims, once the bus
 has reported them -- never reach this loop: KVM_RUN is issued by the C fast loop (fastloop.py), which
