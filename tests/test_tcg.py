@@ -128,6 +128,9 @@ PROGRAMS: dict[str, Program] = {
     "cpuid64": Program(lambda tmp: [_yaml(tmp, "cpuid64", _flat(FIRMWARE / "cpuid64.bin", "long", 0x100000))], 1),
     "bench_pio": Program(lambda tmp: [_yaml(tmp, "bench_pio", _flat(_patched("bench_pio", tmp, 200, 0x80),
                                                                      machine="none"))], 1),
+    # an IN loop from COM1's LSR (0x3fd); the guest ends with the last byte read, 0x60: status 0xc1
+    "bench_pin": Program(lambda tmp: [_yaml(tmp, "bench_pin", _flat(_patched("bench_pin", tmp, 200, 0x3FD),
+                                                                     machine="none"))], 0xC1),
     "bench_mmio": Program(lambda tmp: [_yaml(tmp, "bench_mmio", _flat(
         _patched("bench_mmio", tmp, 200, 0xD000_0000, "<I"), "protected", 0x100000, machine="none"))], 1),
     "bench_hlt": Program(lambda tmp: [_yaml(tmp, "bench_hlt", _flat(_patched("bench_hlt", tmp, 200),
