@@ -135,8 +135,8 @@ def layer_loop(vm, layer: str, port: int) -> int:
             if count == 1:
                 if use_bus:
                     hits[p] += 1
-                if direction:
-                    value = uint[size].unpack_from(view, offset)[0]
+                if direction:   # one byte straight from the byte view, as hvm's loop does
+                    value = view[offset] if size == 1 else uint[size].unpack_from(view, offset)[0]
                     if use_bus:
                         try:
                             handlers[p][1](offsets[p], size, value)
@@ -149,7 +149,10 @@ def layer_loop(vm, layer: str, port: int) -> int:
                             value = handlers[p][0](offsets[p], size) & mask[size]
                         except Exception:
                             raise
-                    uint[size].pack_into(view, offset, value)
+                    if size == 1:
+                        view[offset] = value
+                    else:
+                        uint[size].pack_into(view, offset, value)
                 continue
         break
     return sum(counts)
