@@ -31,6 +31,9 @@ STAMP = re.compile(r"^\[\s*[0-9.]+\]\s*")
 GRACE = 1.0                 # after QEMU's error line: let it finish its register dump, then kill it
 LINUX_TITLE = "Linux boot to `Run /init`: time to each console milestone (vmlinux-minimal 6.12, initramfs-ud2, 256 MiB)"
 LINUX_REF = "QEMU -M microvm -accel kvm, same kernel, initrd and command line"
+# The figure before issue 16 trimmed the kernel (guest/linux/README.md "Boot time"), for the note.
+PREVIOUS = ("previous figure 35.6 s (2026-12-01, before issue 16's kernel trim and noreplace-smp; "
+            "42-50 s in earlier make bench runs)")
 # the instruction at the <byte> of QEMU's Code= line
 OPCODES = {"cc": "INT3", "9b": "FWAIT", "cd": "INT n", "f4": "HLT", "0f": "a 0F-prefixed instruction"}
 
@@ -203,6 +206,9 @@ def bench_linux(quick: bool, log) -> tuple[list[Row], dict]:
     else:
         notes.append("same final command line for both (hvm's host options passed to QEMU too)")
     notes.append("times from fork, one run each")
+    init = MILESTONES[-1]
+    notes.insert(0, f"hvm to {init!r}: " + (f"{hvm['milestones'][init]:.1f} s" if init in hvm["milestones"]
+                                            else "not reached") + f"; {PREVIOUS}")
 
     common = [m for m in MILESTONES if m in hvm["milestones"] and m in qemu["milestones"]]
     if not common:
