@@ -19,9 +19,9 @@ EXPECTED_ROWS = (
     "startup.mbtest", "startup.hello", "rss.mbtest", "rss.hello",
     "mem.overhead",
     "kut.cpuid", "kut.inl_from_pmtimer", "kut.mov_from_cr8", "kut.inl_from_qemu",
-    "linux.boot", "restore.linux",
+    "linux.boot", "linux.init", "restore.linux",
 )
-SKIPPED_IN_QUICK = {"linux.boot", "restore.linux"}     # a Linux boot takes about a minute: quick mode skips it
+SKIPPED_IN_QUICK = {"linux.boot", "linux.init", "restore.linux"}     # a Linux boot takes about a minute: quick mode skips it
 HEADER = "| id | benchmark | hvm: median (min) | reference: median (min) | ratio | notes |"
 KUT_FLAT = ROOT.parent / "shared" / "kvm-unit-tests" / "vmexit.flat"
 
