@@ -63,9 +63,5 @@ class Record(Frozen):
     with eq and without frozen is not)."""
 
     __hash__ = None  # type: ignore[assignment]
-
-    def _set(self, **values: Any) -> None:
-        self.__dict__.update(values)
-
     __setattr__ = object.__setattr__
     __delattr__ = object.__delattr__

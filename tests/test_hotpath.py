@@ -96,3 +96,31 @@ def test_read_values_are_masked_to_the_access(tmp_path, fast_loop):
     assert last[0] == "IO in port=0x0080 size=2 count=1 value=0x9abc"
     assert (result.status, result.reason) == (0x79, "debug-exit")
     assert stats.by_port == {0x80: 1, 0xF4: 1}
+
+
+# rep outsb of 11 22 05 to COM1's SCR (0x3ff, published: one-byte accesses are answered in C), in al (C),
+# rep insb of 2 bytes (string I/O: the device's Python), in ax (2 bytes: Python); bl = the sum of the four
+# reads = 4 * 5, sent to the debug-exit port: status (0x14 << 1) | 1.
+SCR_GUEST = bytes.fromhex(
+    "be297c b90300 baff03 fc f36e"      # mov si,data; mov cx,3; mov dx,0x3ff; cld; rep outsb
+    "ec 88c3"                           # in al,dx; mov bl,al
+    "bf007e b90200 f36c"                # mov di,0x7e00; mov cx,2; rep insb
+    "021e007e 021e017e ed 00c3"         # add bl,[0x7e00]; add bl,[0x7e01]; in ax,dx; add bl,al
+    "88d8 baf400 ee f4"                 # mov al,bl; mov dx,0xf4; out dx,al; hlt
+    "112205"                            # data (0x7c29)
+)
+
+
+def test_string_io_and_other_sizes_at_a_published_register_match_the_python_loop(tmp_path):
+    fast = run(tmp_path, SCR_GUEST, True)
+    slow = run(tmp_path, SCR_GUEST, False)
+    for result, stats, last, _ in (fast, slow):
+        assert (result.status, result.reason) == (0x29, "debug-exit")
+        assert stats.by_port[0x3FF] == stats.by_reason["IO"] - 1
+    assert fast[2] == slow[2]
+    assert fast[2][-4:] == [
+        "IO in port=0x03ff size=1 count=1 value=0x5",
+        "IO in port=0x03ff size=1 count=2",
+        "IO in port=0x03ff size=2 count=1 value=0x5",
+        "IO out port=0x00f4 size=1 count=1 value=0x14",
+    ]
