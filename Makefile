@@ -57,7 +57,7 @@ $(PYTHON):
 # Install hvm (editable, with its compiled cffi modules) and the test tools into .venv, once. Editable as a
 # plain path in a .pth file (pyproject.toml's [tool.setuptools] package-dir says why): no import hook to load
 # at every Python start.
-$(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_build.py hvm/vcpu/_fastloop_build.py | $(PYTHON)
+$(STAMP): pyproject.toml setup.py hvm/kvm/_cdef.py hvm/kvm/_ioctl_table.py hvm/kvm/_build.py hvm/vcpu/_fastloop_build.py | $(PYTHON)
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 

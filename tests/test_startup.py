@@ -60,6 +60,52 @@ def test_a_registry_device_still_loads_the_registry():
     assert "hvm.mmio.debugcon" in out["modules"] and "pkgutil" in out["modules"]
 
 
+def test_compiled_ioctl_numbers_are_ioctl_opts():
+    """The ioctl numbers compiled into the cffi module at install (hvm/kvm/_build.py) are exactly what
+    ioctl-opt computes from the cffi sizes now, and they are what hvm.kvm.ioctls uses."""
+    from hvm.kvm import _ffi, ioctls
+    from hvm.kvm._ioctl_table import REQUESTS, compute
+
+    if not _ffi.API_MODE:
+        pytest.skip("the compiled cffi module is not built (ABI mode computes the numbers at import)")
+    assert hasattr(_ffi.lib, "HVM_IOC_KVM_RUN"), "rebuild: setup.py build_ext --inplace (make install)"
+    expected = compute(_ffi.ffi.sizeof)
+    assert ioctls._compiled() == expected and len(expected) == len(REQUESTS) >= 47
+    assert {name: getattr(ioctls, name) for name in REQUESTS} == expected
+    assert ioctls.KVM_RUN == 0xAE80 and ioctls.NAMES[ioctls.KVM_GET_REGS] == "KVM_GET_REGS"
+
+
+def test_mbtest_run_imports_neither_ioctl_opt_nor_ctypes():
+    """With the numbers compiled in and guest RAM's address taken through cffi, a run imports neither."""
+    from hvm.kvm import _ffi
+
+    if not _ffi.API_MODE or not hasattr(_ffi.lib, "HVM_IOC_KVM_RUN"):
+        pytest.skip("the compiled cffi module (with its ioctl numbers) is not built")
+    out = _probe(["--kernel", str(FIRMWARE / "mbtest.elf"), "--serial", "none", "--timeout", "10"])
+    assert out["status"] == 1
+    assert [m for m in out["modules"] if m.startswith(("ctypes", "ioctl_opt"))] == []
+
+
+def test_guest_memory_host_address_is_the_mappings():
+    """GuestMemory's host addresses (what KVM's memory slots point at), taken through cffi, are the
+    mappings' own addresses as ctypes sees them, and the mappings still close (no buffer export left)."""
+    import ctypes
+
+    from hvm.memory import GuestMemory
+
+    mem = GuestMemory(8 << 20)
+    try:
+        (region,) = mem.regions
+        anchor = ctypes.c_char.from_buffer(region.mapping)
+        assert region.host_addr == ctypes.addressof(anchor) and region.host_addr % 4096 == 0
+        del anchor
+        ctypes.memmove(region.host_addr + 5, b"hvm", 3)      # a write through the address lands in the mapping
+        assert region.mapping[5:8] == b"hvm"
+    finally:
+        mem.close()
+    assert region.mapping.closed
+
+
 def test_unknown_device_key_still_names_the_registry_devices(tmp_path):
     cfg = tmp_path / "vm.yaml"
     cfg.write_text(f"boot: {{kernel: '{FIRMWARE / 'mbtest.elf'}'}}\ndevices: {{serial: none, nosuch: true}}\n")
